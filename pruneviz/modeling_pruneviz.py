@@ -1,0 +1,96 @@
+"""Self-contained loader for pruneviz checkpoints with per-layer widths (needs only torch and transformers).
+
+pruneviz copies this file into every exported folder whose layers have different widths, so that
+
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+works without pruneviz installed. ``config.json`` keeps the base family's fields (``model_type``, hidden size,
+...) plus ``pruneviz_layout``: for each pruned layer, the exact ``[out, in, has_bias]`` shape of every resized
+projection, the attention bookkeeping attributes to set, and (BLOOM) the surviving heads' original indices for
+ALiBi. ``PrunedForCausalLM`` builds the stock model of the base family, then resizes those modules before the
+weights are loaded. pruneviz itself uses :func:`apply_layout` and :func:`install_alibi_hook` from this file, so
+the in-process and the exported model are built by the same code.
+"""
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+BASE_MODEL_CLASS = "LlamaForCausalLM"  # rewritten by pruneviz.export for the exported family
+BASE_CONFIG_CLASS = "LlamaConfig"
+
+
+def _get(root: nn.Module, path: str):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _set(root: nn.Module, path: str, value) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(root, parent) if parent else root, name, value)
+
+
+def new_projection(like: nn.Module, n_out: int, n_in: int, bias: bool) -> nn.Module:
+    """An uninitialised projection of the same kind as ``like`` (``nn.Linear`` or HF ``Conv1D``)."""
+    device, dtype = like.weight.device, like.weight.dtype
+    if type(like).__name__ == "Conv1D":
+        new = type(like)(n_out, n_in)  # weight [in, out]
+        if not bias:
+            new.bias = None
+        return new.to(device=device, dtype=dtype)
+    meta = nn.Linear(n_in, n_out, bias=bias, device="meta", dtype=dtype)
+    return meta.to_empty(device=device)
+
+
+def install_alibi_hook(attention: nn.Module, kept_heads: list[int], n_heads_total: int) -> None:
+    """Make a pruned BLOOM attention read only its surviving heads' rows of the model-wide ALiBi tensor."""
+    kept = torch.as_tensor(list(kept_heads), dtype=torch.long)
+    for handle in getattr(attention, "_pruneviz_alibi_handles", []):
+        handle.remove()
+
+    def hook(module, args, kwargs):
+        alibi = kwargs.get("alibi")
+        if alibi is None or alibi.shape[0] % n_heads_total:
+            return None
+        b = alibi.shape[0] // n_heads_total
+        sliced = alibi.view(b, n_heads_total, *alibi.shape[1:])[:, kept.to(alibi.device)]  # [B, h, 1, K]
+        return args, {**kwargs, "alibi": sliced.reshape(b * len(kept), *alibi.shape[1:])}
+
+    attention._pruneviz_alibi_handles = [attention.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+def apply_layout(model: nn.Module, layout: dict, layers_path: str | None = None) -> None:
+    """Resize the projections of ``model``'s layers in place to the shapes recorded in ``layout``.
+
+    The new modules are uninitialised: this is for building a skeleton whose weights are loaded afterwards.
+    """
+    layers = _get(model, layers_path or layout["layers_path"])
+    for idx, spec in layout.get("layers", {}).items():
+        layer = layers[int(idx)]
+        for path, (n_out, n_in, bias) in spec["shapes"].items():
+            _set(layer, path, new_projection(_get(layer, path), n_out, n_in, bool(bias)))
+        for path, value in spec.get("attrs", {}).items():
+            _set(layer, path, value)
+        if spec.get("alibi_heads") is not None:
+            attn = _get(layer, spec["alibi_module"])
+            install_alibi_hook(attn, spec["alibi_heads"], layout["n_heads_total"])
+
+
+_Base = getattr(transformers, BASE_MODEL_CLASS)
+_BaseConfig = getattr(transformers, BASE_CONFIG_CLASS)
+
+
+class PrunedConfig(_BaseConfig):
+    """The base family's config; ``pruneviz_layout`` travels as an extra attribute."""
+
+
+class PrunedForCausalLM(_Base):
+    """The base family's causal LM with the per-layer widths of ``config.pruneviz_layout``."""
+
+    config_class = PrunedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layout(self, config.pruneviz_layout)

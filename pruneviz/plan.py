@@ -1,0 +1,352 @@
+"""Pruning plans: plain, immutable data naming the units to remove from one base model.
+
+A :class:`Plan` names removed *blocks* (whole decoder layers), removed *KV groups*, removed *query heads* and
+removed *MLP channels* per layer, always in the **base model's** numbering. It also carries the base model's
+identity (geometry plus a small weight probe) so that a plan for another model is rejected with a message, and
+free-form provenance (criterion, calibration, allocation). Plans round-trip through JSON and are hashable, so
+caches can key on them; every edit returns a new plan.
+
+Normal form (applied on construction, so equal plans compare and hash equal):
+- indices sorted and unique, layers with nothing removed dropped;
+- units inside a removed block are dropped (the block subsumes them);
+- query heads inside a removed KV group are dropped (the group subsumes them);
+- a KV group whose every query head is removed becomes a removed KV group (its key/value rows are dead).
+
+``compensation`` names a weight-update solver (e.g. ``"slimgpt"``) that must re-run when the plan is applied:
+such a plan is not a pure unit toggle, see :func:`pruneviz.surgery.apply_plan`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .arch import Geometry, adapter_for, geometry_of, get_path, slice_params
+from .errors import PlanError
+
+SCHEMA = "pruneviz.plan/1"
+Removed = tuple[tuple[int, tuple[int, ...]], ...]  # ((layer, (idx, ...)), ...)
+PER_LAYER_KINDS = ("kv", "head", "channel")
+
+
+def weight_probe(model: nn.Module, n: int = 16) -> tuple[float, ...]:
+    """A few deterministic weight values that identify a base model across dtypes and devices."""
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    w = get_path(layer, adapter.attn_out).weight.detach().float().flatten()  # [out * in]
+    idx = torch.linspace(0, w.numel() - 1, n).long().to(w.device)
+    return tuple(round(float(v), 6) for v in w[idx].cpu())
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """What a plan was written for: a name, the dense geometry and a weight probe."""
+
+    name: str
+    geometry: Geometry
+    probe: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, model: nn.Module, name: str | None = None) -> "BaseIdentity":
+        if getattr(model.config, "pruneviz_base_geometry", None):
+            raise PlanError("this model is already pruned; make plans against the dense base model it came from")
+        name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
+        return cls(str(name), geometry_of(model), weight_probe(model))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "geometry": self.geometry.to_dict(), "probe": list(self.probe)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "BaseIdentity":
+        return cls(str(d["name"]), Geometry(**d["geometry"]), tuple(float(x) for x in d.get("probe", ())))
+
+
+def _norm_map(m: Mapping[int, Any] | Removed | None) -> Removed:
+    items = m.items() if isinstance(m, Mapping) else (m or ())
+    out = {}
+    for layer, idx in items:
+        idx = tuple(sorted({int(i) for i in idx}))
+        if idx:
+            out[int(layer)] = tuple(sorted(set(out.get(int(layer), ())) | set(idx)))
+    return tuple(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Immutable set of removed units of one base model (see module docstring for the normal form)."""
+
+    base: BaseIdentity
+    blocks: tuple[int, ...] = ()
+    kv: Removed = ()
+    heads: Removed = ()
+    channels: Removed = ()
+    compensation: str | None = None
+    provenance_json: str = field(default="{}", compare=False)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        g = self.base.geometry
+        blocks = tuple(sorted({int(b) for b in self.blocks}))
+        kv = dict(_norm_map(self.kv))
+        heads = dict(_norm_map(self.heads))
+        for layer, hs in list(heads.items()):  # a group with every head removed is a removed group
+            full = [grp for grp in range(g.n_kv) if set(g.heads_of(grp)) <= set(hs)]
+            if full:
+                kv[layer] = tuple(sorted(set(kv.get(layer, ())) | set(full)))
+        for layer, hs in list(heads.items()):  # heads in removed groups are implied
+            heads[layer] = tuple(h for h in hs if g.kv_of(h) not in kv.get(layer, ()))
+        drop = set(blocks)
+        clean = lambda m: tuple((l, i) for l, i in sorted(m.items()) if i and l not in drop)  # noqa: E731
+        object.__setattr__(self, "blocks", blocks)
+        object.__setattr__(self, "kv", clean(kv))
+        object.__setattr__(self, "heads", clean(heads))
+        object.__setattr__(self, "channels", clean(dict(_norm_map(self.channels))))
+
+    @classmethod
+    def empty(cls, model_or_base, **provenance) -> "Plan":
+        base = model_or_base if isinstance(model_or_base, BaseIdentity) else BaseIdentity.of(model_or_base)
+        return cls(base, provenance_json=json.dumps(provenance, sort_keys=True, default=str))
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.base.geometry
+
+    @property
+    def provenance(self) -> dict:
+        return json.loads(self.provenance_json)
+
+    def with_provenance(self, **items) -> "Plan":
+        prov = {**self.provenance, **items}
+        return replace(self, provenance_json=json.dumps(prov, sort_keys=True, default=str))
+
+    # ---- queries --------------------------------------------------------------------------------------------------
+    def removed(self, kind: str, layer: int | None = None):
+        """Removed indices of ``kind`` in ``layer`` (a tuple), or for ``kind="block"`` the removed blocks."""
+        if kind == "block":
+            return self.blocks
+        table = dict(getattr(self, _field(kind)))
+        return table.get(layer, ()) if layer is not None else table
+
+    def removed_heads_all(self, layer: int) -> tuple[int, ...]:
+        """Every removed query head of ``layer``: those named directly plus those of removed KV groups."""
+        g = self.geometry
+        if layer in self.blocks:
+            return tuple(range(g.n_heads))
+        from_groups = [h for grp in self.removed("kv", layer) for h in g.heads_of(grp)]
+        return tuple(sorted(set(from_groups) | set(self.removed("head", layer))))
+
+    def kept(self, kind: str, layer: int) -> tuple[int, ...]:
+        g = self.geometry
+        if kind == "head":
+            gone = set(self.removed_heads_all(layer))
+            return tuple(h for h in range(g.n_heads) if h not in gone)
+        n = {"kv": g.n_kv, "channel": g.n_channels}[kind]
+        gone = set(self.removed(kind, layer))
+        return tuple(i for i in range(n) if i not in gone)
+
+    def kept_blocks(self) -> tuple[int, ...]:
+        return tuple(b for b in range(self.geometry.n_layers) if b not in self.blocks)
+
+    def is_empty(self) -> bool:
+        return not (self.blocks or self.kv or self.heads or self.channels) and self.compensation is None
+
+    def is_uniform(self) -> bool:
+        """True if every kept layer has the same widths (heads, KV groups, channels)."""
+        widths = {(len(self.kept("head", l)), len(self.kept("kv", l)), len(self.kept("channel", l)))
+                  for l in self.kept_blocks()}
+        return len(widths) <= 1
+
+    def counts(self) -> dict[str, int]:
+        """Numbers of removed units of each kind (query heads include those of removed groups)."""
+        kept = self.kept_blocks()
+        return {"block": len(self.blocks),
+                "kv": sum(len(self.removed("kv", l)) for l in kept),
+                "head": sum(len(self.removed_heads_all(l)) for l in kept),
+                "channel": sum(len(self.removed("channel", l)) for l in kept)}
+
+    def summary(self) -> str:
+        c = self.counts()
+        g = self.geometry
+        kept = max(len(self.kept_blocks()), 1)
+        return (f"{c['block']}/{g.n_layers} blocks, {c['kv']}/{kept * g.n_kv} KV groups, "
+                f"{c['head']}/{kept * g.n_heads} query heads, {c['channel']}/{kept * g.n_channels} MLP channels")
+
+    # ---- edits (each returns a new plan) --------------------------------------------------------------------------
+    def with_units(self, kind: str, layer: int | None, indices, remove: bool = True) -> "Plan":
+        """Add (``remove=True``) or take back units; ``kind`` in block/kv/head/channel."""
+        indices = {int(i) for i in indices}
+        if kind == "block":
+            blocks = set(self.blocks) | indices if remove else set(self.blocks) - indices
+            return replace(self, blocks=tuple(blocks))
+        table = {l: set(i) for l, i in getattr(self, _field(kind))}
+        if kind == "head" and not remove:  # taking back a head of a removed group re-opens the group
+            g = self.geometry
+            table_kv = {l: set(i) for l, i in self.kv}
+            for h in indices:
+                grp = g.kv_of(h)
+                if grp in table_kv.get(layer, set()):
+                    table_kv[layer].discard(grp)
+                    table.setdefault(layer, set()).update(set(g.heads_of(grp)) - {h})
+            self = replace(self, kv=tuple((l, tuple(i)) for l, i in table_kv.items()))
+        cur = table.setdefault(layer, set())
+        table[layer] = cur | indices if remove else cur - indices
+        return replace(self, **{_field(kind): tuple((l, tuple(i)) for l, i in table.items())})
+
+    def toggled(self, kind: str, layer: int | None, index: int) -> "Plan":
+        """Flip one unit: remove it if kept, keep it if removed (a head of a removed group counts as removed)."""
+        if kind == "block":
+            gone = index in self.blocks
+        elif kind == "head":
+            gone = index in self.removed_heads_all(layer)
+        else:
+            gone = index in self.removed(kind, layer)
+        return self.with_units(kind, layer, [index], remove=not gone)
+
+    def merged(self, other: "Plan") -> "Plan":
+        if other.base.geometry != self.base.geometry:
+            raise PlanError("cannot merge plans written for different models")
+        return replace(self, blocks=self.blocks + other.blocks, kv=self.kv + other.kv,
+                       heads=self.heads + other.heads, channels=self.channels + other.channels,
+                       compensation=self.compensation or other.compensation)
+
+    # ---- validation -----------------------------------------------------------------------------------------------
+    def check_indices(self) -> None:
+        """Raise PlanError if an index is out of range or a layer would lose all heads or channels."""
+        g = self.geometry
+        bad = [b for b in self.blocks if not 0 <= b < g.n_layers]
+        if bad:
+            raise PlanError(f"block indices {bad} are out of range: the model has blocks 0..{g.n_layers - 1}")
+        if len(self.blocks) >= g.n_layers:
+            raise PlanError("the plan removes every block; keep at least one")
+        for kind, n in (("kv", g.n_kv), ("head", g.n_heads), ("channel", g.n_channels)):
+            for layer, idx in getattr(self, _field(kind)):
+                if not 0 <= layer < g.n_layers:
+                    raise PlanError(f"layer {layer} is out of range: the model has layers 0..{g.n_layers - 1}")
+                out = [i for i in idx if not 0 <= i < n]
+                if out:
+                    raise PlanError(f"{kind} indices {out} in layer {layer} are out of range (0..{n - 1})")
+        for layer in self.kept_blocks():
+            if not self.kept("head", layer):
+                raise PlanError(f"layer {layer} would lose every attention head; remove the whole block instead")
+            if not self.kept("channel", layer):
+                raise PlanError(f"layer {layer} would lose every MLP channel; remove the whole block instead")
+
+    def check_gqa(self) -> None:
+        """Raise PlanError unless every kept KV group of a layer keeps the same number of query heads.
+
+        Physical surgery needs it: HF attention maps query head ``i`` to KV head ``i // n_rep`` with one ``n_rep``
+        per layer. Masked previews do not need it.
+        """
+        g = self.geometry
+        for layer in self.kept_blocks():
+            kept = set(self.kept("head", layer))
+            sizes = {grp: len(kept & set(g.heads_of(grp))) for grp in self.kept("kv", layer)}
+            if len(set(sizes.values())) > 1:
+                raise PlanError(
+                    f"layer {layer} keeps {sorted(sizes.values())} query heads in its KV groups {sorted(sizes)}; "
+                    f"a physically pruned layer needs the same number in every kept group. Remove the same "
+                    f"number of heads from every group, or remove whole KV groups (allocation does this).")
+
+    def validate(self, model: nn.Module, physical: bool = True, allow_other_weights: bool = False) -> "Plan":
+        """Check that this plan fits ``model`` (the dense base). Returns self; raises PlanError saying what differs."""
+        mine, theirs = self.base.geometry, geometry_of(model)
+        if mine != theirs:
+            diff = {k: (v, getattr(theirs, k)) for k, v in mine.to_dict().items() if getattr(theirs, k) != v}
+            raise PlanError(f"this plan was made for {self.base.name!r}, which differs from the loaded model in "
+                            + ", ".join(f"{k}: plan {a} vs model {b}" for k, (a, b) in diff.items())
+                            + ". Load the model the plan was made for, or make a new plan for this one.")
+        if self.base.probe and not allow_other_weights:
+            probe = weight_probe(model, len(self.base.probe))
+            if not torch.allclose(torch.tensor(probe), torch.tensor(self.base.probe), rtol=2e-2, atol=1e-3):
+                raise PlanError(f"this plan was made for {self.base.name!r}: same shapes as the loaded model but "
+                                f"different weights. Load that model, or pass allow_other_weights=True to apply it "
+                                f"anyway (indices will be honoured, scores no longer mean the same).")
+        self.check_indices()
+        if physical:
+            self.check_gqa()
+        return self
+
+    # ---- arithmetic -----------------------------------------------------------------------------------------------
+    def param_count(self, model: nn.Module, non_embedding: bool = False) -> int:
+        """Parameters of the model after applying this plan, computed from unit sizes (no surgery)."""
+        adapter, g = adapter_for(model), self.geometry
+        layer0 = adapter.layers(model)[0]
+        size = lambda slices: sum(t.numel() for s in slices  # noqa: E731
+                                  for t in slice_params(get_path(layer0, s.module), s.axis, s.index))
+        head, kv_rows, chan = size(adapter.head_slices(g, 0)), size(adapter.kv_slices(g, 0)), \
+            size(adapter.channel_slices(g, 0))
+        block = sum(p.numel() for p in layer0.parameters())
+        removed = block * len(self.blocks)
+        for layer in self.kept_blocks():
+            removed += head * len(self.removed_heads_all(layer)) + kv_rows * len(self.removed("kv", layer))
+            removed += chan * len(self.removed("channel", layer))
+        return dense_params(model, non_embedding) - removed
+
+    # ---- serialisation --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        as_map = lambda m: {str(l): list(i) for l, i in m}  # noqa: E731
+        return {"schema": SCHEMA, "base": self.base.to_dict(), "blocks": list(self.blocks),
+                "kv_groups": as_map(self.kv), "heads": as_map(self.heads), "channels": as_map(self.channels),
+                "compensation": self.compensation, "provenance": self.provenance, "summary": self.summary()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Plan":
+        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
+            raise PlanError(f"not a pruneviz plan (expected \"schema\": \"{SCHEMA}\"); export a plan from pruneviz "
+                            f"and load that file")
+        try:
+            as_pairs = lambda m: tuple((int(l), tuple(int(x) for x in i)) for l, i in (m or {}).items())  # noqa
+            return cls(BaseIdentity.from_dict(d["base"]), tuple(int(b) for b in d.get("blocks", ())),
+                       as_pairs(d.get("kv_groups")), as_pairs(d.get("heads")), as_pairs(d.get("channels")),
+                       d.get("compensation"), json.dumps(d.get("provenance", {}), sort_keys=True, default=str))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"the plan file is malformed ({type(e).__name__}: {e}); re-export it from pruneviz") from e
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Plan":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"the plan is not valid JSON ({e}); load a .json file exported by pruneviz") from e
+        return cls.from_dict(data)
+
+    def sha256(self) -> str:
+        """Content hash of what the plan removes and what it was made for (provenance excluded)."""
+        d = self.to_dict()
+        for k in ("provenance", "summary"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _field(kind: str) -> str:
+    try:
+        return {"kv": "kv", "head": "heads", "channel": "channels"}[kind]
+    except KeyError:
+        raise PlanError(f"unit kind must be one of block, kv, head, channel; got {kind!r}") from None
+
+
+def dense_params(model: nn.Module, non_embedding: bool = False) -> int:
+    """Parameters of ``model`` (tied tensors once); ``non_embedding`` drops input embeddings and lm_head."""
+    seen, total = set(), 0
+    skip = set()
+    if non_embedding:
+        skip = {id(model.get_input_embeddings().weight)}
+        out = model.get_output_embeddings()
+        if out is not None:
+            skip.add(id(out.weight))
+        for m in model.modules():  # learned absolute positions (OPT, GPT-2) are embeddings too
+            if isinstance(m, nn.Embedding):
+                skip.add(id(m.weight))
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

@@ -1,0 +1,237 @@
+"""Apply a :class:`~pruneviz.plan.Plan`: exact physical surgery, and a masked (hook) preview.
+
+Both start from a *copy* of the base model: the shared base is never mutated.
+
+- :func:`apply_plan` slices every projection a removed unit owns (declared once in :mod:`pruneviz.arch`),
+  drops removed blocks and re-indexes the survivors (``layer_idx``, ``config.num_hidden_layers``,
+  ``config.layer_types``) so ``generate`` with a KV cache works, and records the per-layer shapes in
+  ``config.pruneviz_layout`` for export.
+- :func:`masked_model` returns a clone that shares the base's tensors (no memory cost) with hooks that zero the
+  removed heads' and channels' inputs of the output projections and skip removed blocks. Zeroing the input
+  columns of ``o_proj``/``down_proj`` is exactly removing the unit (biases of those projections stay in both), so
+  surgery and masking agree to rounding; tests hold them to 1e-5 in fp32.
+
+Plans with a ``compensation`` (SlimGPT OBS, FLAP bias) re-run their solver on the copy before slicing; the
+solver is looked up in :data:`COMPENSATORS` and needs calibration data.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, weight_axis
+from .errors import PlanError
+from .modeling_pruneviz import new_projection
+from .plan import Plan
+
+# name -> fn(model_copy, plan, calibration, progress) that rewrites surviving weights in place (dense shapes)
+COMPENSATORS: dict[str, Callable] = {}
+
+
+def register_compensator(name: str):
+    def deco(fn):
+        COMPENSATORS[name] = fn
+        return fn
+    return deco
+
+
+# ---- cloning ------------------------------------------------------------------------------------------------------
+
+def clone_model(model: nn.Module, share_weights: bool = False) -> nn.Module:
+    """A structural copy of ``model``. With ``share_weights`` the parameters and buffers are the same tensors."""
+    if not share_weights:
+        return copy.deepcopy(model)
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+# ---- physical surgery ---------------------------------------------------------------------------------------------
+
+def removed_features(adapter: Adapter, g: Geometry, plan: Plan, layer: int) -> dict[tuple[str, str], set[int]]:
+    """(module path, axis) -> feature indices owned by the units ``plan`` removes from ``layer``."""
+    slices = []
+    for h in plan.removed_heads_all(layer):
+        slices += adapter.head_slices(g, h)
+    for grp in plan.removed("kv", layer):
+        slices += adapter.kv_slices(g, grp)
+    for c in plan.removed("channel", layer):
+        slices += adapter.channel_slices(g, c)
+    out: dict[tuple[str, str], set[int]] = {}
+    for s in slices:
+        out.setdefault((s.module, s.axis), set()).update(s.index)
+    return out
+
+
+def _slice_module(mod: nn.Module, drop_out: set[int], drop_in: set[int]) -> nn.Module:
+    """A new projection holding ``mod``'s weights without the dropped output/input features."""
+    n_out, n_in = feature_count(mod, "out"), feature_count(mod, "in")
+    keep_out = torch.tensor([i for i in range(n_out) if i not in drop_out], dtype=torch.long)
+    keep_in = torch.tensor([i for i in range(n_in) if i not in drop_in], dtype=torch.long)
+    has_bias = getattr(mod, "bias", None) is not None
+    new = new_projection(mod, len(keep_out), len(keep_in), has_bias)
+    w = mod.weight.detach()
+    w = w.index_select(weight_axis(mod, "out"), keep_out.to(w.device))
+    w = w.index_select(weight_axis(mod, "in"), keep_in.to(w.device))
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if has_bias:
+            new.bias.copy_(mod.bias.detach().index_select(0, keep_out.to(w.device)))
+    new.weight.requires_grad_(mod.weight.requires_grad)
+    return new
+
+
+def prune_layer(layer: nn.Module, adapter: Adapter, g: Geometry, plan: Plan, index: int) -> dict | None:
+    """Physically remove ``plan``'s units of base layer ``index`` from ``layer`` (a copy). Returns its layout."""
+    drops = removed_features(adapter, g, plan, index)
+    if not drops:
+        return None
+    shapes = {}
+    for path in adapter.attn_modules + adapter.mlp_modules:
+        drop_out, drop_in = drops.get((path, "out"), set()), drops.get((path, "in"), set())
+        if not (drop_out or drop_in):
+            continue
+        parent, _, name = path.rpartition(".")
+        new = _slice_module(get_path(layer, path), drop_out, drop_in)
+        setattr(get_path(layer, parent) if parent else layer, name, new)
+        shapes[path] = [feature_count(new, "out"), feature_count(new, "in"), new.bias is not None]
+    kept_heads = list(plan.kept("head", index))
+    n_kv = len(plan.kept("kv", index)) if g.n_kv != g.n_heads else len(kept_heads)
+    adapter.set_attention_widths(layer, len(kept_heads), n_kv, kept_heads, g)
+    spec = {"shapes": shapes, "attrs": adapter.attention_attrs(len(kept_heads), n_kv, g)}
+    if adapter.family == "bloom":
+        spec.update(alibi_heads=kept_heads, alibi_module="self_attention")
+    return spec
+
+
+def drop_blocks(model: nn.Module, adapter: Adapter, keep: tuple[int, ...]) -> None:
+    """Keep only blocks ``keep`` (base numbering), renumber them 0..k-1 for the KV cache, update the config."""
+    layers = adapter.layers(model)
+    adapter.set_layers(model, nn.ModuleList([layers[i] for i in keep]))
+    for new_idx, layer in enumerate(adapter.layers(model)):
+        for m in layer.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = new_idx
+    cfg = model.config
+    cfg.num_hidden_layers = len(keep)
+    if isinstance(getattr(cfg, "layer_types", None), (list, tuple)):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+
+
+def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = None,
+               progress: Callable | None = None, allow_other_weights: bool = False) -> nn.Module:
+    """A new, physically smaller model: ``model`` (the dense base, never mutated) with ``plan`` applied.
+
+    ``calibration`` ([N, T] token ids) is needed only for plans with a ``compensation`` solver.
+    The result's ``config.pruneviz_layout`` records the per-layer shapes; ``config.pruneviz_plan`` the plan.
+    """
+    plan.validate(model, physical=True, allow_other_weights=allow_other_weights)
+    adapter, g = adapter_for(model), geometry_of(model)
+    pruned = clone_model(model, share_weights=False)
+    if plan.compensation:
+        if plan.compensation not in COMPENSATORS:
+            _load_compensators()
+        if plan.compensation not in COMPENSATORS:
+            raise PlanError(f"unknown compensation {plan.compensation!r}; known: {sorted(COMPENSATORS)}")
+        if calibration is None:
+            raise PlanError(f"this plan re-runs the {plan.compensation} solver when applied; pass calibration "
+                            f"token windows (the plan's provenance says which text and sizes it used)")
+        COMPENSATORS[plan.compensation](pruned, plan, calibration, progress)
+    layers = adapter.layers(pruned)
+    layout_layers = {}
+    kept = plan.kept_blocks()
+    for new_idx, base_idx in enumerate(kept):
+        spec = prune_layer(layers[base_idx], adapter, g, plan, base_idx)
+        if spec:
+            layout_layers[str(new_idx)] = spec
+    drop_blocks(pruned, adapter, kept)
+    cfg = pruned.config
+    cfg.pruneviz_base_geometry = g.to_dict()
+    cfg.pruneviz_layout = {"layers_path": adapter.layers_path, "n_heads_total": g.n_heads,
+                           "source_layers": list(kept), "layers": layout_layers}
+    cfg.pruneviz_plan = plan.to_dict()
+    return pruned.eval()
+
+
+def _load_compensators() -> None:
+    """Import the modules that register compensation solvers (kept lazy to avoid import cycles)."""
+    import importlib
+
+    for mod in ("pruneviz.criteria.slimgpt", "pruneviz.criteria.flap"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+
+
+# ---- masked preview -----------------------------------------------------------------------------------------------
+
+def _input_mask_hook(mask: torch.Tensor):
+    def hook(module, args):
+        x = args[0]
+        return (x * mask.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+    return hook
+
+
+def _skip_block_hook(adapter: Adapter):
+    def hook(module, args, kwargs, output):
+        hidden = adapter.block_hidden(args, kwargs)
+        if isinstance(output, tuple):
+            return (hidden,) + tuple(output[1:])
+        return hidden
+    return hook
+
+
+def feature_masks(adapter: Adapter, g: Geometry, plan: Plan, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 masks over the attention-output input features [n_heads*d] and MLP-down input features [n_channels]."""
+    head_mask = torch.ones(g.n_heads * g.head_dim)  # [H * d]
+    for h in plan.removed_heads_all(layer):
+        head_mask[h * g.head_dim:(h + 1) * g.head_dim] = 0
+    chan_mask = torch.ones(g.n_channels)  # [C]
+    chan_mask[list(plan.removed("channel", layer))] = 0
+    return head_mask, chan_mask
+
+
+def install_masks(model: nn.Module, plan: Plan) -> list:
+    """Register masking hooks for ``plan`` on ``model`` (a dense model). Returns the hook handles."""
+    adapter, g = adapter_for(model), geometry_of(model)
+    handles = []
+    for i, layer in enumerate(adapter.layers(model)):
+        if i in plan.blocks:
+            handles.append(layer.register_forward_hook(_skip_block_hook(adapter), with_kwargs=True))
+            continue
+        head_mask, chan_mask = feature_masks(adapter, g, plan, i)
+        if (head_mask == 0).any():
+            handles.append(get_path(layer, adapter.attn_out).register_forward_pre_hook(_input_mask_hook(head_mask)))
+        if (chan_mask == 0).any():
+            handles.append(get_path(layer, adapter.mlp_out).register_forward_pre_hook(_input_mask_hook(chan_mask)))
+    return handles
+
+
+@contextmanager
+def masking(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
+    """Temporarily mask ``plan``'s units on ``model`` itself (single-user code: criteria, CLI). Reversible."""
+    plan.validate(model, physical=False, allow_other_weights=True)
+    handles = install_masks(model, plan)
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def masked_model(model: nn.Module, plan: Plan) -> nn.Module:
+    """A preview of ``plan``: a clone sharing ``model``'s tensors, with masking hooks. Instant; base untouched.
+
+    Unlike :func:`apply_plan` it accepts any head pattern (no equal-heads-per-KV-group rule). Compensation
+    solvers are not run: a SlimGPT plan previews as the same units removed without weight updates.
+    """
+    plan.validate(model, physical=False, allow_other_weights=True)
+    view = clone_model(model, share_weights=True)
+    install_masks(view, plan)
+    view.config = copy.deepcopy(model.config)
+    view.config.pruneviz_masked_plan = plan.sha256()
+    return view
