@@ -46,7 +46,7 @@ def new_projection(like: nn.Module, n_out: int, n_in: int, bias: bool) -> nn.Mod
 
 def install_alibi_hook(attention: nn.Module, kept_heads: list[int], n_heads_total: int) -> None:
     """Make a pruned BLOOM attention read only its surviving heads' rows of the model-wide ALiBi tensor."""
-    kept = torch.as_tensor(list(kept_heads), dtype=torch.long)
+    kept = [int(h) for h in kept_heads]  # a list, not a tensor: skeletons may be built on the meta device
     for handle in getattr(attention, "_pruneviz_alibi_handles", []):
         handle.remove()
 
@@ -55,7 +55,7 @@ def install_alibi_hook(attention: nn.Module, kept_heads: list[int], n_heads_tota
         if alibi is None or alibi.shape[0] % n_heads_total:
             return None
         b = alibi.shape[0] // n_heads_total
-        sliced = alibi.view(b, n_heads_total, *alibi.shape[1:])[:, kept.to(alibi.device)]  # [B, h, 1, K]
+        sliced = alibi.view(b, n_heads_total, *alibi.shape[1:])[:, torch.tensor(kept, device=alibi.device)]  # [B, h, 1, K]
         return args, {**kwargs, "alibi": sliced.reshape(b * len(kept), *alibi.shape[1:])}
 
     attention._pruneviz_alibi_handles = [attention.register_forward_pre_hook(hook, with_kwargs=True)]
@@ -78,19 +78,21 @@ def apply_layout(model: nn.Module, layout: dict, layers_path: str | None = None)
             install_alibi_hook(attn, spec["alibi_heads"], layout["n_heads_total"])
 
 
-_Base = getattr(transformers, BASE_MODEL_CLASS)
-_BaseConfig = getattr(transformers, BASE_CONFIG_CLASS)
+def pruned_class(base: type) -> type:
+    """A subclass of the causal-LM class ``base`` whose ``__init__`` applies ``config.pruneviz_layout``."""
+
+    def __init__(self, config):
+        base.__init__(self, config)
+        apply_layout(self, config.pruneviz_layout)
+
+    return type(f"Pruned{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
 
 
-class PrunedConfig(_BaseConfig):
+class PrunedConfig(getattr(transformers, BASE_CONFIG_CLASS)):
     """The base family's config; ``pruneviz_layout`` travels as an extra attribute."""
 
 
-class PrunedForCausalLM(_Base):
+class PrunedForCausalLM(pruned_class(getattr(transformers, BASE_MODEL_CLASS))):
     """The base family's causal LM with the per-layer widths of ``config.pruneviz_layout``."""
 
     config_class = PrunedConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        apply_layout(self, config.pruneviz_layout)

@@ -1,0 +1,313 @@
+"""Export plans and pruned checkpoints; load pruneviz checkpoints back.
+
+Two checkpoint formats, chosen automatically:
+
+- **stock**: every kept layer has the same widths and the family's config can express them (LLaMA family:
+  ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``intermediate_size``; OPT ``ffn_dim``; GPT-2
+  ``n_inner``). The folder loads with plain ``AutoModelForCausalLM.from_pretrained``.
+- **pruneviz**: per-layer widths. ``config.json`` keeps the base family's fields plus ``pruneviz_layout`` and an
+  ``auto_map`` to ``modeling_pruneviz.py`` (copied into the folder), so it loads with pruneviz
+  (:func:`load_pruned_folder`) and with ``from_pretrained(folder, trust_remote_code=True)`` anywhere.
+
+Whether a config is stock-expressible is decided by building the candidate stock model skeleton and comparing
+every parameter shape with the pruned model, so no family-specific guesswork decides it.
+
+Every export is written to a temporary folder, reloaded and compared with the in-memory model (identical logits
+required), and only then renamed into place: a failed or interrupted export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers as tf
+from torch import nn
+
+from . import __version__
+from .errors import ExportError
+from .plan import Plan, dense_params
+from .surgery import clone_model
+
+PLAN_FILE = "pruneviz_plan.json"
+REPORT_FILE = "pruneviz_export.json"
+_MODELING = Path(__file__).with_name("modeling_pruneviz.py")
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and how its reload check went."""
+
+    folder: str
+    format: str  # "stock" | "pruneviz"
+    reload_max_abs_diff: float
+    remote_code_max_abs_diff: float | None
+    ok: bool
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    params: int = 0
+    card: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("card")
+        return d
+
+
+# ---- plan files ---------------------------------------------------------------------------------------------------
+
+def write_plan(plan: Plan, path: str | os.PathLike) -> Path:
+    """Write ``plan`` as JSON atomically."""
+    path = Path(path)
+    _atomic_write_text(path, plan.to_json())
+    return path
+
+
+def read_plan(path: str | os.PathLike) -> Plan:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"cannot read plan file {path}: {e}; choose a .json plan exported by pruneviz") from e
+    return Plan.from_json(text)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---- deciding the format ------------------------------------------------------------------------------------------
+
+def _stock_updates(model: nn.Module) -> dict | None:
+    """Config fields that express a uniformly pruned ``model`` in its stock family, or None if they cannot."""
+    layout = getattr(model.config, "pruneviz_layout", None) or {}
+    specs = list(layout.get("layers", {}).values())
+    if not specs:
+        return {}
+    n_layers = model.config.num_hidden_layers
+    if len(specs) != n_layers or any(s["shapes"] != specs[0]["shapes"] for s in specs):
+        return None
+    shapes = specs[0]["shapes"]
+    mt = model.config.model_type
+    g = model.config.pruneviz_base_geometry
+    if mt in ("llama", "mistral", "qwen2", "qwen3"):
+        q = shapes.get("self_attn.q_proj", [g["n_heads"] * g["head_dim"]])[0]
+        k = shapes.get("self_attn.k_proj", [g["n_kv"] * g["head_dim"]])[0]
+        ffn = shapes.get("mlp.gate_proj", [g["n_channels"]])[0]
+        return {"num_attention_heads": q // g["head_dim"], "num_key_value_heads": k // g["head_dim"],
+                "head_dim": g["head_dim"], "intermediate_size": ffn}
+    if set(shapes) <= {"fc1", "fc2"} and mt == "opt":
+        return {"ffn_dim": shapes["fc1"][0]}
+    if set(shapes) <= {"mlp.c_fc", "mlp.c_proj"} and mt == "gpt2":
+        return {"n_inner": shapes["mlp.c_fc"][0]}
+    return None
+
+
+def _clean_config_dict(config) -> dict:
+    d = config.to_dict()
+    for k in [k for k in d if k.startswith("pruneviz_")] + ["auto_map", "_name_or_path"]:
+        d.pop(k, None)
+    return d
+
+
+def stock_config(model: nn.Module):
+    """The stock config of the pruned ``model`` if its shapes are expressible, else None."""
+    updates = _stock_updates(model)
+    if updates is None:
+        return None
+    d = {**_clean_config_dict(model.config), **updates}
+    try:
+        cfg = type(model.config).from_dict(d)
+        with torch.device("meta"):
+            skeleton = tf.AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # a config validator refusing the widths means: not stock-expressible
+        return None
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return cfg if want == have else None
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+
+def _modeling_source(model: nn.Module) -> str:
+    src = _MODELING.read_text(encoding="utf-8")
+    src = src.replace('BASE_MODEL_CLASS = "LlamaForCausalLM"', f'BASE_MODEL_CLASS = "{type(model).__name__}"')
+    return src.replace('BASE_CONFIG_CLASS = "LlamaConfig"', f'BASE_CONFIG_CLASS = "{type(model.config).__name__}"')
+
+
+def _write_model(model: nn.Module, tmp: Path) -> str:
+    cfg = stock_config(model)
+    if cfg is not None:
+        view = clone_model(model, share_weights=True)
+        view.config = cfg
+        view.save_pretrained(tmp)
+        return "stock"
+    view = clone_model(model, share_weights=True)
+    view.config = type(model.config).from_dict(model.config.to_dict())
+    view.config.auto_map = {"AutoConfig": "modeling_pruneviz.PrunedConfig",
+                            "AutoModelForCausalLM": "modeling_pruneviz.PrunedForCausalLM"}
+    view.save_pretrained(tmp)
+    (tmp / "modeling_pruneviz.py").write_text(_modeling_source(model), encoding="utf-8")
+    return "pruneviz"
+
+
+def probe_inputs(model: nn.Module, n: int = 2, length: int = 24) -> torch.Tensor:
+    """Fixed token ids for reload checks (deterministic, inside the vocabulary)."""
+    gen = torch.Generator().manual_seed(1234)
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (n, length), generator=gen)
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(ids.to(device)).logits.float().cpu()
+
+
+def _max_diff(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> float:
+    return float((_logits(a, ids) - _logits(b, ids)).abs().max())
+
+
+def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Plan | None = None,
+                evaluation: dict | None = None, overwrite: bool = False, check_remote_code: bool = True,
+                tolerance: float = 0.0) -> ExportReport:
+    """Write ``model`` (pruned or dense) as a checkpoint folder, verified by reloading it.
+
+    The reloaded model must give logits within ``tolerance`` (default: identical) of ``model`` on fixed inputs;
+    otherwise ExportError is raised and nothing is left at ``folder``.
+    """
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise ExportError(f"{folder} already exists; choose another folder or pass overwrite=True")
+    plan = plan or _plan_of(model)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        fmt = _write_model(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            write_plan(plan, tmp / PLAN_FILE)
+        card = model_card(model, plan, evaluation, fmt)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        report = _verify(model, tmp, fmt, check_remote_code, tolerance)
+        report.card, report.seconds = card, time.perf_counter() - t0
+        report.params = dense_params(model)
+        _atomic_write_text(tmp / REPORT_FILE, json.dumps(report.to_dict(), indent=1))
+        report.files = sorted(p.name for p in tmp.iterdir())
+        _move_into_place(tmp, folder, overwrite)
+        report.folder = str(folder)
+        return report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _verify(model: nn.Module, tmp: Path, fmt: str, check_remote_code: bool, tolerance: float) -> ExportReport:
+    dtype = next(model.parameters()).dtype
+    ids = probe_inputs(model)
+    if fmt == "stock":
+        reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+    else:
+        reloaded = load_pruned_folder(tmp, dtype=dtype)
+    reloaded.to(next(model.parameters()).device)
+    diff = _max_diff(model, reloaded, ids)
+    remote = None
+    if fmt == "pruneviz" and check_remote_code:
+        remote_model = tf.AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=True, dtype=dtype).eval()
+        remote_model.to(next(model.parameters()).device)
+        remote = _max_diff(model, remote_model, ids)
+    ok = diff <= tolerance and (remote is None or remote <= tolerance)
+    if not ok:
+        raise ExportError(f"the exported checkpoint does not reproduce the model (max |Δlogit| {diff:g}, "
+                          f"remote code {remote}); nothing was written. Please report this as a bug.")
+    return ExportReport(str(tmp), fmt, diff, remote, ok)
+
+
+def _move_into_place(tmp: Path, folder: Path, overwrite: bool) -> None:
+    if folder.exists():
+        if not overwrite:
+            raise ExportError(f"{folder} appeared while exporting; choose another folder")
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+
+
+def _plan_of(model: nn.Module) -> Plan | None:
+    d = getattr(model.config, "pruneviz_plan", None)
+    return Plan.from_dict(d) if d else None
+
+
+def zip_folder(folder: str | os.PathLike) -> bytes:
+    """The folder as zip bytes (for downloads)."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as td:
+        archive = shutil.make_archive(str(Path(td) / folder.name), "zip", root_dir=folder)
+        return Path(archive).read_bytes()
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+def load_pruned_folder(path: str | os.PathLike, device="cpu", dtype=None):
+    """Load a pruneviz-format folder without remote code: the base family's class plus ``apply_layout``.
+
+    Returns the model (eval mode). Use :func:`pruneviz.loading.load_model` to get the tokenizer as well.
+    """
+    from .modeling_pruneviz import pruned_class
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ExportError(f"{path} has no config.json; choose a folder exported by pruneviz")
+    if not any(path.glob("*.safetensors")):
+        raise ExportError(f"{path} has no .safetensors weights; pruneviz only loads safetensors checkpoints")
+    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if "pruneviz_layout" not in raw:
+        raise ExportError(f"{path} is not a pruneviz-format checkpoint (no pruneviz_layout in config.json)")
+    raw.pop("auto_map", None)
+    config_cls = tf.AutoConfig.for_model(raw["model_type"]).__class__
+    config = config_cls.from_dict(raw)
+    base_cls = tf.AutoModelForCausalLM._model_mapping[config_cls]
+    try:
+        model = pruned_class(base_cls).from_pretrained(path, config=config, dtype=dtype or torch.float32)
+    except Exception as e:  # safetensors header errors, shape mismatches, truncated files
+        raise ExportError(f"{path} could not be loaded ({e}); the files may be corrupt, re-export them") from e
+    return model.to(device).eval()
+
+
+# ---- model card ---------------------------------------------------------------------------------------------------
+
+def model_card(model: nn.Module, plan: Plan | None, evaluation: dict | None, fmt: str) -> str:
+    """README.md with Hub front matter, the plan summary, parameter counts and evaluation with its protocol."""
+    base = plan.base.name if plan else getattr(model.config, "_name_or_path", "unknown")
+    lines = ["---", f"base_model: {base}" if "/" in str(base) else f"# base model: {base}",
+             "tags:", "- pruned", "- structured-pruning", "- pruneviz", "library_name: transformers", "---", "",
+             f"# {Path(str(base)).name or base} (structurally pruned with pruneviz {__version__})", ""]
+    if plan is not None:
+        prov = plan.provenance
+        lines += ["## Plan", "", f"- removed: {plan.summary()}",
+                  f"- criterion: {prov.get('criterion', 'manual')}; allocation: {prov.get('strategy', 'manual')}",
+                  f"- compensation: {plan.compensation or 'none'}", f"- plan sha256: `{plan.sha256()}`", ""]
+    lines += ["## Parameters", "", f"- total: {dense_params(model):,}",
+              f"- non-embedding: {dense_params(model, non_embedding=True):,}", ""]
+    if evaluation:
+        lines += ["## Evaluation", ""] + [f"- {k}: {v}" for k, v in evaluation.items()] + [""]
+    lines += ["No recovery fine-tuning was done unless stated above.", "", "## Loading", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "tok = AutoTokenizer.from_pretrained(folder)",
+              ("model = AutoModelForCausalLM.from_pretrained(folder)" if fmt == "stock" else
+               "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)  "
+               "# per-layer widths: modeling_pruneviz.py"), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,276 @@
+"""Importance maps and the criterion registry.
+
+Every criterion returns the same :class:`ImportanceMap`: scores per layer for query heads ``[L, H]``, KV groups
+``[L, G]``, MLP channels ``[L, C]`` and whole blocks ``[L]`` (any of them may be absent), **higher = more
+important**, plus a record of what was used (calibration text hash, samples, seed, time, peak memory).
+
+A criterion is a small class with a name, the maps it produces, an options dataclass (documented defaults) and
+one method ``score(model, calib, options, ctx) -> ImportanceMap``. Register it with ``@register``; look it up
+with :func:`get` (a helpful error lists the names); run it with :func:`compute`, which adds timing, peak memory,
+out-of-memory advice, progress and cancellation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from .arch import Geometry, geometry_of
+from .errors import CriterionError, is_oom, oom_advice
+
+MAPS = ("heads", "kv", "channels", "blocks")
+
+
+# ---- the result ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class ImportanceMap:
+    """Scores of one criterion on one model. Higher means more important (keep it)."""
+
+    criterion: str
+    geometry: Geometry
+    heads: torch.Tensor | None = None  # [L, H]
+    kv: torch.Tensor | None = None  # [L, G]
+    channels: torch.Tensor | None = None  # [L, C]
+    blocks: torch.Tensor | None = None  # [L]
+    meta: dict = field(default_factory=dict)  # calibration, options, seconds, peak memory, device, versions
+    extras: dict = field(default_factory=dict)  # criterion-specific diagnostics (JSON-able)
+
+    def __post_init__(self):
+        g = self.geometry
+        want = {"heads": (g.n_layers, g.n_heads), "kv": (g.n_layers, g.n_kv),
+                "channels": (g.n_layers, g.n_channels), "blocks": (g.n_layers,)}
+        for name, shape in want.items():
+            t = getattr(self, name)
+            if t is None:
+                continue
+            t = torch.as_tensor(t).detach().float().cpu()
+            if tuple(t.shape) != shape:
+                raise CriterionError(f"{self.criterion}: {name} map has shape {tuple(t.shape)}, expected {shape}")
+            setattr(self, name, t)
+
+    def get(self, kind: str) -> torch.Tensor | None:
+        """Map for a unit kind: head/kv/channel/block (or the map names)."""
+        return getattr(self, {"head": "heads", "channel": "channels", "block": "blocks"}.get(kind, kind))
+
+    def available(self) -> list[str]:
+        return [m for m in MAPS if getattr(self, m) is not None]
+
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "geometry": self.geometry.to_dict(), "meta": self.meta,
+                "extras": self.extras,
+                **{m: getattr(self, m).tolist() for m in self.available()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImportanceMap":
+        maps = {m: torch.tensor(d[m]) for m in MAPS if d.get(m) is not None}
+        return cls(d["criterion"], Geometry(**d["geometry"]), meta=d.get("meta", {}),
+                   extras=d.get("extras", {}), **maps)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=str)
+
+
+# ---- calibration record ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Calibration:
+    """Token windows a criterion learns from, with what is needed to reproduce them."""
+
+    tokens: torch.Tensor  # [N, T] int64
+    text_name: str = "custom"
+    text_sha256: str = ""
+    seed: int = 0
+
+    def describe(self) -> dict:
+        n, t = self.tokens.shape
+        return {"text": self.text_name, "text_sha256": self.text_sha256, "samples": n, "seq_len": t,
+                "seed": self.seed}
+
+    def batches(self, batch_size: int, device) -> Iterator[torch.Tensor]:
+        for i in range(0, self.tokens.shape[0], batch_size):
+            yield self.tokens[i:i + batch_size].to(device)  # [b, T]
+
+
+# ---- the interface and registry -------------------------------------------------------------------------------------
+
+class Cancelled(Exception):
+    """Raised inside a criterion when the caller's ``cancel()`` returned True."""
+
+
+@dataclass
+class Context:
+    """What :func:`compute` hands a criterion: progress reporting and cancellation."""
+
+    progress: Callable[[float, str], None] | None = None
+    cancel: Callable[[], bool] | None = None
+
+    def step(self, fraction: float, message: str = "") -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled(message or "cancelled")
+        if self.progress is not None:
+            self.progress(min(max(fraction, 0.0), 1.0), message)
+
+
+@dataclass
+class NoOptions:
+    """This criterion has no options."""
+
+
+class Criterion:
+    """One importance criterion. Subclasses set the class attributes and implement :meth:`score`."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]  # short human name for the UI
+    paper: ClassVar[str] = ""  # reference (arXiv id / URL)
+    produces: ClassVar[tuple[str, ...]]  # subset of MAPS
+    needs_calibration: ClassVar[bool] = True
+    uses_gradients: ClassVar[bool] = False  # backprop (memory of training)
+    Options: ClassVar[type] = NoOptions
+
+    def score(self, model: nn.Module, calib: Calibration | None, options: Any, ctx: Context) -> ImportanceMap:
+        raise NotImplementedError
+
+    def estimate(self, geometry: Geometry, n_params: int, samples: int, seq_len: int, options: Any) -> dict:
+        """Rough cost before running: ``{"forward_tokens": ..., "backward": bool, "extra_bytes": ...}``."""
+        return {"forward_tokens": samples * seq_len if self.needs_calibration else 0,
+                "backward": self.uses_gradients, "extra_bytes": 0}
+
+
+REGISTRY: dict[str, Criterion] = {}
+
+
+def register(cls: type[Criterion]) -> type[Criterion]:
+    """Class decorator: add a criterion to the registry under ``cls.name``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"criterion {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _ensure_loaded() -> None:
+    from . import criteria  # noqa: F401  (registers the built-in criteria)
+
+
+def available() -> dict[str, Criterion]:
+    _ensure_loaded()
+    return dict(REGISTRY)
+
+
+def get(name: str) -> Criterion:
+    _ensure_loaded()
+    if name not in REGISTRY:
+        raise CriterionError(f"unknown criterion {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def make_options(name: str, **values) -> Any:
+    """The options dataclass of criterion ``name`` with ``values`` overriding defaults (unknown keys rejected)."""
+    cls = get(name).Options
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise CriterionError(f"{name} has no option(s) {sorted(unknown)}; its options are {sorted(known)}")
+    return cls(**values)
+
+
+# ---- peak memory ------------------------------------------------------------------------------------------------------
+
+def _rss_bytes(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory during a ``with`` block: CUDA allocator peak on GPU, process peak RSS (VmHWM) on CPU."""
+
+    device: str = "cpu"
+    start: int | None = None
+    peak: int | None = None
+
+    @property
+    def extra(self) -> int | None:
+        """Peak minus what was in use at the start (what the work itself needed)."""
+        return None if self.peak is None or self.start is None else max(self.peak - self.start, 0)
+
+
+@contextmanager
+def peak_memory(device) -> Iterator[PeakMemory]:
+    dev = torch.device(device)
+    rec = PeakMemory(dev.type)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        rec.start = torch.cuda.memory_allocated(dev)
+        yield rec
+        torch.cuda.synchronize(dev)
+        rec.peak = torch.cuda.max_memory_allocated(dev)
+        return
+    try:  # reset the kernel's peak-RSS counter (Linux); harmless if unavailable
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    rec.start = _rss_bytes("VmRSS")
+    yield rec
+    rec.peak = _rss_bytes("VmHWM")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---- running a criterion ----------------------------------------------------------------------------------------------
+
+def compute(model: nn.Module, name: str, calib: Calibration | None = None, options: Any = None,
+            progress: Callable[[float, str], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> ImportanceMap:
+    """Run criterion ``name`` on ``model`` (never mutated) and record time, memory and inputs in ``meta``."""
+    crit = get(name)
+    options = options if options is not None else crit.Options()
+    if crit.needs_calibration and calib is None:
+        raise CriterionError(f"{name} needs calibration text; pass calibration windows (pruneviz.data)")
+    if getattr(model.config, "pruneviz_base_geometry", None):
+        raise CriterionError("score the dense base model, not an already pruned one")
+    ctx = Context(progress, cancel)
+    device = model_device(model)
+    t0 = time.perf_counter()
+    try:
+        with peak_memory(device) as mem:
+            result = crit.score(model, calib, options, ctx)
+    except Cancelled:
+        raise
+    except (RuntimeError, MemoryError) as e:
+        if is_oom(e) or isinstance(e, MemoryError):
+            raise oom_advice(e, f"scoring with {name}") from e
+        raise
+    result.meta.update({
+        "criterion": name, "options": dataclasses.asdict(options), "seconds": time.perf_counter() - t0,
+        "peak_memory_bytes": mem.peak, "extra_memory_bytes": mem.extra, "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "calibration": calib.describe() if calib is not None and crit.needs_calibration else None,
+        "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    })
+    if progress:
+        progress(1.0, "done")
+    return result
+
+
+def empty_map(name: str, model: nn.Module, **maps) -> ImportanceMap:
+    return ImportanceMap(name, geometry_of(model), **maps)

@@ -1,0 +1,41 @@
+"""Shared test setup: offline, deterministic, tiny models (no downloads)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pruneviz.testing import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny(family):
+    return tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(4, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """The real bundled SmolLM2-135M-Instruct (converted once to a safetensors cache)."""
+    from pruneviz.loading import load_model
+
+    return load_model("bundled", device="cpu", dtype="fp32")
