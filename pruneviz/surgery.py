@@ -6,10 +6,11 @@ Both start from a *copy* of the base model: the shared base is never mutated.
   drops removed blocks and re-indexes the survivors (``layer_idx``, ``config.num_hidden_layers``,
   ``config.layer_types``) so ``generate`` with a KV cache works, and records the per-layer shapes in
   ``config.pruneviz_layout`` for export.
-- :func:`masked_model` returns a clone that shares the base's tensors (no memory cost) with hooks that zero the
-  removed heads' and channels' inputs of the output projections and skip removed blocks. Zeroing the input
-  columns of ``o_proj``/``down_proj`` is exactly removing the unit (biases of those projections stay in both), so
-  surgery and masking agree to rounding; tests hold them to 1e-5 in fp32.
+- :func:`masked_model` returns a clone that shares the base's tensors (no memory cost) in which the output
+  projections read only the kept heads' and channels' input features (:class:`InputSelect`) and removed blocks
+  are skipped (identity on the residual stream). Excluding those input columns is exactly removing the unit
+  (biases of those projections stay in both); it equals zeroing the columns (tests check that in float64) and is
+  computed with the same reduction as the sliced projection, so masked and pruned logits agree bit for bit.
 
 Plans with a ``compensation`` (SlimGPT OBS, FLAP bias) re-run their solver on the copy before slicing; the
 solver is looked up in :data:`COMPENSATORS` and needs calibration data.
@@ -169,11 +170,26 @@ def _load_compensators() -> None:
 
 # ---- masked preview -----------------------------------------------------------------------------------------------
 
-def _input_mask_hook(mask: torch.Tensor):
-    def hook(module, args):
-        x = args[0]
-        return (x * mask.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
-    return hook
+class InputSelect(nn.Module):
+    """Wraps an output projection so it only reads the kept input features: ``inner(x[..., keep])`` with the
+    weight's kept columns. This *is* removing the other units' contributions, computed with exactly the
+    reduction a physically sliced projection performs, so masked and pruned logits agree bit for bit (zeroing
+    the columns instead is the same function but differs by float rounding: ~4e-5 on SmolLM2's logits).
+    No weights are copied at construction; the inner module is the (shared) original.
+    """
+
+    def __init__(self, inner: nn.Module, keep: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("keep", keep, persistent=False)  # [k] kept input feature indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.keep.to(x.device)
+        w = self.inner.weight
+        if type(self.inner).__name__ == "Conv1D":  # weight [in, out]
+            out = torch.addmm(self.inner.bias, x[..., keep].reshape(-1, len(keep)), w.index_select(0, keep))
+            return out.view(*x.shape[:-1], w.shape[1])
+        return nn.functional.linear(x.index_select(-1, keep), w.index_select(1, keep), self.inner.bias)
 
 
 def _skip_block_hook(adapter: Adapter):
@@ -185,46 +201,47 @@ def _skip_block_hook(adapter: Adapter):
     return hook
 
 
-def feature_masks(adapter: Adapter, g: Geometry, plan: Plan, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """0/1 masks over the attention-output input features [n_heads*d] and MLP-down input features [n_channels]."""
-    head_mask = torch.ones(g.n_heads * g.head_dim)  # [H * d]
-    for h in plan.removed_heads_all(layer):
-        head_mask[h * g.head_dim:(h + 1) * g.head_dim] = 0
-    chan_mask = torch.ones(g.n_channels)  # [C]
-    chan_mask[list(plan.removed("channel", layer))] = 0
-    return head_mask, chan_mask
+def kept_inputs(g: Geometry, plan: Plan, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept input features of the attention output projection [k_a] and of the MLP down projection [k_m]."""
+    gone = set(plan.removed_heads_all(layer))
+    heads = [h * g.head_dim + i for h in range(g.n_heads) if h not in gone for i in range(g.head_dim)]
+    chans = [c for c in range(g.n_channels) if c not in set(plan.removed("channel", layer))]
+    return torch.tensor(heads, dtype=torch.long), torch.tensor(chans, dtype=torch.long)
 
 
-def install_masks(model: nn.Module, plan: Plan) -> list:
-    """Register masking hooks for ``plan`` on ``model`` (a dense model). Returns the hook handles."""
+def install_masks(model: nn.Module, plan: Plan) -> Callable[[], None]:
+    """Mask ``plan``'s units on ``model`` (dense) in place; returns a function that undoes it exactly."""
     adapter, g = adapter_for(model), geometry_of(model)
-    handles = []
+    undo = []
     for i, layer in enumerate(adapter.layers(model)):
         if i in plan.blocks:
-            handles.append(layer.register_forward_hook(_skip_block_hook(adapter), with_kwargs=True))
+            undo.append(layer.register_forward_hook(_skip_block_hook(adapter), with_kwargs=True).remove)
             continue
-        head_mask, chan_mask = feature_masks(adapter, g, plan, i)
-        if (head_mask == 0).any():
-            handles.append(get_path(layer, adapter.attn_out).register_forward_pre_hook(_input_mask_hook(head_mask)))
-        if (chan_mask == 0).any():
-            handles.append(get_path(layer, adapter.mlp_out).register_forward_pre_hook(_input_mask_hook(chan_mask)))
-    return handles
+        for path, keep, full in zip((adapter.attn_out, adapter.mlp_out), kept_inputs(g, plan, i),
+                                    (g.n_heads * g.head_dim, g.n_channels)):
+            if len(keep) == full:
+                continue
+            parent, _, name = path.rpartition(".")
+            owner, original = get_path(layer, parent) if parent else layer, get_path(layer, path)
+            setattr(owner, name, InputSelect(original, keep))
+            undo.append(lambda owner=owner, name=name, original=original: setattr(owner, name, original))
+    return lambda: [u() for u in reversed(undo)]
 
 
 @contextmanager
 def masking(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
     """Temporarily mask ``plan``'s units on ``model`` itself (single-user code: criteria, CLI). Reversible."""
     plan.validate(model, physical=False, allow_other_weights=True)
-    handles = install_masks(model, plan)
+    undo = install_masks(model, plan)
     try:
         yield model
     finally:
-        for h in handles:
-            h.remove()
+        undo()
 
 
 def masked_model(model: nn.Module, plan: Plan) -> nn.Module:
-    """A preview of ``plan``: a clone sharing ``model``'s tensors, with masking hooks. Instant; base untouched.
+    """A preview of ``plan``: a clone sharing ``model``'s tensors, with removed units masked. Instant; base
+    untouched.
 
     Unlike :func:`apply_plan` it accepts any head pattern (no equal-heads-per-KV-group rule). Compensation
     solvers are not run: a SlimGPT plan previews as the same units removed without weight updates.

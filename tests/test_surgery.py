@@ -115,3 +115,26 @@ def test_removing_every_head_is_refused(tiny):
     plan = Plan.empty(tiny).with_units("kv", 0, range(g.n_kv))
     with pytest.raises(PlanError, match="remove the whole block"):
         apply_plan(tiny, plan)
+
+
+def test_masking_means_zeroing_the_units_columns(tiny, ids):
+    """The masked/pruned function is the dense model with the units' output-projection input columns zeroed
+    (checked in float64, where summation-order rounding is far below the tolerance)."""
+    from pruneviz.arch import weight_axis
+    from pruneviz.surgery import clone_model
+
+    model = clone_model(tiny).double()
+    plan = mixed_plan(model)
+    zeroed = clone_model(model)
+    adapter, g = adapter_for(model), geometry_of(model)
+    layers = adapter.layers(zeroed)
+    with torch.no_grad():
+        for i in plan.kept_blocks():
+            for path, cols in ((adapter.attn_out, [h * g.head_dim + j for h in plan.removed_heads_all(i)
+                                                   for j in range(g.head_dim)]),
+                               (adapter.mlp_out, list(plan.removed("channel", i)))):
+                mod = get_path(layers[i], path)
+                mod.weight.index_fill_(weight_axis(mod, "in"), torch.tensor(cols, dtype=torch.long), 0.0)
+    with masking(zeroed, Plan.empty(zeroed).with_units("block", None, plan.blocks)):
+        ref = zeroed(ids).logits
+    assert (apply_plan(model, plan)(ids).logits - ref).abs().max() < 1e-10
