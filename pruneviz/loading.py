@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ModelLoadError, is_oom, oom_advice
+from .errors import ModelLoadError, PrunevizError, is_oom, oom_advice
 
 __all__ = [
     "BUNDLED_GGUF_NAME",
@@ -224,12 +224,13 @@ def bundled_folder(progress: Progress | None = None) -> pathlib.Path:
         _report(progress, 0.05, "Reading the bundled GGUF (first run only, ~30 s)")
         model, tokenizer = _clean_model_from_gguf(gguf, progress)
         _report(progress, 0.8, "Writing the fp32 safetensors cache")
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
         (tmp / "pruneviz_source.json").write_text(
             json.dumps({"gguf": gguf.name, "recipe": _BUNDLED_CACHE_NAME}, indent=2)
         )
         del model
+        _make_readable(tmp)
         _install_folder(tmp, final)
     finally:
         if tmp.exists():
@@ -245,6 +246,15 @@ def _folder_complete(path: pathlib.Path) -> bool:
         and (path / "config.json").is_file()
         and any(path.glob("*.safetensors"))
     )
+
+
+def _make_readable(folder: pathlib.Path) -> None:
+    """mkdtemp creates 0700 folders; give the cache the user's normal umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for child in folder.iterdir():
+        child.chmod(0o666 & ~umask)
 
 
 def _install_folder(tmp: pathlib.Path, final: pathlib.Path) -> None:
@@ -366,7 +376,9 @@ def load_model(
                 )
             else:
                 name = source_str
-                model, tokenizer = _load_hub(source_str, dev, dt, trust_remote_code, progress)
+                model, tokenizer = _load_hub(
+                    source_str, dev, dt, trust_remote_code, allow_pickle, progress
+                )
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -451,10 +463,8 @@ def _load_local_folder(path, dev, dt, trust_remote_code, allow_pickle, progress)
     """Load a local HF folder (or delegate pruneviz exports to pruneviz.export)."""
     config = _read_config(path)
     if "pruneviz_layout" in config:
-        from . import export  # lazy: written separately, imports surgery code
-
         _report(progress, 0.3, f"Loading pruned model from {path.name}")
-        return export.load_pruned_folder(path, device=dev, dtype=dt)
+        return _load_pruneviz_export(path, dev, dt)
     _check_causal(config, str(path))
     _check_weights(path, allow_pickle)
     _report(progress, 0.3, f"Loading {path.name}")
@@ -467,6 +477,34 @@ def _load_local_folder(path, dev, dt, trust_remote_code, allow_pickle, progress)
         use_safetensors=None if allow_pickle else True,
         label=str(path),
     )
+
+
+def _load_pruneviz_export(path: pathlib.Path, dev, dt):
+    """Folders written by pruneviz's exporter (per-layer widths): see pruneviz.export.
+
+    ``load_pruned_folder`` may return the model alone or ``(model, tokenizer)``;
+    without a tokenizer, the folder's tokenizer files are read here.
+    """
+    from transformers import AutoTokenizer
+
+    from . import export  # lazy: imports surgery / modeling code
+
+    try:
+        loaded = export.load_pruned_folder(path, device=dev, dtype=dt)
+    except ModelLoadError:
+        raise
+    except PrunevizError as exc:  # ExportError etc.: same message, loading category
+        raise ModelLoadError(str(exc)) from exc
+    model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(
+                f"Loaded the pruned model in {path} but not its tokenizer ({type(exc).__name__}). "
+                "Copy tokenizer.json / tokenizer_config.json from the base model into the folder."
+            ) from exc
+    return model, tokenizer
 
 
 def _load_local_file(path: pathlib.Path, dev, dt, progress):
@@ -484,7 +522,7 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _load_hub(repo_id: str, dev, dt, trust_remote_code, progress):
+def _load_hub(repo_id: str, dev, dt, trust_remote_code, allow_pickle, progress):
     """Load from the Hub (or only the local HF cache when HF_HUB_OFFLINE is set)."""
     from transformers import AutoConfig
 
@@ -500,7 +538,13 @@ def _load_hub(repo_id: str, dev, dt, trust_remote_code, progress):
     _check_causal({"architectures": archs}, repo_id)
     _report(progress, 0.3, f"Loading {repo_id} weights")
     return _from_pretrained(
-        repo_id, dev, dt, trust_remote_code, local_files_only=offline, label=repo_id
+        repo_id,
+        dev,
+        dt,
+        trust_remote_code,
+        local_files_only=offline,
+        label=repo_id,
+        use_safetensors=None if allow_pickle else True,
     )
 
 
@@ -545,6 +589,7 @@ def _from_pretrained(ref, dev, dt, trust_remote_code, local_files_only, label, u
             trust_remote_code=trust_remote_code,
             local_files_only=local_files_only,
             use_safetensors=use_safetensors,
+            output_loading_info=True,
         )
     except Exception as exc:  # noqa: BLE001
         if is_oom(exc):
@@ -554,6 +599,12 @@ def _from_pretrained(ref, dev, dt, trust_remote_code, local_files_only, label, u
             raise _remote_code_error(label) from exc
         if isinstance(exc, ValueError) and "Unrecognized configuration class" in text:
             raise _not_causal_error(label, text) from exc
+        if use_safetensors and "safetensors" in text.lower():
+            raise ModelLoadError(
+                f"{label} has no safetensors weights (only pickled .bin files?). Loading a pickle "
+                "can run arbitrary code, so pruneviz refuses it by default; pass "
+                "allow_pickle=True if you trust the model."
+            ) from exc
         if isinstance(exc, OSError) and not local_files_only:
             raise _hub_error(label, exc, False, trust_remote_code) from exc
         raise ModelLoadError(
@@ -561,6 +612,14 @@ def _from_pretrained(ref, dev, dt, trust_remote_code, local_files_only, label, u
             f"{text.strip().splitlines()[0][:200] if text.strip() else ''}). Check that the "
             "folder is complete and matches its config.json."
         ) from exc
+    model, info = model
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(
+            f"The weights in {label} do not match its config.json: {len(missing)} tensors are "
+            f"missing (e.g. {', '.join(missing[:3])}), so they would be random. Check that "
+            "config.json belongs to these weights (or re-save the model with save_pretrained)."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             ref, trust_remote_code=trust_remote_code, local_files_only=local_files_only

@@ -1,0 +1,246 @@
+"""Chatting with a (dense or pruned) model: prompt building, streaming, timing.
+
+Generation always uses the KV cache and an explicit generation config built
+from the arguments (the model's own sampling defaults are not used), and
+``torch.manual_seed(seed)`` runs right before ``generate``, so the same
+arguments give the same reply for a dense and a pruned model of the same
+tokenizer (greedy is deterministic anyway).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .errors import PrunevizError, TextError, is_oom, oom_advice
+
+__all__ = [
+    "ReplyResult",
+    "ReplyStream",
+    "build_inputs",
+    "generate_reply",
+    "stream_reply",
+]
+
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ReplyResult:
+    """A finished reply: text, number of generated tokens, wall time, speed."""
+
+    text: str
+    n_tokens: int
+    seconds: float
+    tokens_per_s: float
+    stopped: bool = False  # True if stopped by the user before the end
+
+
+def _check_messages(messages) -> None:
+    if not messages:
+        raise TextError("The conversation is empty. Type a message first.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise TextError(
+                f"Message {i} must be a dict with 'role' in {_ROLES} and a string 'content', "
+                f"got {m!r}."
+            )
+
+
+def prompt_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, bool]:
+    """The prompt as a string and whether it came from a chat template.
+
+    With a chat template the template renders the messages (it adds its own
+    special tokens). Without one, messages become ``"role: content"`` lines,
+    plus ``"assistant:"`` when ``add_generation_prompt``.
+    """
+    _check_messages(messages)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return text, True
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    if add_generation_prompt:
+        lines.append("assistant:")
+    return "\n".join(lines), False
+
+
+def build_inputs(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> dict:
+    """Tokenized prompt for ``messages``: ``{"input_ids": [1, P], "attention_mask": [1, P]}``.
+
+    Uses the tokenizer's chat template when it has one (no extra special
+    tokens are added, the template has them); otherwise a plain
+    ``"role: content"`` transcript with the tokenizer's usual special tokens.
+    ``messages`` are dicts with ``role`` (system/user/assistant) and ``content``.
+    """
+    text, templated = prompt_text(tokenizer, messages, add_generation_prompt)
+    enc = tokenizer(text, add_special_tokens=not templated, return_tensors="pt", verbose=False)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p) -> dict:
+    """Explicit generate() settings: greedy if temperature <= 0, else nucleus sampling."""
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sample = temperature is not None and temperature > 0
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=float(temperature) if sample else None,
+        top_p=float(top_p) if sample and top_p is not None else None,
+        top_k=0 if sample else None,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    return {"generation_config": cfg}
+
+
+class _StopFlag:
+    """StoppingCriteria-compatible callable that stops generation on request."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        stop = self.event.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class ReplyStream:
+    """Iterator over text chunks of a reply generated in a background thread.
+
+    Iterate it to get decoded text pieces as they are produced. When it is
+    exhausted, ``.stats`` holds a :class:`ReplyResult` (full text, generated
+    token count, seconds, tokens/s) and ``.text`` the full reply. ``stop()``
+    asks generation to end after the current token. Errors in the generation
+    thread are re-raised by the iterator.
+    """
+
+    def __init__(self, model, tokenizer, messages, max_new_tokens=128, temperature=0.0,
+                 top_p=1.0, seed=0, timeout=120.0):
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        enc = build_inputs(tokenizer, messages)
+        device = next(model.parameters()).device
+        self._inputs = {k: v.to(device) for k, v in enc.items()}  # [1, P]
+        self._kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p)
+        self._streamer = TextIteratorStreamer(
+            tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout
+        )
+        self._flag = _StopFlag()
+        self._kwargs["stopping_criteria"] = StoppingCriteriaList([self._flag])
+        self._model, self._seed, self._timeout = model, seed, timeout
+        self._pieces: list[str] = []
+        self._error: BaseException | None = None
+        self._n_tokens = 0
+        self.stats: ReplyResult | None = None
+        self._start = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="pruneviz-generate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            torch.manual_seed(self._seed)
+            with torch.inference_mode():
+                out = self._model.generate(**self._inputs, streamer=self._streamer, **self._kwargs)
+            self._n_tokens = int(out.shape[1] - self._inputs["input_ids"].shape[1])
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
+            self._error = exc
+            self._streamer.end()  # unblock the consumer
+
+    def stop(self) -> None:
+        """Ask generation to stop after the current token."""
+        self._flag.event.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def __iter__(self) -> Iterator[str]:
+        import queue
+
+        try:
+            for piece in self._streamer:
+                if piece:
+                    self._pieces.append(piece)
+                    yield piece
+        except queue.Empty as exc:
+            self.stop()
+            raise PrunevizError(
+                f"The model produced no token for {self._timeout:.0f} s. Try a shorter reply, "
+                "a smaller model, or a GPU."
+            ) from exc
+        self._thread.join()
+        if self._error is not None:
+            if is_oom(self._error):
+                raise oom_advice(self._error, "generating a reply") from self._error
+            raise self._error
+        seconds = time.perf_counter() - self._start
+        self.stats = ReplyResult(
+            text=self.text,
+            n_tokens=self._n_tokens,
+            seconds=seconds,
+            tokens_per_s=self._n_tokens / seconds if seconds > 0 else 0.0,
+            stopped=self._flag.event.is_set(),
+        )
+
+
+def stream_reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    timeout: float = 120.0,
+) -> ReplyStream:
+    """Start generating a reply and return a :class:`ReplyStream` of text chunks.
+
+    ``temperature <= 0`` is greedy decoding; ``> 0`` samples with ``top_p``
+    (nucleus), seeded with ``torch.manual_seed(seed)`` before ``generate``.
+    ``timeout`` bounds the wait for each chunk. After iteration, the stream's
+    ``.stats`` has tokens/s.
+    """
+    return ReplyStream(model, tokenizer, messages, max_new_tokens, temperature, top_p, seed, timeout)
+
+
+def generate_reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> ReplyResult:
+    """Generate a whole reply without streaming (same decoding as :func:`stream_reply`)."""
+    enc = build_inputs(tokenizer, messages)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in enc.items()}  # [1, P]
+    kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p)
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = model.generate(**inputs, **kwargs)  # [1, P + n]
+    except Exception as exc:  # noqa: BLE001
+        if is_oom(exc):
+            raise oom_advice(exc, "generating a reply") from exc
+        raise
+    seconds = time.perf_counter() - start
+    new = out[0, inputs["input_ids"].shape[1]:]  # [n]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return ReplyResult(text, int(new.numel()), seconds, new.numel() / seconds if seconds > 0 else 0.0)

@@ -1,0 +1,620 @@
+"""Perplexity, size, compute and speed measurements.
+
+Perplexity numbers are only comparable under the same protocol, so every
+number carries its :class:`PPLProtocol` and the UI shows
+``protocol.describe()`` next to it.
+
+Size / cost helpers work on any HF causal LM by inspecting modules, so they
+stay correct after structured pruning changes per-layer widths:
+
+* :func:`count_params`   - parameters, tied weights counted once.
+* :func:`flops_per_token` - forward FLOPs per token (approximation documented there).
+* :func:`kv_cache_bytes`  - KV-cache size from the actual k/v projection widths.
+* :func:`measure_speed`  - greedy decoding latency / throughput with forced length.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import TextError, is_oom, oom_advice
+
+__all__ = [
+    "PROTOCOLS",
+    "BatchSpeed",
+    "PPLProtocol",
+    "PPLResult",
+    "SpeedResult",
+    "attention_widths",
+    "count_params",
+    "flops_per_token",
+    "get_protocol",
+    "kv_cache_bytes",
+    "measure_speed",
+    "model_device",
+    "perplexity",
+    "ppl_windows",
+    "token_losses",
+]
+
+ProgressFn = Callable[[int, int], object]
+CancelFn = Callable[[], bool]
+
+
+# ----------------------------------------------------------------------- protocol
+
+
+@dataclass(frozen=True)
+class PPLProtocol:
+    """How a text is cut into windows and scored.
+
+    * ``seq_len``: tokens per window (including a BOS token if one is added).
+    * ``stride``: offset between window starts. ``stride == seq_len`` gives
+      non-overlapping windows; ``stride < seq_len`` gives sliding windows in
+      which only the last ``stride`` (new) tokens are scored, except the first
+      window, which scores all its tokens but token 0.
+    * ``bos``: ``"once"`` = one BOS at the start of the token stream (the
+      stream, BOS included, is then cut into windows); ``"per_window"`` = each
+      window is ``[BOS] + seq_len-1`` text tokens; ``"none"`` = no BOS.
+      Without a BOS token in the tokenizer, "once"/"per_window" act as "none".
+    * ``max_windows``: evaluate only the first N windows (None = all).
+    * ``batch_size``: windows per forward pass (does not change the result).
+
+    In every window token 0 is never predicted; a trailing remainder shorter
+    than a full window is dropped. PPL = exp(mean NLL over all scored tokens).
+    """
+
+    name: str
+    seq_len: int
+    stride: int
+    bos: str = "once"
+    max_windows: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not 1 <= self.stride <= self.seq_len:
+            raise ValueError(f"stride must be in [1, seq_len], got {self.stride}")
+        if self.bos not in ("once", "per_window", "none"):
+            raise ValueError(f"bos must be 'once', 'per_window' or 'none', got {self.bos!r}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ValueError("max_windows must be None or >= 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    @property
+    def sliding(self) -> bool:
+        return self.stride < self.seq_len
+
+    def describe(self) -> str:
+        """One-line, user-facing description shown next to every PPL number."""
+        if self.sliding:
+            cut = (
+                f"sliding {self.seq_len}-token windows, stride {self.stride} "
+                f"(only the {self.stride} new tokens of each later window are scored)"
+            )
+        else:
+            cut = f"non-overlapping {self.seq_len}-token windows"
+        bos = {
+            "once": "one BOS at the start of the text",
+            "per_window": "BOS at the start of every window",
+            "none": "no BOS",
+        }[self.bos]
+        count = "all windows" if self.max_windows is None else f"first {self.max_windows} windows"
+        return (
+            f"PPL protocol '{self.name}': {cut}, {bos}, {count}, remainder dropped; "
+            "token 0 of each window not predicted; PPL = exp(mean token NLL, fp32)."
+        )
+
+
+PROTOCOLS: dict[str, PPLProtocol] = {
+    # Seconds on CPU for a 135M model: 16 x 128 tokens.
+    "quick": PPLProtocol("quick", seq_len=128, stride=128, bos="once", max_windows=16, batch_size=4),
+    # LLM-Pruner / Shortened-LLaMA / SlimGPT: non-overlapping 128-token chunks,
+    # one BOS at the start of the stream, remainder dropped, all windows.
+    "paper": PPLProtocol("paper", seq_len=128, stride=128, bos="once", max_windows=None, batch_size=4),
+    # Longer context, sliding: 1024-token windows, 512 new tokens scored per window.
+    "long": PPLProtocol("long", seq_len=1024, stride=512, bos="once", max_windows=None, batch_size=1),
+}
+
+
+def get_protocol(protocol: str | PPLProtocol) -> PPLProtocol:
+    """A protocol by name (see :data:`PROTOCOLS`) or the protocol itself."""
+    if isinstance(protocol, PPLProtocol):
+        return protocol
+    if protocol not in PROTOCOLS:
+        raise ValueError(
+            f"Unknown PPL protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}."
+        )
+    return PROTOCOLS[protocol]
+
+
+@dataclass
+class PPLResult:
+    """Perplexity under ``protocol``.
+
+    ``n_tokens`` scored tokens in ``n_windows`` windows (of ``n_windows_total``
+    the protocol defines). ``complete`` is False when cancelled early; the
+    numbers then cover only the windows done. ``per_token_nll`` holds the
+    scored NLLs of the first window (``[n_scored]``, CPU float32).
+    """
+
+    ppl: float
+    nll_mean: float
+    n_tokens: int
+    n_windows: int
+    protocol: PPLProtocol
+    seconds: float
+    per_token_nll: torch.Tensor | None = None
+    complete: bool = True
+    n_windows_total: int = 0
+
+    def describe(self) -> str:
+        part = "" if self.complete else f" (PARTIAL: {self.n_windows}/{self.n_windows_total} windows)"
+        return f"PPL {self.ppl:.3f}{part} over {self.n_tokens} tokens. {self.protocol.describe()}"
+
+
+# ------------------------------------------------------------------ perplexity
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU if it has none)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def ppl_windows(
+    ids: list[int], bos_id: int | None, protocol: PPLProtocol
+) -> tuple[torch.LongTensor, list[int]]:
+    """Cut token ids into the protocol's windows.
+
+    Returns ``(windows [W, T], first_scored)`` where ``first_scored[w]`` is the
+    first position of window ``w`` whose token is scored (>= 1; positions
+    ``first_scored[w] .. T-1`` are scored). All windows have exactly
+    ``seq_len`` tokens; ``max_windows`` is applied.
+    """
+    T, stride = protocol.seq_len, protocol.stride
+    mode = protocol.bos if bos_id is not None else "none"
+    if mode == "once":
+        stream, prefix, body = [bos_id] + list(ids), [], T
+    elif mode == "per_window":
+        stream, prefix, body = list(ids), [bos_id], T - 1
+    else:
+        stream, prefix, body = list(ids), [], T
+    # A sliding step never exceeds the text part of a window.
+    step = min(stride, body)
+    starts = list(range(0, len(stream) - body + 1, step)) if len(stream) >= body else []
+    if protocol.max_windows is not None:
+        starts = starts[: protocol.max_windows]
+    rows = [prefix + stream[s : s + body] for s in starts]
+    first = [1 if w == 0 else max(1, T - step) for w in range(len(starts))]
+    windows = torch.tensor(rows, dtype=torch.long).view(len(rows), T)  # [W, T]
+    return windows, first
+
+
+def _window_nll(model, batch: torch.LongTensor) -> torch.Tensor:
+    """Per-position NLL of ``batch`` [B, T]: returns [B, T-1] fp32 (target = pos 1..T-1)."""
+    logits = model(input_ids=batch, use_cache=False).logits  # [B, T, V]
+    logits = logits[:, :-1, :].float()  # [B, T-1, V] upcast for a stable log-softmax
+    targets = batch[:, 1:]  # [B, T-1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape)  # [B, T-1]
+
+
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    protocol: str | PPLProtocol = "quick",
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> PPLResult:
+    """Perplexity of ``model`` on ``text`` under ``protocol``.
+
+    The text is tokenized with ``add_special_tokens=False``; BOS handling and
+    windowing follow the protocol (see :class:`PPLProtocol`). Logits are
+    upcast to fp32 and NLLs summed in fp64. ``progress(done, total)`` is called
+    after each batch of windows; if ``cancel()`` returns True the loop stops and
+    a partial result with ``complete=False`` is returned. Inputs go to the
+    model's device. Raises :class:`TextError` for empty or too-short text.
+    """
+    proto = get_protocol(protocol)
+    if not text or not text.strip():
+        raise TextError("The evaluation text is empty. Provide text or use the bundled default.")
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    windows, first = ppl_windows(ids, getattr(tokenizer, "bos_token_id", None), proto)
+    total = windows.shape[0]
+    if total == 0:
+        raise TextError(
+            f"The evaluation text has only {len(ids)} tokens, fewer than one {proto.seq_len}-token "
+            f"window of protocol '{proto.name}'. Use a longer text or the 'quick' protocol."
+        )
+    device = model_device(model)
+    start = time.perf_counter()
+    nll_sum, n_tok, done, first_nll = 0.0, 0, 0, None
+    try:
+        with torch.inference_mode():
+            for b0 in range(0, total, proto.batch_size):
+                if cancel is not None and cancel():
+                    break
+                batch = windows[b0 : b0 + proto.batch_size].to(device)  # [B, T]
+                nll = _window_nll(model, batch).cpu()  # [B, T-1]
+                for j in range(batch.shape[0]):
+                    scored = nll[j, first[b0 + j] - 1 :]  # [n_scored]
+                    if first_nll is None:
+                        first_nll = scored.clone()
+                    nll_sum += scored.double().sum().item()
+                    n_tok += scored.numel()
+                done += batch.shape[0]
+                if progress is not None:
+                    progress(done, total)
+    except Exception as exc:  # noqa: BLE001
+        if is_oom(exc):
+            raise oom_advice(exc, "computing perplexity (try a smaller batch or seq_len)") from exc
+        raise
+    mean = nll_sum / n_tok if n_tok else float("nan")
+    return PPLResult(
+        ppl=math.exp(mean) if n_tok else float("nan"),
+        nll_mean=mean,
+        n_tokens=n_tok,
+        n_windows=done,
+        protocol=proto,
+        seconds=time.perf_counter() - start,
+        per_token_nll=first_nll,
+        complete=done == total,
+        n_windows_total=total,
+    )
+
+
+def token_losses(model, tokenizer, text: str, max_tokens: int = 256) -> tuple[list[str], list[float]]:
+    """Per-token NLL of the first ``max_tokens`` text tokens, for display.
+
+    Returns ``(tokens, nll)`` of equal length: ``tokens[i]`` is the decoded text
+    of token i, ``nll[i]`` the loss of predicting it. A BOS token (if the
+    tokenizer has one) is prepended so every text token is predicted; without
+    BOS the first token's NLL is ``nan``.
+    """
+    if not text or not text.strip():
+        raise TextError("The text is empty. Type or paste some text to see per-token losses.")
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])[:max_tokens]
+    if not ids:
+        raise TextError("The text produced no tokens. Type some words.")
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    seq = ([bos_id] if bos_id is not None else []) + ids
+    if len(seq) < 2:
+        return [tokenizer.decode([ids[0]])], [float("nan")]
+    batch = torch.tensor([seq], dtype=torch.long, device=model_device(model))  # [1, T]
+    with torch.inference_mode():
+        nll = _window_nll(model, batch)[0].cpu().tolist()  # [T-1]
+    if bos_id is None:
+        nll = [float("nan")] + nll
+    tokens = [tokenizer.decode([i]) for i in ids]
+    return tokens, nll
+
+
+# ------------------------------------------------------------- size and compute
+
+
+def count_params(model: nn.Module, non_embedding: bool = False) -> int:
+    """Number of parameters; shared (tied) tensors counted once.
+
+    With ``non_embedding=True``, parameters of every ``nn.Embedding`` (token
+    and, if any, learned position embeddings) and of the output embedding
+    (``lm_head``) are excluded; a tied ``lm_head`` is the same tensor as the
+    input embedding, so it is excluded once either way.
+    """
+    skip: set[int] = set()
+    if non_embedding:
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                skip.update(id(p) for p in module.parameters())
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out is not None:
+            skip.update(id(p) for p in out.parameters())
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # already de-duplicates shared Parameters
+        key = _storage_key(p)
+        if id(p) in skip or key in seen:
+            continue
+        seen.add(key)
+        total += p.numel()
+    return total
+
+
+def _storage_key(p: torch.Tensor):
+    """Identity of a parameter's memory (catches tied tensors that are distinct objects)."""
+    if p.device.type == "meta":
+        return id(p)
+    return (p.device.type, p.data_ptr(), tuple(p.shape))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (weight [in, out])."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "weight")
+
+
+def _out_width(module: nn.Module) -> int:
+    w = module.weight
+    return int(w.shape[1] if _is_conv1d(module) else w.shape[0])
+
+
+def _in_width(module: nn.Module) -> int:
+    w = module.weight
+    return int(w.shape[0] if _is_conv1d(module) else w.shape[1])
+
+
+def _is_proj(module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+_Q_NAMES = ("q_proj", "query", "q")
+_K_NAMES = ("k_proj", "key", "k")
+_V_NAMES = ("v_proj", "value", "v")
+_O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "o", "out")
+_FUSED_NAMES = ("query_key_value", "c_attn", "qkv_proj", "Wqkv", "W_pack", "qkv")
+
+
+def _child(module: nn.Module, names) -> nn.Module | None:
+    for name in names:
+        sub = getattr(module, name, None)
+        if isinstance(sub, nn.Module) and _is_proj(sub):
+            return sub
+    return None
+
+
+def _fused_split(total: int, config) -> tuple[int, int, int]:
+    """Split a fused qkv width into (q, k, v) using the config's head counts.
+
+    MHA (or unknown head counts): thirds. GQA/MQA: q:k:v = n_heads:n_kv:n_kv.
+    """
+    nh = getattr(config, "num_attention_heads", None) if config is not None else None
+    nkv = None
+    if config is not None:
+        nkv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+        if getattr(config, "multi_query", False) and not nkv:
+            nkv = 1
+    if nh and nkv and nkv != nh and total % (nh + 2 * nkv) == 0:
+        head = total // (nh + 2 * nkv)
+        return nh * head, nkv * head, nkv * head
+    return total // 3, total // 3, total - 2 * (total // 3)
+
+
+def attention_widths(model: nn.Module) -> list[dict]:
+    """Per attention module, the actual projection widths, found generically.
+
+    An attention module is one with k and v projections (``k_proj``/``v_proj``,
+    ``key``/``value``) or a fused qkv projection (``query_key_value`` as in
+    BLOOM/NeoX, GPT-2 ``c_attn`` Conv1D with weight [in, 3w], ``qkv_proj``,
+    ...). Widths are read from weight shapes, so pruned layers are measured as
+    they are. Returns dicts ``{name, q, k, v, o_in}`` in module order, where
+    ``o_in`` is the input width of the output projection (= concatenated head
+    outputs; falls back to ``q``).
+    """
+    config = getattr(model, "config", None)
+    found: list[dict] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f["name"] + ".") for f in found):
+            continue
+        k, v = _child(module, _K_NAMES), _child(module, _V_NAMES)
+        fused = _child(module, _FUSED_NAMES)
+        if k is not None and v is not None:
+            q = _child(module, _Q_NAMES)
+            widths = (_out_width(q) if q is not None else _out_width(k), _out_width(k), _out_width(v))
+        elif fused is not None:
+            widths = _fused_split(_out_width(fused), config)
+        else:
+            continue
+        o = _child(module, _O_NAMES)
+        found.append(
+            {
+                "name": name,
+                "q": widths[0],
+                "k": widths[1],
+                "v": widths[2],
+                "o_in": _in_width(o) if o is not None else widths[0],
+                "dtype": (k or fused).weight.dtype,
+            }
+        )
+    return found
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> int:
+    """Approximate forward FLOPs to process one token with ``seq_len`` tokens of context.
+
+    Approximation (PaLM-style, forward only, no causal halving):
+
+    * matmuls: 2 x (weights + biases) of every ``nn.Linear`` / ``Conv1D``,
+      including ``lm_head`` (a tied ``lm_head`` is still a matmul); embedding
+      lookups, norms, activations and softmax are ignored;
+    * attention, per attention module: ``2 * seq_len * q_width`` for the
+      scores Q K^T plus ``2 * seq_len * o_in`` for weighting the values, with
+      widths read from the actual projections (see :func:`attention_widths`).
+    """
+    linear = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if _is_proj(module) and id(module) not in seen:
+            seen.add(id(module))
+            linear += sum(p.numel() for p in module.parameters(recurse=False))
+    attention = sum(2 * seq_len * (w["q"] + w["o_in"]) for w in attention_widths(model))
+    return int(2 * linear + attention)
+
+
+def kv_cache_bytes(model: nn.Module, seq_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> int:
+    """Bytes of KV cache for ``batch`` sequences of ``seq_len`` tokens.
+
+    Sum over attention modules of ``(k_width + v_width) * seq_len * batch *
+    element size``, widths from the actual projections (LLaMA/OPT ``k_proj`` /
+    ``v_proj``; BLOOM fused ``query_key_value`` = 1/3 each; GPT-2 ``c_attn``
+    Conv1D weight [in, 3w]). Element size is that of ``dtype`` if given, else
+    of the k/v projection weights (the activation dtype).
+    """
+    total = 0
+    for w in attention_widths(model):
+        size = torch.tensor([], dtype=dtype or w["dtype"]).element_size()
+        total += (w["k"] + w["v"]) * seq_len * batch * size
+    return int(total)
+
+
+# ------------------------------------------------------------------------ speed
+
+
+@dataclass
+class BatchSpeed:
+    """Decoding speed for one batch size (median over repeats)."""
+
+    batch_size: int
+    latency_s: float  # seconds for the whole generate() call
+    tokens_per_s: float  # batch_size * new_tokens / latency
+    new_tokens: int
+    latencies_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SpeedResult:
+    """Output of :func:`measure_speed`.
+
+    ``peak_memory_bytes`` is ``torch.cuda.max_memory_allocated`` on CUDA and
+    None elsewhere; on CPU ``process_peak_rss_bytes`` is the whole process's
+    peak resident memory (model and everything loaded before included), see
+    ``memory_note``.
+    """
+
+    device: str
+    dtype: str
+    prompt_tokens: int
+    new_tokens: int
+    batches: list[BatchSpeed]
+    prefill_tokens: int
+    prefill_tokens_per_s: float
+    peak_memory_bytes: int | None
+    process_peak_rss_bytes: int | None
+    memory_note: str
+    protocol: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (OSError, ValueError):  # pragma: no cover
+        return None
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS bytes, Linux KiB
+
+
+def _timed(fn, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_speed(
+    model,
+    tokenizer,
+    prompt: str = "The Leaning Tower of Pisa is known for",
+    new_tokens: int = 32,
+    batch_sizes: tuple[int, ...] = (1, 4),
+    repeats: int = 3,
+    warmup: int = 1,
+    prefill_tokens: int = 128,
+) -> SpeedResult:
+    """Greedy decoding speed with forced output length (Shortened-LLaMA style).
+
+    For each batch size the prompt is replicated (left padding, KV cache on)
+    and ``generate`` runs with ``min_new_tokens = max_new_tokens = new_tokens``
+    so EOS cannot end it early; ``warmup`` untimed runs precede ``repeats``
+    timed ones and the median latency is reported. Prefill throughput is one
+    forward pass over ``prefill_tokens`` tokens (the prompt repeated) at batch 1.
+    Timing uses ``time.perf_counter`` with device synchronisation.
+    """
+    if new_tokens < 1 or repeats < 1 or not batch_sizes:
+        raise ValueError("new_tokens and repeats must be >= 1 and batch_sizes non-empty")
+    device = model_device(model)
+    dtype = next(model.parameters()).dtype
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"])
+    if not prompt_ids:
+        raise TextError("The speed-test prompt is empty. Provide a short prompt.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    old_side = getattr(tokenizer, "padding_side", "right")
+    rows: list[BatchSpeed] = []
+    try:
+        tokenizer.padding_side = "left"
+        with torch.inference_mode():
+            for bs in batch_sizes:
+                # identical prompts need no padding; left padding is set for safety
+                enc = tokenizer([prompt] * bs, return_tensors="pt", padding=tokenizer.pad_token is not None)
+                enc = {k: v.to(device) for k, v in enc.items()}  # input_ids [B, P]
+
+                def run(enc=enc):
+                    model.generate(
+                        **enc,
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        do_sample=False,
+                        pad_token_id=pad_id,
+                    )
+
+                times = _timed(run, device, repeats, warmup)
+                median = statistics.median(times)
+                rows.append(BatchSpeed(bs, median, bs * new_tokens / median, new_tokens, times))
+            reps = -(-prefill_tokens // len(prompt_ids))
+            pre = torch.tensor([(prompt_ids * reps)[:prefill_tokens]], device=device)  # [1, P]
+            pre_times = _timed(lambda: model(input_ids=pre, use_cache=False), device, repeats, warmup)
+    except Exception as exc:  # noqa: BLE001
+        if is_oom(exc):
+            raise oom_advice(exc, "measuring speed (use smaller batch sizes)") from exc
+        raise
+    finally:
+        tokenizer.padding_side = old_side
+    if device.type == "cuda":
+        peak, note = int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    else:
+        peak = None
+        note = (
+            f"{device.type.upper()}: per-run peak memory is not measurable; "
+            "process_peak_rss_bytes is the whole process's peak resident memory."
+        )
+    return SpeedResult(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        prompt_tokens=len(prompt_ids),
+        new_tokens=new_tokens,
+        batches=rows,
+        prefill_tokens=prefill_tokens,
+        prefill_tokens_per_s=prefill_tokens / statistics.median(pre_times),
+        peak_memory_bytes=peak,
+        process_peak_rss_bytes=_peak_rss_bytes(),
+        memory_note=note,
+        protocol=(
+            f"greedy, forced {new_tokens} new tokens, prompt {len(prompt_ids)} tokens, "
+            f"median of {repeats} after {warmup} warm-up"
+        ),
+    )
