@@ -1,0 +1,766 @@
+"""Allocation: from an importance map and a parameter target to a :class:`~pruneviz.plan.Plan`.
+
+A criterion only *ranks* units; how many units to remove *where* is a separate decision, and the papers differ
+mostly in it. Each strategy here is a small function behind a registry (:func:`register_allocator`):
+
+- ``uniform``: the same number of units in every layer, ranked within each layer (MINI-LLM Algorithm 1 line 8,
+  LLM-Pruner, Wanda-sp). Attention and MLP lose the same *fraction of their parameters* unless ``attn_share``
+  says otherwise.
+- ``incremental``: per-layer ratios that grow with depth (SlimGPT "Incremental Pruning Ratio", Eq. 6), taken
+  from :func:`pruneviz.criteria.slimgpt.layer_ratios`.
+- ``global``: scores standardised per layer and structure, then ranked across all layers (FLAP "AL-AM"), which
+  gives adaptive, non-uniform widths.
+- ``depth``: the k least important whole blocks (Shortened LLaMA, ShortGPT), optionally with the Shortened "+"
+  rule that never removes the first four and the last two blocks.
+- ``combined``: a share of the budget as blocks, the rest as width.
+
+Entry points: :func:`allocate` (a parameter :class:`Target` and a strategy) and :func:`plan_from_ratios` (the
+app's sliders: a share of attention units, a share of MLP channels, a number of blocks).
+
+**Targets are stated, never implied**: :class:`Target` says which share of *which* parameters goes (all of them, or
+the non-embedding ones, the default, since embeddings are never pruned). Accounting is exact: every plan's size
+comes from :meth:`Plan.param_count`, and the plan's provenance records criterion, strategy, target, the achieved
+ratio and the parameter counts before and after.
+
+**Units.** Attention is pruned either as whole KV groups (``attn_unit="kv"``: key/value rows plus every query
+head reading them, which also shrinks the KV cache) or as query heads (``attn_unit="head"``: the same number of
+heads from *every* KV group of a layer, the lowest-scored within each group, so physical surgery stays
+possible, see :meth:`Plan.check_gqa`). For multi-head families a KV group *is* a head, and ``"head"`` means
+``"kv"``. Every kept layer keeps at least one KV group, one query head per kept group and one MLP channel; a
+target that cannot be met under these rules raises :class:`PlanError` saying how far it falls short.
+
+**Rounding** is deterministic: counts round half up, ties between equal scores go to the lower index (lower
+layer first), and "closest prefix" choices prefer the smaller removal on a tie.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .arch import geometry_of
+from .errors import CriterionError, PlanError
+from .importance import ImportanceMap
+from .plan import Plan, dense_params
+
+TARGET_OF = ("total", "non_embedding")
+ATTN_UNITS = ("kv", "head")
+NORMALIZE = ("layer", "map", "none")
+WIDTH_STRATEGIES = ("uniform", "incremental", "global")
+MAX_LAYER_RATIO = 0.9  # SlimGPT layer_ratios' default ceiling on any one layer's ratio
+
+
+def plus_rule_protected(n_layers: int) -> frozenset[int]:
+    """Blocks the Shortened LLaMA "+" rule never removes: the first four and the last two."""
+    return frozenset(b for b in (0, 1, 2, 3, n_layers - 2, n_layers - 1) if 0 <= b < n_layers)
+
+
+def round_half_up(x: float) -> int:
+    """Deterministic rounding (Python's ``round`` rounds half to even)."""
+    return int(math.floor(x + 0.5))
+
+
+# ---- targets ---------------------------------------------------------------------------------------------------------
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    """``ratio`` as a float in (0, 1), or a PlanError that says what the number would mean."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise PlanError(f"the {what} must be a number between 0 and 1 (exclusive), not {ratio!r}") from None
+    if math.isnan(r):
+        raise PlanError(f"the {what} is not a number; choose between 0 and 1 (exclusive)")
+    if r > 1:
+        raise PlanError(f"a {what} of {r:g} would remove more than the model has; choose between 0 and 1 (exclusive)")
+    if r == 1:
+        raise PlanError(f"a {what} of 1 would remove the whole model; choose between 0 and 1 (exclusive)")
+    if r == 0:
+        raise PlanError(f"a {what} of 0 removes nothing; choose between 0 and 1 (exclusive)")
+    if r < 0:
+        raise PlanError(f"a {what} of {r:g} is negative; choose between 0 and 1 (exclusive)")
+    return r
+
+
+@dataclass(frozen=True)
+class Target:
+    """Remove ``ratio`` of the model's parameters, counted over ``of``: ``"total"`` or ``"non_embedding"``.
+
+    ``non_embedding`` (the default) leaves out input embeddings, the LM head and learned position embeddings,
+    which no strategy prunes; ``total`` counts them (so 20% of total is more of the blocks than 20% of
+    non-embedding).
+    """
+
+    ratio: float
+    of: str = "non_embedding"
+
+    def __post_init__(self):
+        object.__setattr__(self, "ratio", check_ratio(self.ratio))
+        if self.of not in TARGET_OF:
+            raise PlanError(f"a target counts parameters of {' or '.join(map(repr, TARGET_OF))}, not {self.of!r}")
+
+    @property
+    def non_embedding(self) -> bool:
+        return self.of == "non_embedding"
+
+    def dense(self, model: nn.Module) -> int:
+        return dense_params(model, self.non_embedding)
+
+    def budget(self, model: nn.Module) -> float:
+        """Parameters to remove (a float: the exact share, before rounding to whole units)."""
+        return self.ratio * self.dense(model)
+
+    def describe(self) -> str:
+        return f"{self.ratio:.1%} of {self.of.replace('_', '-')} parameters"
+
+    def to_dict(self) -> dict:
+        return {"ratio": self.ratio, "of": self.of}
+
+
+def as_target(target) -> Target | None:
+    """Accept a :class:`Target`, a bare ratio (non-embedding) or None."""
+    if target is None or isinstance(target, Target):
+        return target
+    return Target(target)
+
+
+# ---- options and costs -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AllocOptions:
+    """Options shared by the strategies (each reads the ones it needs).
+
+    - ``attn_unit``: ``"kv"`` (whole KV groups) or ``"head"`` (equal numbers of query heads per group).
+    - ``attn_share``: share of the *width* budget taken from attention, in [0, 1]. ``None`` = proportional to
+      parameters for uniform/incremental (attention and MLP lose the same fraction), pooled ranking for global
+      (FLAP decides the split). Whole units: attention rounds first, MLP channels fill the remainder.
+    - ``normalize`` (global): ``"layer"`` standardises each layer's scores per structure, ``(s - mean) / std``
+      (FLAP's choice; with only 2-3 KV groups per layer this flattens differences between layers), ``"map"``
+      standardises over the whole map per structure (keeps differences between layers), ``"none"`` ranks raw
+      scores.
+    - ``schedule``, ``r0`` (incremental): passed to :func:`pruneviz.criteria.slimgpt.layer_ratios`.
+    - ``plus_rule`` (depth, combined): never remove blocks {0, 1, 2, 3, L-2, L-1}.
+    - ``n_blocks`` (depth): remove this many blocks instead of deriving the count from the target.
+    - ``depth_share`` (combined): share of the budget removed as whole blocks, in [0, 1]; ``width`` the width
+      strategy for the rest.
+    """
+
+    attn_unit: str = "kv"
+    attn_share: float | None = None
+    normalize: str = "layer"
+    schedule: str = "log_increase"
+    r0: float | None = None
+    plus_rule: bool = False
+    n_blocks: int | None = None
+    depth_share: float = 0.5
+    width: str = "uniform"
+
+    def __post_init__(self):
+        _one_of("attn_unit", self.attn_unit, ATTN_UNITS)
+        _one_of("normalize", self.normalize, NORMALIZE)
+        _one_of("width", self.width, WIDTH_STRATEGIES)
+        for name in ("attn_share", "depth_share"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= float(v) <= 1.0:
+                raise PlanError(f"{name} is a share of the budget between 0 and 1, not {v!r}")
+        if self.n_blocks is not None and int(self.n_blocks) < 0:
+            raise PlanError(f"n_blocks must be 0 or more, not {self.n_blocks}")
+
+
+def _one_of(name: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise PlanError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def make_alloc_options(**values) -> AllocOptions:
+    known = {f.name for f in dataclasses.fields(AllocOptions)}
+    unknown = set(values) - known
+    if unknown:
+        raise PlanError(f"allocation has no option(s) {sorted(unknown)}; its options are {sorted(known)}")
+    return AllocOptions(**values)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Parameters one unit owns (exact, from :meth:`Plan.param_count` differences)."""
+
+    kv: int  # a KV group: key/value rows + all of its query heads
+    head: int  # one query head (for multi-head families this includes its key/value rows)
+    channel: int
+    block: int
+
+
+def unit_costs(model: nn.Module) -> Costs:
+    base = Plan.empty(model)
+    p0 = base.param_count(model)
+    delta = lambda kind, layer: p0 - base.with_units(kind, layer, [0]).param_count(model)  # noqa: E731
+    return Costs(delta("kv", 0), delta("head", 0), delta("channel", 0), delta("block", None))
+
+
+# ---- ladders: per layer and structure, the order in which units go ------------------------------------------------
+
+@dataclass(frozen=True)
+class Ladder:
+    """Removal order of one structure in one layer: step ``i`` removes ``steps[i]`` (indices of plan ``kind``).
+
+    Steps are least important first; the last step is never taken (a layer keeps at least one unit), so
+    ``room = len(steps) - 1``. ``scores`` are per step, normalised for cross-layer ranking, non-decreasing.
+    """
+
+    layer: int
+    part: str  # "attn" | "mlp"
+    kind: str  # plan kind: "kv" | "head" | "channel"
+    steps: tuple[tuple[int, ...], ...]
+    scores: tuple[float, ...]
+    cost: int
+
+    @property
+    def room(self) -> int:
+        return len(self.steps) - 1
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over all of ``x``; zeros where the std is zero or undefined (one unit)."""
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    std = x.std()
+    if not torch.isfinite(std) or std == 0:
+        return torch.zeros_like(x)
+    return (x - x.mean()) / std
+
+
+def normalise(scores: torch.Tensor, how: str, layers: Sequence[int]) -> torch.Tensor:
+    """Scores [L, n] made comparable across layers: per layer, over the map's ``layers``, or unchanged.
+
+    Standardised scores are rounded to 9 decimals so that scores equal in exact arithmetic (the same pattern at
+    another scale) tie, and the tie goes to the lower layer, instead of to float noise.
+    """
+    s = scores.double().clone()  # [L, n]
+    if how == "layer":
+        for l in layers:
+            s[l] = _standardise(s[l])
+    elif how == "map":
+        idx = torch.as_tensor(list(layers), dtype=torch.long)
+        s[idx] = _standardise(s[idx].flatten()).view(len(idx), -1)
+    return s if how == "none" else torch.round(s, decimals=9)
+
+
+def _finite(t: torch.Tensor, name: str, criterion: str) -> torch.Tensor:
+    if torch.isnan(t).any():
+        raise PlanError(f"the {criterion} {name} scores contain NaN (units that were not scored); "
+                        f"re-run the criterion on the dense model")
+    return t
+
+
+def attention_scores(imap: ImportanceMap, unit: str) -> torch.Tensor | None:
+    """Scores of the attention units: KV groups [L, G] (falling back to the sum of each group's query heads)
+    or query heads [L, H]. None if the map has neither."""
+    g = imap.geometry
+    if unit == "kv":
+        if imap.kv is not None:
+            return _finite(imap.kv, "KV-group", imap.criterion)
+        if imap.heads is None:
+            return None
+        return _finite(imap.heads, "head", imap.criterion).view(g.n_layers, g.n_kv, g.group_size).sum(-1)
+    return None if imap.heads is None else _finite(imap.heads, "head", imap.criterion)
+
+
+def _order(scores: Sequence[float], indices: Sequence[int]) -> list[int]:
+    """Indices sorted by (score, index): least important first, ties to the lower index."""
+    return sorted(indices, key=lambda i: (float(scores[i]), i))
+
+
+def _kv_ladder(layer: int, raw: torch.Tensor, z: torch.Tensor, cost: int) -> Ladder:
+    order = _order(raw[layer], range(raw.shape[1]))  # KV groups of this layer
+    return Ladder(layer, "attn", "kv", tuple((i,) for i in order), tuple(float(z[layer, i]) for i in order), cost)
+
+
+def _head_ladder(layer: int, raw: torch.Tensor, z: torch.Tensor, g, cost: int) -> Ladder:
+    """Step j removes, in every KV group, its j-th least important query head."""
+    per_group = [_order(raw[layer], g.heads_of(grp)) for grp in range(g.n_kv)]
+    steps = tuple(tuple(order[j] for order in per_group) for j in range(g.group_size))
+    scores = tuple(float(z[layer, list(s)].mean()) for s in steps)
+    return Ladder(layer, "attn", "head", steps, tuple(_running_max(scores)), cost)
+
+
+def _running_max(xs: Sequence[float]) -> list[float]:
+    """Keep step scores non-decreasing (a mean of j-th lowest heads already is; guards float noise)."""
+    out, m = [], -math.inf
+    for x in xs:
+        m = max(m, x)
+        out.append(m)
+    return out
+
+
+def _channel_ladder(layer: int, raw: torch.Tensor, z: torch.Tensor, cost: int) -> Ladder:
+    order = _order(raw[layer], range(raw.shape[1]))
+    return Ladder(layer, "mlp", "channel", tuple((i,) for i in order), tuple(float(z[layer, i]) for i in order),
+                  cost)
+
+
+def effective_attn_unit(unit: str, g) -> str:
+    """``"head"`` means ``"kv"`` where every KV group has one query head (multi-head attention)."""
+    return "kv" if g.group_size == 1 else unit
+
+
+def ladders(imap: ImportanceMap, layers: Sequence[int], costs: Costs, attn_unit: str = "kv",
+            normalize: str = "layer") -> dict[str, list[Ladder]]:
+    """``{"attn": [...], "mlp": [...]}``: one ladder per layer in ``layers`` for each structure the map scores."""
+    g = imap.geometry
+    unit = effective_attn_unit(attn_unit, g)
+    out: dict[str, list[Ladder]] = {"attn": [], "mlp": []}
+    raw = attention_scores(imap, unit)
+    if raw is not None:
+        z = normalise(raw, normalize, layers)
+        for l in layers:
+            out["attn"].append(_kv_ladder(l, raw, z, costs.kv) if unit == "kv"
+                               else _head_ladder(l, raw, z, g, costs.head * g.n_kv))
+    if imap.channels is not None:
+        raw = _finite(imap.channels, "channel", imap.criterion)
+        z = normalise(raw, normalize, layers)
+        out["mlp"] = [_channel_ladder(l, raw, z, costs.channel) for l in layers]
+    return out
+
+
+def plan_with(plan: Plan, taken: dict[tuple[int, str], int], lads: dict[str, list[Ladder]]) -> Plan:
+    """Add the first ``taken[(layer, part)]`` steps of each ladder to ``plan``."""
+    for part, group in lads.items():
+        for ld in group:
+            k = taken.get((ld.layer, part), 0)
+            if k:
+                plan = plan.with_units(ld.kind, ld.layer, [i for step in ld.steps[:k] for i in step])
+    return plan
+
+
+# ---- counting helpers ------------------------------------------------------------------------------------------------
+
+def closest_prefix(costs: Sequence[float], budget: float) -> int:
+    """Length t of the prefix of ``costs`` whose sum is closest to ``budget`` (ties: the shorter prefix)."""
+    best_t, best_err, cum = 0, abs(budget), 0.0
+    for t, c in enumerate(costs, 1):
+        cum += c
+        err = abs(cum - budget)
+        if err < best_err:
+            best_t, best_err = t, err
+        elif cum > budget:
+            break
+    return best_t
+
+
+def _hamilton(total: int, weights: Sequence[float]) -> list[int]:
+    """Largest-remainder split of ``total`` in proportion to ``weights`` (equal if all are zero)."""
+    w = [max(float(x), 0.0) for x in weights]
+    if sum(w) <= 0:
+        w = [1.0] * len(w)
+    quotas = [total * x / sum(w) for x in w]
+    counts = [int(math.floor(q)) for q in quotas]
+    by_remainder = sorted(range(len(w)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def apportion(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[int]:
+    """Split ``total`` units over layers in proportion to ``weights``, at most ``caps[i]`` each; what a capped
+    layer cannot take is re-split over the others. Returns counts summing to ``min(total, sum(caps))``."""
+    counts = [0] * len(caps)
+    goal = min(int(total), sum(caps))
+    open_ = [i for i, c in enumerate(caps) if c > 0]
+    while sum(counts) < goal and open_:
+        share = _hamilton(goal - sum(counts), [weights[i] for i in open_])
+        for i, s in zip(open_, share):
+            counts[i] += min(s, caps[i] - counts[i])
+        open_ = [i for i in open_ if counts[i] < caps[i]]
+    return counts
+
+
+# ---- the allocation job ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """Everything an allocator needs: the model, the map, the target, options, unit costs, the empty plan."""
+
+    model: nn.Module
+    imap: ImportanceMap
+    target: Target | None
+    options: AllocOptions
+    costs: Costs
+    empty: Plan
+
+    @property
+    def geometry(self):
+        return self.imap.geometry
+
+    @property
+    def budget(self) -> float:
+        return 0.0 if self.target is None else self.target.budget(self.model)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """An allocator's answer: the plan, how close it can get (``tol`` parameters), and why it stops if capped."""
+
+    plan: Plan
+    tol: float
+    limit: str
+
+
+ALLOCATORS: dict[str, Callable[[Job], Allocation]] = {}
+
+
+def register_allocator(name: str):
+    """Decorator: register ``fn(job: Job) -> Allocation`` as strategy ``name``."""
+    def deco(fn):
+        ALLOCATORS[name] = fn
+        return fn
+    return deco
+
+
+def allocators() -> dict[str, Callable[[Job], Allocation]]:
+    """Registered strategies, name -> function (its docstring's first line describes it)."""
+    return dict(ALLOCATORS)
+
+
+def get_allocator(name: str) -> Callable[[Job], Allocation]:
+    if name not in ALLOCATORS:
+        raise PlanError(f"unknown allocation strategy {name!r}; available: {', '.join(sorted(ALLOCATORS))}")
+    return ALLOCATORS[name]
+
+
+def _width_limit(job: Job) -> str:
+    unit = "KV group" if effective_attn_unit(job.options.attn_unit, job.geometry) == "kv" \
+        else "query head in every KV group"
+    return f"every kept layer keeps at least one {unit} and one MLP channel"
+
+
+def _need_parts(lads: dict[str, list[Ladder]], share_attn: float | None, imap: ImportanceMap) -> None:
+    if not lads["attn"] and not lads["mlp"]:
+        raise PlanError(f"the {imap.criterion} map has no head, KV-group or channel scores; width allocation "
+                        f"needs them (use a width criterion, or the depth strategy for block scores)")
+    if share_attn is not None and share_attn > 0 and not lads["attn"]:
+        raise PlanError(f"attn_share={share_attn} but the {imap.criterion} map has no attention scores")
+    if share_attn is not None and share_attn < 1 and not lads["mlp"]:
+        raise PlanError(f"attn_share={share_attn} leaves budget for MLP channels, but the {imap.criterion} map "
+                        f"has no channel scores; set attn_share=1")
+
+
+def _attn_budget(lads: dict[str, list[Ladder]], share: float | None, budget: float) -> float:
+    """Budget for attention: ``share`` of it, or (None) the attention share of prunable width parameters."""
+    if not lads["mlp"]:
+        return budget
+    if not lads["attn"]:
+        return 0.0
+    if share is not None:
+        return share * budget
+    size = lambda part: sum(ld.cost * len(ld.steps) for ld in lads[part])  # noqa: E731
+    return budget * size("attn") / (size("attn") + size("mlp"))
+
+
+# ---- width strategies ------------------------------------------------------------------------------------------------
+
+def uniform_width(job: Job, layers: Sequence[int], budget: float, plan: Plan) -> Allocation:
+    """Same number of units removed in every layer; attention rounds first, MLP channels fill the rest."""
+    o = job.options
+    lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
+    _need_parts(lads, o.attn_share, job.imap)
+    taken, left = {}, budget
+    for part, part_budget in (("attn", _attn_budget(lads, o.attn_share, budget)), ("mlp", None)):
+        if not lads[part]:
+            continue
+        step = sum(ld.cost for ld in lads[part])  # one unit in every layer
+        want = left if part_budget is None else part_budget
+        k = min(max(round_half_up(want / step), 0), min(ld.room for ld in lads[part]))
+        taken.update({(ld.layer, part): k for ld in lads[part]})
+        left -= k * step
+    fill = lads["mlp"] or lads["attn"]
+    return Allocation(plan_with(plan, taken, lads), sum(ld.cost for ld in fill), _width_limit(job))
+
+
+def _global_pick(cands: list[tuple], budget: float) -> dict[tuple[int, str], int]:
+    """Take the closest-to-budget prefix of candidates sorted by (score, layer, part, rank, cost)."""
+    cands = sorted(cands)
+    t = closest_prefix([c[-1] for c in cands], budget)
+    taken: dict[tuple[int, str], int] = {}
+    for _, layer, part, _, _ in cands[:t]:
+        taken[(layer, part)] = taken.get((layer, part), 0) + 1
+    return taken
+
+
+def _candidates(lads: list[Ladder]) -> list[tuple]:
+    return [(ld.scores[r], ld.layer, ld.part, r, ld.cost) for ld in lads for r in range(ld.room)]
+
+
+def global_width(job: Job, layers: Sequence[int], budget: float, plan: Plan) -> Allocation:
+    """FLAP-style: normalised scores ranked across layers; pooled attention+MLP unless ``attn_share`` is set."""
+    o = job.options
+    lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
+    _need_parts(lads, o.attn_share, job.imap)
+    if o.attn_share is None:
+        taken = _global_pick(_candidates(lads["attn"] + lads["mlp"]), budget)
+    else:
+        taken = _global_pick(_candidates(lads["attn"]), _attn_budget(lads, o.attn_share, budget))
+        spent = sum(taken.values()) * lads["attn"][0].cost if lads["attn"] else 0
+        taken.update(_global_pick(_candidates(lads["mlp"]), budget - spent))
+    costs = [ld.cost for ld in lads["attn"][:1] + lads["mlp"][:1]]
+    return Allocation(plan_with(plan, taken, lads), max(costs), _width_limit(job))
+
+
+def _layer_ratio_fn():
+    from .criteria.slimgpt import layer_ratios  # lazy: pruneviz.criteria imports every criterion module
+
+    return layer_ratios
+
+
+def schedule_weights(n_layers: int, mean_ratio: float, schedule: str, r0: float | None) -> list[float]:
+    """Per-layer ratios of a schedule (SlimGPT Eq. 6 for ``log_increase``) with the given mean.
+
+    Allocation uses them as proportions only (unit totals come from the budget), so a mean above SlimGPT's
+    per-layer ceiling of 0.9 is clipped to it; a target that high fails on the one-unit-per-layer rule anyway.
+    """
+    try:
+        ratios = _layer_ratio_fn()(n_layers, min(mean_ratio, MAX_LAYER_RATIO), schedule, r0=r0)
+    except CriterionError as e:
+        raise PlanError(f"incremental allocation: {e}") from e
+    return [float(r) for r in ratios]
+
+
+def incremental_width(job: Job, layers: Sequence[int], budget: float, plan: Plan) -> Allocation:
+    """SlimGPT: per-layer ratios r_i from the schedule; unit totals split over layers in proportion to r_i."""
+    o = job.options
+    lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
+    _need_parts(lads, o.attn_share, job.imap)
+    width = sum(ld.cost * len(ld.steps) for part in lads.values() for ld in part)
+    weights = schedule_weights(len(layers), min(budget / width, 1.0), o.schedule, o.r0)
+    taken, left = {}, budget
+    for part, part_budget in (("attn", _attn_budget(lads, o.attn_share, budget)), ("mlp", None)):
+        if not lads[part]:
+            continue
+        cost = lads[part][0].cost
+        want = left if part_budget is None else part_budget
+        counts = apportion(max(round_half_up(want / cost), 0), weights, [ld.room for ld in lads[part]])
+        taken.update({(ld.layer, part): k for ld, k in zip(lads[part], counts)})
+        left -= sum(counts) * cost
+    fill = lads["mlp"] or lads["attn"]
+    extras = {"layer_ratios": dict(zip(map(int, layers), weights)), "schedule": o.schedule}
+    alloc = Allocation(plan_with(plan, taken, lads), fill[0].cost, _width_limit(job))
+    return dataclasses.replace(alloc, plan=alloc.plan.with_provenance(**extras))
+
+
+WIDTH = {"uniform": uniform_width, "global": global_width, "incremental": incremental_width}
+
+
+@register_allocator("uniform")
+def _uniform(job: Job) -> Allocation:
+    """The same ratio in every layer, units ranked within each layer (MINI-LLM, LLM-Pruner, Wanda-sp)."""
+    return uniform_width(job, range(job.geometry.n_layers), job.budget, job.empty)
+
+
+@register_allocator("incremental")
+def _incremental(job: Job) -> Allocation:
+    """Per-layer ratios growing with depth (SlimGPT Eq. 6, log-increase by default)."""
+    return incremental_width(job, range(job.geometry.n_layers), job.budget, job.empty)
+
+
+@register_allocator("global")
+def _global(job: Job) -> Allocation:
+    """Scores standardised per layer, ranked across all layers (FLAP AL-AM): adaptive widths."""
+    return global_width(job, range(job.geometry.n_layers), job.budget, job.empty)
+
+
+# ---- depth -----------------------------------------------------------------------------------------------------------
+
+def block_order(imap: ImportanceMap, plus_rule: bool = False) -> list[int]:
+    """Removable blocks, least important first (ties to the lower index); NaN scores are not removable."""
+    if imap.blocks is None:
+        raise PlanError(f"the {imap.criterion} map has no block scores; use a block criterion (ppl, "
+                        f"block_influence, magnitude or taylor with block scores) for depth pruning")
+    n = imap.geometry.n_layers
+    skip = plus_rule_protected(n) if plus_rule else frozenset()
+    blocks = imap.blocks  # [L]
+    cands = [b for b in range(n) if b not in skip and not math.isnan(float(blocks[b]))]
+    return _order(blocks, cands)
+
+
+def pick_blocks(imap: ImportanceMap, count: int, plus_rule: bool = False) -> list[int]:
+    """The ``count`` least important blocks (never all of them; never {0,1,2,3,L-2,L-1} with ``plus_rule``)."""
+    n = imap.geometry.n_layers
+    order = block_order(imap, plus_rule)
+    limit = min(len(order), n - 1)
+    if count > limit:
+        why = f" (the + rule protects blocks {sorted(plus_rule_protected(n))})" if plus_rule else ""
+        raise PlanError(f"cannot remove {count} blocks of {n}: at most {limit} can go{why}; "
+                        f"choose {limit} or fewer")
+    return order[:count]
+
+
+def _depth_count(job: Job, budget: float) -> int:
+    n = job.geometry.n_layers
+    order = block_order(job.imap, job.options.plus_rule)
+    return closest_prefix([job.costs.block] * min(len(order), n - 1), budget)
+
+
+@register_allocator("depth")
+def _depth(job: Job) -> Allocation:
+    """The k least important whole blocks (Shortened LLaMA, ShortGPT); k from ``n_blocks`` or the target."""
+    o = job.options
+    if o.n_blocks is None and job.target is None:
+        raise PlanError("depth allocation needs a target ratio or a block count (n_blocks)")
+    k = int(o.n_blocks) if o.n_blocks is not None else _depth_count(job, job.budget)
+    blocks = pick_blocks(job.imap, k, o.plus_rule)
+    limit = "every model keeps at least one block" + (" and the + rule keeps blocks 0-3 and the last two"
+                                                      if o.plus_rule else "")
+    return Allocation(job.empty.with_units("block", None, blocks), job.costs.block, limit)
+
+
+@register_allocator("combined")
+def _combined(job: Job) -> Allocation:
+    """Depth and width together: ``depth_share`` of the budget as blocks, the rest as width."""
+    o = job.options
+    if job.target is None:
+        raise PlanError("combined allocation needs a target ratio")
+    k = _depth_count(job, o.depth_share * job.budget) if o.n_blocks is None else int(o.n_blocks)
+    blocks = pick_blocks(job.imap, k, o.plus_rule)
+    plan = job.empty.with_units("block", None, blocks)
+    kept = [l for l in range(job.geometry.n_layers) if l not in set(blocks)]
+    rest = job.budget - len(blocks) * job.costs.block
+    if rest <= 0:  # the blocks alone reach the target
+        return Allocation(plan, job.costs.block, "whole blocks overshoot it")
+    alloc = WIDTH[o.width](job, kept, rest, plan)
+    return dataclasses.replace(alloc, plan=alloc.plan.with_provenance(width_strategy=o.width))
+
+
+# ---- public entry points ---------------------------------------------------------------------------------------------
+
+def _check_map(model: nn.Module, imap: ImportanceMap) -> None:
+    g = geometry_of(model)
+    if imap.geometry != g:
+        raise PlanError(f"the {imap.criterion} scores were computed on a different model ({imap.geometry.describe()})"
+                        f" than the loaded one ({g.describe()}); re-run the criterion on this model")
+
+
+def param_record(model: nn.Module, plan: Plan) -> dict:
+    """Parameter counts before/after ``plan``, total and non-embedding."""
+    return {of: {"before": dense_params(model, of == "non_embedding"),
+                 "after": plan.param_count(model, non_embedding=of == "non_embedding")} for of in TARGET_OF}
+
+
+def _achieved(params: dict, of: str) -> float:
+    p = params[of]
+    return (p["before"] - p["after"]) / p["before"]
+
+
+def _check_reached(job: Job, alloc: Allocation, params: dict, strategy: str) -> None:
+    t = job.target
+    if t is None:
+        return
+    p = params[t.of]
+    short = job.budget - (p["before"] - p["after"])
+    if short > alloc.tol:
+        raise PlanError(
+            f"{strategy} allocation cannot reach {t.describe()}: it stops at {_achieved(params, t.of):.1%} "
+            f"({short:,.0f} parameters short) because {alloc.limit}. Choose a lower ratio"
+            f"{', or add depth pruning (strategy combined)' if strategy != 'depth' else ''}.")
+
+
+def allocate(model: nn.Module, imap: ImportanceMap, target: Target | float | None = None,
+             strategy: str = "uniform", **options) -> Plan:
+    """A plan removing ``target`` (a :class:`Target` or a ratio of non-embedding parameters) by ``strategy``.
+
+    ``options`` are :class:`AllocOptions` fields. The plan passes ``validate(model, physical=True)`` and records
+    criterion, strategy, target, options, achieved ratio and parameter counts in its provenance. Raises
+    PlanError when the target is out of (0, 1), the map lacks the scores a strategy needs, or the strategy's
+    rules (at least one unit per layer, the + rule) keep it more than one unit's worth short of the target.
+    """
+    _check_map(model, imap)
+    fn = get_allocator(strategy)
+    job = Job(model, imap, as_target(target), make_alloc_options(**options), unit_costs(model),
+              Plan.empty(model))
+    alloc = fn(job)
+    params = param_record(model, alloc.plan)
+    _check_reached(job, alloc, params, strategy)
+    of = job.target.of if job.target else "non_embedding"
+    plan = alloc.plan.with_provenance(
+        criterion=imap.criterion, strategy=strategy, target=job.target.to_dict() if job.target else None,
+        options=dataclasses.asdict(job.options), achieved_ratio=_achieved(params, of), achieved_of=of,
+        params=params)
+    return plan.validate(model, physical=True)
+
+
+# ---- sliders ---------------------------------------------------------------------------------------------------------
+
+def _slider(ratio: float, what: str) -> float:
+    r = float(ratio)
+    if math.isnan(r) or not 0.0 <= r < 1.0:
+        raise PlanError(f"the {what} ratio must be at least 0 and below 1 (a layer keeps at least one unit); "
+                        f"got {ratio!r}")
+    return r
+
+
+def _slider_counts(lads: list[Ladder], ratio: float, strategy: str, options: AllocOptions) -> tuple[dict, int]:
+    """Steps per (layer, part) for a unit ratio under ``strategy``, capped at each ladder's room, and how many
+    steps the caps held back."""
+    if not lads or ratio == 0:
+        return {}, 0
+    part, n = lads[0].part, len(lads[0].steps)
+    if strategy == "uniform":
+        k = round_half_up(ratio * n)
+        return {(ld.layer, part): min(k, ld.room) for ld in lads}, sum(max(k - ld.room, 0) for ld in lads)
+    total = round_half_up(ratio * n * len(lads))
+    if strategy == "global":
+        cands = sorted(_candidates(lads))[:total]
+        out: dict = {}
+        for _, layer, p, _, _ in cands:
+            out[(layer, p)] = out.get((layer, p), 0) + 1
+        return out, total - len(cands)
+    weights = schedule_weights(len(lads), ratio, options.schedule, options.r0)
+    counts = apportion(total, weights, [ld.room for ld in lads])
+    return {(ld.layer, part): k for ld, k in zip(lads, counts)}, total - sum(counts)
+
+
+def plan_from_ratios(model: nn.Module, imap: ImportanceMap, head_ratio: float = 0.0, channel_ratio: float = 0.0,
+                     block_count: int = 0, attn_unit: str = "kv", strategy: str = "uniform",
+                     plus_rule: bool = False, normalize: str = "layer", schedule: str = "log_increase",
+                     r0: float | None = None) -> Plan:
+    """The app's sliders: remove ``head_ratio`` of attention units (KV groups or per-group query heads, see
+    ``attn_unit``), ``channel_ratio`` of MLP channels and ``block_count`` whole blocks.
+
+    Blocks are the least important by ``imap.blocks`` (``plus_rule`` protects {0,1,2,3,L-2,L-1}); width ratios
+    apply to the kept blocks with ``strategy`` uniform (same count per layer), global (lowest normalised scores
+    across layers) or incremental (SlimGPT schedule). Ratios are in [0, 1); a layer always keeps one unit of
+    each kind, and units that this rule holds back are recorded as ``shortfall`` in the provenance.
+    """
+    _check_map(model, imap)
+    if strategy not in WIDTH:
+        raise PlanError(f"slider strategy must be one of {', '.join(WIDTH)}; got {strategy!r}")
+    ratios = {"attn": _slider(head_ratio, "head"), "mlp": _slider(channel_ratio, "channel")}
+    opts = AllocOptions(attn_unit=attn_unit, normalize=normalize, schedule=schedule, r0=r0, plus_rule=plus_rule)
+    blocks = pick_blocks(imap, int(block_count), plus_rule) if block_count else []
+    plan = Plan.empty(model).with_units("block", None, blocks)
+    kept = [l for l in range(imap.geometry.n_layers) if l not in set(blocks)]
+    taken, shortfall, lads = _slider_width(imap, kept, unit_costs(model), ratios, strategy, opts)
+    plan = plan_with(plan, taken, lads)
+    params = param_record(model, plan)
+    plan = plan.with_provenance(
+        criterion=imap.criterion, strategy=strategy, target=None,
+        sliders={"head_ratio": head_ratio, "channel_ratio": channel_ratio, "block_count": int(block_count),
+                 "attn_unit": effective_attn_unit(attn_unit, imap.geometry), "plus_rule": plus_rule},
+        options=dataclasses.asdict(opts), achieved_ratio=_achieved(params, "non_embedding"),
+        achieved_of="non_embedding", params=params, shortfall=shortfall)
+    return plan.validate(model, physical=True)
+
+
+def _slider_width(imap: ImportanceMap, kept: list[int], costs: Costs, ratios: dict[str, float], strategy: str,
+                  opts: AllocOptions) -> tuple[dict, dict, dict[str, list[Ladder]]]:
+    """Steps taken per (layer, part), steps held back per part, and the ladders, for the width sliders."""
+    lads = ladders(imap, kept, costs, opts.attn_unit, opts.normalize)
+    taken, shortfall = {}, {}
+    for part, r in ratios.items():
+        if r > 0 and not lads[part]:
+            raise PlanError(f"the {imap.criterion} map has no {'attention' if part == 'attn' else 'channel'} "
+                            f"scores; set that slider to 0 or use a criterion that scores them")
+        t, shortfall[part] = _slider_counts(lads[part], r, strategy, opts)
+        taken.update(t)
+    return taken, shortfall, lads
