@@ -17,23 +17,20 @@ def tiny_config(family: str = "llama", **overrides):
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     llama_like = dict(hidden_size=48, intermediate_size=40, num_hidden_layers=4, num_attention_heads=6,
                       num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=True)
-    cfgs = {
-        "llama": lambda: tf.LlamaConfig(**common, **llama_like),
-        "mistral": lambda: tf.MistralConfig(**common, **{**llama_like, "num_key_value_heads": 3,
-                                                          "tie_word_embeddings": False}),
-        "qwen2": lambda: tf.Qwen2Config(**common, **llama_like),
-        "qwen3": lambda: tf.Qwen3Config(**common, **{**llama_like, "num_key_value_heads": 3}),
-        "opt": lambda: tf.OPTConfig(**common, hidden_size=32, ffn_dim=40, num_hidden_layers=3,
-                                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32),
-        "bloom": lambda: tf.BloomConfig(**common, hidden_size=32, n_layer=3, n_head=4),
-        "gpt2": lambda: tf.GPT2Config(**common, n_embd=32, n_layer=3, n_head=4, n_positions=128, n_inner=40),
+    kwargs = {
+        "llama": (tf.LlamaConfig, llama_like),
+        "mistral": (tf.MistralConfig, {**llama_like, "num_key_value_heads": 3, "tie_word_embeddings": False}),
+        "qwen2": (tf.Qwen2Config, llama_like),
+        "qwen3": (tf.Qwen3Config, {**llama_like, "num_key_value_heads": 3}),
+        "opt": (tf.OPTConfig, dict(hidden_size=32, ffn_dim=40, num_hidden_layers=3, num_attention_heads=4,
+                                   max_position_embeddings=128, word_embed_proj_dim=32)),
+        "bloom": (tf.BloomConfig, dict(hidden_size=32, n_layer=3, n_head=4)),
+        "gpt2": (tf.GPT2Config, dict(n_embd=32, n_layer=3, n_head=4, n_positions=128, n_inner=40)),
     }
-    if family not in cfgs:
+    if family not in kwargs:
         raise ValueError(f"unknown tiny family {family!r}; one of {FAMILIES}")
-    cfg = cfgs[family]()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    cls, fields = kwargs[family]
+    return cls(**{**common, **fields, **overrides})  # overrides go through the constructor (derived fields)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
