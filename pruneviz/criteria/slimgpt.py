@@ -1,0 +1,596 @@
+"""SlimGPT: layer-wise structured pruning with OBS compensation (Ling et al., NeurIPS 2024, arXiv 2412.18110).
+
+SlimGPT is a *solver*, not a per-unit score: layer by layer it removes attention heads (input column blocks of
+the attention output projection) and MLP channels (input columns of the down projection), greedily and with
+Optimal-Brain-Surgeon updates of the surviving columns (:mod:`pruneviz.obs`), on calibration activations that
+already flow through the earlier, pruned layers. Three entry points share one sequential pass:
+
+- :func:`slimgpt_prune` selects and compensates in one pass and returns a :class:`~pruneviz.plan.Plan` with
+  ``compensation="slimgpt"`` plus the physically pruned model;
+- the ``"slimgpt"`` compensator re-runs the pass for the *fixed* units of a plan, so applying an edited SlimGPT
+  plan re-runs the solver rather than toggling units (the greedy order is recovered by restricting each greedy
+  step to the plan's units: the solver's pick is the cheapest unit overall, so it is also the cheapest of them);
+- the ``slimgpt`` criterion scores the *dense* model: the OBS error of removing each unit alone.
+
+Pass per layer (the paper's pipeline, official ``model_slimming.py``): accumulate the Hessian of the attention
+output projection's inputs, prune heads, re-run the layer for the down projection's Hessian on the
+attention-pruned layer, prune channels, and compute the layer outputs, which are the next layer's inputs.
+Layer inputs are captured generically: a forward pre-hook on block 0 stores its arguments (attention mask,
+rotary embeddings, ALiBi, ...) and raises to stop the forward.
+
+GQA, which the published code gets wrong (it slices k/v rows like q rows): ``attn_unit="kv"`` removes whole
+KV groups (a block of ``group_size·head_dim`` o_proj columns; k/v rows go in surgery); ``attn_unit="head"``
+removes the same number of query heads from every KV group of a layer (greedy per step over the heads whose
+group still has quota left), so the result stays physically prunable. For multi-head attention both are the same.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, is_conv1d
+from ..errors import CriterionError
+from ..importance import Calibration, Context, Criterion, ImportanceMap, model_device, register
+from ..obs import HEAD_ERRORS, Hessian, ObsProblem, dgs_sizes, greedy_blocks, greedy_columns
+from ..plan import Plan
+from ..surgery import apply_plan, clone_model, register_compensator
+
+PAPER = "arXiv:2412.18110"
+SCHEDULES = ("log_increase", "uniform", "linear_increase", "log_decrease", "linear_decrease")
+ATTN_UNITS = ("kv", "head")
+R0_FRACTION = 0.3125  # paper's README example: 20% mean -> r_0 = 0.0625
+
+
+# ---- incremental pruning ratio (Eq. 6) ----------------------------------------------------------------------------
+
+def _increase_shape(n: int, schedule: str) -> list[float]:
+    """Increasing curve f_i in [0, 1]: log(i+1)/log(n) (log) or i/(n-1) (linear)."""
+    if schedule.startswith("log"):
+        return [math.log(i + 1) / math.log(n) for i in range(n)]
+    return [i / (n - 1) for i in range(n)]
+
+
+def schedule_curve(n_layers: int, r_first: float, r_last: float, schedule: str = "log_increase") -> list[float]:
+    """Per-layer ratios between given end points, unclipped: ``r_i = r_0 + (r_{n−1} − r_0)·f_i``.
+
+    Eq. 6 of the paper with ``log(n)`` for ``n`` layers (the official code hard-codes ``log(32)``). For the
+    ``*_decrease`` schedules the increasing curve is reversed (layer 0 gets ``r_last``).
+    """
+    if schedule not in SCHEDULES:
+        raise CriterionError(f"unknown SlimGPT schedule {schedule!r}; one of {', '.join(SCHEDULES)}")
+    if schedule == "uniform" or n_layers == 1:
+        return [float(r_first)] * n_layers
+    f = _increase_shape(n_layers, schedule)
+    ratios = [r_first + (r_last - r_first) * x for x in f]
+    return ratios[::-1] if schedule.endswith("decrease") else ratios
+
+
+def layer_ratios(n_layers: int, target: float, schedule: str = "log_increase", r0: float | None = None,
+                 max_ratio: float = 0.9) -> list[float]:
+    """Pruning ratio of each layer so that their mean is ``target`` (SlimGPT's incremental ratio).
+
+    ``r0`` is the smallest ratio (layer 0 for increasing schedules); default ``target · 0.3125``, which reproduces
+    the paper's 20% example (r_0 = 0.0625). The largest ratio is solved so the mean equals ``target``
+    (``r_{n−1} = r_0 + (target − r_0)/mean(f)``); ratios are clipped to ``[0, max_ratio]`` and, if clipping moved
+    the mean, the largest ratio is re-solved by bisection. ``uniform`` gives ``target`` everywhere.
+    """
+    if not 0.0 <= target <= max_ratio:
+        raise CriterionError(f"the SlimGPT target ratio must be in [0, {max_ratio}], got {target}")
+    r0 = target * R0_FRACTION if r0 is None else float(r0)
+    if schedule == "uniform" or n_layers == 1 or target == 0:
+        return [float(target)] * n_layers
+    if not 0.0 <= r0 <= target:
+        raise CriterionError(f"r0 (the smallest layer ratio) must be in [0, target={target}], got {r0}")
+    f_mean = sum(_increase_shape(n_layers, schedule)) / n_layers
+    curve = lambda r_last: [min(max(r, 0.0), max_ratio)  # noqa: E731
+                            for r in schedule_curve(n_layers, r0, r_last, schedule)]
+    r_last = r0 + (target - r0) / f_mean
+    if max(schedule_curve(n_layers, r0, r_last, schedule)) > max_ratio:
+        lo, hi = r0, r0 + (target - r0) / f_mean * n_layers + max_ratio
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if sum(curve(mid)) / n_layers < target else (lo, mid)
+        r_last = (lo + hi) / 2
+    return curve(r_last)
+
+
+# ---- options --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ObsOptions:
+    """How the OBS pass computes and compensates (stored in a plan's provenance as ``slimgpt_options``).
+
+    - ``percdamp``: damping ``percdamp · mean(diag H) · I`` added to each Hessian (official default 0.01).
+    - ``head_error``: ``"exact"`` scores a head/KV group by its exact block-OBS error (grouped Cholesky with the
+      within-block update, equal to the closed form); ``"paper"`` uses the paper's shortcut ``Σ W²/diag(U)²``.
+    - ``min_group``: floor of the dynamic MLP group size (official code: 64; the paper mentions 8).
+    - ``exact_channels``: remove MLP channels one at a time (exact greedy) instead of dynamic groups; the inverse
+      Hessian is then downdated rather than recomputed after each column.
+    - ``batch_size``: calibration sequences per layer call.
+    """
+
+    percdamp: float = 0.01
+    head_error: str = "exact"
+    min_group: int = 64
+    exact_channels: bool = False
+    batch_size: int = 8
+
+    def check(self) -> "ObsOptions":
+        if self.head_error not in HEAD_ERRORS:
+            raise CriterionError(f"head_error must be one of {HEAD_ERRORS}, got {self.head_error!r}")
+        if self.percdamp < 0 or self.min_group < 1 or self.batch_size < 1:
+            raise CriterionError("percdamp must be >= 0, min_group and batch_size >= 1")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ObsOptions":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in known}).check()
+
+
+@dataclass
+class SolverOptions(ObsOptions):
+    """:class:`ObsOptions` plus the selection settings of :func:`slimgpt_prune`.
+
+    - ``schedule``: per-layer ratio schedule (:data:`SCHEDULES`, default the paper's ``log_increase``).
+    - ``attn_unit``: ``"kv"`` removes whole KV groups, ``"head"`` equal numbers of query heads per KV group.
+    - ``r0``: smallest layer ratio (default ``target · 0.3125``); ``max_ratio``: cap of any layer's ratio.
+
+    Per layer ``i`` with ratio ``r_i``: ``round(C·r_i)`` channels, ``round(G·r_i)`` KV groups (``"kv"``) or
+    ``round(group_size·r_i)`` heads per KV group (``"head"``), always leaving at least one of each.
+    """
+
+    schedule: str = "log_increase"
+    attn_unit: str = "kv"
+    r0: float | None = None
+    max_ratio: float = 0.9
+
+    def check(self) -> "SolverOptions":
+        super().check()
+        if self.attn_unit not in ATTN_UNITS:
+            raise CriterionError(f"attn_unit must be one of {ATTN_UNITS}, got {self.attn_unit!r}")
+        if self.schedule not in SCHEDULES:
+            raise CriterionError(f"unknown SlimGPT schedule {self.schedule!r}; one of {', '.join(SCHEDULES)}")
+        return self
+
+    def obs(self) -> ObsOptions:
+        return ObsOptions(**{f.name: getattr(self, f.name) for f in fields(ObsOptions)})
+
+
+# ---- layer inputs: capture once, then stream layer by layer ---------------------------------------------------------
+
+class _Stop(Exception):
+    """Private: stops a forward pass from inside a hook (carries the hooked call's arguments)."""
+
+    def __init__(self, args: tuple = (), kwargs: dict | None = None):
+        super().__init__("stop")
+        self.call = (args, kwargs or {})
+
+
+@dataclass
+class LayerStream:
+    """Calibration activations entering the layer being processed, and every layer's other call arguments.
+
+    ``hidden[b]`` is batch ``b``'s hidden state ([b, T, D], model dtype). ``calls[i][b]`` holds layer ``i``'s
+    remaining positional arguments and keyword arguments for batch ``b`` (mask, rotary embeddings, ALiBi, ...).
+    """
+
+    hidden: list[torch.Tensor]
+    calls: list[list[tuple[tuple, dict]]]
+    by_keyword: bool = False
+
+    def raw_call(self, layer: nn.Module, i: int, b: int):
+        """``layer`` (playing layer ``i``) called on batch ``b``; its output as the block returns it."""
+        args, kwargs = self.calls[i][b]
+        x = self.hidden[b]
+        return layer(*args, hidden_states=x, **kwargs) if self.by_keyword else layer(x, *args, **kwargs)
+
+    def call(self, layer: nn.Module, i: int, b: int) -> torch.Tensor:
+        """The hidden-state output [b, T, D] of ``layer`` (playing layer ``i``) on batch ``b``."""
+        out = self.raw_call(layer, i, b)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextmanager
+def _hook(module: nn.Module, fn: Callable, **kw) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(fn, **kw)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _catch(view: nn.Module, layer: nn.Module, tokens: torch.Tensor, batch_size: int) -> list[tuple[tuple, dict]]:
+    """Arguments of ``layer``'s call for each batch, stopping each forward there (the Catcher)."""
+    def grab(module, args, kwargs):
+        raise _Stop(args, kwargs)
+
+    device, calls = model_device(view), []
+    with _hook(layer, grab, with_kwargs=True):
+        for batch in tokens.split(batch_size):
+            try:
+                view(input_ids=batch.to(device), use_cache=False)
+            except _Stop as stop:
+                calls.append(stop.call)
+            else:
+                raise CriterionError("could not capture a block's inputs: the forward pass never reached it")
+    return calls
+
+
+def _split_hidden(call: tuple[tuple, dict]) -> tuple[torch.Tensor, tuple[tuple, dict], bool]:
+    args, kwargs = call
+    if args:
+        return args[0], (tuple(args[1:]), dict(kwargs)), False
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), ((), kwargs), True
+
+
+def _mixed_layer_types(model: nn.Module) -> bool:
+    types = getattr(model.config, "layer_types", None)
+    return isinstance(types, (list, tuple)) and len(set(types)) > 1
+
+
+def _passthrough(as_tuple: bool) -> Callable:
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if as_tuple else hidden
+    return forward
+
+
+def _calls_per_layer(view: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int,
+                     stream: LayerStream) -> list[list[tuple[tuple, dict]]]:
+    """Each layer's own call arguments (models whose layers get different masks, e.g. sliding windows).
+
+    Every block of ``view`` (a tensor-sharing clone) is replaced by a pass-through that keeps the block's output
+    format, so one forward per batch records all layers' arguments without computing any block.
+    """
+    layers = adapter.layers(view)
+    as_tuple = isinstance(stream.raw_call(layers[0], 0, 0), (tuple, list))
+    for layer in layers:
+        layer.forward = _passthrough(as_tuple)  # instance attribute of the clone only
+    return _record_all(view, layers, tokens, batch_size)
+
+
+def _record_all(view: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor,
+                batch_size: int) -> list[list[tuple[tuple, dict]]]:
+    """Per layer, per batch: the call arguments (hidden state dropped) seen by each block of ``view``."""
+    records: list[list] = [[] for _ in layers]
+
+    def recorder(j):
+        return lambda module, args, kwargs: records[j].append((args, kwargs))
+
+    handles = [layer.register_forward_pre_hook(recorder(j), with_kwargs=True) for j, layer in enumerate(layers)]
+    try:
+        _catch(view, layers[-1], tokens, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return [[_split_hidden(c)[1] for c in rec] for rec in records]
+
+
+def capture_stream(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> LayerStream:
+    """Inputs of the first block for all calibration windows ``tokens`` ([N, T]) and every block's call arguments.
+
+    Runs on a tensor-sharing clone, so ``model`` itself never carries a hook.
+    """
+    adapter = adapter_for(model)
+    view = clone_model(model, share_weights=True)
+    with torch.no_grad():
+        calls = _catch(view, adapter.layers(view)[0], tokens, batch_size)
+        split = [_split_hidden(c) for c in calls]
+        stream = LayerStream([s[0] for s in split], [[s[1] for s in split]], split[0][2])
+        n = len(adapter.layers(view))
+        stream.calls = stream.calls * n
+        if _mixed_layer_types(model):
+            stream.calls = _calls_per_layer(view, adapter, tokens, batch_size, stream)
+    return stream
+
+
+def _advance(layer: nn.Module, i: int, stream: LayerStream) -> None:
+    """Replace the stream's hidden states by ``layer``'s outputs (the next layer's inputs)."""
+    stream.hidden = [stream.call(layer, i, b) for b in range(len(stream.hidden))]
+
+
+def layer_hessians(layer: nn.Module, i: int, stream: LayerStream, paths: tuple[str, ...],
+                   stop: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+    """Hessians ``(2/N)Σxxᵀ`` of the inputs of modules ``paths`` of ``layer`` over the stream (fp32).
+
+    With ``stop`` the forward is cut right after the (single) hooked module's input is seen, skipping the rest
+    of the block, and no outputs are returned; otherwise the block's outputs per batch come back too.
+    """
+    accs = {p: Hessian(feature_count(get_path(layer, p), "in"), model_device(layer)) for p in paths}
+    state = {"b": 1}
+
+    def hook_for(path):
+        def hook(module, args):
+            accs[path].add(args[0].reshape(state["b"], -1, args[0].shape[-1]))
+            if stop:
+                raise _Stop()
+        return hook
+
+    handles = [get_path(layer, p).register_forward_pre_hook(hook_for(p)) for p in paths]
+    outs = []
+    try:
+        for b, x in enumerate(stream.hidden):
+            state["b"] = x.shape[0]
+            try:
+                outs.append(stream.call(layer, i, b))
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: a.H for p, a in accs.items()}, (None if stop else outs)
+
+
+# ---- one layer ------------------------------------------------------------------------------------------------------
+
+def read_weight(module: nn.Module) -> torch.Tensor:
+    """``module``'s weight as fp32 ``[out, in]`` (transposes GPT-2 ``Conv1D``)."""
+    w = module.weight.detach()
+    return (w.t() if is_conv1d(module) else w).float().clone()
+
+
+def write_weight(module: nn.Module, W: torch.Tensor) -> None:
+    with torch.no_grad():
+        module.weight.copy_((W.t() if is_conv1d(module) else W).to(module.weight.dtype))
+
+
+def head_blocks(g: Geometry) -> torch.Tensor:
+    return torch.arange(g.n_heads * g.head_dim).view(g.n_heads, g.head_dim)  # [H, d]
+
+
+def group_blocks(g: Geometry) -> torch.Tensor:
+    return torch.arange(g.n_heads * g.head_dim).view(g.n_kv, g.group_size * g.head_dim)  # [G, gs*d]
+
+
+@dataclass
+class LayerTask:
+    """What to remove from one layer: counts, optionally restricted to given units (a fixed plan).
+
+    ``head_quota`` (heads per KV group) makes head selection remove equally many heads from every group.
+    """
+
+    kv: int = 0
+    heads: int = 0
+    channels: int = 0
+    kv_from: tuple[int, ...] | None = None
+    heads_from: tuple[int, ...] | None = None
+    channels_from: tuple[int, ...] | None = None
+    head_quota: int | None = None
+    skip: bool = False  # the whole block is removed: identity, nothing to solve
+
+
+@dataclass
+class LayerResult:
+    """Units one layer lost (base numbering) and the relative output error of each pruned projection."""
+
+    kv: tuple[int, ...] = ()
+    heads: tuple[int, ...] = ()
+    channels: tuple[int, ...] = ()
+    rel_error: dict = field(default_factory=dict)  # {"attn"|"mlp": ‖ΔW X‖²/‖W X‖² on calibration}
+
+
+def _mask(n: int, chosen: tuple[int, ...] | None, exclude: set[int] = frozenset()) -> torch.Tensor:
+    m = torch.ones(n, dtype=torch.bool) if chosen is None else torch.zeros(n, dtype=torch.bool)
+    if chosen is not None:
+        m[list(chosen)] = True
+    m[list(exclude)] = False
+    return m  # [n]
+
+
+def _rel_error(W0: torch.Tensor, W1: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: relative squared output error of the layer on the calibration data."""
+    dW = W1 - W0  # [rows, cols]
+    return float((dW @ H * dW).sum() / (W0 @ H * W0).sum().clamp_min(1e-30))
+
+
+def _solve_attention(layer, i, stream, task: LayerTask, opts: ObsOptions, adapter: Adapter, g: Geometry):
+    """Greedy OBS on the attention output projection: KV groups first (block = the group's columns), then query
+    heads (block = ``head_dim`` columns, with the per-group quota if any). Returns (kv, heads, relative error)."""
+    mod = get_path(layer, adapter.attn_out)
+    H = layer_hessians(layer, i, stream, (adapter.attn_out,), stop=True)[0][adapter.attn_out]
+    W0 = read_weight(mod)
+    prob = ObsProblem.build(W0, H, opts.percdamp)
+    exact = opts.head_error == "exact"
+    kv = greedy_blocks(prob, group_blocks(g).to(H.device), task.kv, _mask(g.n_kv, task.kv_from), exact=exact)
+    gone = {h for grp in kv for h in g.heads_of(grp)}
+    owner = torch.arange(g.n_heads) // g.group_size  # [H]
+    quota = None if task.head_quota is None else torch.full((g.n_kv,), task.head_quota)
+    heads = greedy_blocks(prob, head_blocks(g).to(H.device), task.heads,
+                          _mask(g.n_heads, task.heads_from, gone), owner, quota, exact)
+    write_weight(mod, prob.W)
+    return tuple(sorted(kv)), tuple(sorted(heads)), _rel_error(W0, prob.W, H)
+
+
+def _solve_mlp(layer, i, stream, task: LayerTask, opts: ObsOptions, adapter: Adapter, g: Geometry):
+    """Greedy OBS on the down projection's columns in dynamic groups (or one by one). Returns (channels, error)."""
+    mod = get_path(layer, adapter.mlp_out)
+    H = layer_hessians(layer, i, stream, (adapter.mlp_out,), stop=True)[0][adapter.mlp_out]
+    W0 = read_weight(mod)
+    prob = ObsProblem.build(W0, H, opts.percdamp)
+    sizes = [1] * task.channels if opts.exact_channels else dgs_sizes(task.channels, opts.min_group)
+    cols = greedy_columns(prob, sizes, _mask(g.n_channels, task.channels_from), downdate=opts.exact_channels)
+    write_weight(mod, prob.W)
+    return tuple(sorted(cols)), _rel_error(W0, prob.W, H)
+
+
+def solve_layer(layer: nn.Module, i: int, stream: LayerStream, task: LayerTask, opts: ObsOptions,
+                adapter: Adapter, g: Geometry) -> LayerResult:
+    """Prune ``task``'s units from ``layer`` (dense-shaped, modified in place) with OBS compensation."""
+    res = LayerResult()
+    if task.kv or task.heads:
+        res.kv, res.heads, res.rel_error["attn"] = _solve_attention(layer, i, stream, task, opts, adapter, g)
+    if task.channels:
+        res.channels, res.rel_error["mlp"] = _solve_mlp(layer, i, stream, task, opts, adapter, g)
+    return res
+
+
+def run_sequential(model: nn.Module, tokens: torch.Tensor, tasks: list[LayerTask], opts: ObsOptions,
+                   ctx: Context, in_place: bool) -> tuple[list[nn.Module], list[LayerResult]]:
+    """The layer-by-layer OBS pass over ``model``'s blocks; returns the processed blocks and what each removed.
+
+    ``in_place`` edits ``model``'s own blocks (a copy handed over by surgery); otherwise each block is deep-copied
+    just before it is processed and ``model`` is left untouched. Hessians and solves are fp32 whatever the dtype.
+    """
+    adapter, g = adapter_for(model), geometry_of(model)
+    src = adapter.layers(model)
+    with torch.no_grad():
+        stream = capture_stream(model, tokens, opts.batch_size)
+        out_layers, results = [], []
+        for i, task in enumerate(tasks):
+            ctx.step(i / len(tasks), f"SlimGPT: block {i + 1}/{len(tasks)}")
+            if task.skip:
+                out_layers.append(src[i])
+                results.append(LayerResult())
+                continue
+            layer = src[i] if in_place else copy.deepcopy(src[i])
+            results.append(solve_layer(layer, i, stream, task, opts, adapter, g))
+            out_layers.append(layer)
+            if i < len(tasks) - 1:
+                _advance(layer, i, stream)
+    return out_layers, results
+
+
+# ---- the solver ----------------------------------------------------------------------------------------------------
+
+def _solver_task(g: Geometry, r: float, attn_unit: str) -> LayerTask:
+    """Counts for a layer with ratio ``r`` (see :class:`SolverOptions`); MHA always prunes single heads."""
+    channels = min(round(g.n_channels * r), g.n_channels - 1)
+    if attn_unit == "kv" or g.n_kv == g.n_heads:
+        return LayerTask(kv=min(round(g.n_kv * r), g.n_kv - 1), channels=channels)
+    q = min(round(g.group_size * r), g.group_size - 1)
+    return LayerTask(heads=q * g.n_kv, head_quota=q, channels=channels)
+
+
+def _plan_task(plan: Plan, i: int) -> LayerTask:
+    """Exactly ``plan``'s units of layer ``i``: greedy steps restricted to them reproduce the solver's order."""
+    if i in plan.blocks:
+        return LayerTask(skip=True)
+    kv, heads, ch = plan.removed("kv", i), plan.removed("head", i), plan.removed("channel", i)
+    return LayerTask(len(kv), len(heads), len(ch), kv, heads, ch)
+
+
+def _plan_from(model: nn.Module, results: list[LayerResult], **provenance) -> Plan:
+    plan = Plan.empty(model, **provenance)
+    for i, res in enumerate(results):
+        plan = plan.with_units("kv", i, res.kv).with_units("head", i, res.heads)
+        plan = plan.with_units("channel", i, res.channels)
+    return replace(plan, compensation="slimgpt")
+
+
+def slimgpt_prune(model: nn.Module, calib: Calibration, target_ratio: float, schedule: str = "log_increase",
+                  attn_unit: str = "kv", percdamp: float = 0.01, progress: Callable | None = None,
+                  cancel: Callable | None = None, **options) -> tuple[Plan, nn.Module]:
+    """Run SlimGPT on ``model`` (never mutated): returns ``(plan, pruned_model)``.
+
+    ``target_ratio`` is the mean per-layer ratio of removed heads and channels (the paper's "sparsity"), spread
+    over layers by ``schedule`` (:func:`layer_ratios`). Other :class:`SolverOptions` fields may be passed as
+    keywords. The plan has ``compensation="slimgpt"`` and records the options, ratios, calibration and per-layer
+    relative output errors in its provenance; ``apply_plan(model, plan, calib.tokens)`` rebuilds the same model.
+    The pruned model is sliced by :func:`~pruneviz.surgery.apply_plan` from the weights compensated here.
+    """
+    opts = SolverOptions(schedule=schedule, attn_unit=attn_unit, percdamp=percdamp, **options).check()
+    g, t0 = geometry_of(model), time.perf_counter()
+    ratios = layer_ratios(g.n_layers, target_ratio, schedule, opts.r0, opts.max_ratio)
+    tasks = [_solver_task(g, r, attn_unit) for r in ratios]
+    layers, results = run_sequential(model, calib.tokens, tasks, opts.obs(), Context(progress, cancel), False)
+    plan = _plan_from(model, results, solver="slimgpt", paper=PAPER, target_ratio=target_ratio,
+                      schedule=schedule, attn_unit=attn_unit, layer_ratios=[round(r, 6) for r in ratios],
+                      slimgpt_options=asdict(opts.obs()), calibration=calib.describe(),
+                      layer_rel_error=[r.rel_error for r in results])
+    pruned = _slice_compensated(model, layers, plan)
+    plan = plan.with_provenance(seconds=round(time.perf_counter() - t0, 2))
+    pruned.config.pruneviz_plan = plan.to_dict()
+    return plan, pruned
+
+
+def _slice_compensated(model: nn.Module, layers: list[nn.Module], plan: Plan) -> nn.Module:
+    """Physically prune a tensor-sharing clone of ``model`` whose blocks are the compensated ``layers``."""
+    adapter = adapter_for(model)
+    dense = clone_model(model, share_weights=True)
+    adapter.set_layers(dense, nn.ModuleList(layers))
+    return apply_plan(dense, replace(plan, compensation=None), allow_other_weights=True)
+
+
+@register_compensator("slimgpt")
+def compensate(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress: Callable | None = None) -> None:
+    """Re-run SlimGPT's sequential OBS pass for exactly ``plan``'s units on ``model`` (a dense copy, in place).
+
+    Options come from ``plan.provenance["slimgpt_options"]`` (defaults otherwise). Removed blocks pass the
+    activations through unchanged. For a plan made by :func:`slimgpt_prune` with the same calibration this
+    reproduces the solver's weights.
+    """
+    opts = ObsOptions.from_dict(plan.provenance.get("slimgpt_options"))
+    tasks = [_plan_task(plan, i) for i in range(plan.geometry.n_layers)]
+    run_sequential(model, calibration, tasks, opts, Context(progress, None), True)
+
+
+# ---- the criterion: dense OBS errors ------------------------------------------------------------------------------
+
+@dataclass
+class SlimGPTScoreOptions:
+    """Options of the ``slimgpt`` importance map (see :class:`ObsOptions` for their meaning)."""
+
+    percdamp: float = 0.01
+    head_error: str = "exact"
+    batch_size: int = 8
+
+
+def _dense_layer_scores(layer, i, stream, opts, adapter: Adapter, g: Geometry) -> tuple[torch.Tensor, ...]:
+    """OBS errors of removing each head, KV group and channel of one dense layer alone ([H], [G], [C]).
+
+    Advances ``stream`` to the layer's outputs (the same forward pass feeds the Hessians).
+    """
+    paths = (adapter.attn_out, adapter.mlp_out)
+    hs, stream.hidden = layer_hessians(layer, i, stream, paths, stop=False)
+    exact = opts.head_error == "exact"
+    attn = ObsProblem.build(read_weight(get_path(layer, adapter.attn_out)), hs[adapter.attn_out], opts.percdamp)
+    hinv = attn.hinv()
+    heads = attn.block_errors(hinv, head_blocks(g).to(hinv.device), exact)  # [H]
+    kv = attn.block_errors(hinv, group_blocks(g).to(hinv.device), exact)  # [G]
+    mlp = ObsProblem.build(read_weight(get_path(layer, adapter.mlp_out)), hs[adapter.mlp_out], opts.percdamp)
+    channels = mlp.column_errors(mlp.hinv())  # [C]
+    return heads.cpu(), kv.cpu(), channels.cpu()
+
+
+@register
+class SlimGPTCriterion(Criterion):
+    """Dense-model OBS error per unit, the quantity SlimGPT's greedy steps rank by (higher = more important).
+
+    Heads and KV groups: block-OBS error of the unit's o_proj column block; channels: ``½Σ W²/[H⁻¹]_pp`` of the
+    down-projection column. Every layer's inputs come from the dense model. SlimGPT itself is a solver that
+    re-scores after every removal on compensated weights: use :func:`slimgpt_prune` for its plans.
+    """
+
+    name = "slimgpt"
+    title = "SlimGPT (OBS error, dense)"
+    paper = PAPER
+    produces = ("heads", "kv", "channels")
+    needs_calibration = True
+    Options = SlimGPTScoreOptions
+
+    def score(self, model, calib, options, ctx) -> ImportanceMap:
+        opts = ObsOptions(percdamp=options.percdamp, head_error=options.head_error,
+                          batch_size=options.batch_size).check()
+        adapter, g = adapter_for(model), geometry_of(model)
+        view = clone_model(model, share_weights=True)
+        maps = ([], [], [])
+        with torch.no_grad():
+            stream = capture_stream(model, calib.tokens, opts.batch_size)
+            for i, layer in enumerate(adapter.layers(view)):
+                ctx.step(i / g.n_layers, f"SlimGPT scores: block {i + 1}/{g.n_layers}")
+                for acc, t in zip(maps, _dense_layer_scores(layer, i, stream, opts, adapter, g)):
+                    acc.append(t)
+        heads, kv, channels = (torch.stack(m) for m in maps)  # [L, H], [L, G], [L, C]
+        meta = {"higher_is": "larger OBS error: the layer-output squared error per calibration sequence if the "
+                             "unit alone were removed with optimal compensation (dense model)",
+                "hessian": "H = (2/N) sum x x^T, damped by percdamp * mean(diag H)", "solver": "slimgpt_prune"}
+        return ImportanceMap(self.name, g, heads=heads, kv=kv, channels=channels, meta=meta)
