@@ -111,9 +111,15 @@ def _stock_updates(model: nn.Module) -> dict | None:
     return None
 
 
+STRUCTURAL_KEYS = ("pruneviz_layout", "pruneviz_base_geometry", "pruneviz_plan", "pruneviz_masked_plan")
+
+
 def _clean_config_dict(config) -> dict:
+    """The config as a stock dict: structural pruneviz keys dropped (the recovery record and plan hash stay)."""
     d = config.to_dict()
-    for k in [k for k in d if k.startswith("pruneviz_")] + ["auto_map", "_name_or_path"]:
+    if d.get("pruneviz_plan"):
+        d["pruneviz_plan_sha256"] = Plan.from_dict(d["pruneviz_plan"]).sha256()
+    for k in STRUCTURAL_KEYS + ("auto_map", "_name_or_path"):
         d.pop(k, None)
     return d
 
@@ -304,7 +310,13 @@ def model_card(model: nn.Module, plan: Plan | None, evaluation: dict | None, fmt
               f"- non-embedding: {dense_params(model, non_embedding=True):,}", ""]
     if evaluation:
         lines += ["## Evaluation", ""] + [f"- {k}: {v}" for k, v in evaluation.items()] + [""]
-    lines += ["No recovery fine-tuning was done unless stated above.", "", "## Loading", "", "```python",
+    rec = getattr(model.config, "pruneviz_recovery", None)
+    if rec:
+        lines += ["## Recovery fine-tuning", "", "LoRA, merged into the weights:", ""]
+        lines += [f"- {k}: {v}" for k, v in rec.items()] + [""]
+    else:
+        lines += ["No recovery fine-tuning was done.", ""]
+    lines += ["## Loading", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(folder)",
               ("model = AutoModelForCausalLM.from_pretrained(folder)" if fmt == "stock" else
