@@ -589,6 +589,8 @@ def pick_blocks(imap: ImportanceMap, count: int, plus_rule: bool = False) -> lis
     n = imap.geometry.n_layers
     order = block_order(imap, plus_rule)
     limit = min(len(order), n - 1)
+    if count < 0:
+        raise PlanError(f"cannot remove {count} blocks: the block count must be 0 or more (at most {limit})")
     if count > limit:
         why = f" (the + rule protects blocks {sorted(plus_rule_protected(n))})" if plus_rule else ""
         raise PlanError(f"cannot remove {count} blocks of {n}: at most {limit} can go{why}; "

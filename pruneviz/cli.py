@@ -77,6 +77,19 @@ def _read_plan(path: str):
     return read_plan(path)
 
 
+def _read_scores(path: str, map_cls):
+    """An importance map from a ``score --out`` JSON file, or a CriterionError saying what is wrong with it."""
+    from .errors import CriterionError, PrunevizError
+
+    try:
+        return map_cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except PrunevizError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CriterionError(f"cannot read the scores file {path} ({type(e).__name__}: {e}); "
+                             f"pass a JSON file written by 'python -m pruneviz score --out'") from e
+
+
 def _pruned(args, lm):
     """The model after ``--plan`` (physically pruned), or the dense model when no plan is given."""
     if not getattr(args, "plan", None):
@@ -131,7 +144,7 @@ def cmd_plan(args) -> None:
     from .importance import ImportanceMap
 
     lm = _load(args)
-    imap = ImportanceMap.from_dict(json.loads(Path(args.scores).read_text()))
+    imap = _read_scores(args.scores, ImportanceMap)
     plan = allocate(lm.model, imap, Target(args.ratio, args.of), strategy=args.strategy,
                     attn_unit=args.attn_unit, plus_rule=args.plus_rule)
     write_plan(plan, args.out)

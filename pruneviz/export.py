@@ -192,11 +192,17 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
     """
     t0 = time.perf_counter()
     folder = Path(folder)
+    if getattr(model.config, "pruneviz_masked_plan", None):
+        raise ExportError("this is a masked preview (removed units are zeroed by hooks, the weights are still dense); "
+                          "export the physically pruned model instead: apply_plan(base_model, plan)")
     if folder.exists() and not overwrite:
         raise ExportError(f"{folder} already exists; choose another folder or pass overwrite=True")
     plan = plan or _plan_of(model)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    except OSError as e:
+        raise ExportError(f"cannot create {folder} ({e}); choose a writable folder") from e
     try:
         fmt = _write_model(model, tmp)
         if tokenizer is not None:
@@ -213,6 +219,10 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
         _move_into_place(tmp, folder, overwrite)
         report.folder = str(folder)
         return report
+    except OSError as e:  # disk full, permissions, ...: same cleanup, user-facing message
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"writing the export to {folder} failed ({e}); nothing was written. Free disk space or "
+                          f"choose a writable folder, then export again") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -466,6 +466,8 @@ def _load_local_folder(path, dev, dt, trust_remote_code, allow_pickle, progress)
         _report(progress, 0.3, f"Loading pruned model from {path.name}")
         return _load_pruneviz_export(path, dev, dt)
     _check_causal(config, str(path))
+    if not trust_remote_code and _needs_remote_code(config):
+        raise _remote_code_error(str(path))
     _check_weights(path, allow_pickle)
     _report(progress, 0.3, f"Loading {path.name}")
     return _from_pretrained(
@@ -477,6 +479,16 @@ def _load_local_folder(path, dev, dt, trust_remote_code, allow_pickle, progress)
         use_safetensors=None if allow_pickle else True,
         label=str(path),
     )
+
+
+def _needs_remote_code(config: dict) -> bool:
+    """True if the folder's model type is unknown to transformers and only its own code (``auto_map``) builds it.
+
+    Folders that keep an ``auto_map`` for a family transformers now ships natively load without remote code.
+    """
+    from transformers import CONFIG_MAPPING
+
+    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
 
 
 def _load_pruneviz_export(path: pathlib.Path, dev, dt):
