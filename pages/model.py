@@ -1,0 +1,51 @@
+"""Model page: what is loaded and which units it has (layers, heads, KV groups, channels, parameters)."""
+import pandas as pd
+import streamlit as st
+
+from pruneviz.arch import adapter_for, geometry_of, unit_params
+from pruneviz.plan import dense_params
+from pruneviz.ui import components as ui
+
+loaded = ui.page("Model", "The dense base model every plan is made against. Choose another one in the sidebar.")
+model, g = loaded.model, geometry_of(loaded.model)
+
+st.subheader(loaded.name, anchor=False)
+st.caption(f"source `{loaded.source or 'bundled'}` · device **{loaded.device}** · dtype "
+           f"**{str(loaded.dtype).replace('torch.', '')}** · loaded in {loaded.load_seconds:.1f} s · "
+           f"{g.describe()}")
+
+total, non_emb = dense_params(model), dense_params(model, non_embedding=True)
+cols = st.columns(6)
+cols[0].metric("Layers", g.n_layers, border=True, help="Decoder blocks.")
+cols[1].metric("Query heads", g.n_heads, border=True, help=f"Per layer; head dimension {g.head_dim}.")
+cols[2].metric("KV groups", g.n_kv, border=True,
+               help=f"Per layer; {g.group_size} query heads share each key/value head." if g.n_kv != g.n_heads
+               else "Per layer; multi-head attention: every head has its own keys and values.")
+cols[3].metric("MLP channels", g.n_channels, border=True, help="Per layer (intermediate size).")
+cols[4].metric("Parameters", ui.human(total), border=True)
+cols[5].metric("Non-embedding", ui.human(non_emb), border=True, help=f"{non_emb / total:.0%} of all parameters")
+
+st.subheader("Prunable units", anchor=False)
+adapter = adapter_for(model)
+rows = []
+for kind, label, count in (("block", "block (whole layer)", g.n_layers), ("kv", "KV group (k/v rows + its heads)",
+                                                                        g.n_layers * g.n_kv),
+                           ("head", "query head", g.n_layers * g.n_heads),
+                           ("channel", "MLP channel", g.n_layers * g.n_channels)):
+    per = unit_params(g, adapter, model, kind)
+    rows.append({"unit": label, "count": count, "parameters each": per, "% of non-embedding": 100 * per / non_emb})
+st.dataframe(pd.DataFrame(rows), hide_index=True, key="model_units", column_config={
+    "% of non-embedding": st.column_config.NumberColumn(format="%.4f %%"),
+    "parameters each": st.column_config.NumberColumn(format="localized"),
+    "count": st.column_config.NumberColumn(format="localized")})
+st.caption("One unit's share shows how fine-grained each kind of pruning is. Removing a KV group removes its "
+           "key/value rows and every query head that reads them; removing query heads keeps the KV cache.")
+
+with st.expander("Configuration", icon=":material/settings:"):
+    st.json(model.config.to_diff_dict(), expanded=False)
+
+st.divider()
+st.markdown("**Next:** score the units, then prune.")
+c1, c2 = st.columns(2)
+c1.page_link("pages/importance.py", label="Importance: score heads, channels and blocks", icon=":material/grid_on:")
+c2.page_link("pages/prune.py", label="Prune: turn scores into a plan", icon=":material/content_cut:")

@@ -1,0 +1,326 @@
+"""The app's long-running actions: each wraps one or a few :mod:`pruneviz` calls in a :class:`~.work.Job`.
+
+Every action stores its results through :func:`pruneviz.ui.state.save` as soon as each piece is finished, so
+cancelling (or an error in a later piece) keeps what was computed; the work itself touches ``st.session_state``
+only before it starts (a superseded run may not touch it, see :mod:`pruneviz.ui.work`). Results that are safe to
+share between sessions (importance maps, dense perplexity) also go to the process-wide store, keyed by everything
+they depend on.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import streamlit as st
+import torch
+
+from . import analysis, state
+from .work import Job
+
+
+# ---- speed and estimates ------------------------------------------------------------------------------------------
+
+def forward_speed(loaded) -> float:
+    """Forward tokens per second of the base model, measured once per process (one short batch)."""
+    key = f"speed|{state.session_spec().key}"
+    hit = state.cached_result(key)
+    if hit is not None:
+        return hit
+    max_pos = getattr(loaded.model.config, "max_position_embeddings", None) or 128
+    T = int(min(64, max_pos))
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(loaded.model.parameters()).device)  # [2, T]
+    with torch.inference_mode():
+        loaded.model(input_ids=ids, use_cache=False)  # warm-up
+        t0 = time.perf_counter()
+        loaded.model(input_ids=ids, use_cache=False)
+        tps = ids.numel() / max(time.perf_counter() - t0, 1e-6)
+    state.store_result(key, tps)
+    return tps
+
+
+def estimate(loaded, crit, options, n_samples: int, seq_len: int) -> dict:
+    """The criterion's own cost estimate turned into seconds and bytes for display."""
+    from ..plan import dense_params
+
+    from ..arch import geometry_of
+
+    est = crit.estimate(geometry_of(loaded.model), dense_params(loaded.model), n_samples, seq_len, options)
+    tokens = est.get("forward_tokens", 0)
+    factor = 3.0 if est.get("backward") else 1.0
+    seconds = tokens * factor / forward_speed(loaded) if tokens else 0.0
+    return {"tokens": tokens, "backward": bool(est.get("backward")), "seconds": seconds,
+            "extra_bytes": est.get("extra_bytes", 0)}
+
+
+# ---- importance ---------------------------------------------------------------------------------------------------
+
+def compute_importance(loaded, names: list[str], options: dict, calib) -> list[str]:
+    """Compute (or fetch from the cache) each criterion's map into ``session_state.imaps``; returns done names.
+
+    Each finished map is kept even if a later one is cancelled or fails.
+    """
+    from ..importance import Cancelled, available, compute
+
+    crits, done = available(), []
+    spec = state.session_spec()
+    if calib is not None:
+        st.session_state["calib"] = calib
+    with Job("Computing importance…", key="imp_job", done_label="Importance maps ready") as job:
+        for i, name in enumerate(names):
+            crit = crits[name]
+            cal = calib if crit.needs_calibration else None
+            key = state.imap_key(spec, name, options[name], cal.describe() if cal is not None else None)
+            imap = state.cached_imap(key)
+            if imap is None:
+                job.note(f"{crit.title} ({i + 1}/{len(names)})…")
+                prog = lambda f, msg, i=i: job.progress((i + f) / len(names), f"{crit.title}: {msg}")  # noqa: E731
+                try:
+                    imap = compute(loaded.model, name, cal, options[name], progress=prog, cancel=job.cancelled)
+                except Cancelled:
+                    break
+                state.store_imap(key, imap)
+            state.save(lambda ss, name=name, imap=imap: ss["imaps"].__setitem__(name, imap))
+            done.append(name)
+            if job.cancelled():
+                break
+    return done
+
+
+# ---- plans --------------------------------------------------------------------------------------------------------
+
+def build_plan(loaded, settings: dict):
+    """A plan from the slider settings (allocation over the chosen map) with the session's manual edits on top."""
+    from ..allocate import plan_from_ratios
+    from ..plan import Plan
+
+    imap = st.session_state["imaps"].get(settings.get("criterion") or "")
+    head, chan = settings["head_pct"] / 100, settings["channel_pct"] / 100
+    if imap is None or (head == 0 and chan == 0 and settings["block_count"] == 0):
+        plan = Plan.empty(loaded.model).with_provenance(criterion=settings.get("criterion") or "manual",
+                                                       strategy="manual")
+    else:
+        plan = plan_from_ratios(loaded.model, imap, head_ratio=head, channel_ratio=chan,
+                                block_count=settings["block_count"], attn_unit=settings["attn_unit"],
+                                strategy=settings["strategy"], plus_rule=settings.get("plus_rule", False))
+    edits = st.session_state.get("edits", [])
+    if edits:
+        plan = analysis.apply_edits(plan, edits).with_provenance(manual_edits=len(edits))
+    return plan
+
+
+def apply_current_plan(loaded, plan) -> bool:
+    """Build the physically smaller model for ``plan`` into ``session_state.pruned``; True on success."""
+    from ..surgery import apply_plan
+
+    calib = st.session_state.get("calib")
+    tokens = calib.tokens if (plan.compensation and calib is not None) else None
+    entry = history_entry(plan)
+    with Job("Building the pruned model…", key="apply_job", cancellable=False,
+             done_label="Pruned model built") as job:
+        t0 = time.perf_counter()
+        model = apply_plan(loaded.model, plan, calibration=tokens, progress=job.progress)
+        rec = {"sha": plan.sha256(), "model": model, "plan": plan, "seconds": time.perf_counter() - t0}
+        state.save(lambda ss: ss.update(pruned=rec, masked=None))
+        state.save(lambda ss: state.add_history(entry, ss))
+    return job.ok
+
+
+def run_slimgpt(loaded, calib, target: float, schedule: str, attn_unit: str) -> bool:
+    """Run the SlimGPT solver (plan + compensated model) into the session; True on success."""
+    from ..criteria.slimgpt import slimgpt_prune
+
+    with Job("Running the SlimGPT solver…", key="slim_job", done_label="SlimGPT plan and model ready") as job:
+        plan, model = slimgpt_prune(loaded.model, calib, target, schedule=schedule, attn_unit=attn_unit,
+                                    progress=job.progress, cancel=job.cancelled)
+        plan = plan.with_provenance(criterion="slimgpt", strategy="slimgpt solver")
+        rec = {"sha": plan.sha256(), "model": model, "plan": plan, "seconds": 0.0}
+        entry = history_entry(plan, settings=None, edits=[])
+
+        def update(ss):
+            state.set_plan(plan, None, [], ss)
+            ss.update(pruned=rec, calib=calib)
+            state.add_history(entry, ss)
+        state.save(update)
+    return job.ok
+
+
+def history_entry(plan, settings="session", edits="session", **metrics) -> dict:
+    """A history record of ``plan``: summary, plan JSON, the slider settings and edits that made it, metrics."""
+    settings = st.session_state.get("plan_settings") if settings == "session" else settings
+    edits = st.session_state.get("edits", []) if edits == "session" else edits
+    return {"sha": plan.sha256(), "summary": "nothing removed" if plan.is_empty() else plan.summary(),
+            "criterion": plan.provenance.get("criterion", "manual"),
+            "strategy": plan.provenance.get("strategy", "manual"), "plan_json": plan.to_json(None),
+            "settings": json.dumps(settings), "edits": json.dumps(edits), **metrics}
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+
+def dense_ppl(loaded, key: str, text: str, protocol: str, job: Job):
+    """Perplexity of the shared base (cached per process under ``key``: model, protocol and text)."""
+    from ..evaluate import perplexity
+
+    hit = state.cached_result(key)
+    if hit is not None:
+        return hit
+    res = perplexity(loaded.model, loaded.tokenizer, text, protocol, progress=job.counter("dense: windows "),
+                     cancel=job.cancelled)
+    if res.complete:
+        state.store_result(key, res)
+    return res
+
+
+def _dense_key(text: str, protocol: str) -> str:
+    from ..data import text_hash
+
+    return f"ppl|{state.session_spec().key}|{protocol}|{text_hash(text, 64)}"
+
+
+def evaluate_pair(loaded, plan, text_name: str, text: str, protocol: str) -> dict | None:
+    """PPL of dense and of the plan's model under one protocol; stored in ``session_state.evals``.
+
+    A cancelled evaluation is stored as partial (``complete=False``) if any window was scored.
+    """
+    from ..evaluate import perplexity
+
+    model, how = state.compare_model(loaded, plan)
+    key, entry = _dense_key(text, protocol), history_entry(plan)
+    out = None
+    with Job("Evaluating perplexity…", key="ev_job", done_label="Perplexity ready") as job:
+        dense = dense_ppl(loaded, key, text, protocol, job)
+        job.note("Evaluating the pruned model…")
+        pruned = perplexity(model, loaded.tokenizer, text, protocol, progress=job.counter("pruned: windows "),
+                            cancel=job.cancelled)
+        if dense.n_windows and pruned.n_windows:
+            out = {"sha": plan.sha256(), "summary": entry["summary"], "text": text_name, "protocol": protocol,
+                   "protocol_text": pruned.protocol.describe(), "dense_ppl": dense.ppl, "pruned_ppl": pruned.ppl,
+                   "tokens": pruned.n_tokens, "how": how, "complete": bool(dense.complete and pruned.complete),
+                   "seconds": pruned.seconds, "params": plan.param_count(loaded.model),
+                   "time": time.strftime("%H:%M:%S")}
+            metrics = {"ppl": out["pruned_ppl"], "dense_ppl": out["dense_ppl"], "protocol": protocol,
+                       "params": out["params"]}
+            state.save(lambda ss: (append_once(ss["evals"], out), state.add_history({**entry, **metrics}, ss)))
+    return out
+
+
+def run_sweep(loaded, criteria: list[str], ratios: list[float], what: str, text_name: str, text: str,
+              protocol: str, latency: bool) -> int:
+    """PPL (and optionally latency) over ratios per criterion, appended point by point to ``session_state.sweep``.
+
+    Points use masked models (same outputs as physically pruned ones), or built models when ``latency``.
+    """
+    from ..evaluate import perplexity
+    from ..surgery import apply_plan, masked_model
+
+    pairs = [(c, r) for c in criteria for r in ratios]
+    imaps, key = dict(st.session_state["imaps"]), _dense_key(text, protocol)
+    have_dense = any(p["criterion"] == "dense" and p["protocol"] == protocol and p["text"] == text_name
+                     and (not latency or p.get("ms_per_token")) for p in st.session_state["sweep"])
+    added = 0
+    with Job(f"Sweeping {len(pairs)} configurations…", key="sweep_job", done_label="Sweep finished") as job:
+        dense = dense_ppl(loaded, key, text, protocol, job)
+        if not have_dense and dense.complete:
+            _save_point(_dense_point(loaded, dense, protocol, text_name, latency))
+        for i, (crit, ratio) in enumerate(pairs):
+            if job.cancelled():
+                break
+            job.note(f"{crit} at {ratio:.0%} ({i + 1}/{len(pairs)})…")
+            plan = _sweep_plan(loaded, imaps[crit], ratio, what)
+            model = apply_plan(loaded.model, plan) if latency else masked_model(loaded.model, plan)
+            prog = lambda d, t, i=i: job.progress((i + d / max(t, 1)) / len(pairs), f"{crit} {ratio:.0%}")  # noqa
+            res = perplexity(model, loaded.tokenizer, text, protocol, progress=prog, cancel=job.cancelled)
+            if not res.complete:
+                break
+            point = {"criterion": crit, "ratio": ratio, "what": what, "params": plan.param_count(loaded.model),
+                     "ppl": res.ppl, "protocol": protocol, "text": text_name, "plan_json": plan.to_json(None)}
+            if latency:
+                point["ms_per_token"] = _latency_ms(model, loaded.tokenizer)
+            _save_point(point)
+            added += 1
+    return added
+
+
+def _save_point(point: dict) -> None:
+    state.save(lambda ss: append_once(ss["sweep"], point))
+
+
+def append_once(items: list, item) -> None:
+    """Append ``item`` unless this very object is already there (a queued update may be applied again)."""
+    if not any(x is item for x in items):
+        items.append(item)
+
+
+def _dense_point(loaded, dense, protocol: str, text_name: str, latency: bool) -> dict:
+    from ..plan import dense_params
+
+    point = {"criterion": "dense", "ratio": 0.0, "what": "-", "params": dense_params(loaded.model),
+             "ppl": dense.ppl, "protocol": protocol, "text": text_name, "plan_json": None}
+    if latency:
+        point["ms_per_token"] = _latency_ms(loaded.model, loaded.tokenizer)
+    return point
+
+
+def _sweep_plan(loaded, imap, ratio: float, what: str):
+    from ..allocate import plan_from_ratios
+
+    if what == "blocks":
+        count = int(round(ratio * imap.geometry.n_layers))
+        return plan_from_ratios(loaded.model, imap, block_count=count)
+    head = ratio if what in ("width", "heads") else 0.0
+    chan = ratio if what in ("width", "channels") else 0.0
+    return plan_from_ratios(loaded.model, imap, head_ratio=head, channel_ratio=chan)
+
+
+def _latency_ms(model, tokenizer) -> float:
+    """Median greedy decoding latency per token at batch 1 (forced length, KV cache on)."""
+    from ..evaluate import measure_speed
+
+    res = measure_speed(model, tokenizer, new_tokens=16, batch_sizes=(1,), repeats=2, warmup=1, prefill_tokens=32)
+    return 1000.0 / res.batches[0].tokens_per_s
+
+
+# ---- instant preview ----------------------------------------------------------------------------------------------
+
+def quick_look(model, tokenizer, text: str, max_tokens: int = 64, top: int = 5) -> dict:
+    """Loss of ``model`` on the first ``max_tokens`` tokens of ``text`` and its top next-token guesses.
+
+    Returns ``{"ppl", "nll", "tokens", "next": [(token, prob), ...]}``; one forward pass plus one for the loss.
+    """
+    import math
+
+    from ..evaluate import token_losses
+
+    tokens, nll = token_losses(model, tokenizer, text, max_tokens=max_tokens)
+    finite = [x for x in nll if math.isfinite(x)]
+    mean = sum(finite) / max(len(finite), 1)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    seq = torch.tensor([([bos] if bos is not None else []) + list(ids)],
+                       device=next(model.parameters()).device)  # [1, T]
+    with torch.inference_mode():
+        probs = model(input_ids=seq, use_cache=False).logits[0, -1].float().softmax(-1)  # [V]
+    p, idx = probs.topk(top)
+    nxt = [(tokenizer.decode([int(i)]), float(q)) for q, i in zip(p, idx)]
+    return {"ppl": math.exp(mean), "nll": nll, "tokens": tokens, "next": nxt}
+
+
+def preview_pair(loaded, plan, text: str) -> tuple[dict, dict]:
+    """:func:`quick_look` of the dense model (cached per process) and of the plan's model (the built one if there
+    is one, else the masked preview; cached per session for the last plan and text), so reruns that change
+    neither cost nothing."""
+    key = f"look|{state.session_spec().key}|{text}"
+    dense = state.cached_result(key)
+    if dense is None:
+        dense = quick_look(loaded.model, loaded.tokenizer, text)
+        state.store_result(key, dense)
+    if plan.is_empty():
+        return dense, dense
+    model, _ = state.compare_model(loaded, plan)
+    mine = (plan.sha256(), text, id(model))
+    rec = st.session_state.get("preview")
+    if not rec or rec[0] != mine:
+        rec = (mine, quick_look(model, loaded.tokenizer, text))
+        st.session_state["preview"] = rec
+    return dense, rec[1]

@@ -1,0 +1,375 @@
+"""What the app remembers: one process-wide store shared by all browser sessions, and per-session state.
+
+Process-wide (:class:`SharedStore`, held by ``st.cache_resource``) are only things that are safe to share:
+base models (never mutated: plans are applied to copies or previewed through hook-carrying clones), importance
+maps (stored as JSON-able dicts, each session gets fresh tensors), calibration windows, texts, and dense-model
+perplexities. Everything a user changes lives in ``st.session_state``: the plan and its manual edits, the
+session's importance maps, its physically pruned model, evaluation results, history, chat. So two sessions
+pruning differently never see each other's plans.
+
+``PRUNEVIZ_MODEL`` sets the default model source ("bundled" if unset); ``tiny`` is a random 4-layer LLaMA with
+grouped-query attention and a character tokenizer from :mod:`pruneviz.testing`, for tests and quick demos.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import streamlit as st
+import torch
+
+from ..errors import TextError
+from ..plan import BaseIdentity, Plan
+
+ENV_MODEL = "PRUNEVIZ_MODEL"
+ENV_EXPORTS = "PRUNEVIZ_EXPORT_DIR"
+TINY = "tiny"
+MAX_MODELS = 2  # base models kept in memory at once (least recently used is dropped)
+MAX_UPLOAD_MB = 20  # also server.maxUploadSize in .streamlit/config.toml
+Progress = Callable[[float, str], Any]
+
+
+# ---- models -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which base model a session uses; ``key`` identifies it in the shared store."""
+
+    source: str = "bundled"
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source.strip().lower() == TINY
+
+
+def default_spec() -> ModelSpec:
+    """The model a new session opens: ``$PRUNEVIZ_MODEL`` or the bundled SmolLM2-135M-Instruct."""
+    return ModelSpec(source=os.environ.get(ENV_MODEL, "").strip() or "bundled")
+
+
+class SharedStore:
+    """Process-wide caches. Base models are read-only by contract; other entries are plain data."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.models: OrderedDict[str, Any] = OrderedDict()  # spec key -> LoadedModel
+        self.model_locks: dict[str, threading.Lock] = {}
+        self.imaps: OrderedDict[str, dict] = OrderedDict()  # imap key -> ImportanceMap.to_dict()
+        self.windows: OrderedDict[str, torch.Tensor] = OrderedDict()  # calibration windows [N, T]
+        self.texts: dict[str, str] = {}
+        self.results: OrderedDict[str, dict] = OrderedDict()  # dense PPL, throughput, costs
+        self.mailbox: dict[str, list[Callable]] = {}  # session id -> session-state updates for its next run
+        self.busy: dict[str, str] = {}  # session id -> label of a job still finishing in a superseded run
+
+    def lock_for(self, key: str) -> threading.Lock:
+        with self.lock:
+            return self.model_locks.setdefault(key, threading.Lock())
+
+    def remember(self, table: OrderedDict, key: str, value, limit: int) -> None:
+        with self.lock:
+            table[key] = value
+            table.move_to_end(key)
+            while len(table) > limit:
+                table.popitem(last=False)
+
+
+@st.cache_resource(show_spinner=False)
+def shared() -> SharedStore:
+    """The one store of this server process (``st.cache_resource`` makes it a singleton across sessions)."""
+    return SharedStore()
+
+
+def _load_tiny(spec: ModelSpec):
+    from ..loading import LoadedModel
+    from ..testing import tiny_model, tiny_tokenizer
+
+    t0 = time.perf_counter()
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    return LoadedModel(model, tok, TINY, "tiny random LLaMA (test model)", torch.device("cpu"), torch.float32,
+                       time.perf_counter() - t0)
+
+
+def load_base(spec: ModelSpec, progress: Progress | None = None):
+    """The shared base model for ``spec`` (loaded once per process; concurrent sessions wait for one load).
+
+    Returns a :class:`pruneviz.loading.LoadedModel`; raises :class:`pruneviz.errors.PrunevizError` subclasses.
+    """
+    store = shared()
+    with store.lock_for(spec.key):
+        hit = store.models.get(spec.key)
+        if hit is not None:
+            store.models.move_to_end(spec.key)
+            return hit
+        if spec.is_tiny:
+            loaded = _load_tiny(spec)
+        else:
+            from ..loading import load_model
+
+            loaded = load_model(spec.source, device=spec.device, dtype=spec.dtype,
+                                trust_remote_code=spec.trust_remote_code, progress=progress)
+        store.remember(store.models, spec.key, loaded, MAX_MODELS)
+        return loaded
+
+
+def is_loaded(spec: ModelSpec) -> bool:
+    return spec.key in shared().models
+
+
+# ---- per-session state --------------------------------------------------------------------------------------------
+
+SESSION_DEFAULTS: dict[str, Any] = {
+    "model_spec": None,  # ModelSpec of the session's base model
+    "plan": None,  # Plan
+    "plan_settings": None,  # dict: the slider settings that made the plan (None = solver / file / manual)
+    "prune_ui": None,  # dict: the Prune page's slider values (persist while the page is not shown)
+    "prune_seen": None,  # slider values at the last Prune render (a change rebuilds the plan)
+    "edits": [],  # manual edits (kind, layer, indices, remove) applied on top of the allocation
+    "imaps": {},  # criterion name -> ImportanceMap
+    "calib": None,  # Calibration last used
+    "pruned": None,  # {"sha", "model", "seconds", "plan"}: this session's physically smaller model
+    "masked": None,  # (plan sha, masked view)
+    "preview": None,  # ((plan sha, text), quick look of the masked view)
+    "history": [],  # configurations tried
+    "chat": [],  # [{"prompt", "dense", "pruned", "dense_stats", "pruned_stats"}]
+    "evals": [],  # evaluation results (dicts)
+    "sweep": [],  # sweep points (dicts)
+    "tokdiff": None,  # per-token losses of dense and pruned on one text
+    "export": None,  # ExportReport of the last export
+    "notices": [],  # messages shown once on the next run
+}
+PAGE_WIDGET_PREFIXES = ("imp_", "pr_", "ev_", "ex_", "_costs")
+PER_MODEL_KEYS = ("plan", "plan_settings", "prune_ui", "prune_seen", "edits", "imaps", "calib", "pruned", "masked",
+                  "preview", "chat", "evals", "sweep", "tokdiff", "export")
+
+
+def init() -> None:
+    """Give every session key its default (called once per run by ``app.py``)."""
+    for key, value in SESSION_DEFAULTS.items():
+        st.session_state.setdefault(key, copy.deepcopy(value))
+
+
+def session_spec() -> ModelSpec:
+    return st.session_state.get("model_spec") or default_spec()
+
+
+def use_model(spec: ModelSpec) -> None:
+    """Switch this session to ``spec``; plans, maps and results of another model are dropped."""
+    old = st.session_state.get("model_spec")
+    if old is not None and old.key == spec.key:
+        return
+    for key in PER_MODEL_KEYS:
+        st.session_state[key] = copy.deepcopy(SESSION_DEFAULTS[key])
+    for key in [k for k in st.session_state if str(k).startswith(PAGE_WIDGET_PREFIXES)]:
+        del st.session_state[key]  # page widgets sized for the old model (layer ranges, block counts)
+    st.session_state["model_spec"] = spec
+
+
+def current():
+    """The session's LoadedModel, or None if it has not been loaded (or was dropped from memory)."""
+    spec = st.session_state.get("model_spec")
+    if spec is None:
+        return None
+    return shared().models.get(spec.key)
+
+
+def notify(message: str, icon: str = "ℹ️") -> None:
+    """Show ``message`` once at the top of the next run (used after a cancelled job)."""
+    save(lambda ss: ss.setdefault("notices", []).append((message, icon)))
+
+
+# ---- results of superseded runs -------------------------------------------------------------------------------------
+#
+# When the user clicks anything while long work runs, Streamlit stops that run and starts a new one at once; the
+# old run's thread finishes the current step (see work.Job) but may no longer touch ``st.session_state`` (every
+# access raises Streamlit's stop exception). Its results go through :func:`save`: applied at once when possible,
+# otherwise queued in the shared store and applied by :func:`drain` at the session's next run.
+
+def session_id() -> str:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx(suppress_warning=True)
+    return ctx.session_id if ctx is not None else "bare"
+
+
+def save(update: Callable[[Any], None]) -> None:
+    """Apply ``update(st.session_state)`` now, or at the session's next run if this run was superseded."""
+    from .work import ScriptControlException
+
+    try:
+        update(st.session_state)
+    except ScriptControlException:
+        with shared().lock:
+            shared().mailbox.setdefault(session_id(), []).append(update)
+
+
+def drain() -> int:
+    """Apply the updates queued for this session by superseded runs; returns how many."""
+    with shared().lock:
+        updates = shared().mailbox.pop(session_id(), [])
+    for update in updates:
+        update(st.session_state)
+    return len(updates)
+
+
+def finishing_job() -> str | None:
+    """Label of a job of this session that is still finishing in a superseded run (None if there is none)."""
+    return shared().busy.get(session_id())
+
+
+# ---- plan ---------------------------------------------------------------------------------------------------------
+
+def base_identity(loaded) -> BaseIdentity:
+    """The identity plans of this model carry (the same one :mod:`pruneviz.allocate` writes)."""
+    return BaseIdentity.of(loaded.model)
+
+
+def get_plan(loaded) -> Plan:
+    """The session's plan (an empty plan for the loaded model on first use)."""
+    plan = st.session_state.get("plan")
+    if plan is None or plan.geometry != base_identity(loaded).geometry:
+        plan = Plan.empty(loaded.model)
+        st.session_state["plan"] = plan
+    return plan
+
+
+SLIDER_PREFIX = "pr_"
+
+
+def set_plan(plan: Plan, settings: dict | None = None, edits: list | None = None, ss=None) -> None:
+    """Make ``plan`` the session's plan. ``settings`` (slider values) are restored into the Prune page's widgets,
+    so that page shows how the plan was made and does not rebuild it; call outside the Prune page's widgets.
+    ``ss`` is the session state to change (default ``st.session_state``; :func:`save` passes it).
+    """
+    ss = st.session_state if ss is None else ss
+    ss["plan"] = plan
+    ss["plan_settings"] = settings
+    ss["edits"] = [tuple(e) for e in (edits or [])]
+    if settings:
+        ss["prune_ui"] = dict(settings)
+        for k, v in settings.items():
+            ss[SLIDER_PREFIX + k] = v
+    ss["prune_seen"] = ss.get("prune_ui")
+
+
+def pruned_for(plan: Plan):
+    """The session's physically pruned model if it was built from ``plan`` (else None)."""
+    rec = st.session_state.get("pruned")
+    return rec["model"] if rec and rec["sha"] == plan.sha256() else None
+
+
+def masked_for(loaded, plan: Plan):
+    """A masked preview of ``plan`` on the shared base (shares tensors; hooks live on the clone only)."""
+    from ..surgery import masked_model
+
+    sha = plan.sha256()
+    rec = st.session_state.get("masked")
+    if rec and rec[0] == sha:
+        return rec[1]
+    view = masked_model(loaded.model, plan)
+    st.session_state["masked"] = (sha, view)
+    return view
+
+
+def compare_model(loaded, plan: Plan) -> tuple[Any, str]:
+    """The model standing for "pruned" in chat and evaluation, and how it was made."""
+    if plan.is_empty():
+        return loaded.model, "dense (the plan is empty)"
+    physical = pruned_for(plan)
+    if physical is not None:
+        return physical, "physically pruned"
+    return masked_for(loaded, plan), "masked preview (apply the plan on the Prune page for the real thing)"
+
+
+def add_history(entry: dict, ss=None) -> None:
+    """Record a configuration that was tried (plan JSON, settings, metrics); same plan updates its entry."""
+    hist = (st.session_state if ss is None else ss).setdefault("history", [])
+    for old in hist:
+        if old["sha"] == entry["sha"]:
+            old.update({k: v for k, v in entry.items() if v is not None})
+            return
+    hist.append({"n": len(hist) + 1, "time": time.strftime("%H:%M:%S"), **entry})
+
+
+# ---- importance maps, texts, calibration --------------------------------------------------------------------------
+
+def imap_key(spec: ModelSpec, name: str, options, calib_desc: dict | None) -> str:
+    opts = asdict(options) if options is not None and hasattr(options, "__dataclass_fields__") else {}
+    return json.dumps({"model": spec.key, "criterion": name, "options": opts, "calib": calib_desc},
+                      sort_keys=True, default=str)
+
+
+def cached_imap(key: str):
+    from ..importance import ImportanceMap
+
+    d = shared().imaps.get(key)
+    return None if d is None else ImportanceMap.from_dict(copy.deepcopy(d))
+
+
+def store_imap(key: str, imap) -> None:
+    shared().remember(shared().imaps, key, imap.to_dict(), 64)
+
+
+def default_texts() -> tuple[str, str]:
+    """The bundled (calibration, evaluation) texts, split once per process."""
+    store = shared()
+    if "default_calib" not in store.texts:
+        from ..data import split_default
+
+        calib, evals = split_default()
+        store.texts.update(default_calib=calib, default_eval=evals)
+    return store.texts["default_calib"], store.texts["default_eval"]
+
+
+def calibration(spec: ModelSpec, tokenizer, text_name: str, text: str, n: int, seq_len: int, seed: int):
+    """Calibration windows for the session's model (tokenised once per process per setting)."""
+    from ..data import calibration_windows, text_hash
+    from ..importance import Calibration
+
+    sha = text_hash(text, 64)
+    key = json.dumps([spec.key, sha, n, seq_len, seed])
+    tokens = shared().windows.get(key)
+    if tokens is None:
+        tokens = calibration_windows(tokenizer, text, n, seq_len, seed)  # [N, T]
+        shared().remember(shared().windows, key, tokens, 16)
+    return Calibration(tokens.clone(), text_name, sha, seed)
+
+
+def read_upload(uploaded, max_mb: int = MAX_UPLOAD_MB) -> str:
+    """Text of an uploaded file, with the size limit and the checks of :func:`pruneviz.data.load_text_file`."""
+    from ..data import load_text_file
+
+    size = getattr(uploaded, "size", None) or len(uploaded.getvalue())
+    if size > max_mb * 1_000_000:
+        raise TextError(f"{uploaded.name} is {size / 1e6:.1f} MB; the limit is {max_mb} MB. Upload an excerpt.")
+    with tempfile.TemporaryDirectory() as td:
+        path = pathlib.Path(td) / (pathlib.Path(uploaded.name).name or "upload.txt")
+        path.write_bytes(uploaded.getvalue())
+        return load_text_file(path, max_bytes=max_mb * 1_000_000)
+
+
+def cached_result(key: str):
+    return shared().results.get(key)
+
+
+def store_result(key: str, value) -> None:
+    shared().remember(shared().results, key, value, 256)
+
+
+def exports_root() -> pathlib.Path:
+    """Where checkpoints are written: ``$PRUNEVIZ_EXPORT_DIR`` or ``./exports``."""
+    return pathlib.Path(os.environ.get(ENV_EXPORTS, "") or "exports").expanduser().resolve()

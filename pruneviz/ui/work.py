@@ -1,0 +1,135 @@
+"""Long work inside a Streamlit run: a status box with a progress bar, a Cancel button, errors as messages.
+
+Work runs in the script thread (worker threads must not call ``st.*``). When the user interacts with the page
+during the work (the Cancel button, or anything else), Streamlit 1.67 stops the running script by raising a
+control exception at its next ``st`` call, which here is always a progress update, and starts a new run at
+once. :class:`Job` catches that exception inside the progress callback and answers ``True`` to the library's
+``cancel()`` callbacks from then on, so the library stops after its current step and returns what it has (e.g. a
+partial perplexity). Results reach the session through :func:`pruneviz.ui.state.save`, which queues them for the
+session's next run when this run may no longer touch ``st.session_state``; the new run shows a "finishing" note
+and refreshes when the old thread is done (:func:`pruneviz.ui.components.finishing_note`). Library errors are
+shown with ``st.error`` (their text says what to do); anything unexpected is logged and shown as a one-line
+message, never as a traceback.
+"""
+from __future__ import annotations
+
+import logging
+
+import streamlit as st
+
+from ..errors import PrunevizError
+
+try:  # Streamlit's control-flow exceptions (BaseException subclasses): rerun and stop requests
+    from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
+except ImportError:  # pragma: no cover - older/newer layouts
+    from streamlit.runtime.scriptrunner import RerunException as ScriptControlException  # type: ignore
+
+log = logging.getLogger("pruneviz.app")
+
+
+def error_text(exc: BaseException) -> str:
+    """A user-facing message for ``exc``: the library's advice, or a short description plus what to try."""
+    if isinstance(exc, PrunevizError):
+        return str(exc)
+    from ..errors import is_oom, oom_advice
+
+    if is_oom(exc):
+        return str(oom_advice(exc, "running this step"))
+    detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return (f"Unexpected error ({type(exc).__name__}{': ' + detail if detail else ''}). Try smaller settings or "
+            "reload the model; if it persists, report it with the server log.")
+
+
+def show_error(exc: BaseException, where=st) -> None:
+    """Render ``exc`` as an error message (logged with its traceback when it is not a library error)."""
+    if not isinstance(exc, PrunevizError):
+        log.error("unexpected error in the app", exc_info=exc)
+    where.error(error_text(exc), icon=":material/error:")
+
+
+class Job:
+    """``with Job("Computing…", key="imp") as job:`` run work calling ``job.progress`` / ``job.cancelled``.
+
+    After the block: ``job.ok`` is True if it finished, ``job.error`` holds a swallowed error. An interrupted job
+    re-raises Streamlit's exception on exit (after queueing a notice), so the newer run proceeds.
+    """
+
+    def __init__(self, label: str, key: str, cancellable: bool = True, done_label: str | None = None,
+                 cancel_note: str | None = None):
+        self.label, self.key, self.cancellable = label, key, cancellable
+        self.done_label = done_label
+        self.cancel_note = cancel_note or f"{label.rstrip('…. ')}: stopped. Results finished before were kept."
+        self.interrupt: BaseException | None = None
+        self.error: BaseException | None = None
+        self.ok = False
+
+    def __enter__(self) -> "Job":
+        from . import state
+
+        self.sid = state.session_id()
+        state.shared().busy[self.sid] = self.label.rstrip("…. ")
+        self.box = st.status(self.label, expanded=True)
+        with self.box:
+            self.bar = st.progress(0.0, text="starting…")
+            self._cancel_slot = st.empty()
+            if self.cancellable:
+                self._cancel_slot.button("Cancel", key=f"{self.key}_cancel", icon=":material/stop_circle:",
+                                         help="Stop after the current step. What is already computed is kept.")
+        return self
+
+    def progress(self, fraction: float, text: str = "") -> None:
+        """Progress callback ``(fraction in [0, 1], text)`` for pruneviz functions."""
+        if self.interrupt is not None:
+            return
+        try:
+            self.bar.progress(min(max(float(fraction), 0.0), 1.0), text=text or None)
+        except ScriptControlException as e:  # the user clicked something: stop after this step
+            self.interrupt = e
+
+    def counter(self, prefix: str = ""):
+        """Progress callback ``(done, total)`` (as :func:`pruneviz.evaluate.perplexity` uses)."""
+        return lambda done, total: self.progress(done / max(total, 1), f"{prefix}{done}/{total}")
+
+    def cancelled(self) -> bool:
+        """Cancel callback for pruneviz functions: True once the user interrupted."""
+        return self.interrupt is not None
+
+    def note(self, text: str) -> None:
+        """Update the status label (between steps)."""
+        if self.interrupt is None:
+            try:
+                self.box.update(label=text, state="running", expanded=True)  # both explicit: see st.status
+            except ScriptControlException as e:
+                self.interrupt = e
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        from . import state
+
+        try:
+            return self._finish(exc)
+        finally:
+            state.shared().busy.pop(self.sid, None)
+
+    def _finish(self, exc) -> bool:
+        if isinstance(exc, ScriptControlException):
+            return False
+        if self.interrupt is not None:
+            from .state import notify
+
+            notify(self.cancel_note, "⏹️")
+            raise self.interrupt
+        self._cancel_slot.empty()
+        if exc is None:
+            self.ok = True
+            self.box.update(label=self.done_label or self.label.rstrip("…") + " — done", state="complete",
+                            expanded=False)
+            return False
+        from ..importance import Cancelled
+
+        self.error = exc
+        if isinstance(exc, Cancelled):
+            self.box.update(label=self.label.rstrip("…") + " — cancelled", state="error", expanded=False)
+            return True
+        self.box.update(label=self.label.rstrip("…") + " — failed", state="error", expanded=True)
+        show_error(exc, self.box)
+        return True

@@ -1,0 +1,462 @@
+"""The Streamlit app on the tiny random model (``PRUNEVIZ_MODEL=tiny``): every page with AppTest, session
+isolation, the shared base model left untouched, and the pure helpers behind the views.
+
+AppTest cannot click Plotly charts (they are opaque elements), so heatmap selection is tested through the
+functions the chart callback calls (:func:`points_to_cells`, :func:`edits_for_cells`) and the figures are checked
+for the invisible, clickable overlay; real clicks belong to the browser tests.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from pruneviz.allocate import plan_from_ratios
+from pruneviz.errors import TextError
+from pruneviz.evaluate import perplexity
+from pruneviz.importance import compute
+from pruneviz.plan import Plan
+from pruneviz.surgery import apply_plan
+from pruneviz.testing import tiny_model, tiny_tokenizer
+from pruneviz.ui import analysis, figures, state
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGES = ["model", "importance", "prune", "chat", "evaluate", "export"]
+TITLES = {"model": "Model", "importance": "Importance", "prune": "Prune", "chat": "Chat", "evaluate": "Evaluate",
+          "export": "Export"}
+
+
+@pytest.fixture(autouse=True)
+def tiny_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
+    monkeypatch.setenv("PRUNEVIZ_EXPORT_DIR", str(tmp_path / "exports"))
+
+
+def clean(at: AppTest) -> AppTest:
+    """Fail on exceptions and on error messages (a happy path shows none)."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def open_app(page: str | None = None) -> AppTest:
+    """A fresh session. Because the pages live in ``pages/``, AppTest reruns a page file directly (Streamlit's legacy
+    multipage mode) after the first run through app.py, and the page then draws the frame itself (see
+    ``components.ensure_frame``). The sidebar widgets get new ids in that mode, so a second run settles them
+    before a test sets their values."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    clean(at.run())
+    clean(at.run())
+    if page:
+        clean(at.switch_page(f"pages/{page}.py").run())
+    return at
+
+
+def chart_keys(at: AppTest) -> set[str]:
+    """Keys of the Plotly charts on the page (AppTest keeps charts as opaque protos whose id ends with the key)."""
+    return {c.proto.id.rsplit("-", 1)[-1] for c in at.get("plotly_chart")}
+
+
+def base_model():
+    return state.shared().models[state.ModelSpec(state.TINY).key].model
+
+
+def with_magnitude(at: AppTest) -> AppTest:
+    """Score by magnitude through the Prune page's quick start (leaves the app on the Prune page)."""
+    clean(at.switch_page("pages/prune.py").run())
+    clean(at.button(key="pr_quick").click().run())
+    assert "magnitude" in at.session_state["imaps"]
+    return at
+
+
+# ---- pages --------------------------------------------------------------------------------------------------------
+
+def test_every_page_renders_and_navigates():
+    at = open_app()
+    assert at.title[0].value == "Model"  # the default page
+    assert [m.label for m in at.metric][:4] == ["Layers", "Query heads", "KV groups", "MLP channels"]
+    assert [m.value for m in at.metric][:4] == ["4", "6", "2", "40"]
+    for page in PAGES:
+        clean(at.switch_page(f"pages/{page}.py").run())
+        assert at.title[0].value == TITLES[page]
+
+
+def test_importance_computes_magnitude_and_caches_it():
+    at = open_app("importance")
+    estimate = at.dataframe[0].value
+    assert list(estimate["criterion"]) == ["Weight magnitude"] and "≈ time" in estimate.columns
+    clean(at.button(key="imp_run").click().run())
+    imap = at.session_state["imaps"]["magnitude"]
+    assert imap.heads.shape == (4, 6) and imap.channels.shape == (4, 40) and imap.blocks.shape == (4,)
+    expected = compute(base_model(), "magnitude")
+    assert torch.equal(imap.heads, expected.heads)
+    assert {"imp_fig_head_magnitude", "imp_fig_kv_magnitude", "imp_fig_channel_magnitude",
+            "imp_fig_block_magnitude"} <= chart_keys(at)
+    # a second session gets the map from the process cache (same numbers, its own tensors)
+    other = open_app("importance")
+    clean(other.button(key="imp_run").click().run())
+    again = other.session_state["imaps"]["magnitude"]
+    assert torch.equal(again.channels, imap.channels) and again.channels is not imap.channels
+
+
+def test_importance_compare_needs_two_criteria():
+    at = open_app("importance")
+    names = ["magnitude", "wanda_sp"]
+    at.pills(key="imp_criteria").set_value(names)
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(4)
+    at.selectbox(key="imp_cal_seq").set_value(64)
+    clean(at.button(key="imp_run").click().run())
+    assert set(names) <= set(at.session_state["imaps"])
+    keys = chart_keys(at)
+    assert {"imp_corr", "imp_overlap", "imp_fig_head_magnitude", "imp_fig_head_wanda_sp"} <= keys
+    assert at.session_state["calib"].tokens.shape == (4, 64)
+
+
+def test_slimgpt_map_is_labelled_and_solver_builds_a_compensated_model():
+    at = open_app("importance")
+    at.pills(key="imp_criteria").set_value(["slimgpt"])
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(4)
+    at.selectbox(key="imp_cal_seq").set_value(64)
+    clean(at.button(key="imp_run").click().run())
+    spec = next(c.proto.spec for c in at.get("plotly_chart") if c.proto.id.endswith("imp_fig_head_slimgpt"))
+    assert "dense-model OBS error" in spec and "OBS error" in spec
+    clean(at.switch_page("pages/prune.py").run())
+    clean(at.button(key="pr_slim_run").click().run())
+    plan = at.session_state["plan"]
+    assert plan.compensation == "slimgpt" and not plan.is_empty()
+    assert at.session_state["pruned"]["sha"] == plan.sha256()
+    assert any("slimgpt" in c.value for c in at.caption)  # "re-runs the slimgpt weight update when applied"
+
+
+def test_prune_sliders_change_plan_and_counters():
+    at = with_magnitude(open_app())
+    assert at.session_state["plan"].is_empty()
+    clean(at.slider(key="pr_channel_pct").set_value(30).run())
+    plan = at.session_state["plan"]
+    imap = at.session_state["imaps"]["magnitude"]
+    assert plan.sha256() == plan_from_ratios(base_model(), imap, channel_ratio=0.3).sha256()
+    assert plan.counts()["channel"] == 4 * 12
+    metrics = {m.label: m for m in at.metric}
+    assert metrics["Parameters"].delta.startswith("-")
+    clean(at.slider(key="pr_head_pct").set_value(50).run())
+    assert at.session_state["plan"].counts()["kv"] == 4  # one of two KV groups in each of 4 layers
+    clean(at.slider(key="pr_block_count").set_value(1).run())
+    assert len(at.session_state["plan"].blocks) == 1
+
+
+def test_prune_edit_by_list_and_apply():
+    at = with_magnitude(open_app())
+    at.selectbox(key="pr_list_kind").set_value("head")
+    clean(at.run())
+    at.multiselect(key="pr_list_head_0").set_value([0, 3])
+    clean(at.button(key="pr_list_apply").click().run())
+    plan = at.session_state["plan"]
+    assert plan.removed_heads_all(0) == (0, 3)
+    assert at.session_state["edits"]
+    clean(at.button(key="pr_apply").click().run())
+    pruned = at.session_state["pruned"]["model"]
+    assert pruned.model.layers[0].self_attn.o_proj.weight.shape[1] == 4 * 8  # 4 of 6 heads kept
+    # edits survive a slider move (they are re-applied on top of the allocation)
+    clean(at.slider(key="pr_channel_pct").set_value(20).run())
+    assert at.session_state["plan"].removed_heads_all(0) == (0, 3)
+
+
+def test_prune_unequal_heads_per_group_warns_and_blocks_apply():
+    at = with_magnitude(open_app())
+    at.selectbox(key="pr_list_kind").set_value("head")
+    clean(at.run())
+    at.multiselect(key="pr_list_head_0").set_value([0])  # group 0 keeps 2 heads, group 1 keeps 3
+    clean(at.button(key="pr_list_apply").click().run())
+    assert any("equal heads per KV group" in w.value for w in at.warning)
+    assert at.button(key="pr_apply").disabled
+
+
+def test_chat_streams_both_sides():
+    at = open_app("chat")
+    at.slider(key="chat_max_new").set_value(8)
+    clean(at.run())
+    clean(at.chat_input(key="chat_input").set_value("Hello").run())
+    turn = at.session_state["chat"][-1]
+    assert isinstance(turn["dense"], str) and isinstance(turn["pruned"], str)
+    assert turn["dense_stats"]["tokens"] > 0 and turn["pruned_stats"]["tps"] > 0
+    assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
+    assert "tokens/s" in at.chat_message[1].caption[0].value
+
+
+def test_evaluate_ppl_matches_library_and_history_reloads():
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(40).run())
+    planned = at.session_state["plan"]
+    clean(at.switch_page("pages/evaluate.py").run())
+    clean(at.button(key="ev_run").click().run())
+    result = at.session_state["evals"][-1]
+    assert result["complete"] and result["protocol"] == "quick"
+    _, eval_text = state.default_texts()
+    expected = perplexity(base_model(), tiny_tokenizer(), eval_text, "quick").ppl
+    assert math.isclose(result["dense_ppl"], expected, rel_tol=1e-6)
+    assert {m.label for m in at.metric} >= {"Dense PPL", "Pruned PPL"}
+    assert at.session_state["history"][-1]["sha"] == planned.sha256()
+    # per-token losses
+    clean(at.button(key="ev_tok_run").click().run())
+    assert len(at.session_state["tokdiff"]["tokens"]) > 0
+    # move the slider away, then reload the configuration from history
+    clean(at.switch_page("pages/prune.py").run())
+    clean(at.slider(key="pr_channel_pct").set_value(10).run())
+    assert at.session_state["plan"].sha256() != planned.sha256()
+    clean(at.switch_page("pages/evaluate.py").run())
+    clean(at.button(key="ev_hist_load").click().run())
+    assert at.session_state["plan"].sha256() == planned.sha256()
+    clean(at.switch_page("pages/prune.py").run())
+    assert at.slider(key="pr_channel_pct").value == 40
+    assert at.session_state["plan"].sha256() == planned.sha256()
+
+
+def test_evaluate_sweep_records_points():
+    at = with_magnitude(open_app())
+    clean(at.switch_page("pages/evaluate.py").run())
+    at.pills(key="ev_sweep_ratios").set_value([20, 50])
+    clean(at.run())
+    clean(at.button(key="ev_sweep_run").click().run())
+    points = at.session_state["sweep"]
+    crit = [p for p in points if p["criterion"] == "magnitude"]
+    assert [p["ratio"] for p in crit] == [0.2, 0.5]
+    assert crit[0]["params"] > crit[1]["params"] and all(math.isfinite(p["ppl"]) for p in points)
+
+
+def test_export_offers_downloads_after_export(tmp_path):
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(50).run())
+    clean(at.button(key="pr_apply").click().run())
+    clean(at.switch_page("pages/export.py").run())
+    labels = [b.label for b in at.get("download_button")]
+    assert labels == ["Download plan JSON"]
+    clean(at.button(key="ex_run").click().run())
+    labels = [b.label for b in at.get("download_button")]
+    assert labels == ["Download plan JSON", "Download checkpoint (.zip)", "Download model card"]
+    report = at.session_state["export"]["report"]
+    assert report.ok and report.reload_max_abs_diff == 0.0
+    folder = Path(report.folder)
+    assert folder.parent == tmp_path / "exports" and (folder / "pruneviz_plan.json").exists()
+    assert Plan.from_json((folder / "pruneviz_plan.json").read_text()).sha256() == at.session_state["plan"].sha256()
+
+
+def test_sessions_are_isolated_and_base_is_never_mutated():
+    a, b = with_magnitude(open_app()), with_magnitude(open_app())
+    base = base_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    clean(a.slider(key="pr_channel_pct").set_value(30).run())
+    clean(b.slider(key="pr_head_pct").set_value(50).run())
+    clean(a.button(key="pr_apply").click().run())
+    clean(b.button(key="pr_apply").click().run())
+    pa, pb = a.session_state["plan"], b.session_state["plan"]
+    assert pa.counts()["channel"] == 48 and pa.counts()["kv"] == 0
+    assert pb.counts()["kv"] == 4 and pb.counts()["channel"] == 0
+    assert a.session_state["pruned"]["model"] is not b.session_state["pruned"]["model"]
+    clean(a.switch_page("pages/importance.py").run())  # a gradient criterion on the shared base
+    a.pills(key="imp_criteria").set_value(["taylor"])
+    clean(a.run())
+    a.number_input(key="imp_cal_n").set_value(2)
+    a.selectbox(key="imp_cal_seq").set_value(32)
+    clean(a.button(key="imp_run").click().run())
+    assert "taylor" in a.session_state["imaps"] and "taylor" not in b.session_state["imaps"]
+    assert all(p.grad is None for p in base.parameters())
+    for at in (a, b):  # chat through masked and physical models must not leave hooks or edits on the base
+        clean(at.switch_page("pages/chat.py").run())
+        at.slider(key="chat_max_new").set_value(8)
+        clean(at.chat_input(key="chat_input").set_value("hi").run())
+    after = base.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not base._forward_hooks and not any(m._forward_pre_hooks for m in base.modules())
+
+
+def test_load_error_is_a_message_and_keeps_the_model():
+    at = open_app()
+    at.selectbox(key="model_source").set_value("folder")
+    clean(at.run())
+    at.text_input(key="model_folder").set_value("/nonexistent/pruneviz-model")
+    at.button(key="model_load").click().run()
+    assert not at.exception
+    assert any("does not exist" in e.value for e in at.error)
+    assert at.session_state["model_spec"].is_tiny
+
+
+# ---- pure helpers ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def test_points_to_cells_reads_streamlit_customdata():
+    points = [{"curve_number": 2, "point_index": 7, "x": 1, "y": 2, "customdata": {"0": 2, "1": 16, "2": 24, "3": 0.5,
+                                                                                   "4": 0.0}},
+              {"customdata": [0, 3, 4, 1.0, 1.0]}, {"x": 1, "y": 1}]
+    assert analysis.points_to_cells(points) == [(0, 3, 4), (2, 16, 24)]
+
+
+def test_selection_edits_toggle_remove_restore(llama):
+    plan = Plan.empty(llama)
+    cells = [(0, 0, 1), (1, 2, 3)]
+    p1 = analysis.apply_edits(plan, analysis.edits_for_cells(plan, "head", cells, "toggle"))
+    assert p1.removed_heads_all(0) == (0,) and p1.removed_heads_all(1) == (2,)
+    p2 = analysis.apply_edits(p1, analysis.edits_for_cells(p1, "head", [(0, 0, 1), (2, 5, 6)], "toggle"))
+    assert p2.removed_heads_all(0) == () and p2.removed_heads_all(2) == (5,)
+    p3 = analysis.apply_edits(p2, analysis.edits_for_cells(p2, "channel", [(3, 8, 16)], "remove"))
+    assert p3.removed("channel", 3) == tuple(range(8, 16))
+    p4 = analysis.apply_edits(p3, analysis.edits_for_cells(p3, "channel", [(3, 12, 20)], "restore"))
+    assert p4.removed("channel", 3) == tuple(range(8, 12))
+    p5 = analysis.apply_edits(p4, analysis.edits_for_cells(p4, "block", [(1, 1, 2)], "toggle"))
+    assert p5.blocks == (1,)
+
+
+def test_binning_and_masks(llama):
+    z = np.arange(10, dtype=float).reshape(1, 10)
+    assert analysis.bin_columns(z, 4).tolist() == [[1.5, 5.5, 8.5]]
+    assert analysis.bin_edges(2, 10, 4) == [(2, 6), (6, 10)]
+    plan = Plan.empty(llama).with_units("kv", 0, [1]).with_units("block", None, [3])
+    heads = analysis.removed_mask(plan, "head")
+    assert heads[0].tolist() == [False] * 3 + [True] * 3 and heads[3].all() and not heads[1:3].any()
+    assert analysis.per_layer_rank(np.array([[3.0, 1.0, 2.0]])).tolist() == [[1.0, 0.0, 0.5]]
+
+
+def test_plan_costs_equal_the_built_model(llama):
+    plan = (Plan.empty(llama).with_units("channel", 0, range(10)).with_units("kv", 1, [0])
+            .with_units("head", 2, [0, 3]).with_units("block", None, [3]))
+    dense = analysis.dense_costs(llama, 256)
+    assert analysis.plan_costs(llama, plan, dense) == analysis.dense_costs(apply_plan(llama, plan), 256)
+    assert analysis.plan_costs(llama, Plan.empty(llama), dense) == dense
+
+
+def test_comparison_helpers():
+    a = np.array([[1.0, 2.0, 3.0, 4.0]])
+    names, corr = analysis.rank_correlations({"a": a, "b": -a, "c": a * 10})
+    assert names == ["a", "b", "c"] and np.allclose(corr, [[1, -1, 1], [-1, 1, -1], [1, -1, 1]])
+    names, over = analysis.prune_overlaps({"a": a, "b": -a}, 0.5)
+    assert over[0, 1] == 0.0 and over[0, 0] == 1.0  # {0,1} vs {2,3}
+
+
+def test_heatmap_has_clickable_overlay_and_removed_layer(llama):
+    imap = compute(llama, "magnitude")
+    plan = Plan.empty(llama).with_units("channel", 1, range(0, 8))
+    fig = figures.importance_figure(imap, "channel", plan, "rank", analysis.View(bin=4), selectable=True)
+    cells = [t for t in fig.data if t.name == "cells"]
+    assert len(cells) == 1 and cells[0].hoverinfo != "skip" and cells[0].hovertemplate
+    custom = np.asarray(cells[0].customdata)
+    assert custom.shape == (4 * 10, 5)  # 4 layers x 10 bins of 4 channels
+    row = custom[(custom[:, 0] == 1) & (custom[:, 1] == 0)][0]
+    assert row[2] == 4 and row[4] == 1.0  # bin 0..3 of layer 1 is fully removed
+    assert any(t.name == "removed" for t in fig.data)
+    assert fig.layout.clickmode == "event+select"
+    assert figures.importance_figure(imap, "block", plan, selectable=True).data[1].customdata is not None
+
+
+def test_token_diff_html_escapes_and_colours():
+    html = figures.token_diff_html(["<b>", " ok"], [1.0, 1.0], [3.0, 0.5])
+    assert "&lt;b&gt;" in html and "<b>" not in html.replace("&lt;b&gt;", "")
+    assert "rgba(229,72,77" in html and "rgba(0,144,255" in html
+
+
+def test_upload_limit():
+    class Upload:
+        name, size = "big.txt", 25_000_000
+
+        def getvalue(self):
+            return b"x"
+
+    with pytest.raises(TextError, match="limit"):
+        state.read_upload(Upload())
+
+    class Small(Upload):
+        size = 10
+
+        def getvalue(self):
+            return "héllo wörld".encode()
+
+    assert state.read_upload(Small()) == "héllo wörld"
+
+
+def test_job_keeps_work_and_reraises_interrupt():
+    from streamlit.runtime.scriptrunner_utils.exceptions import RerunException
+
+    from pruneviz.ui.work import Job
+
+    class Bar:
+        calls = 0
+
+        def progress(self, *a, **k):
+            Bar.calls += 1
+            if Bar.calls == 3:
+                raise RerunException(None)
+
+    done = []
+    with pytest.raises(RerunException):
+        with Job("Work…", key="t") as job:
+            job.bar = Bar()
+            for i in range(10):
+                if job.cancelled():
+                    break
+                job.progress(i / 10, "step")
+                done.append(i)
+    assert done == [0, 1, 2] and not job.ok
+
+
+def test_plan_json_round_trip_through_history_format(llama):
+    plan = Plan.empty(llama).with_units("channel", 0, [1, 2])
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json(None)))).sha256() == plan.sha256()
+
+
+def test_number_formatting():
+    from pruneviz.ui.components import fmt_ppl, ppl_delta, split_front_matter
+
+    assert fmt_ppl(23.2312) == "23.231" and fmt_ppl(1742856.6) == "1.743e+06"
+    assert ppl_delta(25.0, 20.0) == "+25.0%" and ppl_delta(2000.0, 20.0) == "×100"
+    assert ppl_delta(7e5, 20.0) == "×35,000"
+    assert split_front_matter("---\nbase_model: x\n---\n\n# Title\n") == ("base_model: x", "# Title\n")
+
+
+def test_results_of_a_superseded_run_reach_the_next_run(monkeypatch):
+    """A stopped run cannot touch session state; save() queues the update and drain() applies it next run."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+    class Stopped:
+        def __getitem__(self, key):
+            raise StopException()
+
+        __setitem__ = setdefault = __getitem__
+
+    class Session(dict):
+        pass
+
+    class Fake:
+        session_state = Stopped()
+
+    monkeypatch.setattr(state, "st", Fake)
+    monkeypatch.setattr(state, "session_id", lambda: "s1")
+    state.save(lambda ss: ss["sweep"].append("point"))
+    assert len(state.shared().mailbox["s1"]) == 1
+    Fake.session_state = Session(sweep=[])
+    assert state.drain() == 1 and Fake.session_state["sweep"] == ["point"]
+    assert "s1" not in state.shared().mailbox
+
+
+def test_switching_model_resets_the_session(tmp_path):
+    folder = tmp_path / "tiny-opt"
+    tiny_model("opt").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_block_count").set_value(3).run())  # more blocks than the next model may lose
+    assert len(at.session_state["plan"].blocks) == 3
+    at.selectbox(key="model_source").set_value("folder")
+    clean(at.run())
+    at.text_input(key="model_folder").set_value(str(folder))
+    clean(at.button(key="model_load").click().run())
+    assert at.session_state["model_spec"].source == str(folder)
+    assert at.session_state["imaps"] == {} and at.session_state["plan"].geometry.n_layers == 3
+    clean(at.switch_page("pages/prune.py").run())
+    clean(at.button(key="pr_quick").click().run())
+    assert at.slider(key="pr_block_count").value == 0 and at.slider(key="pr_block_count").max == 2
