@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8501
 
-.PHONY: app test test-fast e2e bench install clean
+.PHONY: app test test-fast e2e bench install browser clean
 
 $(STAMP): requirements.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -21,11 +21,19 @@ install: $(STAMP)
 app: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true
 
-test: $(STAMP)
+# Debian's Chromium for the Playwright tests (they skip, saying so, if it cannot be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null) || echo "chromium could not be installed: browser tests will skip"
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) -m pytest -q tests
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) -m pytest -q -m "not slow and not e2e" tests
+
+e2e: $(STAMP) browser
+	HF_HUB_OFFLINE=1 $(VPY) -m pytest -q -m e2e tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) bench/run_all.py

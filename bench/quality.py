@@ -73,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--protocol", default="paper")
     args = ap.parse_args()
@@ -92,34 +92,6 @@ def main() -> None:
     dense_ppl = evaluate(model, tok, eval_text, protocol)
     dense_ne = dense_params(model, non_embedding=True)
     rows = [["dense", "–", "–", "–"] + [f"{dense_ppl:.2f}"] * len(ratios)]
-    scoring = {}
-    for label in args.methods.split(","):
-        crit, strategy, options, comp = METHODS[label]
-        imap = None
-        if strategy != "solver":
-            if crit not in scoring:
-                t0 = time.perf_counter()
-                scoring[crit] = compute(model, crit, calib)
-                print(f"{crit}: scored in {time.perf_counter() - t0:.1f} s", flush=True)
-            imap = scoring[crit]
-        cells, secs, peak = [], imap.meta["seconds"] if imap else 0.0, imap.meta.get("peak_memory_bytes") if imap \
-            else None
-        for r in ratios:
-            t0 = time.perf_counter()
-            try:
-                if strategy == "solver":
-                    plan, pruned = slimgpt_for(model, calib, r)
-                    secs = time.perf_counter() - t0 if r == 0.2 or not secs else secs
-                else:
-                    plan, pruned = plan_for(model, imap, calib, r, strategy, options, comp)
-                ppl = evaluate(pruned, tok, eval_text, protocol)
-                got = 1 - dense_params(pruned, non_embedding=True) / dense_ne
-                cells.append(f"{ppl:.2f} ({ppl / dense_ppl:.2f}x; {got:.0%})")
-            except Exception as e:  # record, don't hide: a failed cell says why
-                cells.append(f"failed: {type(e).__name__}: {str(e)[:60]}")
-            print(label, r, cells[-1], flush=True)
-        mem = f"{peak / 2**20:,.0f}" if peak else "–"
-        rows.append([label, strategy + (f" + {comp}" if comp else ""), f"{secs:.1f}", mem] + cells)
     protocol_lines = [
         "Model: SmolLM2-135M-Instruct (bundled GGUF, de-quantised to fp32), CPU, fp32.",
         f"Calibration: {calib.describe()}.",
@@ -134,8 +106,42 @@ def main() -> None:
         "Scoring seconds and peak memory (process peak RSS during scoring, MiB) are for one scoring run; "
         "SlimGPT's are one solver run at 20%. No retraining anywhere.",
     ]
-    write_table("quality", "Perplexity after pruning, by criterion (bundled SmolLM2-135M)", protocol_lines,
-                ["method", "allocation", "scoring s", "peak MiB"] + [f"{r:.0%} removed" for r in ratios], rows)
+
+    def flush():
+        write_table("quality", "Perplexity after pruning, by criterion (bundled SmolLM2-135M)", protocol_lines,
+                    ["method", "allocation", "scoring s", "peak MiB"] + [f"{r:.0%} removed" for r in ratios], rows)
+
+    scoring = {}
+    for label in args.methods.split(","):
+        crit, strategy, options, comp = METHODS[label]
+        imap = None
+        if strategy != "solver":
+            if crit not in scoring:
+                t0 = time.perf_counter()
+                scoring[crit] = compute(model, crit, calib)
+                print(f"{crit}: scored in {time.perf_counter() - t0:.1f} s", flush=True)
+            imap = scoring[crit]
+        cells = []
+        secs = imap.meta["seconds"] if imap else 0.0
+        peak = imap.meta.get("peak_memory_bytes") if imap else None
+        for r in ratios:
+            t0 = time.perf_counter()
+            try:
+                if strategy == "solver":
+                    plan, pruned = slimgpt_for(model, calib, r)
+                    if abs(r - 0.2) < 1e-9 or not secs:
+                        secs = time.perf_counter() - t0
+                else:
+                    plan, pruned = plan_for(model, imap, calib, r, strategy, options, comp)
+                ppl = evaluate(pruned, tok, eval_text, protocol)
+                got = 1 - dense_params(pruned, non_embedding=True) / dense_ne
+                cells.append(f"{ppl:.2f} ({ppl / dense_ppl:.2f}x; {got:.0%})")
+            except Exception as e:  # record, don't hide: a failed cell says why
+                cells.append(f"failed: {type(e).__name__}: {str(e)[:60]}")
+            print(label, r, cells[-1], flush=True)
+        mem = f"{peak / 2**20:,.0f}" if peak else "–"
+        rows.append([label, strategy + (f" + {comp}" if comp else ""), f"{secs:.1f}", mem] + cells)
+        flush()  # partial results survive an interrupted run
 
 
 if __name__ == "__main__":
