@@ -1,0 +1,400 @@
+"""MINI-LLM: feature-map sensitivity with forward-only (zeroth-order) gradients (Cheng et al., arXiv 2407.11681).
+
+MINI-LLM scores weights by a hybrid of magnitude, activation and gradient ("feature map sensitivity", FMS) and
+estimates the gradient from forward passes only, so that scoring needs the memory of inference, not of
+training. Its Algorithm 1: estimate ĝ for every weight (SPSA/MeZO, "Eq. 7"), score every weight ("Eq. 9"), sum
+scores over a structural group (head, channel) and keep the top ``1 − p`` groups *in each layer*. That last,
+uniform-per-layer step is an allocation decision made elsewhere; this criterion produces the maps.
+
+**Gradient estimate.** q queries; query j draws a Gaussian direction ``z_j`` over the perturbed weights and
+measures the calibration loss at ``θ ± εz_j``::
+
+    c_j = (L(θ + ε z_j) − L(θ − ε z_j)) / (2ε)        ĝ = (1/q) Σ_j c_j z_j
+
+``z_j`` is never stored (MeZO's seed trick): the slice of ``z_j`` belonging to projection k is regenerated from
+the seed ``(seed, j, k)`` whenever it is needed. Instead of writing ``θ ± εz`` into the weights and subtracting
+it again (fp32 add/sub is not exactly reversible, and the model is shared), the perturbation is applied *inside
+the forward pass*: a forward hook on each perturbed projection adds ``±ε · x zᵀ`` to its output, i.e. computes
+``(W ± εz) x``. The model's weights are never written (bit-for-bit unchanged) and the extra memory is one
+regenerated ``z`` matrix at a time. Both signs of a query share one forward pass over a doubled batch, and the
+vocabulary projection runs one window at a time, so peak memory stays at that of a plain forward pass. Only the
+q scalars ``c_j`` are kept; at scoring time ĝ is rebuilt for one weight matrix at a time, scored and freed.
+Losses are fp32 (logits upcast), summed in double precision. Every
+query evaluates the loss on *all* calibration windows, so ĝ estimates the gradient of the same loss the exact
+(backprop) Taylor criterion differentiates.
+
+**Perturbed weights** (``perturb``): "scored" (default) = every projection matrix of the attention and MLP
+(biases and norms are not perturbed and get no score); "attention" or "mlp" perturb only those (fewer
+perturbed coordinates means less estimator noise for them) and produce only their maps.
+
+**Score "Eq. 9"** (the paper's formula could not be read; see ``/work/shared/research/seeds.md``), ``reading``:
+
+- "A" (default): ``|W_ij · ĝ_ij| · ‖X_j‖₂``, Taylor saliency times the Wanda activation norm of input j:
+  literally magnitude × activation × gradient, and the change of the feature map ``Y_i = Σ_j W_ij X_j``;
+- "B": ``|mean_t(X_tj · W_ij · ĝ_ij)| = |W_ij ĝ_ij| · |mean_t X_tj|`` (the unofficial spsa-prune reading);
+- "taylor_abs": ``|W_ij · ĝ_ij|`` (first-order Taylor with the ZO gradient).
+
+A unit's score is the sum over the weights it owns (as declared in :mod:`pruneviz.arch`).
+
+**Pitfall.** With one query ĝ = c·z, one scalar times noise, so ``|W ⊙ ĝ|`` ranks by ``|W|·|z|``: magnitude times
+noise. The per-coordinate noise of ĝ has standard deviation about ``‖∇L‖/√q``, which exceeds single gradient
+entries unless q is comparable to the number of perturbed weights; the absolute value keeps that noise from
+cancelling in a unit's sum. So with practical q the score behaves like ``Σ |W|·‖X‖·√(g² + ‖∇L‖²/q)``: a
+magnitude-times-activation (Wanda-like) score nudged by the gradient. :func:`zo_vs_backprop` measures how far
+the ZO maps agree with exact-backprop maps of the same reading, and how far a gradient-free ``|W|·‖X‖`` map
+alone already agrees (``without_gradient``); ``compare_backprop=True`` stores it in ``extras``.
+
+**Measured** (tiny random llama of :mod:`pruneviz.testing`, 4×16 calibration tokens, Spearman correlation of the
+whole map with the exact-backprop map of the same reading):
+
+- the estimator itself is right: ``cos(ĝ, ∇L)`` = 0.068 / 0.145 / 0.280 at q = 256 / 1024 / 4096 over d = 47,616
+  perturbed weights, against the theoretical ``sqrt(q/(d+q))`` = 0.073 / 0.145 / 0.281;
+- ``perturb="mlp"`` (d = 23,040), reading A, channels: 0.41 (q=1), 0.39 (64), 0.35 (1024), 0.67 (4096), 0.85
+  (16384), 0.94 (65536); the gradient-free ``Σ|W|·‖X‖`` map reaches 0.56;
+- ``perturb="scored"``, reading A: channels stay at 0.27-0.41 up to q = 65536 (presumably because the
+  attention gradients dominate ``‖∇L‖`` and so the noise of every coordinate), against 0.56 gradient-free;
+  "taylor_abs" heads reach 0.73 (16384) and 0.97 (65536) but are ≤ 0.37 below q = 4096;
+- SmolLM2-135M-Instruct (d = 106M perturbed weights, 8×64 calibration tokens, reading A): q = 1 / 16 / 64 give
+  channels 0.533 / 0.532 / 0.532 (0.81 within layers) and heads 0.33, the same as the gradient-free map
+  (0.534, 0.82, 0.33): at this scale the ZO gradient adds nothing that magnitude and activation do not.
+
+So agreement with backprop needs q of the order of the number of perturbed weights; below about d/10 queries a
+MINI-LLM map is a magnitude-times-activation map plus noise, and often ranks worse than that map alone. The
+default q = 64 is set by cost (128 loss evaluations of the calibration set), not by accuracy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import adapter_for, geometry_of, get_path, is_conv1d
+from ..errors import CriterionError
+from ..importance import Calibration, Context, Criterion, ImportanceMap, model_device, register
+from .magnitude import aggregate_units, feature_sums, scale_inputs
+from .stats import (DEFAULT_BATCH_SIZE, CalibrationStats, Span, check_hookable, collect_stats, input_site,
+                    token_batches)
+from .taylor import exact_gradients
+
+READINGS = ("A", "B", "taylor_abs")
+PERTURB = ("scored", "attention", "mlp")
+_KEY_BITS, _QUERY_BITS = 12, 20  # seeds are 32 bits: up to 2**12 perturbed projections, 2**20 queries
+
+
+# ---- which weights are perturbed ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Perturbed:
+    """One perturbed projection: its key (seed component), layer index, path inside the layer and module."""
+
+    key: int
+    layer: int
+    path: str
+    module: nn.Module = field(compare=False, hash=False)
+
+
+def perturbed_modules(model: nn.Module, perturb: str = "scored") -> list[Perturbed]:
+    """The projections whose weights the estimator perturbs, keyed 0..K-1 in layer/module order."""
+    adapter = adapter_for(model)
+    paths = {"scored": adapter.attn_modules + adapter.mlp_modules, "attention": adapter.attn_modules,
+             "mlp": adapter.mlp_modules}[perturb]
+    out = []
+    for l, layer in enumerate(adapter.layers(model)):
+        for path in paths:
+            out.append(Perturbed(len(out), l, path, get_path(layer, path)))
+    return out
+
+
+def kinds_for(perturb: str) -> tuple[str, ...]:
+    return {"scored": ("head", "kv", "channel"), "attention": ("head", "kv"), "mlp": ("channel",)}[perturb]
+
+
+# ---- seeded directions --------------------------------------------------------------------------------------------
+
+def z_seed(seed: int, query: int, key: int) -> int:
+    """A 32-bit generator seed, distinct for every (query, key) of one ``seed``.
+
+    The CPU generator (mt19937) keeps only the low 32 bits of a seed, so the layout is ``query' << 12 | key`` with
+    ``query' = (seed · 1000003 + query) mod 2**20``: unique for up to 2**20 queries and 2**12 perturbed
+    projections. Another seed shifts the query sequence by ``Δ = Δseed · 1000003 mod 2**20``, so two seeds share no
+    direction while ``q ≤ min(Δ, 2**20 − Δ)`` (48,573 for adjacent seeds). CPU and CUDA generators draw
+    different numbers from the same seed.
+    """
+    return (((seed * 1000003 + query) % (1 << _QUERY_BITS)) << _KEY_BITS) | key
+
+
+def direction(weight: torch.Tensor, seed: int, query: int, key: int) -> torch.Tensor:
+    """The Gaussian direction z (fp32, shaped like ``weight``, on its device) of query ``query``, projection ``key``."""
+    gen = torch.Generator(device=weight.device)
+    gen.manual_seed(z_seed(seed, query, key))
+    return torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float32)
+
+
+def _runs(slots: list[tuple[int, float]]) -> list[tuple[int, int, int]]:
+    """``(start, end, query)`` of each run of consecutive slots that share a query (they share one z)."""
+    runs = []
+    for i, (query, _) in enumerate(slots):
+        if runs and runs[-1][2] == query:
+            runs[-1] = (runs[-1][0], i + 1, query)
+        else:
+            runs.append((i, i + 1, query))
+    return runs
+
+
+class Perturbation:
+    """Context manager: forward hooks computing ``(W + scale_s·z_{query_s}) x`` on each perturbed projection.
+
+    ``slots`` is a list of ``(query, scale)``: the batch seen by the hooked projections is split into
+    ``len(slots)`` equal parts along dimension 0 and part s gets ``scale_s · x z_{query_s}ᵀ`` added to its output,
+    so one forward pass evaluates several perturbations. Weights are never written; with no slots (the default)
+    the forward pass is untouched. Hooks are removed on exit (also on errors and cancellation).
+    """
+
+    def __init__(self, modules: list[Perturbed], seed: int):
+        self.modules, self.seed = modules, seed
+        self.slots: list[tuple[int, float]] = []
+        self._handles: list = []
+
+    def _hook(self, item: Perturbed):
+        def hook(module, args, kwargs, output):
+            if not self.slots:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            if x.shape[0] % len(self.slots):
+                raise CriterionError(f"minillm: {item.path} saw a batch of {x.shape[0]} rows, which does not "
+                                     f"split into {len(self.slots)} perturbation slots")
+            parts = x.reshape(len(self.slots), -1, x.shape[-1])  # [P, rows, in]
+            deltas = []
+            for start, end, query in _runs(self.slots):
+                z = direction(module.weight, self.seed, query, item.key).to(x.dtype)  # like the weight
+                y = parts[start:end] @ (z if is_conv1d(module) else z.T)  # [k, rows, out]
+                scales = [s for _, s in self.slots[start:end]]
+                deltas.append(y * torch.tensor(scales, dtype=y.dtype, device=y.device).view(-1, 1, 1))
+            return output + torch.cat(deltas).reshape(output.shape)
+        return hook
+
+    def __enter__(self) -> "Perturbation":
+        for item in self.modules:
+            self._handles.append(item.module.register_forward_hook(self._hook(item), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.slots = []
+
+
+# ---- the zeroth-order estimate --------------------------------------------------------------------------------------
+
+@dataclass
+class ZOEstimate:
+    """q projected gradients ``c_j`` and the seed: everything needed to rebuild ĝ, one matrix at a time."""
+
+    seed: int
+    epsilon: float
+    projected: torch.Tensor  # [q] float64: (L(θ+εz_j) − L(θ−εz_j)) / 2ε
+
+    @property
+    def queries(self) -> int:
+        return int(self.projected.numel())
+
+    def gradient(self, item: Perturbed, queries: int | None = None) -> torch.Tensor:
+        """ĝ for projection ``item``'s weight from the first ``queries`` queries (all by default), fp32."""
+        q = self.queries if queries is None else min(queries, self.queries)
+        w = item.module.weight
+        g = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for j in range(q):
+            g.add_(direction(w, self.seed, j, item.key), alpha=float(self.projected[j]) / q)
+        return g
+
+
+def slot_losses(model: nn.Module, batches: list[torch.Tensor], n_slots: int) -> torch.Tensor:
+    """Mean next-token loss over all ``batches`` for each of ``n_slots`` copies of the data [n_slots], float64.
+
+    Each batch is repeated ``n_slots`` times along dimension 0 (one copy per :class:`Perturbation` slot); token
+    losses are fp32 (logits upcast) and summed in double precision. The vocabulary projection runs one window at
+    a time, so the full ``[rows, T, V]`` logits never exist (less memory than a plain forward pass).
+    """
+    totals, tokens = torch.zeros(n_slots, dtype=torch.float64), 0
+    head = model.get_output_embeddings()
+    for batch in batches:
+        ids = batch.repeat(n_slots, 1)  # [n_slots * b, T]
+        hidden = model.base_model(input_ids=ids, use_cache=False)[0]  # [n_slots * b, T, hidden]
+        rows = torch.stack([F.cross_entropy(head(hidden[r, :-1]).float(), ids[r, 1:], reduction="sum")
+                            for r in range(ids.shape[0])])  # [n_slots * b]
+        totals += rows.view(n_slots, -1).sum(1).double().cpu()
+        tokens += batch[:, 1:].numel()
+    return totals / max(tokens, 1)
+
+
+def zo_estimate(model: nn.Module, calib: Calibration | torch.Tensor, modules: list[Perturbed], queries: int,
+                epsilon: float, seed: int, batch_size: int = DEFAULT_BATCH_SIZE, queries_per_pass: int = 1,
+                span: Span | None = None) -> ZOEstimate:
+    """Evaluate ``2·queries`` perturbed losses over the calibration set (two-sided SPSA). Model unchanged.
+
+    ``queries_per_pass`` queries (both signs each) share one forward pass over a ``2·queries_per_pass``-times
+    repeated batch: fewer, larger passes (faster for small models, more activation memory).
+    """
+    if not 0 < queries <= (1 << _QUERY_BITS):
+        raise CriterionError(f"minillm: queries must be in 1..{1 << _QUERY_BITS}")
+    if len(modules) > (1 << _KEY_BITS):
+        raise CriterionError(f"minillm: at most {1 << _KEY_BITS} perturbed projections (got {len(modules)})")
+    check_hookable(model)
+    span, step = span or Span(None), max(1, int(queries_per_pass))
+    batches = list(token_batches(calib, batch_size, model_device(model)))
+    projected = torch.zeros(queries, dtype=torch.float64)  # [q]
+    with Perturbation(modules, seed) as pert, torch.inference_mode():
+        for start in range(0, queries, step):
+            js = range(start, min(start + step, queries))
+            pert.slots = [(j, sign * epsilon) for j in js for sign in (1.0, -1.0)]
+            losses = slot_losses(model, batches, len(pert.slots)).view(-1, 2)  # [chunk, (+, -)]
+            projected[start:start + len(js)] = (losses[:, 0] - losses[:, 1]) / (2 * epsilon)
+            span.step((js[-1] + 1) / queries, f"zeroth-order gradient: query {js[-1] + 1}/{queries}")
+    return ZOEstimate(seed, epsilon, projected)
+
+
+# ---- scores -------------------------------------------------------------------------------------------------------
+
+def fms_maps(model: nn.Module, modules: list[Perturbed], grad_of: Callable[[Perturbed], torch.Tensor],
+             reading: str, stats: CalibrationStats | None, kinds: Iterable[str],
+             span: Span | None = None) -> dict[str, torch.Tensor]:
+    """Unit maps of the feature-map-sensitivity score ``reading`` with gradients ``grad_of(projection)``."""
+    adapter = adapter_for(model)
+    by_place = {(m.layer, m.path): m for m in modules}
+    per_input = {}
+
+    def features(l: int, layer: nn.Module, path: str) -> dict[str, torch.Tensor]:
+        item = by_place[(l, path)]
+        s = (item.module.weight.detach().float() * grad_of(item)).abs()  # like the weight
+        if reading != "taylor_abs":
+            site = input_site(adapter, path)
+            if site not in per_input:
+                per_input[site] = stats.norms(site) if reading == "A" else stats.means(site).abs()  # [L, F]
+            s = scale_inputs(item.module, s, per_input[site][l])
+        return feature_sums(item.module, s)
+    with torch.no_grad():
+        return aggregate_units(model, features, kinds, modules={m.path for m in modules}, span=span)
+
+
+def _stats_for(model, calib, reading, batch_size, span) -> CalibrationStats | None:
+    return None if reading == "taylor_abs" else collect_stats(model, calib, span, batch_size=batch_size)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | None]:
+    """Spearman rank correlation over the whole map and averaged over layers (None where undefined)."""
+    from scipy.stats import spearmanr
+
+    def rho(x, y):
+        r = spearmanr(x.flatten().numpy(), y.flatten().numpy()).statistic
+        return None if r is None or math.isnan(r) else float(r)
+    layers = [r for r in (rho(a[l], b[l]) for l in range(a.shape[0])) if r is not None]
+    return {"all": rho(a, b), "within_layer": sum(layers) / len(layers) if layers else None}
+
+
+def zo_vs_backprop(model: nn.Module, calib: Calibration | torch.Tensor, queries_list: Iterable[int] = (1, 4, 16, 64),
+                   reading: str = "A", epsilon: float = 1e-3, seed: int = 0, perturb: str = "scored",
+                   batch_size: int = DEFAULT_BATCH_SIZE, queries_per_pass: int = 1,
+                   estimate: ZOEstimate | None = None, stats: CalibrationStats | None = None,
+                   span: Span | None = None) -> dict:
+    """How well ZO-gradient unit maps rank like exact-backprop maps of the same ``reading``, per query count.
+
+    Runs one ZO estimate with ``max(queries_list)`` queries (or reuses ``estimate`` if it has enough) and uses its
+    first q queries for each q. Returns ``{"reading", "queries", "spearman": {str(q): {map: {"all",
+    "within_layer"}}}, "without_gradient": {map: ...}}``: ``without_gradient`` correlates the exact map with the
+    same score where the gradient is replaced by 1 (``Σ|W|·‖X‖`` for reading A), the floor that magnitude and
+    activation alone reach. Needs backprop memory for the exact gradients.
+    """
+    span, qs = span or Span(None), sorted({int(q) for q in queries_list})
+    modules, kinds = perturbed_modules(model, perturb), kinds_for(perturb)
+    stats = stats if stats is not None or reading == "taylor_abs" else _stats_for(model, calib, reading,
+                                                                                   batch_size, span.sub(0, .1))
+    if estimate is None or estimate.queries < qs[-1]:
+        estimate = zo_estimate(model, calib, modules, qs[-1], epsilon, seed, batch_size, queries_per_pass,
+                               span.sub(.1, .7))
+    prefix = adapter_for(model).layers_path
+    names = {f"{prefix}.{m.layer}.{m.path}.weight": m for m in modules}
+    exact = exact_gradients(model, calib, lambda n, p: n in names, span=span.sub(.7, .8))
+    name_of = {m.key: n for n, m in names.items()}
+    truth = fms_maps(model, modules, lambda m: exact[name_of[m.key]], reading, stats, kinds)
+    out = {"reading": reading, "queries": qs, "spearman": {}, "without_gradient": {}}
+    for i, q in enumerate(qs):
+        zo = fms_maps(model, modules, lambda m: estimate.gradient(m, q), reading, stats, kinds)
+        out["spearman"][str(q)] = {k: _spearman(zo[k], truth[k]) for k in truth}
+        span.sub(.8, 1.0).step((i + 1) / len(qs), f"comparing with backprop: q={q}")
+    flat = fms_maps(model, modules, lambda m: torch.ones_like(m.module.weight, dtype=torch.float32), reading,
+                    stats, kinds)
+    out["without_gradient"] = {k: _spearman(flat[k], truth[k]) for k in truth}
+    return out
+
+
+# ---- the criterion ----------------------------------------------------------------------------------------------
+
+@dataclass
+class MiniLLMOptions:
+    """queries: SPSA queries q (2q loss evaluations over the calibration set; see the module docstring for why
+    64: cost, not accuracy, sets it). epsilon: perturbation scale (MeZO's 1e-3). reading: "A" |W·ĝ|·‖X‖ (default),
+    "B" |W·ĝ|·|mean X| (spsa-prune), "taylor_abs" |W·ĝ|. seed: seed of the directions. perturb: "scored" (all
+    attention and MLP projections), "attention" or "mlp". batch_size: calibration windows per perturbed loss
+    (default 4, so a pass with both signs holds 8 windows, as the other criteria's forward passes; measured on
+    SmolLM2-135M, CPU, 8×128 tokens: 0.8× the extra memory of a plain forward over 8 windows, whose logits are
+    never materialised here). queries_per_pass:
+    queries sharing one forward (each pass holds 2·queries_per_pass·batch_size windows: speed versus activation
+    memory; same result up to rounding). compare_backprop: also compute exact gradients and store the
+    ZO-vs-backprop rank correlation in extras (needs backprop memory, so off by default; the recorded peak memory
+    then is that of backprop)."""
+
+    queries: int = 64
+    epsilon: float = 1e-3
+    reading: str = "A"
+    seed: int = 0
+    perturb: str = "scored"
+    batch_size: int = DEFAULT_BATCH_SIZE // 2  # + and − share a pass: as many windows as a plain forward
+    queries_per_pass: int = 1
+    compare_backprop: bool = False
+
+
+def _check(options: MiniLLMOptions) -> None:
+    if options.reading not in READINGS:
+        raise CriterionError(f"minillm: reading must be one of {READINGS}, not {options.reading!r}")
+    if options.perturb not in PERTURB:
+        raise CriterionError(f"minillm: perturb must be one of {PERTURB}, not {options.perturb!r}")
+    if not options.epsilon > 0:
+        raise CriterionError("minillm: epsilon must be positive")
+
+
+@register
+class MiniLLM(Criterion):
+    name = "minillm"
+    title = "MINI-LLM (forward-only gradients)"
+    paper = "MINI-LLM, Cheng et al., arXiv 2407.11681"
+    produces = ("heads", "kv", "channels")
+    Options = MiniLLMOptions
+
+    def score(self, model: nn.Module, calib: Calibration, options: MiniLLMOptions, ctx: Context) -> ImportanceMap:
+        _check(options)
+        span = Span(ctx)
+        modules, kinds = perturbed_modules(model, options.perturb), kinds_for(options.perturb)
+        stats = _stats_for(model, calib, options.reading, options.batch_size, span.sub(0.0, 0.05))
+        est = zo_estimate(model, calib, modules, options.queries, options.epsilon, options.seed,
+                          options.batch_size, options.queries_per_pass, span.sub(0.05, 0.8))
+        maps = fms_maps(model, modules, est.gradient, options.reading, stats, kinds, span.sub(0.8, 0.9))
+        extras = {"queries": est.queries, "epsilon": est.epsilon, "projected_gradients": est.projected.tolist(),
+                  "perturbed_weights": sum(m.module.weight.numel() for m in modules)}
+        if options.compare_backprop:
+            diag = zo_vs_backprop(model, calib, (options.queries,), options.reading, options.epsilon, options.seed,
+                                  options.perturb, options.batch_size, options.queries_per_pass, est, stats,
+                                  span.sub(0.9, 1.0))
+            extras["zo_vs_backprop"] = {"spearman": diag["spearman"][str(options.queries)],
+                                        "without_gradient": diag["without_gradient"]}
+        return ImportanceMap(self.name, geometry_of(model), **maps, extras=extras)
+
+    def estimate(self, geometry, n_params, samples, seq_len, options) -> dict:
+        g = geometry
+        largest = g.hidden * max(g.n_channels, (g.n_heads + 2 * g.n_kv) * g.head_dim)
+        return {"forward_tokens": (2 * options.queries + 1) * samples * seq_len,
+                "backward": bool(options.compare_backprop), "extra_bytes": 8 * largest}
