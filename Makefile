@@ -27,7 +27,7 @@ browser:
 		apt-get install -y -qq chromium >/dev/null) || echo "chromium could not be installed: browser tests will skip"
 
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) -m pytest -q -m "not slow and not e2e" tests

@@ -10,7 +10,8 @@ import torch  # noqa: E402
 
 from pruneviz.testing import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Under pytest-xdist (make test runs two workers on two cores) each worker computes on one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(params=FAMILIES)

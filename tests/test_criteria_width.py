@@ -382,3 +382,12 @@ def test_cancel_stops_scoring_and_removes_hooks(calib):
         with pytest.raises(Cancelled):
             importance.compute(model, name, calib, opts, progress=lambda f, msg: calls.append(f), cancel=cancel)
         assert len(calls) == 3 and hooks_left(model) == 0
+
+
+def test_models_that_bypass_their_projections_are_refused(calib):
+    from pruneviz.errors import CriterionError
+
+    model = tiny_model("bloom", slow_but_exact=True, pretraining_tp=2)
+    for name in ("wanda_sp", "minillm"):
+        with pytest.raises(CriterionError, match="slow_but_exact"):
+            importance.compute(model, name, calib, make_options(name))
