@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--protocol", default="paper")
+    ap.add_argument("--name", default="quality", help="results file name under bench/results/")
     args = ap.parse_args()
 
     from pruneviz.data import split_default
@@ -108,7 +109,7 @@ def main() -> None:
     ]
 
     def flush():
-        write_table("quality", "Perplexity after pruning, by criterion (bundled SmolLM2-135M)", protocol_lines,
+        write_table(args.name, "Perplexity after pruning, by criterion (bundled SmolLM2-135M)", protocol_lines,
                     ["method", "allocation", "scoring s", "peak MiB"] + [f"{r:.0%} removed" for r in ratios], rows)
 
     scoring = {}
