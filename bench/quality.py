@@ -18,6 +18,9 @@ from common import calibration, load_bundled, write_table
 METHODS = {
     "magnitude": ("magnitude", "uniform", {}, None),
     "wanda_sp": ("wanda_sp", "uniform", {}, None),
+    "magnitude, layers 4..L-3": ("magnitude", "uniform", {"skip_first": 4, "skip_last": 2}, None),
+    "wanda_sp, layers 4..L-3": ("wanda_sp", "uniform", {"skip_first": 4, "skip_last": 2}, None),
+    "taylor, layers 4..L-3": ("taylor", "uniform", {"skip_first": 4, "skip_last": 2}, None),
     "flap": ("flap", "global", {}, "flap_bias"),
     "taylor": ("taylor", "uniform", {}, None),
     "minillm": ("minillm", "uniform", {}, None),
@@ -100,7 +103,8 @@ def main() -> None:
         f"{protocol.describe()}",
         "Cells: perplexity (ratio to dense; share of non-embedding parameters actually removed). Targets are "
         "shares of non-embedding parameters (106.2M); whole units make the achieved share differ slightly.",
-        "Width methods rank within each layer (uniform) unless stated; FLAP ranks globally with its bias "
+        "Width methods rank within each layer (uniform) unless stated; 'layers 4..L-3' keeps the first four and "
+        "last two layers whole (LLM-Pruner's layer range) and spreads the budget over the rest; FLAP ranks globally with its bias "
         "compensation; SlimGPT runs its OBS solver with log-increasing layer ratios (its ratio is the mean "
         "per-layer share of heads and channels) and compensates weights; depth methods remove whole blocks "
         "(+ = keep the first four and last two).",

@@ -31,7 +31,7 @@ if not imaps:
 
 # ==== controls =======================================================================================================
 DEFAULTS = {"criterion": list(imaps)[-1], "head_pct": 0, "channel_pct": 0, "block_count": 0, "attn_unit": "kv",
-            "strategy": "uniform", "plus_rule": False}
+            "strategy": "uniform", "plus_rule": False, "width_layers": (0, g.n_layers - 1)}
 saved = st.session_state.get("prune_ui") or DEFAULTS
 if saved.get("criterion") not in imaps:
     saved = {**saved, "criterion": DEFAULTS["criterion"]}
@@ -64,6 +64,10 @@ with left:
                           "· incremental: more in later layers (SlimGPT schedule).")
         st.checkbox("Protect first 4 and last 2 blocks", key="pr_plus_rule", disabled=not has_blocks,
                     help="Shortened LLaMA's + rule for block removal.")
+        st.slider("Layers pruned in width", 0, g.n_layers - 1, key="pr_width_layers",
+                  help="Heads and channels are removed only in this range of layers; the others stay whole "
+                       "(LLM-Pruner prunes layers 4 to L-3). The first and last layers are usually the most "
+                       "sensitive.")
     settings = {k: st.session_state[state.SLIDER_PREFIX + k] for k in DEFAULTS}
     st.session_state["prune_ui"] = settings
 

@@ -143,6 +143,12 @@ class AllocOptions:
       scores.
     - ``schedule``, ``r0`` (incremental): passed to :func:`pruneviz.criteria.slimgpt.layer_ratios`.
     - ``plus_rule`` (depth, combined): never remove blocks {0, 1, 2, 3, L-2, L-1}.
+    - ``skip_first``, ``skip_last`` (width, combined): leave the first / last that many layers at full width.
+      This is LLM-Pruner's layer range (``--block_attention_layer_start/end``, ``--block_mlp_layer_start/end``;
+      its README prunes layers 4-29 of LLaMA-7B's 32, i.e. ``skip_first=4, skip_last=2``). Default 0 and 0: every
+      layer is prunable, as in Wanda-sp, FLAP and MINI-LLM. The budget is spread over the remaining layers, so
+      they lose more each. On SmolLM2-135M the first and last layers are by far the most sensitive to width
+      pruning (see ``bench/results/quality.md``).
     - ``n_blocks`` (depth): remove this many blocks instead of deriving the count from the target.
     - ``depth_share`` (combined): share of the budget removed as whole blocks, in [0, 1]; ``width`` the width
       strategy for the rest.
@@ -154,6 +160,8 @@ class AllocOptions:
     schedule: str = "log_increase"
     r0: float | None = None
     plus_rule: bool = False
+    skip_first: int = 0
+    skip_last: int = 0
     n_blocks: int | None = None
     depth_share: float = 0.5
     width: str = "uniform"
@@ -166,6 +174,10 @@ class AllocOptions:
             v = getattr(self, name)
             if v is not None and not 0.0 <= float(v) <= 1.0:
                 raise PlanError(f"{name} is a share of the budget between 0 and 1, not {v!r}")
+        for name in ("skip_first", "skip_last"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise PlanError(f"{name} is a number of layers (0 or more), not {v!r}")
         if self.n_blocks is not None and int(self.n_blocks) < 0:
             raise PlanError(f"n_blocks must be 0 or more, not {self.n_blocks}")
 
@@ -433,7 +445,10 @@ def get_allocator(name: str) -> Callable[[Job], Allocation]:
 def _width_limit(job: Job) -> str:
     unit = "KV group" if effective_attn_unit(job.options.attn_unit, job.geometry) == "kv" \
         else "query head in every KV group"
-    return f"every kept layer keeps at least one {unit} and one MLP channel"
+    o = job.options
+    skipped = (f" and skip_first={o.skip_first}, skip_last={o.skip_last} keep those layers whole"
+               if o.skip_first or o.skip_last else "")
+    return f"every kept layer keeps at least one {unit} and one MLP channel{skipped}"
 
 
 def _need_parts(lads: dict[str, list[Ladder]], share_attn: float | None, imap: ImportanceMap) -> None:
@@ -549,25 +564,36 @@ def incremental_width(job: Job, layers: Sequence[int], budget: float, plan: Plan
     return dataclasses.replace(alloc, plan=alloc.plan.with_provenance(**extras))
 
 
+def width_layers(n_layers: int, options: AllocOptions, kept: Sequence[int] | None = None) -> list[int]:
+    """Layers width pruning may touch: ``kept`` (default all) minus the first ``skip_first`` and the last
+    ``skip_last`` layers of the model (LLM-Pruner's layer range). Raises PlanError when none is left."""
+    lo, hi = options.skip_first, n_layers - options.skip_last
+    layers = [l for l in (range(n_layers) if kept is None else kept) if lo <= l < hi]
+    if not layers:
+        raise PlanError(f"skip_first={options.skip_first} and skip_last={options.skip_last} leave no layer of "
+                        f"{n_layers} to prune in width; lower them")
+    return layers
+
+
 WIDTH = {"uniform": uniform_width, "global": global_width, "incremental": incremental_width}
 
 
 @register_allocator("uniform")
 def _uniform(job: Job) -> Allocation:
     """The same ratio in every layer, units ranked within each layer (MINI-LLM, LLM-Pruner, Wanda-sp)."""
-    return uniform_width(job, range(job.geometry.n_layers), job.budget, job.empty)
+    return uniform_width(job, width_layers(job.geometry.n_layers, job.options), job.budget, job.empty)
 
 
 @register_allocator("incremental")
 def _incremental(job: Job) -> Allocation:
     """Per-layer ratios growing with depth (SlimGPT Eq. 6, log-increase by default)."""
-    return incremental_width(job, range(job.geometry.n_layers), job.budget, job.empty)
+    return incremental_width(job, width_layers(job.geometry.n_layers, job.options), job.budget, job.empty)
 
 
 @register_allocator("global")
 def _global(job: Job) -> Allocation:
     """Scores standardised per layer, ranked across all layers (FLAP AL-AM): adaptive widths."""
-    return global_width(job, range(job.geometry.n_layers), job.budget, job.empty)
+    return global_width(job, width_layers(job.geometry.n_layers, job.options), job.budget, job.empty)
 
 
 # ---- depth -----------------------------------------------------------------------------------------------------------
@@ -630,7 +656,7 @@ def _combined(job: Job) -> Allocation:
     rest = job.budget - len(blocks) * job.costs.block
     if rest <= 0:  # the blocks alone reach the target
         return Allocation(plan, job.costs.block, "whole blocks overshoot it")
-    alloc = WIDTH[o.width](job, kept, rest, plan)
+    alloc = WIDTH[o.width](job, width_layers(job.geometry.n_layers, o, kept), rest, plan)
     return dataclasses.replace(alloc, plan=alloc.plan.with_provenance(width_strategy=o.width))
 
 
@@ -725,30 +751,36 @@ def _slider_counts(lads: list[Ladder], ratio: float, strategy: str, options: All
 def plan_from_ratios(model: nn.Module, imap: ImportanceMap, head_ratio: float = 0.0, channel_ratio: float = 0.0,
                      block_count: int = 0, attn_unit: str = "kv", strategy: str = "uniform",
                      plus_rule: bool = False, normalize: str = "layer", schedule: str = "log_increase",
-                     r0: float | None = None) -> Plan:
+                     r0: float | None = None, skip_first: int = 0, skip_last: int = 0) -> Plan:
     """The app's sliders: remove ``head_ratio`` of attention units (KV groups or per-group query heads, see
     ``attn_unit``), ``channel_ratio`` of MLP channels and ``block_count`` whole blocks.
 
     Blocks are the least important by ``imap.blocks`` (``plus_rule`` protects {0,1,2,3,L-2,L-1}); width ratios
     apply to the kept blocks with ``strategy`` uniform (same count per layer), global (lowest normalised scores
-    across layers) or incremental (SlimGPT schedule). Ratios are in [0, 1); a layer always keeps one unit of
-    each kind, and units that this rule holds back are recorded as ``shortfall`` in the provenance.
+    across layers) or incremental (SlimGPT schedule), skipping the first ``skip_first`` and last ``skip_last``
+    layers (LLM-Pruner's layer range). Ratios are in [0, 1) of the units of the layers pruned in width; a layer
+    always keeps one unit of each kind, and units that this rule holds back are recorded as ``shortfall`` in the
+    provenance.
     """
     _check_map(model, imap)
     if strategy not in WIDTH:
         raise PlanError(f"slider strategy must be one of {', '.join(WIDTH)}; got {strategy!r}")
     ratios = {"attn": _slider(head_ratio, "head"), "mlp": _slider(channel_ratio, "channel")}
-    opts = AllocOptions(attn_unit=attn_unit, normalize=normalize, schedule=schedule, r0=r0, plus_rule=plus_rule)
+    opts = AllocOptions(attn_unit=attn_unit, normalize=normalize, schedule=schedule, r0=r0, plus_rule=plus_rule,
+                        skip_first=skip_first, skip_last=skip_last)
     blocks = pick_blocks(imap, int(block_count), plus_rule) if block_count else []
     plan = Plan.empty(model).with_units("block", None, blocks)
     kept = [l for l in range(imap.geometry.n_layers) if l not in set(blocks)]
+    if head_ratio or channel_ratio:
+        kept = width_layers(imap.geometry.n_layers, opts, kept)
     taken, shortfall, lads = _slider_width(imap, kept, unit_costs(model), ratios, strategy, opts)
     plan = plan_with(plan, taken, lads)
     params = param_record(model, plan)
     plan = plan.with_provenance(
         criterion=imap.criterion, strategy=strategy, target=None,
         sliders={"head_ratio": head_ratio, "channel_ratio": channel_ratio, "block_count": int(block_count),
-                 "attn_unit": effective_attn_unit(attn_unit, imap.geometry), "plus_rule": plus_rule},
+                 "attn_unit": effective_attn_unit(attn_unit, imap.geometry), "plus_rule": plus_rule,
+                 "skip_first": skip_first, "skip_last": skip_last},
         options=dataclasses.asdict(opts), achieved_ratio=_achieved(params, "non_embedding"),
         achieved_of="non_embedding", params=params, shortfall=shortfall)
     return plan.validate(model, physical=True)

@@ -146,7 +146,8 @@ def cmd_plan(args) -> None:
     lm = _load(args)
     imap = _read_scores(args.scores, ImportanceMap)
     plan = allocate(lm.model, imap, Target(args.ratio, args.of), strategy=args.strategy,
-                    attn_unit=args.attn_unit, plus_rule=args.plus_rule)
+                    attn_unit=args.attn_unit, plus_rule=args.plus_rule, skip_first=args.skip_first,
+                    skip_last=args.skip_last)
     write_plan(plan, args.out)
     prov = plan.provenance
     print(f"{plan.summary()}; removes {prov.get('achieved_ratio', 0):.1%} of {args.of} parameters -> {args.out}")
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform, incremental (SlimGPT schedule), global (FLAP), depth, combined")
     p.add_argument("--attn-unit", default="kv", choices=["kv", "head"])
     p.add_argument("--plus-rule", action="store_true", help="depth: keep the first four and last two blocks")
+    p.add_argument("--skip-first", type=int, default=0, help="width: keep the first N layers whole (LLM-Pruner: 4)")
+    p.add_argument("--skip-last", type=int, default=0, help="width: keep the last N layers whole (LLM-Pruner: 2)")
     p.add_argument("--out", default="plan.json")
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("slimgpt", help="run the SlimGPT OBS solver (plan + compensated weights)")

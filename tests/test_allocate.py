@@ -372,3 +372,30 @@ def test_allocation_properties(seed, r1, r2, strategy, unit, family):
         assert after[1] <= after[0] + SLACK[strategy](model)
     if plans[1] is not None and strategy != "combined":
         assert plans[0] is not None  # a smaller target is reachable whenever a larger one is
+
+
+# ---- LLM-Pruner's layer range (skip_first / skip_last) -------------------------------------------------------------
+
+def _touched(plan):
+    return {l for part in (plan.channels, plan.kv, plan.heads) for l, units in part if units}
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global", "incremental"])
+def test_skip_layers_keep_those_layers_whole(strategy):
+    imap = toy_map(DEEP)
+    plan = allocate(DEEP, imap, 0.2, strategy=strategy, skip_first=3, skip_last=2)
+    assert _touched(plan) and _touched(plan) <= set(range(3, 8)), _touched(plan)
+    assert abs(plan.provenance["achieved_ratio"] - 0.2) < 0.03
+    assert _touched(allocate(DEEP, imap, 0.2, strategy=strategy)) - set(range(3, 8))  # without: they are touched
+
+
+def test_skip_layers_that_leave_nothing_say_so():
+    imap = toy_map()
+    with pytest.raises(PlanError, match="leave no layer"):
+        allocate(LLAMA, imap, 0.1, skip_first=2, skip_last=2)
+    with pytest.raises(PlanError, match="skip_first is a number of layers"):
+        allocate(LLAMA, imap, 0.1, skip_first=-1)
+    plan = plan_from_ratios(LLAMA, imap, channel_ratio=0.5, skip_first=1, skip_last=1)
+    assert _touched(plan) == {1, 2}
+    assert dict(plan.channels)[1] == lowest_channels(1, 20)
+    assert plan.provenance["sliders"]["skip_first"] == 1

@@ -90,6 +90,15 @@ def compute_importance(loaded, names: list[str], options: dict, calib) -> list[s
 
 # ---- plans --------------------------------------------------------------------------------------------------------
 
+def width_range(loaded, settings: dict) -> dict:
+    """The ``width_layers`` slider (first, last layer pruned in width) as ``skip_first`` / ``skip_last``."""
+    from ..arch import geometry_of
+
+    n = geometry_of(loaded.model).n_layers
+    lo, hi = settings.get("width_layers") or (0, n - 1)
+    return {"skip_first": int(lo), "skip_last": int(n - 1 - hi)}
+
+
 def build_plan(loaded, settings: dict):
     """A plan from the slider settings (allocation over the chosen map) with the session's manual edits on top."""
     from ..allocate import plan_from_ratios
@@ -103,7 +112,8 @@ def build_plan(loaded, settings: dict):
     else:
         plan = plan_from_ratios(loaded.model, imap, head_ratio=head, channel_ratio=chan,
                                 block_count=settings["block_count"], attn_unit=settings["attn_unit"],
-                                strategy=settings["strategy"], plus_rule=settings.get("plus_rule", False))
+                                strategy=settings["strategy"], plus_rule=settings.get("plus_rule", False),
+                                **width_range(loaded, settings))
     edits = st.session_state.get("edits", [])
     if edits:
         plan = analysis.apply_edits(plan, edits).with_provenance(manual_edits=len(edits))
