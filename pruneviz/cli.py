@@ -1,4 +1,4 @@
-"""Command line: inspect, score, plan, prune (SlimGPT), evaluate, export and chat, headless (e.g. on a GPU server).
+"""Command line: inspect, score, plan, prune (SlimGPT), evaluate, export, chat and LoRA recovery, headless (e.g. on a GPU server).
 
     python -m pruneviz inspect
     python -m pruneviz score --criterion wanda_sp --samples 16 --seq-len 128 --out scores.json
@@ -7,6 +7,7 @@
     python -m pruneviz evaluate --plan plan.json --protocol paper
     python -m pruneviz export --plan plan.json --out out/smol-pruned
     python -m pruneviz chat --plan plan.json "Write a haiku about pruning"
+    python -m pruneviz recover --plan plan.json --steps 100 --out out/smol-recovered
 
 Every command takes ``--model`` (bundled default, a Hugging Face id or a folder), ``--device``, ``--dtype``.
 Errors print one line that says what to do and exit with status 2.
@@ -219,6 +220,152 @@ def cmd_chat(args) -> None:
         print(f"[{stats.n_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
 
 
+def _is_pruned(lm) -> bool:
+    """True for a model exported by pruneviz (either format) or otherwise carrying a pruneviz plan."""
+    from .export import PLAN_FILE
+
+    cfg = lm.model.config
+    if any(getattr(cfg, k, None) for k in ("pruneviz_layout", "pruneviz_plan", "pruneviz_plan_sha256")):
+        return True
+    return lm.path is not None and Path(lm.path, PLAN_FILE).is_file()
+
+
+def _recover_inputs(args, lm):
+    """(dense model or None, pruned model, plan or None) for ``recover``: ``--plan`` applied to ``--model``, or
+    ``--model`` itself when it is an already-pruned export (its dense base only when ``--base`` names it)."""
+    from .errors import PlanError
+    from .export import PLAN_FILE, _plan_of
+
+    if args.plan:
+        pruned, plan = _pruned(args, lm)
+        return lm.model, pruned, plan
+    if not _is_pruned(lm):
+        raise PlanError(f"{lm.name} is not pruned: pass --plan PLAN.json (applied to --model), or --model a folder "
+                        f"written by 'python -m pruneviz export'")
+    plan_file = Path(lm.path, PLAN_FILE) if lm.path is not None else None
+    plan = _read_plan(plan_file) if plan_file is not None and plan_file.is_file() else _plan_of(lm.model)
+    dense = None
+    if args.base:
+        from .loading import load_model
+
+        base = load_model(args.base, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        if plan is not None:
+            plan.validate(base.model, physical=False)  # PlanError when --base is not the model the plan was made for
+        dense = base.model
+    return dense, lm.model, plan
+
+
+class _StopOnCtrlC:
+    """``cancel()`` callback: the first Ctrl-C stops training after the current step (the steps done so far are
+    merged and reported), a second one aborts. Only in the main thread (signals cannot be caught elsewhere)."""
+
+    def __init__(self):
+        self.hit, self.old = False, None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("stopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.hit
+
+    def __exit__(self, *_):
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        return False
+
+
+def _step_printer(every: int):
+    """A recovery progress callback printing one line per ``every`` steps (always the first and last) and every
+    phase message."""
+    import re
+
+    def show(_fraction, message=""):
+        m = re.match(r"LoRA step (\d+)/(\d+)", str(message))
+        if m is None or int(m[1]) in (1, int(m[2])) or int(m[1]) % every == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _ppl(model, tokenizer, text: str, protocol, label: str):
+    from .evaluate import perplexity
+
+    progress = _bar(f"perplexity ({label})")
+    try:
+        return perplexity(model, tokenizer, text, protocol, progress=progress)
+    finally:
+        progress.close()
+
+
+def ppl_table(rows: list[tuple[str, int | None, float | None]]) -> str:
+    """The dense / pruned / pruned + LoRA table: name, parameters, perplexity and the change against dense."""
+    dense = next((ppl for name, _, ppl in rows if name == "dense" and ppl is not None), None)
+    lines = [f"{'model':<15}{'parameters':>14}{'perplexity':>13}{'vs dense':>11}"]
+    for name, params, ppl in rows:
+        p = f"{params:,}" if params is not None else "-"
+        v = f"{ppl:.3f}" if ppl is not None else "-"
+        d = f"{(ppl / dense - 1):+.1%}" if dense and ppl is not None and name != "dense" else ""
+        lines.append(f"{name:<15}{p:>14}{v:>13}{d:>11}")
+    return "\n".join(lines)
+
+
+def cmd_recover(args) -> None:
+    from .data import get_text
+    from .errors import ExportError
+    from .evaluate import get_protocol
+    from .plan import dense_params
+    from .recovery import LoRAOptions, recover, training_windows
+
+    options = LoRAOptions(r=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+                          seq_len=args.seq_len, seed=args.seed, schedule=args.schedule, warmup_steps=args.warmup_steps)
+    options.validate()  # settings, texts and the output folder are checked before anything slow
+    protocol = get_protocol(args.protocol)
+    train_text, eval_text = get_text(args.text, part="calib"), get_text(args.eval_text, part="eval")
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise ExportError(f"{args.out} already exists; choose another folder or pass --overwrite")
+    lm = _load(args)
+    training_windows(lm.tokenizer, train_text, options)  # TextError now if the text is too short, not after PPL
+    dense, pruned, plan = _recover_inputs(args, lm)
+    print(f"pruned model: {plan.summary() if plan else lm.name}, {dense_params(pruned):,} parameters",
+          file=sys.stderr)
+    rows = [("dense", dense_params(dense), _ppl(dense, lm.tokenizer, eval_text, protocol, "dense").ppl)
+            if dense is not None else ("dense", None, None)]
+    rows.append(("pruned", dense_params(pruned), _ppl(pruned, lm.tokenizer, eval_text, protocol, "pruned").ppl))
+    with _StopOnCtrlC() as stop:
+        res = recover(pruned, lm.tokenizer, train_text, options, progress=_step_printer(max(1, args.log_every)),
+                      cancel=stop)
+    model = res.model
+    rows.append(("pruned + LoRA", dense_params(model), _ppl(model, lm.tokenizer, eval_text, protocol, "LoRA").ppl))
+    print(ppl_table(rows))
+    losses = (f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}" if res.losses else "no step done")
+    print(f"LoRA r={options.r} alpha={options.alpha:g} lr={options.lr:g} {options.schedule}: {res.steps_done}/"
+          f"{options.steps} steps of {options.batch_size}x{options.seq_len} tokens"
+          f"{' (stopped early)' if res.cancelled else ''}, {losses}, {res.trainable_params:,} trainable parameters, "
+          f"{res.seconds:.1f} s\nprotocol: {protocol.describe()}")
+    if args.out:
+        from .export import save_pruned
+
+        evaluation = {f"perplexity ({name})": round(ppl, 4) for name, _, ppl in rows if ppl is not None}
+        evaluation.update(text=args.eval_text, protocol=protocol.describe())
+        report = save_pruned(model, lm.tokenizer, args.out, plan=plan, evaluation=evaluation,
+                             overwrite=args.overwrite)
+        print(f"exported {report.format} checkpoint to {report.folder} (reload max |Δlogit| "
+              f"{report.reload_max_abs_diff:g})")
+
+
 # ---- parser -------------------------------------------------------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser, calibration: bool = False) -> None:
@@ -284,6 +431,31 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=96)
             p.add_argument("--temperature", type=float, default=0.0)
         p.set_defaults(fn=fn)
+    p = sub.add_parser("recover", help="LoRA fine-tuning of the pruned model; dense / pruned / + LoRA perplexity")
+    _common(p)
+    p.add_argument("--plan", help="plan JSON applied to --model (leave out when --model is an exported pruned folder)")
+    p.add_argument("--base", help="with an exported pruned --model: its dense base, for the dense row (optional)")
+    p.add_argument("--text", default="default",
+                   help="training text: default (Python docs, calibration part), file:PATH, PATH or hf:wikitext2")
+    p.add_argument("--eval-text", default="default",
+                   help="held-out text for perplexity: default (Python docs, evaluation part), file:PATH or PATH")
+    p.add_argument("--protocol", default="quick", help="perplexity protocol: quick, paper, long")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / r)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="tokens per training window (and per calibration window of a plan's compensation step)")
+    p.add_argument("--seed", type=int, default=0, help="picks the windows, their order and the LoRA init")
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
+                   help="learning rate after the warm-up")
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
+    p.add_argument("--samples", type=int, default=16, help="calibration windows for a plan's compensation step")
+    p.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
+    p.add_argument("--out", help="export the recovered model (verified checkpoint) to this folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_recover)
     return ap
 
 
