@@ -18,9 +18,9 @@ from common import calibration, load_bundled, write_table
 METHODS = {
     "magnitude": ("magnitude", "uniform", {}, None),
     "wanda_sp": ("wanda_sp", "uniform", {}, None),
-    "magnitude, layers 4..L-3": ("magnitude", "uniform", {"skip_first": 4, "skip_last": 2}, None),
-    "wanda_sp, layers 4..L-3": ("wanda_sp", "uniform", {"skip_first": 4, "skip_last": 2}, None),
-    "taylor, layers 4..L-3": ("taylor", "uniform", {"skip_first": 4, "skip_last": 2}, None),
+    "magnitude (layers 4..L-3)": ("magnitude", "uniform", {"skip_first": 4, "skip_last": 2}, None),
+    "wanda_sp (layers 4..L-3)": ("wanda_sp", "uniform", {"skip_first": 4, "skip_last": 2}, None),
+    "taylor (layers 4..L-3)": ("taylor", "uniform", {"skip_first": 4, "skip_last": 2}, None),
     "flap": ("flap", "global", {}, "flap_bias"),
     "taylor": ("taylor", "uniform", {}, None),
     "minillm": ("minillm", "uniform", {}, None),
