@@ -1,4 +1,5 @@
-"""Evaluate page: perplexity of dense and pruned under one protocol, sweeps, per-token losses, history."""
+"""Evaluate page: perplexity of dense, pruned (and pruned + LoRA) under one protocol, LoRA recovery, sweeps,
+per-token losses, history."""
 import math
 
 import pandas as pd
@@ -7,7 +8,8 @@ import streamlit as st
 from pruneviz.evaluate import PROTOCOLS, token_losses
 from pruneviz.importance import available
 from pruneviz.plan import Plan
-from pruneviz.ui import figures, services, state
+from pruneviz.recovery import SCHEDULES, LoRAOptions
+from pruneviz.ui import analysis, figures, services, state
 from pruneviz.ui import components as ui
 from pruneviz.ui.work import show_error
 
@@ -37,21 +39,78 @@ evals = st.session_state["evals"]
 mine = [e for e in evals if e["sha"] == plan.sha256()]
 if mine:
     last = mine[-1]
-    c1, c2, c3 = st.columns(3)
-    c1.metric("Dense PPL", ui.fmt_ppl(last["dense_ppl"]), border=True)
-    c2.metric("Pruned PPL", ui.fmt_ppl(last["pruned_ppl"]), border=True, delta_color="inverse",
-              delta=ui.ppl_delta(last["pruned_ppl"], last["dense_ppl"]))
-    c3.metric("Scored tokens", f"{last['tokens']:,}", border=True)
+    lora_ppl = last.get("lora_ppl")
+    cols = st.columns(4 if lora_ppl is not None else 3)
+    cols[0].metric("Dense PPL", ui.fmt_ppl(last["dense_ppl"]), border=True)
+    cols[1].metric("Pruned PPL", ui.fmt_ppl(last["pruned_ppl"]), border=True, delta_color="inverse",
+                   delta=ui.ppl_delta(last["pruned_ppl"], last["dense_ppl"]))
+    if lora_ppl is not None:
+        cols[2].metric("Pruned + LoRA PPL", ui.fmt_ppl(lora_ppl), border=True, delta_color="inverse",
+                       delta=ui.ppl_delta(lora_ppl, last["dense_ppl"]), help=f"LoRA: {last['lora']}")
+    cols[-1].metric("Scored tokens", f"{last['tokens']:,}", border=True)
+    st.dataframe(pd.DataFrame(analysis.ppl_rows(last)), hide_index=True, key="ev_ppl_table", column_config={
+        "parameters": st.column_config.NumberColumn(format="compact"),
+        "perplexity": st.column_config.NumberColumn(format="%.4g"),
+        "vs dense": st.column_config.NumberColumn(format="percent")})
     st.caption(("⚠️ PARTIAL (cancelled) · " if not last["complete"] else "") +
-               f"{last['protocol_text']} Text: {last['text']}.")
+               f"{last['protocol_text']} Text: {last['text']}." +
+               (f" LoRA: {last['lora']}." if last.get("lora") else ""))
 if evals:
     with st.expander(f"All evaluations ({len(evals)})", icon=":material/table:"):
-        st.dataframe(pd.DataFrame(evals)[["time", "summary", "dense_ppl", "pruned_ppl", "protocol", "text", "how",
-                                          "complete"]], hide_index=True, key="ev_table", column_config={
+        frame = pd.DataFrame(evals).reindex(columns=["time", "summary", "dense_ppl", "pruned_ppl", "lora_ppl", "lora",
+                                                     "protocol", "text", "how", "complete"])
+        st.dataframe(frame, hide_index=True, key="ev_table", column_config={
             "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
-            "pruned_ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g")})
+            "pruned_ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g"),
+            "lora_ppl": st.column_config.NumberColumn("pruned + LoRA PPL", format="%.4g")})
 
-# ==== 2. sweep =======================================================================================================
+# ==== 2. LoRA recovery ===============================================================================================
+st.subheader("Recover (LoRA)", anchor=False)
+built, recovery = state.pruned_for(plan), state.recovery_for(plan)
+if built is None:
+    st.caption("A short LoRA fine-tune of the physically pruned model recovers part of the lost quality (Shortened "
+               "LLaMA, LLM-Pruner). Build the pruned model on the Prune page first.")
+else:
+    max_pos = getattr(built.config, "max_position_embeddings", None) or 2048
+    lens = [n for n in ui.SEQ_LENS if n <= max_pos] or [max_pos]
+    with st.expander("Settings and training text", icon=":material/model_training:", expanded=recovery is None):
+        c1, c2, c3, c4 = st.columns(4)
+        steps = c1.number_input("Steps", 1, 10_000, 100, key="ev_lora_steps",
+                                help="Optimizer steps (the papers train ~1.5k steps of 64 on Alpaca; 100 fit a CPU).")
+        lr = c2.select_slider("Learning rate", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3], value=1e-4, key="ev_lora_lr",
+                              format_func=lambda v: f"{v:g}")
+        rank = c3.selectbox("Rank r", [2, 4, 8, 16, 32, 64], index=2, key="ev_lora_rank")
+        alpha = c4.number_input("Alpha", 1.0, 1024.0, 16.0, key="ev_lora_alpha",
+                                help="Adapters are scaled by alpha / r.")
+        c1, c2, c3, c4 = st.columns(4)
+        batch = c1.number_input("Windows per step", 1, 256, 4, key="ev_lora_batch")
+        seq = c2.selectbox("Tokens per window", lens, index=lens.index(128) if 128 in lens else len(lens) - 1,
+                           key="ev_lora_seq")
+        seed = c3.number_input("Seed", 0, 2 ** 31 - 1, 0, key="ev_lora_seed", help="Windows, their order, LoRA init.")
+        schedule = c4.selectbox("Schedule", list(SCHEDULES), key="ev_lora_schedule",
+                                help="After 10 warm-up steps: linear decay (HF Trainer), cosine (SlimGPT) or constant.")
+        train = ui.text_picker("calib", "ev_lora")
+    options = LoRAOptions(r=int(rank), alpha=float(alpha), lr=float(lr), steps=int(steps), batch_size=int(batch),
+                          seq_len=int(seq), seed=int(seed), schedule=schedule)
+    st.caption(f"About {ui.human_seconds(services.recovery_seconds(loaded, options))} here. Trains a copy (the pruned "
+               "model is kept), then measures dense / pruned / pruned + LoRA on the held-out text and protocol above. "
+               "Afterwards Chat, Evaluate and Export use the recovered model.")
+    if st.button("Fine-tune with LoRA", type="primary", key="ev_lora_run", icon=":material/model_training:",
+                 disabled=train is None):
+        if services.recover_pruned(loaded, plan, options, train.name, train.text, text.name if text else None,
+                                   text.text if text else None, protocol):
+            st.rerun()
+    if recovery is not None:
+        st.plotly_chart(figures.loss_figure(recovery["losses"]), key="ev_lora_loss")
+        st.caption(("⚠️ stopped early · " if recovery["cancelled"] else "") +
+                   f"{recovery['tag']} · trained on {recovery['text']} in {ui.human_seconds(recovery['seconds'])} · "
+                   f"{recovery['record']['trainable_params']:,} LoRA parameters, merged into the weights")
+        if st.button("Discard the recovered model", key="ev_lora_discard", icon=":material/undo:",
+                     help="Chat, Evaluate and Export go back to the pruned model without LoRA."):
+            services.discard_recovery(plan)
+            st.rerun()
+
+# ==== 3. sweep =======================================================================================================
 st.subheader("Sweep", anchor=False)
 imaps = st.session_state["imaps"]
 if not imaps:
@@ -92,7 +151,7 @@ else:
         st.session_state["sweep"] = []
         st.rerun()
 
-# ==== 3. per-token loss difference ===================================================================================
+# ==== 4. per-token loss difference ===================================================================================
 st.subheader("Per-token loss difference", anchor=False)
 st.caption("Each token shaded by how much worse (red) or better (blue) the pruned model predicts it. Hover a token "
            "for both losses.")
@@ -116,18 +175,19 @@ if diff:
     st.metric("Mean loss change", f"{mean_delta:+.3f} nats/token", border=True)
     st.html(figures.token_diff_html(diff["tokens"], diff["dense"], diff["pruned"]))
 
-# ==== 4. history =====================================================================================================
+# ==== 5. history =====================================================================================================
 st.subheader("History", anchor=False)
 hist = st.session_state["history"]
 if not hist:
     st.caption("Every plan you apply or evaluate is recorded here and can be reloaded.")
 else:
-    cols = [c for c in ("n", "time", "summary", "criterion", "strategy", "params", "dense_ppl", "ppl", "protocol")
-            if any(c in h for h in hist)]
+    cols = [c for c in ("n", "time", "summary", "criterion", "strategy", "params", "dense_ppl", "ppl", "lora_ppl",
+                        "protocol") if any(c in h for h in hist)]
     st.dataframe(pd.DataFrame(hist)[cols], hide_index=True, key="ev_history", column_config={
         "params": st.column_config.NumberColumn("parameters", format="compact"),
         "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
-        "ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g")})
+        "ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g"),
+        "lora_ppl": st.column_config.NumberColumn("pruned + LoRA PPL", format="%.4g")})
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     pick = c1.selectbox("Configuration", [h["n"] for h in hist], key="ev_hist_pick",
                         format_func=lambda n: f"#{n}: {hist[n - 1]['summary']}")

@@ -37,7 +37,7 @@ with c2:
 
 # ==== checkpoint =====================================================================================================
 st.subheader("Pruned checkpoint", anchor=False)
-built = state.pruned_for(plan)
+built, recovery = state.built_for(plan), state.recovery_for(plan)
 if plan.is_empty():
     st.info("The plan removes nothing; make one on the Prune page first.", icon=":material/content_cut:")
     st.stop()
@@ -54,12 +54,16 @@ name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or f"pruned-{sha8}"
 folder = state.exports_root() / name
 overwrite = st.checkbox("Overwrite if it exists", key="ex_overwrite")
 st.caption(f"Written to `{folder}`")
+if recovery is not None:
+    st.caption(f"The LoRA-recovered model is exported ({recovery['tag']}); the model card records the recovery.")
 evals = [e for e in st.session_state["evals"] if e["sha"] == plan.sha256() and e["complete"]]
 evaluation = None
 if evals:
     e = evals[-1]
     evaluation = {"perplexity (pruned)": round(e["pruned_ppl"], 4), "perplexity (dense)": round(e["dense_ppl"], 4),
                   "text": e["text"], "protocol": e["protocol_text"]}
+    if recovery is not None and e.get("lora") == recovery["tag"]:
+        evaluation["perplexity (pruned + LoRA)"] = round(e["lora_ppl"], 4)
     st.caption(f"The model card will include the evaluation: PPL {ui.fmt_ppl(e['pruned_ppl'])} "
                f"(dense {ui.fmt_ppl(e['dense_ppl'])}).")
 

@@ -274,6 +274,58 @@ def test_sessions_are_isolated_and_base_is_never_mutated():
     assert not base._forward_hooks and not any(m._forward_pre_hooks for m in base.modules())
 
 
+def _snapshot(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before: dict) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lora_recovery_adds_a_row_and_keeps_base_and_pruned_model():
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(40).run())
+    clean(at.button(key="pr_apply").click().run())
+    base, pruned = base_model(), at.session_state["pruned"]["model"]
+    base_before, pruned_before = _snapshot(base), _snapshot(pruned)
+    clean(at.switch_page("pages/evaluate.py").run())
+    assert "ev_lora_loss" not in chart_keys(at)
+    at.number_input(key="ev_lora_steps").set_value(3)
+    at.number_input(key="ev_lora_batch").set_value(2)
+    at.selectbox(key="ev_lora_seq").set_value(32)
+    at.select_slider(key="ev_lora_lr").set_value(3e-3)
+    clean(at.run())
+    clean(at.button(key="ev_lora_run").click().run())
+    rec = at.session_state["pruned"]["recovery"]
+    assert rec["record"]["steps_done"] == 3 and len(rec["losses"]) == 3 and rec["record"]["lr"] == 3e-3
+    assert rec["record"]["seq_len"] == 32 and rec["record"]["batch_size"] == 2 and rec["model"] is not pruned
+    # the perplexity table: dense / pruned / pruned + LoRA, each the library's number for that model
+    ev = at.session_state["evals"][-1]
+    assert ev["complete"] and ev["lora"] == rec["tag"]
+    _, eval_text = state.default_texts()
+    for key, model in (("dense_ppl", base), ("pruned_ppl", pruned), ("lora_ppl", rec["model"])):
+        assert math.isclose(ev[key], perplexity(model, tiny_tokenizer(), eval_text, "quick").ppl, rel_tol=1e-6), key
+    assert ev["lora_ppl"] != ev["pruned_ppl"]
+    rows = next(d.value for d in at.dataframe if "vs dense" in d.value.columns)  # read-only tables carry no key
+    assert list(rows["model"]) == ["dense", "pruned", "pruned + LoRA"]
+    assert list(rows["perplexity"]) == [ev["dense_ppl"], ev["pruned_ppl"], ev["lora_ppl"]]
+    assert "Pruned + LoRA PPL" in {m.label for m in at.metric} and "ev_lora_loss" in chart_keys(at)
+    assert at.session_state["history"][-1]["lora_ppl"] == ev["lora_ppl"]
+    # neither the shared base nor the pruned model changed
+    assert _unchanged(base, base_before) and _unchanged(pruned, pruned_before)
+    assert all(p.grad is None for p in base.parameters())
+    # export writes the recovered model, with its record; discarding brings the pruned model back
+    clean(at.switch_page("pages/export.py").run())
+    clean(at.button(key="ex_run").click().run())
+    card = at.session_state["export"]["report"].card
+    assert "## Recovery fine-tuning" in card and f"perplexity (pruned + LoRA): {round(ev['lora_ppl'], 4)}" in card
+    clean(at.switch_page("pages/evaluate.py").run())
+    clean(at.button(key="ev_lora_discard").click().run())
+    assert "recovery" not in at.session_state["pruned"] and at.session_state["pruned"]["model"] is pruned
+    assert "ev_lora_loss" not in chart_keys(at)
+
+
 def test_load_error_is_a_message_and_keeps_the_model():
     at = open_app()
     at.selectbox(key="model_source").set_value("folder")

@@ -278,3 +278,17 @@ def heatmap_data(scores, kind: str, plan: Plan | None, scale: str = "score", vie
     values = colour_values(raw, scale)
     cells = bin_edges(u0, u1, view.bin)
     return values, raw, removed, list(range(l0, l1)), cells
+
+
+# ---- perplexity table ---------------------------------------------------------------------------------------------
+
+def ppl_rows(entry: Mapping) -> list[dict]:
+    """The rows of one evaluation's perplexity table: dense, pruned and (after LoRA recovery) pruned + LoRA, each
+    with its parameter count, perplexity and the relative change against dense (None for dense)."""
+    rows = [("dense", entry.get("dense_params"), entry["dense_ppl"]), ("pruned", entry.get("params"),
+                                                                        entry["pruned_ppl"])]
+    if entry.get("lora_ppl") is not None:
+        rows.append(("pruned + LoRA", entry.get("params"), entry["lora_ppl"]))
+    dense = entry["dense_ppl"]
+    return [{"model": name, "parameters": params, "perplexity": ppl,
+             "vs dense": None if name == "dense" or not dense else ppl / dense - 1} for name, params, ppl in rows]

@@ -193,6 +193,24 @@ def sweep_figure(points: Sequence[Mapping], y: str = "ppl", dense: Mapping | Non
     return _base_layout(fig, title, 380)
 
 
+def loss_figure(losses: Sequence[float], title: str = "LoRA training loss") -> go.Figure:
+    """Training loss per step of a recovery run, with its moving average over about 5% of the steps."""
+    y = np.asarray(losses, dtype=float)
+    steps = np.arange(1, len(y) + 1)
+    fig = go.Figure(go.Scatter(x=steps, y=y, mode="lines+markers" if len(y) <= 60 else "lines", name="per step",
+                               line=dict(color=MUTED, width=1), marker=dict(size=5),
+                               hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"))
+    w = max(1, len(y) // 20)
+    if w > 1:
+        fig.add_trace(go.Scatter(x=steps[w - 1:], y=np.convolve(y, np.ones(w) / w, mode="valid"), mode="lines",
+                                 name=f"mean of {w} steps", line=dict(color=PRIMARY, width=2.5),
+                                 hovertemplate=f"steps %{{x}}: mean of {w}<br>loss %{{y:.4f}}<extra></extra>"))
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="cross-entropy (nats / token)")
+    fig.update_layout(legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+    return _base_layout(fig, title, 300)
+
+
 def _loss_colour(delta: float, scale: float) -> str:
     if not math.isfinite(delta) or scale <= 0:
         return "transparent"

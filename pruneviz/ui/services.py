@@ -189,30 +189,106 @@ def _dense_key(text: str, protocol: str) -> str:
 
 
 def evaluate_pair(loaded, plan, text_name: str, text: str, protocol: str) -> dict | None:
-    """PPL of dense and of the plan's model under one protocol; stored in ``session_state.evals``.
+    """PPL of dense and of the plan's model under one protocol (and of the LoRA-recovered model when recovery ran);
+    stored in ``session_state.evals``.
 
     A cancelled evaluation is stored as partial (``complete=False``) if any window was scored.
     """
-    from ..evaluate import perplexity
-
-    model, how = state.compare_model(loaded, plan)
-    key, entry = _dense_key(text, protocol), history_entry(plan)
-    out = None
+    model, how = state.compare_model(loaded, plan, lora=False)
+    recovery, entry = state.recovery_for(plan), history_entry(plan)
     with Job("Evaluating perplexity…", key="ev_job", done_label="Perplexity ready") as job:
-        dense = dense_ppl(loaded, key, text, protocol, job)
-        job.note("Evaluating the pruned model…")
-        pruned = perplexity(model, loaded.tokenizer, text, protocol, progress=job.counter("pruned: windows "),
-                            cancel=job.cancelled)
-        if dense.n_windows and pruned.n_windows:
-            out = {"sha": plan.sha256(), "summary": entry["summary"], "text": text_name, "protocol": protocol,
-                   "protocol_text": pruned.protocol.describe(), "dense_ppl": dense.ppl, "pruned_ppl": pruned.ppl,
-                   "tokens": pruned.n_tokens, "how": how, "complete": bool(dense.complete and pruned.complete),
-                   "seconds": pruned.seconds, "params": plan.param_count(loaded.model),
-                   "time": time.strftime("%H:%M:%S")}
-            metrics = {"ppl": out["pruned_ppl"], "dense_ppl": out["dense_ppl"], "protocol": protocol,
-                       "params": out["params"]}
-            state.save(lambda ss: (append_once(ss["evals"], out), state.add_history({**entry, **metrics}, ss)))
+        out = _evaluate(loaded, plan, model, how, recovery, text_name, text, protocol, job, entry)
     return out
+
+
+def _evaluate(loaded, plan, model, how: str, recovery: dict | None, text_name: str, text: str, protocol: str,
+              job: Job, entry: dict) -> dict | None:
+    """Dense, pruned and (with ``recovery``) pruned + LoRA perplexity into ``evals`` and the history."""
+    from ..evaluate import perplexity
+    from ..plan import dense_params
+
+    dense = dense_ppl(loaded, _dense_key(text, protocol), text, protocol, job)
+    job.note("Evaluating the pruned model…")
+    pruned = perplexity(model, loaded.tokenizer, text, protocol, progress=job.counter("pruned: windows "),
+                        cancel=job.cancelled)
+    lora = None
+    if recovery is not None and pruned.complete:
+        job.note("Evaluating the pruned model after LoRA recovery…")
+        lora = perplexity(recovery["model"], loaded.tokenizer, text, protocol,
+                          progress=job.counter("pruned + LoRA: windows "), cancel=job.cancelled)
+    if not (dense.n_windows and pruned.n_windows):
+        return None
+    has_lora = lora is not None and lora.n_windows > 0
+    out = {"sha": plan.sha256(), "summary": entry["summary"], "text": text_name, "protocol": protocol,
+           "protocol_text": pruned.protocol.describe(), "dense_ppl": dense.ppl, "pruned_ppl": pruned.ppl,
+           "lora_ppl": lora.ppl if has_lora else None, "lora": recovery["tag"] if has_lora else None,
+           "tokens": pruned.n_tokens, "how": how,
+           "complete": bool(dense.complete and pruned.complete and (recovery is None or (has_lora and lora.complete))),
+           "seconds": pruned.seconds, "params": plan.param_count(loaded.model),
+           "dense_params": dense_params(loaded.model), "time": time.strftime("%H:%M:%S")}
+    metrics = {"ppl": out["pruned_ppl"], "dense_ppl": out["dense_ppl"], "protocol": protocol, "params": out["params"]}
+    if has_lora:
+        metrics["lora_ppl"] = out["lora_ppl"]
+    state.save(lambda ss: (append_once(ss["evals"], out), state.add_history({**entry, **metrics}, ss)))
+    return out
+
+
+# ---- LoRA recovery ------------------------------------------------------------------------------------------------
+
+def lora_tag(record: dict) -> str:
+    """A short name of a recovery run (its settings, steps and text), shown in tables and used to match results."""
+    return (f"r {record['r']}, lr {record['lr']:g}, {record['steps_done']}/{record['steps']} steps, "
+            f"seed {record['seed']}, text {record['text_sha256'][:6]}")
+
+
+def recovery_seconds(loaded, options) -> float:
+    """Rough time of a recovery run: forward + backward (about three forward passes) of every training token at
+    the base model's measured forward speed (the pruned model is a little faster)."""
+    return 3.0 * options.steps * options.batch_size * options.seq_len / forward_speed(loaded)
+
+
+def recover_pruned(loaded, plan, options, train_name: str, train_text: str, eval_name: str | None = None,
+                   eval_text: str | None = None, protocol: str = "quick") -> bool:
+    """LoRA-fine-tune a copy of the session's pruned model for ``plan`` (:func:`pruneviz.recovery.recover`) and keep
+    it as ``pruned["recovery"]``, then, with ``eval_text``, measure dense / pruned / pruned + LoRA perplexity into
+    ``evals``. The base and the pruned model stay unchanged; a cancelled run keeps the steps done so far (merged).
+    True when everything finished."""
+    from ..errors import PlanError
+    from ..recovery import recover
+
+    pruned = state.pruned_for(plan)
+    if pruned is None:
+        raise PlanError("build the pruned model for this plan first (Prune page); LoRA fine-tunes the built model")
+    sha, entry = plan.sha256(), history_entry(plan)
+    share = 0.8 if eval_text is not None else 1.0
+    with Job("Fine-tuning with LoRA…", key="lora_job", done_label="LoRA recovery done",
+             cancel_note="LoRA recovery stopped: the steps done so far were merged and kept.") as job:
+        res = recover(pruned, loaded.tokenizer, train_text, options,
+                      progress=lambda f, msg: job.progress(share * f, msg), cancel=job.cancelled)
+        if res.steps_done:
+            rec = {"model": res.model, "losses": res.losses, "record": res.record, "tag": lora_tag(res.record),
+                   "cancelled": res.cancelled, "seconds": res.seconds, "text": train_name}
+            state.save(lambda ss: _attach_recovery(ss, sha, rec))
+            if eval_text is not None and not job.cancelled():
+                job.note("Evaluating dense, pruned and pruned + LoRA…")
+                _evaluate(loaded, plan, pruned, "physically pruned", rec, eval_name or "text", eval_text, protocol,
+                          job, entry)
+    return job.ok
+
+
+def _attach_recovery(ss, sha: str, rec: dict) -> None:
+    cur = ss.get("pruned")
+    if cur and cur["sha"] == sha:  # the plan may have been rebuilt meanwhile: then the result belongs nowhere
+        ss["pruned"] = {**cur, "recovery": rec}
+        ss["preview"] = None
+
+
+def discard_recovery(plan) -> None:
+    """Forget the recovered model of ``plan``: chat, evaluation and export use the pruned model again."""
+    cur = st.session_state.get("pruned")
+    if cur and cur["sha"] == plan.sha256():
+        st.session_state["pruned"] = {k: v for k, v in cur.items() if k != "recovery"}
+        st.session_state["preview"] = None
 
 
 def run_sweep(loaded, criteria: list[str], ratios: list[float], what: str, text_name: str, text: str,

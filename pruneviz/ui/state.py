@@ -141,7 +141,8 @@ SESSION_DEFAULTS: dict[str, Any] = {
     "edits": [],  # manual edits (kind, layer, indices, remove) applied on top of the allocation
     "imaps": {},  # criterion name -> ImportanceMap
     "calib": None,  # Calibration last used
-    "pruned": None,  # {"sha", "model", "seconds", "plan"}: this session's physically smaller model
+    "pruned": None,  # {"sha", "model", "seconds", "plan"[, "recovery"]}: this session's physically smaller model;
+    # "recovery" ({"model", "losses", "record", "tag", ...}) once LoRA recovery ran on a copy of it
     "masked": None,  # (plan sha, masked view)
     "preview": None,  # ((plan sha, text), quick look of the masked view)
     "history": [],  # configurations tried
@@ -272,6 +273,20 @@ def pruned_for(plan: Plan):
     return rec["model"] if rec and rec["sha"] == plan.sha256() else None
 
 
+def recovery_for(plan: Plan) -> dict | None:
+    """The LoRA recovery of the session's pruned model for ``plan`` (see :func:`pruneviz.ui.services.recover_pruned`):
+    ``{"model", "losses", "record", "tag", "cancelled", "seconds", "text"}``, or None if there is none."""
+    rec = st.session_state.get("pruned")
+    return rec.get("recovery") if rec and rec["sha"] == plan.sha256() else None
+
+
+def built_for(plan: Plan):
+    """The model chat, evaluation and export use for ``plan``: the LoRA-recovered one when recovery ran, else the
+    physically pruned one (None if neither was built). The pruned model itself is kept unchanged."""
+    recovery = recovery_for(plan)
+    return recovery["model"] if recovery else pruned_for(plan)
+
+
 def masked_for(loaded, plan: Plan):
     """A masked preview of ``plan`` on the shared base (shares tensors; hooks live on the clone only)."""
     from ..surgery import masked_model
@@ -285,10 +300,14 @@ def masked_for(loaded, plan: Plan):
     return view
 
 
-def compare_model(loaded, plan: Plan) -> tuple[Any, str]:
-    """The model standing for "pruned" in chat and evaluation, and how it was made."""
+def compare_model(loaded, plan: Plan, lora: bool = True) -> tuple[Any, str]:
+    """The model standing for "pruned" in chat and evaluation, and how it was made. With ``lora`` (default) the
+    LoRA-recovered model when there is one; ``lora=False`` gives the model before recovery."""
     if plan.is_empty():
         return loaded.model, "dense (the plan is empty)"
+    recovery = recovery_for(plan) if lora else None
+    if recovery is not None:
+        return recovery["model"], f"physically pruned + LoRA recovery ({recovery['tag']})"
     physical = pruned_for(plan)
     if physical is not None:
         return physical, "physically pruned"
