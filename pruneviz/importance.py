@@ -134,6 +134,7 @@ class Criterion:
     produces: ClassVar[tuple[str, ...]]  # subset of MAPS
     needs_calibration: ClassVar[bool] = True
     uses_gradients: ClassVar[bool] = False  # backprop (memory of training)
+    layerwise: ClassVar[bool] = False  # runs on an offloaded model one block at a time (pruneviz.layerwise)
     Options: ClassVar[type] = NoOptions
 
     def score(self, model: nn.Module, calib: Calibration | None, options: Any, ctx: Context) -> ImportanceMap:
@@ -232,7 +233,10 @@ def peak_memory(device) -> Iterator[PeakMemory]:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where ``model`` computes (accelerate's execution device for an offloaded model)."""
+    from .layerwise import execution_device
+
+    return execution_device(model)
 
 
 # ---- running a criterion ----------------------------------------------------------------------------------------------
@@ -247,6 +251,10 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
         raise CriterionError(f"{name} needs calibration text; pass calibration windows (pruneviz.data)")
     if getattr(model.config, "pruneviz_base_geometry", None):
         raise CriterionError("score the dense base model, not an already pruned one")
+    if not crit.layerwise:
+        from .layerwise import refuse_offloaded
+
+        refuse_offloaded(model, f"the {name} criterion")
     ctx = Context(progress, cancel)
     device = model_device(model)
     t0 = time.perf_counter()
@@ -262,7 +270,7 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
     result.meta.update({
         "criterion": name, "options": dataclasses.asdict(options), "seconds": time.perf_counter() - t0,
         "peak_memory_bytes": mem.peak, "extra_memory_bytes": mem.extra, "device": str(device),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "offloaded": _offloaded(model),
         "calibration": calib.describe() if calib is not None and crit.needs_calibration else None,
         "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
         "pid": os.getpid(),
@@ -270,6 +278,12 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
     if progress:
         progress(1.0, "done")
     return result
+
+
+def _offloaded(model: nn.Module) -> bool:
+    from .layerwise import is_offloaded
+
+    return is_offloaded(model)
 
 
 def empty_map(name: str, model: nn.Module, **maps) -> ImportanceMap:

@@ -43,10 +43,15 @@ def register_compensator(name: str):
 # ---- cloning ------------------------------------------------------------------------------------------------------
 
 def clone_model(model: nn.Module, share_weights: bool = False) -> nn.Module:
-    """A structural copy of ``model``. With ``share_weights`` the parameters and buffers are the same tensors."""
-    if not share_weights:
-        return copy.deepcopy(model)
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    """A structural copy of ``model``. With ``share_weights`` the parameters and buffers are the same tensors.
+
+    accelerate's offload stores (of an offloaded model) are shared, never copied.
+    """
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())} if share_weights else {}
+    for m in model.modules():
+        store = getattr(getattr(m, "_hf_hook", None), "weights_map", None)
+        if store is not None:
+            memo[id(store)] = store
     return copy.deepcopy(model, memo)
 
 

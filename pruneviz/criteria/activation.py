@@ -57,6 +57,7 @@ class WandaSP(Criterion):
     title = "Wanda-sp (|W|·‖X‖)"
     paper = "Wanda (arXiv 2306.11695), structured as in FLAP (arXiv 2312.11983)"
     produces = ("heads", "kv", "channels")
+    layerwise = True
     Options = WandaSPOptions
 
     def score(self, model: nn.Module, calib: Calibration, options: WandaSPOptions, ctx: Context) -> ImportanceMap:

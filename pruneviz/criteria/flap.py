@@ -35,6 +35,7 @@ from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
 from ..plan import Plan
 from ..surgery import register_compensator
+from ..layerwise import materialized
 from .magnitude import aggregate_units
 from .stats import DEFAULT_BATCH_SIZE, CalibrationStats, Span, collect_stats, context_of
 
@@ -79,8 +80,10 @@ def column_tables(model: nn.Module, stats: CalibrationStats, options: FlapOption
     tables = {}
     for site, path in (("attn_out", adapter.attn_out), ("mlp_out", adapter.mlp_out)):
         var, norm = stats.variances(site), stats.norms(site)  # [L, F]
-        rows = [column_metric(get_path(layer, path), var[l], norm[l], options.metric).float().cpu()
-                for l, layer in enumerate(adapter.layers(model))]
+        rows = []
+        for l, layer in enumerate(adapter.layers(model)):
+            with materialized(layer):  # offloaded weights are read one block at a time
+                rows.append(column_metric(get_path(layer, path), var[l], norm[l], options.metric).float().cpu())
         tables[site] = torch.stack(rows)  # [L, F]
     if options.square_attention:
         tables["attn_out"] = tables["attn_out"].pow(2)
@@ -142,6 +145,7 @@ class Flap(Criterion):
     title = "FLAP fluctuation (WIFV)"
     paper = "FLAP, An et al., arXiv 2312.11983 (AAAI 2024)"
     produces = ("heads", "kv", "channels")
+    layerwise = True
     Options = FlapOptions
 
     def score(self, model: nn.Module, calib: Calibration, options: FlapOptions, ctx: Context) -> ImportanceMap:

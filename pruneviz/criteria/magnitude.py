@@ -27,6 +27,7 @@ from torch import nn
 from ..arch import Adapter, Geometry, adapter_for, geometry_of, get_path, weight_axis
 from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
+from ..layerwise import materialized
 from .stats import Span
 
 UNIT_KINDS = ("head", "kv", "channel")
@@ -104,7 +105,8 @@ def aggregate_units(model: nn.Module, features: FeatureFn, kinds: Iterable[str] 
     out = {MAP_OF[k]: torch.zeros(g.n_layers, _n_units(g, k)) for k in kinds}  # [L, n]
     span = span or Span(None)
     for l, layer in enumerate(adapter.layers(model)):
-        feats = {p: {a: v.detach().float().cpu() for a, v in features(l, layer, p).items()} for p in paths}
+        with materialized(layer):  # offloaded weights are read one block at a time
+            feats = {p: {a: v.detach().float().cpu() for a, v in features(l, layer, p).items()} for p in paths}
         for kind in kinds:
             for s in index[kind]:
                 out[MAP_OF[kind]][l] += feats[s.module][s.axis][s.index].sum(-1)  # [n]
@@ -132,8 +134,9 @@ def block_scores(model: nn.Module, tensor_of: Callable[[int, str, nn.Parameter],
     layers = adapter_for(model).layers(model)
     scores = torch.zeros(len(layers))  # [L]
     for l, layer in enumerate(layers):
-        for name, p in block_tensors(layer, include_norms):
-            scores[l] += tensor_of(l, name, p).detach().float().abs().pow(power).sum().cpu()
+        with materialized(layer):
+            for name, p in block_tensors(layer, include_norms):
+                scores[l] += tensor_of(l, name, p).detach().float().abs().pow(power).sum().cpu()
     return scores
 
 
@@ -167,6 +170,7 @@ class Magnitude(Criterion):
     paper = "LLM-Pruner (arXiv 2305.11627) L1/L2; Shortened LLaMA (arXiv 2402.02834) block magnitude"
     produces = ("heads", "kv", "channels", "blocks")
     needs_calibration = False
+    layerwise = True
     Options = MagnitudeOptions
 
     def score(self, model: nn.Module, calib: Calibration | None, options: MagnitudeOptions,

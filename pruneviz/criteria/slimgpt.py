@@ -38,6 +38,7 @@ from torch import nn
 from ..arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, is_conv1d
 from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, model_device, register
+from ..layerwise import capture_inputs, detached_copy, is_offloaded, materialized
 from ..obs import HEAD_ERRORS, Hessian, ObsProblem, dgs_sizes, greedy_blocks, greedy_columns
 from ..plan import Plan
 from ..surgery import apply_plan, clone_model, register_compensator
@@ -442,20 +443,26 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, tasks: list[LayerTask
     """
     adapter, g = adapter_for(model), geometry_of(model)
     src = adapter.layers(model)
+    offloaded = is_offloaded(model)
+    if offloaded and in_place:
+        raise CriterionError("SlimGPT compensation in place needs a resident model; run slimgpt_prune on the "
+                             "offloaded model instead (it copies one block at a time)")
     with torch.no_grad():
-        stream = capture_stream(model, tokens, opts.batch_size)
+        stream = capture_inputs(model, tokens, opts.batch_size)
         out_layers, results = [], []
         for i, task in enumerate(tasks):
             ctx.step(i / len(tasks), f"SlimGPT: block {i + 1}/{len(tasks)}")
             if task.skip:
-                out_layers.append(src[i])
+                out_layers.append(detached_copy(src[i], torch.device("cpu")) if offloaded else src[i])
                 results.append(LayerResult())
                 continue
-            layer = src[i] if in_place else copy.deepcopy(src[i])
+            layer = src[i] if in_place else detached_copy(src[i]) if offloaded else copy.deepcopy(src[i])
             results.append(solve_layer(layer, i, stream, task, opts, adapter, g))
             out_layers.append(layer)
             if i < len(tasks) - 1:
                 _advance(layer, i, stream)
+            if offloaded:
+                layer.to("cpu")  # finished blocks leave the execution device
     return out_layers, results
 
 
@@ -515,8 +522,14 @@ def slimgpt_prune(model: nn.Module, calib: Calibration, target_ratio: float, sch
 def _slice_compensated(model: nn.Module, layers: list[nn.Module], plan: Plan) -> nn.Module:
     """Physically prune a tensor-sharing clone of ``model`` whose blocks are the compensated ``layers``."""
     adapter = adapter_for(model)
-    dense = clone_model(model, share_weights=True)
+    offloaded = is_offloaded(model)
+    dense = clone_model(model, share_weights=not offloaded)  # offloaded: own copies of embeddings and head
     adapter.set_layers(dense, nn.ModuleList(layers))
+    if offloaded:  # the blocks are plain CPU copies now: drop the dispatch hooks, gather on the CPU
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(dense, recurse=True)
+        dense.to("cpu")
     return apply_plan(dense, replace(plan, compensation=None), allow_other_weights=True)
 
 
@@ -552,11 +565,13 @@ def _dense_layer_scores(layer, i, stream, opts, adapter: Adapter, g: Geometry) -
     paths = (adapter.attn_out, adapter.mlp_out)
     hs, stream.hidden = layer_hessians(layer, i, stream, paths, stop=False)
     exact = opts.head_error == "exact"
-    attn = ObsProblem.build(read_weight(get_path(layer, adapter.attn_out)), hs[adapter.attn_out], opts.percdamp)
+    with materialized(layer):  # an offloaded block's weights, read after its forward pass
+        w_attn, w_mlp = read_weight(get_path(layer, adapter.attn_out)), read_weight(get_path(layer, adapter.mlp_out))
+    attn = ObsProblem.build(w_attn, hs[adapter.attn_out], opts.percdamp)
     hinv = attn.hinv()
     heads = attn.block_errors(hinv, head_blocks(g).to(hinv.device), exact)  # [H]
     kv = attn.block_errors(hinv, group_blocks(g).to(hinv.device), exact)  # [G]
-    mlp = ObsProblem.build(read_weight(get_path(layer, adapter.mlp_out)), hs[adapter.mlp_out], opts.percdamp)
+    mlp = ObsProblem.build(w_mlp, hs[adapter.mlp_out], opts.percdamp)
     channels = mlp.column_errors(mlp.hinv())  # [C]
     return heads.cpu(), kv.cpu(), channels.cpu()
 
@@ -575,16 +590,17 @@ class SlimGPTCriterion(Criterion):
     paper = PAPER
     produces = ("heads", "kv", "channels")
     needs_calibration = True
+    layerwise = True
     Options = SlimGPTScoreOptions
 
     def score(self, model, calib, options, ctx) -> ImportanceMap:
         opts = ObsOptions(percdamp=options.percdamp, head_error=options.head_error,
                           batch_size=options.batch_size).check()
         adapter, g = adapter_for(model), geometry_of(model)
-        view = clone_model(model, share_weights=True)
+        view = model if is_offloaded(model) else clone_model(model, share_weights=True)  # hooks are temporary
         maps = ([], [], [])
         with torch.no_grad():
-            stream = capture_stream(model, calib.tokens, opts.batch_size)
+            stream = capture_inputs(model, calib.tokens, opts.batch_size)
             for i, layer in enumerate(adapter.layers(view)):
                 ctx.step(i / g.n_layers, f"SlimGPT scores: block {i + 1}/{g.n_layers}")
                 for acc, t in zip(maps, _dense_layer_scores(layer, i, stream, opts, adapter, g)):

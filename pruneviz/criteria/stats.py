@@ -237,13 +237,20 @@ def check_hookable(model: nn.Module) -> None:
 
 
 def collect_stats(model: nn.Module, calib: Calibration | torch.Tensor, span: Span | None = None,
-                  sites: Iterable[str] = SITES, batch_size: int = DEFAULT_BATCH_SIZE) -> CalibrationStats:
+                  sites: Iterable[str] = SITES, batch_size: int = DEFAULT_BATCH_SIZE,
+                  layerwise: bool | None = None) -> CalibrationStats:
     """Run the calibration windows once through ``model``'s decoder and return per-site input statistics.
 
     ``calib``: a :class:`Calibration` or ``[N, T]`` token ids. The model is not modified (inference mode,
     hooks removed afterwards). Reports progress on ``span`` and stops with ``Cancelled`` if asked to.
+    ``layerwise``: stream the windows one block at a time (:func:`pruneviz.layerwise.layerwise_stats`: peak
+    memory one block + the activations); None (default) does so exactly when the model is offloaded.
     """
     check_hookable(model)
+    from ..layerwise import is_offloaded, layerwise_stats
+
+    if layerwise or (layerwise is None and is_offloaded(model)):
+        return layerwise_stats(model, calib, span, sites, batch_size)
     span = span or Span(None)
     device, total = model_device(model), n_batches(calib, batch_size)
     with StatsCollector(model, sites) as collector, torch.inference_mode():
