@@ -2,6 +2,7 @@
 
     python -m pruneviz inspect
     python -m pruneviz score --criterion wanda_sp --samples 16 --seq-len 128 --out scores.json
+    python -m pruneviz score --criterion wanda_sp --model path/to/llama-70b --offload disk   # block by block
     python -m pruneviz plan --scores scores.json --ratio 0.2 --strategy global --out plan.json
     python -m pruneviz slimgpt --ratio 0.2 --out plan.json --export out/smol-slimgpt
     python -m pruneviz evaluate --plan plan.json --protocol paper
@@ -46,10 +47,27 @@ def _bar(desc: str):
 def _load(args):
     from .loading import load_model
 
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    print(f"loaded {lm.name} on {lm.device} ({str(lm.dtype).replace('torch.', '')}) in {lm.load_seconds:.1f} s",
-          file=sys.stderr)
+    offload = getattr(args, "offload", None)
+    if offload:
+        from .layerwise import load_offloaded
+
+        lm = load_offloaded(args.model, device=args.device, dtype=args.dtype, offload=offload,
+                            resident_layers=args.resident_layers, offload_folder=args.offload_folder,
+                            trust_remote_code=args.trust_remote_code)
+    else:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    where = f", blocks offloaded to {offload}" if offload else ""
+    print(f"loaded {lm.name} on {lm.device} ({str(lm.dtype).replace('torch.', '')}{where}) in "
+          f"{lm.load_seconds:.1f} s", file=sys.stderr)
     return lm
+
+
+def _offload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", choices=["disk", "cpu"],
+                   help="models larger than the device: keep decoder blocks on disk (or in CPU memory, for a GPU) "
+                        "and score them one block at a time (magnitude, wanda_sp, flap, slimgpt)")
+    p.add_argument("--resident-layers", type=int, default=0, help="with --offload: blocks kept on the device")
+    p.add_argument("--offload-folder", help="with --offload disk: where the blocks are written (default: a temp dir)")
 
 
 def _calibration(args, tokenizer):
@@ -391,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="compute an importance map")
     _common(p, calibration=True)
     p.add_argument("--criterion", required=True)
+    _offload_args(p)
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="criterion option (repeatable)")
     p.add_argument("--out", default="scores.json")
     p.set_defaults(fn=cmd_score)
@@ -412,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, required=True)
     p.add_argument("--schedule", default="log_increase")
     p.add_argument("--attn-unit", default="kv", choices=["kv", "head"])
+    _offload_args(p)
     p.add_argument("--out", default="plan.json")
     p.add_argument("--export", help="also export the pruned checkpoint to this folder")
     p.set_defaults(fn=cmd_slimgpt)

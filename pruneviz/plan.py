@@ -35,11 +35,14 @@ PER_LAYER_KINDS = ("kv", "head", "channel")
 
 def weight_probe(model: nn.Module, n: int = 16) -> tuple[float, ...]:
     """A few deterministic weight values that identify a base model across dtypes and devices."""
+    from .layerwise import materialized
+
     adapter = adapter_for(model)
     layer = adapter.layers(model)[0]
-    w = get_path(layer, adapter.attn_out).weight.detach().float().flatten()  # [out * in]
-    idx = torch.linspace(0, w.numel() - 1, n).long().to(w.device)
-    return tuple(round(float(v), 6) for v in w[idx].cpu())
+    with materialized(layer):  # an offloaded block 0 is read from its offload store
+        w = get_path(layer, adapter.attn_out).weight.detach().float().flatten()  # [out * in]
+        idx = torch.linspace(0, w.numel() - 1, n).long().to(w.device)
+        return tuple(round(float(v), 6) for v in w[idx].cpu())
 
 
 @dataclass(frozen=True)

@@ -169,3 +169,30 @@ def test_ctrl_c_stops_after_the_step_then_aborts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# ---- score / slimgpt with the blocks offloaded to disk ---------------------------------------------------------------
+
+def test_score_and_slimgpt_offloaded_equal_resident(files, tmp_path, capsys):
+    from pruneviz.importance import ImportanceMap
+
+    common = ["--model", str(files["folder"]), "--device", "cpu", "--text", f"file:{files['train']}",
+              "--samples", "4", "--seq-len", "16"]
+    outs = {}
+    for mode, extra in (("resident", []), ("offloaded", ["--offload", "disk", "--offload-folder",
+                                                          str(tmp_path / "off")])):
+        code, out, err = run(capsys, ["score", *common, "--criterion", "wanda_sp", *extra,
+                                      "--out", str(tmp_path / f"{mode}.json")])
+        assert code == 0, err
+        outs[mode] = ImportanceMap.from_dict(__import__("json").loads((tmp_path / f"{mode}.json").read_text()))
+        code, out, err = run(capsys, ["slimgpt", *common, "--ratio", "0.3", *extra,
+                                      "--out", str(tmp_path / f"{mode}-plan.json")])
+        assert code == 0, err
+    assert "blocks offloaded to disk" in err
+    assert outs["offloaded"].meta["offloaded"] and not outs["resident"].meta["offloaded"]
+    torch.testing.assert_close(outs["offloaded"].channels, outs["resident"].channels, rtol=1e-4, atol=1e-5)
+    plans = [export.read_plan(tmp_path / f"{m}-plan.json") for m in ("resident", "offloaded")]
+    assert plans[0] == plans[1] and not plans[0].is_empty()
+    code, out, err = run(capsys, ["score", *common, "--criterion", "taylor", "--offload", "disk",
+                                  "--offload-folder", str(tmp_path / "off2")])
+    assert code == 2 and "needs the whole model in memory" in err
