@@ -131,12 +131,16 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = 
                progress: Callable | None = None, allow_other_weights: bool = False) -> nn.Module:
     """A new, physically smaller model: ``model`` (the dense base, never mutated) with ``plan`` applied.
 
-    ``calibration`` ([N, T] token ids) is needed only for plans with a ``compensation`` solver.
+    ``calibration`` ([N, T] token ids) is needed only for plans with a ``compensation`` solver. An offloaded base
+    (:mod:`pruneviz.layerwise`) gives a pruned model in CPU memory.
     The result's ``config.pruneviz_layout`` records the per-layer shapes; ``config.pruneviz_plan`` the plan.
     """
     plan.validate(model, physical=True, allow_other_weights=allow_other_weights)
     adapter, g = adapter_for(model), geometry_of(model)
-    pruned = clone_model(model, share_weights=False)
+    from .layerwise import is_offloaded, resident_copy
+
+    # an offloaded base is materialised on the CPU block by block; the pruned model lives there
+    pruned = resident_copy(model) if is_offloaded(model) else clone_model(model, share_weights=False)
     if plan.compensation:
         if plan.compensation not in COMPENSATORS:
             _load_compensators()

@@ -122,3 +122,21 @@ def test_detached_copy_has_real_weights_and_no_hooks(offloaded):
     with materialized(layer):
         assert torch.equal(copy.mlp.down_proj.weight, layer.mlp.down_proj.weight)
     assert layer.mlp.down_proj.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("compensation", [None, "flap_bias"])
+def test_surgery_on_an_offloaded_base_equals_resident(compensation, resident, offloaded):
+    import dataclasses
+
+    from pruneviz.plan import Plan
+    from pruneviz.surgery import apply_plan
+
+    plan = Plan.empty(resident).with_units("channel", 1, range(7)).with_units("kv", 3, [1])
+    plan = plan.with_units("block", None, [2])
+    plan = dataclasses.replace(plan, compensation=compensation)
+    want = apply_plan(resident, plan, calibration=CALIB.tokens)
+    got = apply_plan(offloaded, plan, calibration=CALIB.tokens)
+    assert not is_offloaded(got) and is_offloaded(offloaded)
+    x = CALIB.tokens[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(got(x).logits, want(x).logits, rtol=1e-5, atol=1e-5)
