@@ -138,3 +138,53 @@ def test_masking_means_zeroing_the_units_columns(tiny, ids):
     with masking(zeroed, Plan.empty(zeroed).with_units("block", None, plan.blocks)):
         ref = zeroed(ids).logits
     assert (apply_plan(model, plan)(ids).logits - ref).abs().max() < 1e-10
+
+
+# ---- property: any physically valid plan, on any family, prunes exactly like masking ---------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from pruneviz.testing import FAMILIES, tiny_model  # noqa: E402
+
+FAMILY_MODELS = {f: tiny_model(f) for f in FAMILIES}
+IDS = torch.randint(4, 90, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+@st.composite
+def random_plans(draw):
+    """A family and a plan on it: some blocks, KV groups, equal-per-group query heads and channels per layer."""
+    family = draw(st.sampled_from(FAMILIES))
+    model = FAMILY_MODELS[family]
+    g = geometry_of(model)
+    plan = Plan.empty(model)
+    blocks = draw(st.sets(st.integers(0, g.n_layers - 1), max_size=g.n_layers - 1))
+    plan = plan.with_units("block", None, sorted(blocks))
+    for layer in range(g.n_layers):
+        if layer in blocks:
+            continue
+        chans = draw(st.sets(st.integers(0, g.n_channels - 1), max_size=g.n_channels - 1))
+        plan = plan.with_units("channel", layer, sorted(chans))
+        if g.n_kv != g.n_heads:
+            groups = draw(st.sets(st.integers(0, g.n_kv - 1), max_size=g.n_kv - 1))
+            plan = plan.with_units("kv", layer, sorted(groups))
+            q = draw(st.integers(0, g.group_size - 1))
+            pos = draw(st.permutations(range(g.group_size)))[:q]
+            heads = [g.heads_of(k)[p] for k in range(g.n_kv) if k not in groups for p in pos]
+        else:
+            heads = sorted(draw(st.sets(st.integers(0, g.n_heads - 1), max_size=g.n_heads - 1)))
+        plan = plan.with_units("head", layer, heads)
+    return family, plan
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_plans())
+def test_any_valid_plan_surgery_equals_masking(case):
+    family, plan = case
+    model = FAMILY_MODELS[family]
+    before = state(model)
+    pruned, masked = apply_plan(model, plan), masked_model(model, plan)
+    with torch.no_grad():
+        diff = (pruned(IDS).logits - masked(IDS).logits).abs().max().item()
+    assert diff < 1e-4, (family, plan.summary())
+    assert dense_params(pruned) == plan.param_count(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
