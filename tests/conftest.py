@@ -40,3 +40,12 @@ def bundled():
     from pruneviz.loading import load_model
 
     return load_model("bundled", device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from threads; on a busy 2-core box 2 threads make them ~20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

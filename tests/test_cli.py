@@ -26,12 +26,7 @@ LORA_OPTIONS = LoRAOptions(r=4, alpha=8.0, lr=3e-3, steps=3, batch_size=2, seq_l
                            warmup_steps=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 40  # 1800 chars, very 
 FAST = dict(seq_len=32, batch_size=4, warmup_steps=3, lr=3e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads; on a busy 2-core box 2 threads make them ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def snapshot(model):
