@@ -149,6 +149,17 @@ def test_prune_sliders_change_plan_and_counters():
     assert len(at.session_state["plan"].blocks) == 1
 
 
+def test_prune_width_layer_range_keeps_the_other_layers_whole():
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_width_layers").set_value((1, 2)).run())
+    clean(at.slider(key="pr_channel_pct").set_value(30).run())
+    plan = at.session_state["plan"]
+    imap = at.session_state["imaps"]["magnitude"]
+    assert plan.sha256() == plan_from_ratios(base_model(), imap, channel_ratio=0.3, skip_first=1,
+                                             skip_last=1).sha256()
+    assert {l for l, units in plan.channels if units} == {1, 2}
+
+
 def test_prune_edit_by_list_and_apply():
     at = with_magnitude(open_app())
     at.selectbox(key="pr_list_kind").set_value("head")
