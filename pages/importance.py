@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from pruneviz.arch import geometry_of
-from pruneviz.importance import available
+from pruneviz.importance import available, usable_criteria
 from pruneviz.ui import analysis, figures, services, state
 from pruneviz.ui import components as ui
 from pruneviz.ui.work import show_error
@@ -11,13 +11,17 @@ from pruneviz.ui.work import show_error
 loaded = ui.page("Importance", "How much each query head, KV group, MLP channel and block matters, by several "
                  "criteria. Higher = more important = kept longer.")
 g = geometry_of(loaded.model)
-crits = available()
+crits, offered = available(), usable_criteria(loaded.model)
 
 # ==== 1. criteria ====================================================================================================
 st.subheader("1 · Criteria", anchor=False)
-names = st.pills("Criteria", list(crits), selection_mode="multi", default=["magnitude"] if "magnitude" in crits
-                 else list(crits)[:1], format_func=lambda n: crits[n].title, key="imp_criteria",
+names = st.pills("Criteria", list(offered), selection_mode="multi", default=["magnitude"] if "magnitude" in offered
+                 else list(offered)[:1], format_func=lambda n: crits[n].title, key="imp_criteria",
                  help="Pick one or more; each gives its own maps.")
+if len(offered) < len(crits):
+    st.caption(":material/storage: This model is offloaded, so only criteria that run one block at a time are "
+               "offered; " + ", ".join(c.title for n, c in crits.items() if n not in offered) + " need the whole "
+               "model in memory (load it without offloading on a larger device).")
 options = {}
 for name in names:
     crit = crits[name]

@@ -5,6 +5,7 @@ import streamlit as st
 from pruneviz.arch import adapter_for, geometry_of, unit_params
 from pruneviz.plan import dense_params
 from pruneviz.ui import components as ui
+from pruneviz.ui import services
 
 loaded = ui.page("Model", "The dense base model every plan is made against. Choose another one in the sidebar.")
 model, g = loaded.model, geometry_of(loaded.model)
@@ -13,6 +14,9 @@ st.subheader(loaded.name, anchor=False)
 st.caption(f"source `{loaded.source or 'bundled'}` · device **{loaded.device}** · dtype "
            f"**{str(loaded.dtype).replace('torch.', '')}** · loaded in {loaded.load_seconds:.1f} s · "
            f"{g.describe()}")
+offloaded = services.offload_summary(loaded)
+if offloaded:
+    st.caption(f":material/storage: {offloaded}")
 
 total, non_emb = dense_params(model), dense_params(model, non_embedding=True)
 cols = st.columns(6)

@@ -166,6 +166,15 @@ def available() -> dict[str, Criterion]:
     return dict(REGISTRY)
 
 
+def usable_criteria(model: nn.Module) -> dict[str, Criterion]:
+    """The criteria that can score ``model``: all of them, or only the layer-wise ones (``Criterion.layerwise``)
+    when it is offloaded (:func:`pruneviz.layerwise.load_offloaded`); the others need the whole model resident."""
+    from .layerwise import is_offloaded
+
+    crits = available()
+    return {n: c for n, c in crits.items() if c.layerwise} if is_offloaded(model) else crits
+
+
 def get(name: str) -> Criterion:
     _ensure_loaded()
     if name not in REGISTRY:

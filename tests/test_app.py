@@ -348,6 +348,55 @@ def test_load_error_is_a_message_and_keeps_the_model():
     assert at.session_state["model_spec"].is_tiny
 
 
+def test_offloaded_model_loads_and_offers_only_layerwise_criteria(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pruneviz.importance import available
+    from pruneviz.layerwise import is_offloaded
+
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    at = open_app()
+    at.selectbox(key="model_source").set_value("folder")
+    at.selectbox(key="model_offload").set_value("cpu")
+    clean(at.run())
+    if not torch.cuda.is_available():  # CPU offload needs a GPU: explained before loading, nothing loaded
+        assert any("No CUDA GPU" in c.value for c in at.sidebar.caption)
+        at.text_input(key="model_folder").set_value(str(folder))
+        clean(at.button(key="model_load").click().run())
+        assert any("CPU offload needs a CUDA GPU" in w.value for w in at.warning)
+        assert at.session_state["model_spec"].is_tiny
+    at.selectbox(key="model_offload").set_value("disk")
+    at.number_input(key="model_resident").set_value(1)
+    at.text_input(key="model_folder").set_value(str(folder))
+    clean(at.button(key="model_load").click().run())
+    spec = at.session_state["model_spec"]
+    assert (spec.source, spec.offload, spec.resident_layers) == (str(folder), "disk", 1)
+    assert spec.key != state.ModelSpec(str(folder)).key  # resident and offloaded loads are cached apart
+    assert is_offloaded(state.shared().models[spec.key].model)
+    clean(at.switch_page("pages/model.py").run())
+    note = next(c.value for c in at.caption if "scored one block at a time" in c.value)
+    assert "3 of 4 blocks on disk (1 kept on cpu)" in note and "First-order Taylor" in note
+
+    clean(at.switch_page("pages/importance.py").run())
+    crits, offered = available(), at.pills(key="imp_criteria").options
+    assert crits["wanda_sp"].title in offered and crits["magnitude"].title in offered
+    assert crits["taylor"].title not in offered and crits["ppl"].title not in offered
+    assert any("only criteria that run one block at a time" in c.value for c in at.caption)
+    at.pills(key="imp_criteria").set_value(["wanda_sp"])
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(4)
+    at.selectbox(key="imp_cal_seq").set_value(64)
+    clean(at.button(key="imp_run").click().run())
+    imap = at.session_state["imaps"]["wanda_sp"]
+    assert imap.meta["offloaded"] and "imp_fig_channel_wanda_sp" in chart_keys(at)
+    resident = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    expected = compute(resident, "wanda_sp", at.session_state["calib"])
+    assert torch.allclose(imap.channels, expected.channels, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(imap.heads, expected.heads, rtol=1e-4, atol=1e-6)
+
+
 # ---- pure helpers ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

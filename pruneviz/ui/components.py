@@ -21,6 +21,8 @@ SOURCES = {"bundled": "Bundled SmolLM2-135M-Instruct", "hub": "Hugging Face id",
            "tiny": "Tiny random model (testing)"}
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
+OFFLOADS = {"none": "No: the whole model in memory", "disk": "Disk: blocks read one at a time",
+            "cpu": "CPU memory: blocks fetched by the GPU"}
 SEQ_LENS = [32, 64, 128, 256, 512, 1024, 2048]
 
 
@@ -164,6 +166,8 @@ def _seed_picker_defaults(spec: state.ModelSpec) -> None:
     st.session_state.setdefault("model_source", kind)
     st.session_state.setdefault("model_device", spec.device if spec.device in DEVICES else "auto")
     st.session_state.setdefault("model_dtype", spec.dtype if spec.dtype in DTYPES else "auto")
+    st.session_state.setdefault("model_offload", spec.offload if spec.offload in OFFLOADS else "none")
+    st.session_state.setdefault("model_resident", int(spec.resident_layers))
 
 
 def model_picker() -> state.ModelSpec | None:
@@ -183,12 +187,43 @@ def model_picker() -> state.ModelSpec | None:
     dtype = c2.selectbox("dtype", DTYPES, key="model_dtype", help="auto: float32 on CPU, bfloat16 on GPU")
     trust = st.checkbox("Trust remote code", key="model_trust", disabled=kind in ("bundled", "tiny"),
                         help="Run Python code shipped with the model. Only for sources you trust.")
+    offload, resident = offload_controls(kind, device)
     if st.button("Load model", key="model_load", type="primary", icon=":material/download:", width="stretch"):
         if not source.strip():
             st.warning("Type a Hugging Face id or a folder path first.")
             return None
-        return state.ModelSpec(source.strip(), device, dtype, bool(trust and kind in ("hub", "folder")))
+        if offload == "cpu" and not _computes_on_cuda(device):
+            st.warning("CPU offload needs a CUDA GPU to compute on; choose disk offload here.")
+            return None
+        return state.ModelSpec(source.strip(), device, dtype, bool(trust and kind in ("hub", "folder")), offload,
+                               resident if offload != "none" else 0)
     return None
+
+
+def _computes_on_cuda(device: str) -> bool:
+    import torch
+
+    return device in ("auto", "cuda") and torch.cuda.is_available()
+
+
+def offload_controls(kind: str, device: str) -> tuple[str, int]:
+    """Offload mode ("none", "disk", "cpu") and the number of blocks kept on the device, for the model picker."""
+    local = kind in ("bundled", "folder")
+    offload = st.selectbox(
+        "Offload blocks (models larger than memory)", list(OFFLOADS), format_func=OFFLOADS.get, key="model_offload",
+        disabled=not local,
+        help="Keep the decoder blocks on disk (or, computing on a GPU, in CPU memory) and bring one at a time to "
+             "the device: layer-wise criteria (magnitude, Wanda-sp, FLAP, SlimGPT) score block by block. Needs the "
+             "bundled model or a local folder with safetensors weights." if local else
+             "Offloaded loading reads the bundled model or a local folder with safetensors weights.")
+    offload = offload if local else "none"
+    if offload == "cpu" and not _computes_on_cuda(device):
+        st.caption(":material/warning: No CUDA GPU for this device choice: CPU offload would compute on the CPU, "
+                   "where it saves nothing. Use disk.")
+    resident = st.number_input("Blocks kept on the device", 0, 10_000, step=1, key="model_resident",
+                               disabled=offload == "none",
+                               help="The first blocks stay on the device (faster); the rest are offloaded.")
+    return offload, int(resident)
 
 
 def ensure_model(requested: state.ModelSpec | None):
@@ -215,7 +250,9 @@ def sidebar_status(loaded) -> None:
     if loaded is None:
         return
     plan = state.get_plan(loaded)
-    st.caption(f"**{loaded.name}** · {loaded.device} · {str(loaded.dtype).replace('torch.', '')}")
+    where = loaded.info.get("offload")
+    st.caption(f"**{loaded.name}** · {loaded.device} · {str(loaded.dtype).replace('torch.', '')}"
+               + (f" · blocks offloaded ({where})" if where else ""))
     st.caption(f"Plan: {'nothing removed' if plan.is_empty() else plan.summary()}")
     if state.pruned_for(plan) is not None:
         st.caption(":material/check_circle: pruned model built for this plan")

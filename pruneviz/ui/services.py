@@ -32,7 +32,8 @@ def forward_speed(loaded) -> float:
     ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
     ids = ids.to(next(loaded.model.parameters()).device)  # [2, T]
     with torch.inference_mode():
-        loaded.model(input_ids=ids, use_cache=False)  # warm-up
+        if not loaded.info.get("offload"):  # an offloaded model reads every block from disk/CPU: one pass only
+            loaded.model(input_ids=ids, use_cache=False)  # warm-up
         t0 = time.perf_counter()
         loaded.model(input_ids=ids, use_cache=False)
         tps = ids.numel() / max(time.perf_counter() - t0, 1e-6)
@@ -52,6 +53,29 @@ def estimate(loaded, crit, options, n_samples: int, seq_len: int) -> dict:
     seconds = tokens * factor / forward_speed(loaded) if tokens else 0.0
     return {"tokens": tokens, "backward": bool(est.get("backward")), "seconds": seconds,
             "extra_bytes": est.get("extra_bytes", 0)}
+
+
+# ---- offloaded models ---------------------------------------------------------------------------------------------
+
+def offload_summary(loaded) -> str | None:
+    """One line on where an offloaded base keeps its blocks and what that rules out (None when not offloaded)."""
+    from ..arch import adapter_for
+    from ..importance import available
+    from ..layerwise import is_offloaded
+
+    where = loaded.info.get("offload")
+    if not where:
+        return None
+    layers = adapter_for(loaded.model).layers(loaded.model)
+    off = sum(is_offloaded(layer) for layer in layers)
+    if not off:
+        return (f"Offloading asked for ({where}), but all {len(layers)} blocks fit on {loaded.device}: the model "
+                f"is resident and every criterion works.")
+    place = "on disk" if where == "disk" else "in CPU memory"
+    kept = f" ({len(layers) - off} kept on {loaded.device})" if off < len(layers) else ""
+    whole = ", ".join(c.title.split(" (")[0] for c in available().values() if not c.layerwise)
+    return (f"{off} of {len(layers)} blocks {place}{kept}, scored one block at a time; {whole} need the whole "
+            f"model in memory. The pruned model is built in CPU memory.")
 
 
 # ---- importance ---------------------------------------------------------------------------------------------------

@@ -41,12 +41,18 @@ Progress = Callable[[float, str], Any]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which base model a session uses; ``key`` identifies it in the shared store."""
+    """Which base model a session uses; ``key`` identifies it in the shared store.
+
+    ``offload`` ("none", "disk" or "cpu") loads it with :func:`pruneviz.layerwise.load_offloaded`: decoder blocks
+    beyond the first ``resident_layers`` stay on disk (or in CPU memory for a GPU) and are scored one at a time.
+    """
 
     source: str = "bundled"
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    offload: str = "none"
+    resident_layers: int = 0
 
     @property
     def key(self) -> str:
@@ -55,6 +61,10 @@ class ModelSpec:
     @property
     def is_tiny(self) -> bool:
         return self.source.strip().lower() == TINY
+
+    @property
+    def is_offloaded(self) -> bool:
+        return self.offload != "none"
 
 
 def default_spec() -> ModelSpec:
@@ -104,6 +114,25 @@ def _load_tiny(spec: ModelSpec):
                        time.perf_counter() - t0)
 
 
+def _load_offloaded(spec: ModelSpec):
+    """:func:`pruneviz.layerwise.load_offloaded` into an offload folder of its own, removed with the model."""
+    import shutil
+    import weakref
+
+    from ..layerwise import load_offloaded
+
+    folder = tempfile.mkdtemp(prefix="pruneviz-offload-")
+    try:
+        loaded = load_offloaded(spec.source, device=spec.device, dtype=spec.dtype, offload=spec.offload,
+                                resident_layers=spec.resident_layers, offload_folder=folder,
+                                trust_remote_code=spec.trust_remote_code)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(loaded.model, shutil.rmtree, folder, True)  # once no session or job holds the model
+    return loaded
+
+
 def load_base(spec: ModelSpec, progress: Progress | None = None):
     """The shared base model for ``spec`` (loaded once per process; concurrent sessions wait for one load).
 
@@ -117,6 +146,8 @@ def load_base(spec: ModelSpec, progress: Progress | None = None):
             return hit
         if spec.is_tiny:
             loaded = _load_tiny(spec)
+        elif spec.is_offloaded:
+            loaded = _load_offloaded(spec)
         else:
             from ..loading import load_model
 
