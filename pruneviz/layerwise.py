@@ -188,10 +188,7 @@ def load_offloaded(source: str = "bundled", device: str | torch.device = "auto",
     if is_bundled(source):
         folder, name = bundled_folder(), BUNDLED_NAME
     else:
-        folder = pathlib.Path(str(source)).expanduser()
-        if not folder.is_dir():
-            raise ModelLoadError(f"offloaded loading needs a local model folder with safetensors weights; "
-                                 f"{source!r} is not one (download it first, or use 'bundled')")
+        folder = _local_folder(str(source))
         _check_causal(_read_config(folder), str(folder))
         _check_weights(folder, allow_pickle=False)
         name = folder.name
@@ -214,6 +211,27 @@ def load_offloaded(source: str = "bundled", device: str | torch.device = "auto",
                        load_seconds=time.perf_counter() - t0, path=pathlib.Path(folder),
                        info={"offload": offload, "offload_folder": folder_out,
                              "device_map": {k: str(v) for k, v in getattr(model, "hf_device_map", {}).items()}})
+
+
+def _local_folder(source: str) -> pathlib.Path:
+    """``source`` as a local folder: itself, or a Hub id's snapshot (safetensors, configs and tokenizer only),
+    from the local cache when offline. Raises ModelLoadError saying what to do."""
+    from .loading import _hub_error, _hub_offline, _looks_like_path
+
+    folder = pathlib.Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    if _looks_like_path(source) or not source:
+        raise ModelLoadError(f"offloaded loading needs a local model folder with safetensors weights; {source!r} "
+                             f"is not one (check the path, or use 'bundled')")
+    from huggingface_hub import snapshot_download
+
+    offline = _hub_offline()
+    try:
+        return pathlib.Path(snapshot_download(source, local_files_only=offline, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:  # noqa: BLE001 - any Hub/offline failure becomes one message
+        raise _hub_error(source, exc, offline, False) from exc
 
 
 # ---- the layer stream ---------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ def test_cpu_offload_on_a_cpu_says_what_to_do(folder):
         load_offloaded(str(folder), device="cpu", offload="tape")
     with pytest.raises(ModelLoadError, match="local model folder"):
         load_offloaded(str(folder / "nope"), device="cpu")
+    with pytest.raises(ModelLoadError, match="was not found in the local Hugging Face cache"):
+        load_offloaded("no-such-org/no-such-model", device="cpu")  # HF_HUB_OFFLINE=1 in tests
 
 
 def _weights(model):

@@ -208,14 +208,14 @@ def _computes_on_cuda(device: str) -> bool:
 
 def offload_controls(kind: str, device: str) -> tuple[str, int]:
     """Offload mode ("none", "disk", "cpu") and the number of blocks kept on the device, for the model picker."""
-    local = kind in ("bundled", "folder")
+    local = kind in ("bundled", "folder", "hub")
     offload = st.selectbox(
         "Offload blocks (models larger than memory)", list(OFFLOADS), format_func=OFFLOADS.get, key="model_offload",
         disabled=not local,
         help="Keep the decoder blocks on disk (or, computing on a GPU, in CPU memory) and bring one at a time to "
              "the device: layer-wise criteria (magnitude, Wanda-sp, FLAP, SlimGPT) score block by block. Needs the "
-             "bundled model or a local folder with safetensors weights." if local else
-             "Offloaded loading reads the bundled model or a local folder with safetensors weights.")
+             "bundled model, a local folder or a Hub id with safetensors weights." if local else
+             "Offloaded loading reads the bundled model, a local folder or a Hub id with safetensors weights.")
     offload = offload if local else "none"
     if offload == "cpu" and not _computes_on_cuda(device):
         st.caption(":material/warning: No CUDA GPU for this device choice: CPU offload would compute on the CPU, "
