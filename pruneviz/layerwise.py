@@ -168,14 +168,11 @@ def offload_device_map(model: nn.Module, execution: str | torch.device = "cpu", 
     layers = adapter.layers(model)
     prefix = next(name for name, mod in model.named_modules() if mod is layers)
     exec_name = str(torch.device(execution))
-    dm = {name: exec_name for name, _ in model.named_children()}
-    owner = prefix.split(".")[0]
-    dm.pop(owner, None)
-    parent = model.get_submodule(owner)
-    for name, _ in parent.named_children():
-        full = f"{owner}.{name}"
-        if full != prefix:
-            dm[full] = exec_name
+    path = prefix.split(".")  # e.g. ["model", "layers"], ["model", "decoder", "layers"], ["transformer", "h"]
+    dm = {}
+    for depth, step in enumerate(path):  # everything beside the path down to the blocks stays on the device
+        parent = model.get_submodule(".".join(path[:depth]))
+        dm.update({".".join(path[:depth] + [name]): exec_name for name, _ in parent.named_children() if name != step})
     for i in range(len(layers)):
         dm[f"{prefix}.{i}"] = exec_name if i < resident_layers else offload
     return dm

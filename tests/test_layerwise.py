@@ -142,3 +142,29 @@ def test_surgery_on_an_offloaded_base_equals_resident(compensation, resident, of
     x = CALIB.tokens[:2]
     with torch.no_grad():
         torch.testing.assert_close(got(x).logits, want(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "bloom", "qwen2"])
+def test_offload_map_covers_every_parameter_once(family):
+    model = tiny_model(family)
+    dm = offload_device_map(model, "cpu", "disk")
+    for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        owners = [k for k in dm if name == k or name.startswith(k + ".")]
+        assert len(owners) == 1, (name, owners)
+        assert (dm[owners[0]] == "disk") == (".h." in name or ".layers." in name), (name, dm[owners[0]])
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "bloom"])
+def test_other_families_score_the_same_offloaded(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / family
+    tiny_model(family).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    resident = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    off = load_offloaded(str(path), device="cpu", dtype="float32", offload="disk",
+                         offload_folder=tmp_path / "off").model
+    assert is_offloaded(off)
+    want, got = compute(resident, "wanda_sp", CALIB), compute(off, "wanda_sp", CALIB)
+    for kind in want.available():
+        torch.testing.assert_close(got.get(kind), want.get(kind), rtol=1e-4, atol=1e-5)
