@@ -1,7 +1,7 @@
 """Cost of scoring on the bundled model: seconds and peak memory per criterion, each in a fresh process,
 against a plain forward pass and a forward+backward pass over the same calibration windows (same run).
 
-    .venv/bin/python bench/cost.py [--criteria magnitude,wanda_sp,...]
+    .venv/bin/python bench/cost.py [--criteria magnitude,wanda_sp,minillm:batch_size=2,...]
 
 Writes bench/results/cost.md and .json. Peak memory is the process's peak resident set during the measured
 step (Linux VmHWM after resetting it), model weights included, so ratios compare like with like.
@@ -16,7 +16,7 @@ import time
 
 from common import calibration, load_bundled, write_table
 
-CRITERIA = "magnitude,wanda_sp,flap,taylor,minillm,slimgpt,ppl,block_influence"
+CRITERIA = "magnitude,wanda_sp,flap,taylor,minillm,minillm:batch_size=2,slimgpt,ppl,block_influence"
 
 
 def one(name: str, samples: int, seq_len: int) -> dict:
@@ -40,7 +40,11 @@ def one(name: str, samples: int, seq_len: int) -> dict:
                 else:
                     lm.model(batch, labels=batch).loss.backward()
         else:
-            compute(lm.model, name, calib)
+            crit, _, opts = name.partition(":")  # "minillm:batch_size=2,queries=8" -> options
+            from pruneviz.importance import make_options
+
+            kwargs = {k: int(v) if v.isdigit() else v for k, v in (o.split("=") for o in opts.split(",") if o)}
+            compute(lm.model, crit, calib, make_options(crit, **kwargs))
         sync()
     return {"name": name, "seconds": time.perf_counter() - t0, "peak": mem.peak, "start": mem.start,
             "device": str(device), "dtype": str(lm.dtype).replace("torch.", "")}
@@ -81,7 +85,9 @@ def main() -> None:
         "forward = inference-mode forward passes over the calibration windows (batch 4); backward = the same "
         f"with loss.backward() (what gradient criteria need). Peak = {peak_kind} during the step (MiB), "
         "weights included; ratios against those two baselines measured in this run.",
-        "Criteria with their default options (minillm: 64 SPSA queries, ε = 1e-3, reading A).",
+        "Criteria with their default options (minillm: 64 SPSA queries, ε = 1e-3, reading A, 4 windows per "
+        "perturbed loss, so a pass holding both signs has 8). 'minillm:batch_size=2' is the same with 2 windows "
+        "per loss, i.e. 4 windows per pass, like the forward and backward baselines and Taylor (batch 4).",
     ], ["step", "seconds", "peak MiB", "vs forward", "vs backward"], rows, extra={"results": results})
 
 
