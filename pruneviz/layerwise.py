@@ -125,10 +125,12 @@ def resident_copy(model: nn.Module) -> nn.Module:
 def refuse_offloaded(model: nn.Module, what: str) -> None:
     """Raise a CriterionError if ``model`` is offloaded: ``what`` needs the whole model resident."""
     if is_offloaded(model):
+        from .importance import REGISTRY
+
+        ok = ", ".join(sorted(name for name, crit in REGISTRY.items() if crit.layerwise))
         raise CriterionError(
             f"{what} needs the whole model in memory, but this model is offloaded layer by layer. Use a "
-            f"layer-wise criterion (magnitude, wanda_sp, flap, slimgpt), or load it without offloading on a "
-            f"larger device.")
+            f"layer-wise criterion ({ok}), or load it without offloading on a larger device.")
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
