@@ -287,33 +287,19 @@ def layerwise_stats(model: nn.Module, calib, span=None, sites=None, batch_size: 
     Same numbers as the full forward pass (same dense inputs, same fp32 accumulation) up to floating-point
     summation order; peak memory is one block plus the calibration activations.
     """
-    from .arch import adapter_for, get_path
-    from .criteria.stats import SITES, CalibrationStats, FeatureStats, Span, site_module
+    from .arch import adapter_for
+    from .criteria.stats import SITES, Span, StatsCollector
     from .importance import Calibration
 
-    sites = tuple(sites or SITES)
     span = span or Span(None)
-    adapter = adapter_for(model)
-    layers = adapter.layers(model)
+    layers = adapter_for(model).layers(model)
     tokens = calib.tokens if isinstance(calib, Calibration) else calib
-    stats = CalibrationStats({s: [FeatureStats() for _ in layers] for s in sites})
     with torch.inference_mode():
         stream = capture_inputs(model, tokens, batch_size)
-        for i, layer in enumerate(layers):
-            handles = []
-            for site in sites:
-                acc = stats.sites[site][i]
-                hook = (lambda acc: lambda mod, args, kwargs: acc.update(args[0] if args else
-                                                                         next(iter(kwargs.values()))))(acc)
-                handles.append(get_path(layer, site_module(adapter, site)).register_forward_pre_hook(
-                    hook, with_kwargs=True))
-            try:
+        # every block's hooks are in place, but a block's only fire while it streams
+        with StatsCollector(model, sites or SITES) as collector:
+            for i, layer in enumerate(layers):
                 for b in range(len(stream.hidden)):
                     stream.hidden[b] = stream.call(layer, i, b)  # the next block's inputs, in place
-            finally:
-                for h in handles:
-                    h.remove()
-            span.step((i + 1) / len(layers), f"calibration statistics: block {i + 1}/{len(layers)}")
-    first = stats.sites[sites[0]][0] if sites else None
-    stats.tokens = first.count if first is not None else 0
-    return stats
+                span.step((i + 1) / len(layers), f"calibration statistics: block {i + 1}/{len(layers)}")
+    return collector.result()
