@@ -103,11 +103,12 @@ def detached_copy(layer: nn.Module, device: torch.device | None = None) -> nn.Mo
     return new.to(device) if device is not None else new
 
 
-def resident_copy(model: nn.Module) -> nn.Module:
+def resident_copy(model: nn.Module, blocks: list[nn.Module] | None = None) -> nn.Module:
     """A plain CPU copy of an offloaded ``model``: every block materialised (one at a time), no hooks.
 
     What surgery works on when the base is offloaded: the pruned model is built in CPU memory (the dense copy
     must fit there once; pruning then shrinks it), ready to evaluate or export. ``model`` is not changed.
+    ``blocks`` (plain modules, e.g. SlimGPT's compensated ones) replace the model's own blocks in the copy.
     """
     from accelerate.hooks import remove_hook_from_module
 
@@ -116,7 +117,8 @@ def resident_copy(model: nn.Module) -> nn.Module:
 
     adapter = adapter_for(model)
     copy_ = clone_model(model)  # meta blocks (cheap) + own copies of embeddings and head
-    blocks = [detached_copy(layer, torch.device("cpu")) for layer in adapter.layers(model)]
+    if blocks is None:
+        blocks = [detached_copy(layer, torch.device("cpu")) for layer in adapter.layers(model)]
     adapter.set_layers(copy_, nn.ModuleList(blocks))
     remove_hook_from_module(copy_, recurse=True)
     return copy_.to("cpu")

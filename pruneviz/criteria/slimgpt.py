@@ -38,7 +38,7 @@ from torch import nn
 from ..arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, is_conv1d
 from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, model_device, register
-from ..layerwise import capture_inputs, detached_copy, is_offloaded, materialized
+from ..layerwise import capture_inputs, detached_copy, is_offloaded, materialized, resident_copy
 from ..obs import HEAD_ERRORS, Hessian, ObsProblem, dgs_sizes, greedy_blocks, greedy_columns
 from ..plan import Plan
 from ..surgery import apply_plan, clone_model, register_compensator
@@ -521,15 +521,11 @@ def slimgpt_prune(model: nn.Module, calib: Calibration, target_ratio: float, sch
 
 def _slice_compensated(model: nn.Module, layers: list[nn.Module], plan: Plan) -> nn.Module:
     """Physically prune a tensor-sharing clone of ``model`` whose blocks are the compensated ``layers``."""
-    adapter = adapter_for(model)
-    offloaded = is_offloaded(model)
-    dense = clone_model(model, share_weights=not offloaded)  # offloaded: own copies of embeddings and head
-    adapter.set_layers(dense, nn.ModuleList(layers))
-    if offloaded:  # the blocks are plain CPU copies now: drop the dispatch hooks, gather on the CPU
-        from accelerate.hooks import remove_hook_from_module
-
-        remove_hook_from_module(dense, recurse=True)
-        dense.to("cpu")
+    if is_offloaded(model):  # the blocks are plain CPU copies: gather everything on the CPU, without hooks
+        dense = resident_copy(model, layers)
+    else:
+        dense = clone_model(model, share_weights=True)
+        adapter_for(model).set_layers(dense, nn.ModuleList(layers))
     return apply_plan(dense, replace(plan, compensation=None), allow_other_weights=True)
 
 
