@@ -25,6 +25,7 @@ from torch import nn
 
 from .arch import Geometry, geometry_of
 from .errors import CriterionError, is_oom, oom_advice
+from .layerwise import execution_device, is_offloaded, refuse_offloaded
 
 MAPS = ("heads", "kv", "channels", "blocks")
 
@@ -169,8 +170,6 @@ def available() -> dict[str, Criterion]:
 def usable_criteria(model: nn.Module) -> dict[str, Criterion]:
     """The criteria that can score ``model``: all of them, or only the layer-wise ones (``Criterion.layerwise``)
     when it is offloaded (:func:`pruneviz.layerwise.load_offloaded`); the others need the whole model resident."""
-    from .layerwise import is_offloaded
-
     crits = available()
     return {n: c for n, c in crits.items() if c.layerwise} if is_offloaded(model) else crits
 
@@ -243,8 +242,6 @@ def peak_memory(device) -> Iterator[PeakMemory]:
 
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model`` computes (accelerate's execution device for an offloaded model)."""
-    from .layerwise import execution_device
-
     return execution_device(model)
 
 
@@ -261,8 +258,6 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
     if getattr(model.config, "pruneviz_base_geometry", None):
         raise CriterionError("score the dense base model, not an already pruned one")
     if not crit.layerwise:
-        from .layerwise import refuse_offloaded
-
         refuse_offloaded(model, f"the {name} criterion")
     ctx = Context(progress, cancel)
     device = model_device(model)
@@ -279,7 +274,7 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
     result.meta.update({
         "criterion": name, "options": dataclasses.asdict(options), "seconds": time.perf_counter() - t0,
         "peak_memory_bytes": mem.peak, "extra_memory_bytes": mem.extra, "device": str(device),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "offloaded": _offloaded(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "offloaded": is_offloaded(model),
         "calibration": calib.describe() if calib is not None and crit.needs_calibration else None,
         "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
         "pid": os.getpid(),
@@ -287,12 +282,6 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
     if progress:
         progress(1.0, "done")
     return result
-
-
-def _offloaded(model: nn.Module) -> bool:
-    from .layerwise import is_offloaded
-
-    return is_offloaded(model)
 
 
 def empty_map(name: str, model: nn.Module, **maps) -> ImportanceMap:

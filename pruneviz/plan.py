@@ -27,6 +27,7 @@ from torch import nn
 
 from .arch import Geometry, adapter_for, geometry_of, get_path, slice_params
 from .errors import PlanError
+from .layerwise import materialized
 
 SCHEMA = "pruneviz.plan/1"
 Removed = tuple[tuple[int, tuple[int, ...]], ...]  # ((layer, (idx, ...)), ...)
@@ -35,8 +36,6 @@ PER_LAYER_KINDS = ("kv", "head", "channel")
 
 def weight_probe(model: nn.Module, n: int = 16) -> tuple[float, ...]:
     """A few deterministic weight values that identify a base model across dtypes and devices."""
-    from .layerwise import materialized
-
     adapter = adapter_for(model)
     layer = adapter.layers(model)[0]
     with materialized(layer):  # an offloaded block 0 is read from its offload store

@@ -26,6 +26,7 @@ from torch import nn
 
 from .arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, weight_axis
 from .errors import PlanError
+from .layerwise import is_offloaded, resident_copy
 from .modeling_pruneviz import new_projection
 from .plan import Plan
 
@@ -137,8 +138,6 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = 
     """
     plan.validate(model, physical=True, allow_other_weights=allow_other_weights)
     adapter, g = adapter_for(model), geometry_of(model)
-    from .layerwise import is_offloaded, resident_copy
-
     # an offloaded base is materialised on the CPU block by block; the pruned model lives there
     pruned = resident_copy(model) if is_offloaded(model) else clone_model(model, share_weights=False)
     if plan.compensation:

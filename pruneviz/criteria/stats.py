@@ -39,6 +39,7 @@ from torch import nn
 from ..arch import Adapter, adapter_for, get_path
 from ..errors import CriterionError
 from ..importance import Calibration, Context, model_device
+from ..layerwise import is_offloaded, layerwise_stats
 
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 DEFAULT_BATCH_SIZE = 8
@@ -247,8 +248,6 @@ def collect_stats(model: nn.Module, calib: Calibration | torch.Tensor, span: Spa
     memory one block + the activations); None (default) does so exactly when the model is offloaded.
     """
     check_hookable(model)
-    from ..layerwise import is_offloaded, layerwise_stats
-
     if layerwise or (layerwise is None and is_offloaded(model)):
         return layerwise_stats(model, calib, span, sites, batch_size)
     span = span or Span(None)
