@@ -65,8 +65,7 @@ def one(case: str, criterion: str, samples: int, seq_len: int) -> dict:
 
     import pruneviz.criteria  # noqa: F401  (the same imports in every case)
     from pruneviz.importance import compute
-    from pruneviz.layerwise import load_offloaded
-    from pruneviz.loading import load_model
+    from pruneviz.loading import load_model, load_offloaded
 
     out = {"case": case, "criterion": criterion}
     anon = AnonPeak()
@@ -142,7 +141,7 @@ def main() -> None:
         "Resident: `load_model('bundled')`, then `compute(model, criterion, calib)` (full forward passes over the "
         "decoder in batches of 8 windows). Offloaded: `load_offloaded('bundled', offload='disk')` (embeddings and "
         "final norm in memory, every block on disk behind accelerate hooks), then the same call, which streams the "
-        "windows block by block (`pruneviz.layerwise`).",
+        "windows block by block (`pruneviz.criteria.stats.layerwise_stats`).",
         f"Calibration: {args.samples} windows x {args.seq_len} tokens of the default text.",
         "After loading, every weight tensor the process holds is copied into its own memory (safetensors loads "
         "are memory-mapped, which would hide the resident model's weights from the count); 'weights held' is "

@@ -104,8 +104,9 @@ def main() -> None:
         "Cells: perplexity (ratio to dense; share of non-embedding parameters actually removed). Targets are "
         "shares of non-embedding parameters (106.2M); whole units make the achieved share differ slightly.",
         "Width methods rank within each layer (uniform) unless stated; 'layers 4..L-3' keeps the first four and "
-        "last two layers whole (LLM-Pruner's layer range) and spreads the budget over the rest; FLAP ranks globally with its bias "
-        "compensation; SlimGPT runs its OBS solver with log-increasing layer ratios (its ratio is the mean "
+        "last two layers whole (LLM-Pruner's layer range) and spreads the budget over the rest; FLAP ranks "
+        "globally with its bias compensation; SlimGPT runs its OBS solver with log-increasing layer ratios "
+        "(its ratio is the mean "
         "per-layer share of heads and channels) and compensates weights; depth methods remove whole blocks "
         "(+ = keep the first four and last two).",
         "Scoring seconds and peak memory (process peak RSS during scoring, MiB) are for one scoring run; "

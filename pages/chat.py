@@ -2,9 +2,10 @@
 import streamlit as st
 
 from pruneviz.chat import stream_reply
-from pruneviz.ui import state
 from pruneviz.ui import components as ui
-from pruneviz.ui.work import ScriptControlException, show_error
+from pruneviz.ui import state
+from pruneviz.ui.compat import ScriptControlException
+from pruneviz.ui.work import show_error
 
 loaded = ui.page("Chat", "One prompt, two models: the dense base on the left, the pruned one on the right. Same "
                  "decoding settings and seed, one after the other.")

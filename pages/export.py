@@ -4,8 +4,8 @@ import re
 import streamlit as st
 
 from pruneviz.plan import Plan
-from pruneviz.ui import services, state
 from pruneviz.ui import components as ui
+from pruneviz.ui import services, state
 from pruneviz.ui.work import Job, show_error
 
 loaded = ui.page("Export", "Take the plan or the pruned model with you. Checkpoints are written atomically and "

@@ -7,7 +7,7 @@ mostly in it. Each strategy here is a small function behind a registry (:func:`r
   LLM-Pruner, Wanda-sp). Attention and MLP lose the same *fraction of their parameters* unless ``attn_share``
   says otherwise.
 - ``incremental``: per-layer ratios that grow with depth (SlimGPT "Incremental Pruning Ratio", Eq. 6), taken
-  from :func:`pruneviz.criteria.slimgpt.layer_ratios`.
+  from :func:`pruneviz.schedules.layer_ratios`.
 - ``global``: scores standardised per layer and structure, then ranked across all layers (FLAP "AL-AM"), which
   gives adaptive, non-uniform widths.
 - ``depth``: the k least important whole blocks (Shortened LLaMA, ShortGPT), optionally with the Shortened "+"
@@ -46,6 +46,7 @@ from .arch import geometry_of
 from .errors import CriterionError, PlanError
 from .importance import ImportanceMap
 from .plan import Plan, dense_params
+from .schedules import layer_ratios
 
 TARGET_OF = ("total", "non_embedding")
 ATTN_UNITS = ("kv", "head")
@@ -141,7 +142,7 @@ class AllocOptions:
       (FLAP's choice; with only 2-3 KV groups per layer this flattens differences between layers), ``"map"``
       standardises over the whole map per structure (keeps differences between layers), ``"none"`` ranks raw
       scores.
-    - ``schedule``, ``r0`` (incremental): passed to :func:`pruneviz.criteria.slimgpt.layer_ratios`.
+    - ``schedule``, ``r0`` (incremental): passed to :func:`pruneviz.schedules.layer_ratios`.
     - ``plus_rule`` (depth, combined): never remove blocks {0, 1, 2, 3, L-2, L-1}.
     - ``skip_first``, ``skip_last`` (width, combined): leave the first / last that many layers at full width.
       This is LLM-Pruner's layer range (``--block_attention_layer_start/end``, ``--block_mlp_layer_start/end``;
@@ -523,12 +524,6 @@ def global_width(job: Job, layers: Sequence[int], budget: float, plan: Plan) -> 
     return Allocation(plan_with(plan, taken, lads), max(costs), _width_limit(job))
 
 
-def _layer_ratio_fn():
-    from .criteria.slimgpt import layer_ratios  # lazy: pruneviz.criteria imports every criterion module
-
-    return layer_ratios
-
-
 def schedule_weights(n_layers: int, mean_ratio: float, schedule: str, r0: float | None) -> list[float]:
     """Per-layer ratios of a schedule (SlimGPT Eq. 6 for ``log_increase``) with the given mean.
 
@@ -536,7 +531,7 @@ def schedule_weights(n_layers: int, mean_ratio: float, schedule: str, r0: float 
     per-layer ceiling of 0.9 is clipped to it; a target that high fails on the one-unit-per-layer rule anyway.
     """
     try:
-        ratios = _layer_ratio_fn()(n_layers, min(mean_ratio, MAX_LAYER_RATIO), schedule, r0=r0)
+        ratios = layer_ratios(n_layers, min(mean_ratio, MAX_LAYER_RATIO), schedule, r0=r0)
     except CriterionError as e:
         raise PlanError(f"incremental allocation: {e}") from e
     return [float(r) for r in ratios]

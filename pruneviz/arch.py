@@ -27,8 +27,6 @@ from torch import nn
 
 from .errors import PlanError
 
-KINDS = ("head", "kv", "channel", "block")
-
 
 @dataclass(frozen=True)
 class Geometry:
@@ -62,6 +60,39 @@ class Geometry:
         gqa = f"{self.n_kv} KV groups of {self.group_size}" if self.n_kv != self.n_heads else "multi-head"
         return (f"{self.family}/{self.model_type}: {self.n_layers} blocks, {self.n_heads} query heads "
                 f"({gqa}), head_dim {self.head_dim}, MLP {self.n_channels}, hidden {self.hidden}")
+
+
+# ---- the unit vocabulary: one table that every module reads --------------------------------------------------------
+
+@dataclass(frozen=True)
+class UnitKind:
+    """One kind of prunable unit: its plan/allocation name, importance-map field, labels and count per layer."""
+
+    name: str  # the name plans, allocation and the CLI use: "head", "kv", "channel", "block"
+    map: str  # the ImportanceMap / Plan field: "heads", "kv", "channels", "blocks"
+    label: str  # "query head"
+    plural: str  # "query heads"
+    count: Callable[[Geometry], int]  # units per layer (per model for blocks)
+    width: bool = True  # a unit inside a block (False: whole blocks)
+
+
+UNITS: dict[str, UnitKind] = {u.name: u for u in (
+    UnitKind("head", "heads", "query head", "query heads", lambda g: g.n_heads),
+    UnitKind("kv", "kv", "KV group", "KV groups", lambda g: g.n_kv),
+    UnitKind("channel", "channels", "MLP channel", "MLP channels", lambda g: g.n_channels),
+    UnitKind("block", "blocks", "block", "blocks", lambda g: g.n_layers, width=False),
+)}
+KINDS = tuple(UNITS)  # ("head", "kv", "channel", "block")
+WIDTH_KINDS = tuple(k for k, u in UNITS.items() if u.width)  # ("head", "kv", "channel")
+MAP_NAMES = tuple(u.map for u in UNITS.values())  # ("heads", "kv", "channels", "blocks")
+
+
+def unit_kind(kind_or_map: str) -> UnitKind:
+    """The :class:`UnitKind` named ``kind_or_map`` (a kind, "head", or its map field, "heads")."""
+    for u in UNITS.values():
+        if kind_or_map in (u.name, u.map):
+            return u
+    raise PlanError(f"unknown unit kind {kind_or_map!r}; one of {', '.join(KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +145,7 @@ class Adapter:
     attn_out: ClassVar[str]  # attention output projection (input columns = heads)
     mlp_out: ClassVar[str]  # MLP down projection (input columns = channels)
     attn_modules: ClassVar[tuple[str, ...]]  # every attention projection touched by head/kv slices
+    kv_proj: ClassVar[str | None] = None  # key projection, when separate (None: fused qkv of multi-head attention)
     mlp_modules: ClassVar[tuple[str, ...]]
 
     # ---- geometry -------------------------------------------------------------------------------------------
@@ -142,6 +174,13 @@ class Adapter:
         for h in g.heads_of(group):
             out += self.head_slices(g, h)
         return out
+
+    def attention_widths(self, layer: nn.Module, g: Geometry) -> dict[str, int]:
+        """Actual widths of ``layer``'s attention (pruned layers as they are): query, key and value features and
+        the output projection's input width ``o_in`` (= concatenated head outputs)."""
+        o_in = feature_count(get_path(layer, self.attn_out), "in")
+        kv = feature_count(get_path(layer, self.kv_proj), "out") if self.kv_proj else o_in
+        return {"q": o_in, "k": kv, "v": kv, "o_in": o_in}
 
     def unit_slices(self, g: Geometry, kind: str, index: int) -> list[Slice]:
         if kind == "head":
@@ -192,6 +231,7 @@ class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     layers_path = "model.layers"
     attn_out = "self_attn.o_proj"
+    kv_proj = "self_attn.k_proj"
     mlp_out = "mlp.down_proj"
     attn_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     mlp_modules = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -229,6 +269,7 @@ class OPTAdapter(Adapter):
     model_types = ("opt",)
     layers_path = "model.decoder.layers"
     attn_out = "self_attn.out_proj"
+    kv_proj = "self_attn.k_proj"
     mlp_out = "fc2"
     attn_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
     mlp_modules = ("fc1", "fc2")
@@ -365,7 +406,8 @@ def geometry_of(model_or_config) -> Geometry:
 
 
 def unit_count(g: Geometry, kind: str) -> int:
-    return {"head": g.n_heads, "kv": g.n_kv, "channel": g.n_channels, "block": g.n_layers}[kind]
+    """Units of ``kind`` (or of the map field ``kind``) per layer; blocks per model."""
+    return unit_kind(kind).count(g)
 
 
 def unit_params(g: Geometry, adapter: Adapter, model: nn.Module, kind: str) -> int:
@@ -377,16 +419,4 @@ def unit_params(g: Geometry, adapter: Adapter, model: nn.Module, kind: str) -> i
     for s in adapter.unit_slices(g, kind, 0):
         mod = get_path(layer, s.module)
         total += sum(t.numel() for t in slice_params(mod, s.axis, s.index))
-    return total
-
-
-def owned_reduce(layer: nn.Module, slices: list[Slice], fn: Callable[[nn.Module, str, torch.Tensor], torch.Tensor]
-                 ) -> torch.Tensor:
-    """Sum ``fn(module, axis, index)`` over a unit's slices (fn returns a scalar tensor)."""
-    total = None
-    for s in slices:
-        mod = get_path(layer, s.module)
-        idx = torch.as_tensor(s.index, dtype=torch.long, device=mod.weight.device)
-        v = fn(mod, s.axis, idx)
-        total = v if total is None else total + v
     return total

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from .errors import PrunevizError, TextError, is_oom, oom_advice
+from .offload import execution_device
 
 __all__ = [
     "ReplyResult",
@@ -133,7 +134,7 @@ class ReplyStream:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         enc = build_inputs(tokenizer, messages)
-        device = next(model.parameters()).device
+        device = execution_device(model)
         self._inputs = {k: v.to(device) for k, v in enc.items()}  # [1, P]
         self._kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p)
         self._streamer = TextIteratorStreamer(
@@ -228,7 +229,7 @@ def generate_reply(
 ) -> ReplyResult:
     """Generate a whole reply without streaming (same decoding as :func:`stream_reply`)."""
     enc = build_inputs(tokenizer, messages)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     inputs = {k: v.to(device) for k, v in enc.items()}  # [1, P]
     kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p)
     start = time.perf_counter()

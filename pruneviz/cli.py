@@ -1,4 +1,5 @@
-"""Command line: inspect, score, plan, prune (SlimGPT), evaluate, export, chat and LoRA recovery, headless (e.g. on a GPU server).
+"""Command line: inspect, score, plan, prune (SlimGPT), evaluate, export, chat and LoRA recovery, headless
+(e.g. on a GPU server).
 
     python -m pruneviz inspect
     python -m pruneviz score --criterion wanda_sp --samples 16 --seq-len 128 --out scores.json
@@ -32,10 +33,7 @@ def _bar(desc: str):
 
     bar = tqdm(total=1000, desc=desc, unit="‰", leave=False, file=sys.stderr)
 
-    def update(fraction, message="", *_):
-        if isinstance(fraction, int) and isinstance(message, int):  # (done, total) style
-            fraction = fraction / max(message, 1)
-            message = ""
+    def update(fraction, message=""):
         bar.n = int(1000 * min(max(float(fraction), 0.0), 1.0))
         bar.set_postfix_str(str(message)[:40])
         bar.refresh()
@@ -49,7 +47,7 @@ def _load(args):
 
     offload = getattr(args, "offload", None)
     if offload:
-        from .layerwise import load_offloaded
+        from .loading import load_offloaded
 
         lm = load_offloaded(args.model, device=args.device, dtype=args.dtype, offload=offload,
                             resident_layers=args.resident_layers, offload_folder=args.offload_folder,
@@ -252,7 +250,7 @@ def _recover_inputs(args, lm):
     """(dense model or None, pruned model, plan or None) for ``recover``: ``--plan`` applied to ``--model``, or
     ``--model`` itself when it is an already-pruned export (its dense base only when ``--base`` names it)."""
     from .errors import PlanError
-    from .export import PLAN_FILE, _plan_of
+    from .export import PLAN_FILE, plan_of
 
     if args.plan:
         pruned, plan = _pruned(args, lm)
@@ -261,7 +259,7 @@ def _recover_inputs(args, lm):
         raise PlanError(f"{lm.name} is not pruned: pass --plan PLAN.json (applied to --model), or --model a folder "
                         f"written by 'python -m pruneviz export'")
     plan_file = Path(lm.path, PLAN_FILE) if lm.path is not None else None
-    plan = _read_plan(plan_file) if plan_file is not None and plan_file.is_file() else _plan_of(lm.model)
+    plan = _read_plan(plan_file) if plan_file is not None and plan_file.is_file() else plan_of(lm.model)
     dense = None
     if args.base:
         from .loading import load_model

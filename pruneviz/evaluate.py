@@ -7,7 +7,6 @@ number carries its :class:`PPLProtocol` and the UI shows
 Size / cost helpers work on any HF causal LM by inspecting modules, so they
 stay correct after structured pruning changes per-layer widths:
 
-* :func:`count_params`   - parameters, tied weights counted once.
 * :func:`flops_per_token` - forward FLOPs per token (approximation documented there).
 * :func:`kv_cache_bytes`  - KV-cache size from the actual k/v projection widths.
 * :func:`measure_speed`  - greedy decoding latency / throughput with forced length.
@@ -21,13 +20,15 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch import adapter_for, geometry_of, get_path, is_conv1d
 from .errors import TextError, is_oom, oom_advice
+from .offload import execution_device
+from .progress import Cancel, Progress
 
 __all__ = [
     "PROTOCOLS",
@@ -36,19 +37,15 @@ __all__ = [
     "PPLResult",
     "SpeedResult",
     "attention_widths",
-    "count_params",
     "flops_per_token",
     "get_protocol",
     "kv_cache_bytes",
     "measure_speed",
-    "model_device",
     "perplexity",
     "ppl_windows",
     "token_losses",
 ]
 
-ProgressFn = Callable[[int, int], object]
-CancelFn = Callable[[], bool]
 
 
 # ----------------------------------------------------------------------- protocol
@@ -168,13 +165,6 @@ class PPLResult:
 # ------------------------------------------------------------------ perplexity
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU if it has none)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def ppl_windows(
     ids: list[int], bos_id: int | None, protocol: PPLProtocol
 ) -> tuple[torch.LongTensor, list[int]]:
@@ -218,16 +208,17 @@ def perplexity(
     tokenizer,
     text: str,
     protocol: str | PPLProtocol = "quick",
-    progress: ProgressFn | None = None,
-    cancel: CancelFn | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
 ) -> PPLResult:
     """Perplexity of ``model`` on ``text`` under ``protocol``.
 
     The text is tokenized with ``add_special_tokens=False``; BOS handling and
     windowing follow the protocol (see :class:`PPLProtocol`). Logits are
-    upcast to fp32 and NLLs summed in fp64. ``progress(done, total)`` is called
-    after each batch of windows; if ``cancel()`` returns True the loop stops and
-    a partial result with ``complete=False`` is returned. Inputs go to the
+    upcast to fp32 and NLLs summed in fp64. ``progress(fraction, message)`` is
+    called after each batch of windows; if ``cancel()`` returns True the loop
+    stops and a partial result with ``complete=False`` is returned (the
+    protocol of :mod:`pruneviz.progress`). Inputs go to the
     model's device. Raises :class:`TextError` for empty or too-short text.
     """
     proto = get_protocol(protocol)
@@ -241,7 +232,7 @@ def perplexity(
             f"The evaluation text has only {len(ids)} tokens, fewer than one {proto.seq_len}-token "
             f"window of protocol '{proto.name}'. Use a longer text or the 'quick' protocol."
         )
-    device = model_device(model)
+    device = execution_device(model)
     start = time.perf_counter()
     nll_sum, n_tok, done, first_nll = 0.0, 0, 0, None
     try:
@@ -259,7 +250,7 @@ def perplexity(
                     n_tok += scored.numel()
                 done += batch.shape[0]
                 if progress is not None:
-                    progress(done, total)
+                    progress(done / total, f"windows {done}/{total}")
     except Exception as exc:  # noqa: BLE001
         if is_oom(exc):
             raise oom_advice(exc, "computing perplexity (try a smaller batch or seq_len)") from exc
@@ -295,7 +286,7 @@ def token_losses(model, tokenizer, text: str, max_tokens: int = 256) -> tuple[li
     seq = ([bos_id] if bos_id is not None else []) + ids
     if len(seq) < 2:
         return [tokenizer.decode([ids[0]])], [float("nan")]
-    batch = torch.tensor([seq], dtype=torch.long, device=model_device(model))  # [1, T]
+    batch = torch.tensor([seq], dtype=torch.long, device=execution_device(model))  # [1, T]
     with torch.inference_mode():
         nll = _window_nll(model, batch)[0].cpu().tolist()  # [T-1]
     if bos_id is None:
@@ -307,127 +298,18 @@ def token_losses(model, tokenizer, text: str, max_tokens: int = 256) -> tuple[li
 # ------------------------------------------------------------- size and compute
 
 
-def count_params(model: nn.Module, non_embedding: bool = False) -> int:
-    """Number of parameters; shared (tied) tensors counted once.
-
-    With ``non_embedding=True``, parameters of every ``nn.Embedding`` (token
-    and, if any, learned position embeddings) and of the output embedding
-    (``lm_head``) are excluded; a tied ``lm_head`` is the same tensor as the
-    input embedding, so it is excluded once either way.
-    """
-    skip: set[int] = set()
-    if non_embedding:
-        for module in model.modules():
-            if isinstance(module, nn.Embedding):
-                skip.update(id(p) for p in module.parameters())
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if out is not None:
-            skip.update(id(p) for p in out.parameters())
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():  # already de-duplicates shared Parameters
-        key = _storage_key(p)
-        if id(p) in skip or key in seen:
-            continue
-        seen.add(key)
-        total += p.numel()
-    return total
-
-
-def _storage_key(p: torch.Tensor):
-    """Identity of a parameter's memory (catches tied tensors that are distinct objects)."""
-    if p.device.type == "meta":
-        return id(p)
-    return (p.device.type, p.data_ptr(), tuple(p.shape))
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D (weight [in, out])."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "weight")
-
-
-def _out_width(module: nn.Module) -> int:
-    w = module.weight
-    return int(w.shape[1] if _is_conv1d(module) else w.shape[0])
-
-
-def _in_width(module: nn.Module) -> int:
-    w = module.weight
-    return int(w.shape[0] if _is_conv1d(module) else w.shape[1])
-
-
-def _is_proj(module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-_Q_NAMES = ("q_proj", "query", "q")
-_K_NAMES = ("k_proj", "key", "k")
-_V_NAMES = ("v_proj", "value", "v")
-_O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "o", "out")
-_FUSED_NAMES = ("query_key_value", "c_attn", "qkv_proj", "Wqkv", "W_pack", "qkv")
-
-
-def _child(module: nn.Module, names) -> nn.Module | None:
-    for name in names:
-        sub = getattr(module, name, None)
-        if isinstance(sub, nn.Module) and _is_proj(sub):
-            return sub
-    return None
-
-
-def _fused_split(total: int, config) -> tuple[int, int, int]:
-    """Split a fused qkv width into (q, k, v) using the config's head counts.
-
-    MHA (or unknown head counts): thirds. GQA/MQA: q:k:v = n_heads:n_kv:n_kv.
-    """
-    nh = getattr(config, "num_attention_heads", None) if config is not None else None
-    nkv = None
-    if config is not None:
-        nkv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
-        if getattr(config, "multi_query", False) and not nkv:
-            nkv = 1
-    if nh and nkv and nkv != nh and total % (nh + 2 * nkv) == 0:
-        head = total // (nh + 2 * nkv)
-        return nh * head, nkv * head, nkv * head
-    return total // 3, total // 3, total - 2 * (total // 3)
-
-
 def attention_widths(model: nn.Module) -> list[dict]:
-    """Per attention module, the actual projection widths, found generically.
+    """Per decoder block, the actual attention widths, as the family's adapter declares them (:mod:`pruneviz.arch`).
 
-    An attention module is one with k and v projections (``k_proj``/``v_proj``,
-    ``key``/``value``) or a fused qkv projection (``query_key_value`` as in
-    BLOOM/NeoX, GPT-2 ``c_attn`` Conv1D with weight [in, 3w], ``qkv_proj``,
-    ...). Widths are read from weight shapes, so pruned layers are measured as
-    they are. Returns dicts ``{name, q, k, v, o_in}`` in module order, where
-    ``o_in`` is the input width of the output projection (= concatenated head
-    outputs; falls back to ``q``).
+    Widths are read from weight shapes, so pruned layers are measured as they are (also after depth pruning).
+    Returns dicts ``{layer, q, k, v, o_in, dtype}``: query, key and value features, the output projection's
+    input width, and the dtype of the attention weights (the activation dtype).
     """
-    config = getattr(model, "config", None)
-    found: list[dict] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(f["name"] + ".") for f in found):
-            continue
-        k, v = _child(module, _K_NAMES), _child(module, _V_NAMES)
-        fused = _child(module, _FUSED_NAMES)
-        if k is not None and v is not None:
-            q = _child(module, _Q_NAMES)
-            widths = (_out_width(q) if q is not None else _out_width(k), _out_width(k), _out_width(v))
-        elif fused is not None:
-            widths = _fused_split(_out_width(fused), config)
-        else:
-            continue
-        o = _child(module, _O_NAMES)
-        found.append(
-            {
-                "name": name,
-                "q": widths[0],
-                "k": widths[1],
-                "v": widths[2],
-                "o_in": _in_width(o) if o is not None else widths[0],
-                "dtype": (k or fused).weight.dtype,
-            }
-        )
+    adapter, g = adapter_for(model), geometry_of(model)
+    found = []
+    for i, layer in enumerate(adapter.layers(model)):
+        dtype = get_path(layer, adapter.attn_out).weight.dtype
+        found.append({"layer": i, **adapter.attention_widths(layer, g), "dtype": dtype})
     return found
 
 
@@ -446,7 +328,7 @@ def flops_per_token(model: nn.Module, seq_len: int) -> int:
     linear = 0
     seen: set[int] = set()
     for module in model.modules():
-        if _is_proj(module) and id(module) not in seen:
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and id(module) not in seen:
             seen.add(id(module))
             linear += sum(p.numel() for p in module.parameters(recurse=False))
     attention = sum(2 * seq_len * (w["q"] + w["o_in"]) for w in attention_widths(model))
@@ -555,7 +437,7 @@ def measure_speed(
     """
     if new_tokens < 1 or repeats < 1 or not batch_sizes:
         raise ValueError("new_tokens and repeats must be >= 1 and batch_sizes non-empty")
-    device = model_device(model)
+    device = execution_device(model)
     dtype = next(model.parameters()).dtype
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -7,7 +7,7 @@ Two checkpoint formats, chosen automatically:
   ``n_inner``). The folder loads with plain ``AutoModelForCausalLM.from_pretrained``.
 - **pruneviz**: per-layer widths. ``config.json`` keeps the base family's fields plus ``pruneviz_layout`` and an
   ``auto_map`` to ``modeling_pruneviz.py`` (copied into the folder), so it loads with pruneviz
-  (:func:`load_pruned_folder`) and with ``from_pretrained(folder, trust_remote_code=True)`` anywhere.
+  (:func:`pruneviz.loading.load_pruned_folder`) and with ``from_pretrained(folder, trust_remote_code=True)`` anywhere.
 
 Whether a config is stock-expressible is decided by building the candidate stock model skeleton and comparing
 every parameter shape with the pruned model, so no family-specific guesswork decides it.
@@ -31,8 +31,9 @@ from torch import nn
 
 from . import __version__
 from .errors import ExportError
+from .loading import load_pruned_folder
+from .offload import clone_model, execution_device
 from .plan import Plan, dense_params
-from .surgery import clone_model
 
 PLAN_FILE = "pruneviz_plan.json"
 REPORT_FILE = "pruneviz_export.json"
@@ -174,7 +175,7 @@ def probe_inputs(model: nn.Module, n: int = 2, length: int = 24) -> torch.Tensor
 
 @torch.inference_mode()
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     return model(ids.to(device)).logits.float().cpu()
 
 
@@ -197,7 +198,7 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
                           "export the physically pruned model instead: apply_plan(base_model, plan)")
     if folder.exists() and not overwrite:
         raise ExportError(f"{folder} already exists; choose another folder or pass overwrite=True")
-    plan = plan or _plan_of(model)
+    plan = plan or plan_of(model)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
@@ -235,12 +236,12 @@ def _verify(model: nn.Module, tmp: Path, fmt: str, check_remote_code: bool, tole
         reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
     else:
         reloaded = load_pruned_folder(tmp, dtype=dtype)
-    reloaded.to(next(model.parameters()).device)
+    reloaded.to(execution_device(model))
     diff = _max_diff(model, reloaded, ids)
     remote = None
     if fmt == "pruneviz" and check_remote_code:
         remote_model = tf.AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=True, dtype=dtype).eval()
-        remote_model.to(next(model.parameters()).device)
+        remote_model.to(execution_device(model))
         remote = _max_diff(model, remote_model, ids)
     ok = diff <= tolerance and (remote is None or remote <= tolerance)
     if not ok:
@@ -261,7 +262,8 @@ def _move_into_place(tmp: Path, folder: Path, overwrite: bool) -> None:
         os.replace(tmp, folder)
 
 
-def _plan_of(model: nn.Module) -> Plan | None:
+def plan_of(model: nn.Module) -> Plan | None:
+    """The plan a pruned model was built with (recorded in its config by surgery), or None."""
     d = getattr(model.config, "pruneviz_plan", None)
     return Plan.from_dict(d) if d else None
 
@@ -272,35 +274,6 @@ def zip_folder(folder: str | os.PathLike) -> bytes:
     with tempfile.TemporaryDirectory() as td:
         archive = shutil.make_archive(str(Path(td) / folder.name), "zip", root_dir=folder)
         return Path(archive).read_bytes()
-
-
-# ---- loading ------------------------------------------------------------------------------------------------------
-
-def load_pruned_folder(path: str | os.PathLike, device="cpu", dtype=None):
-    """Load a pruneviz-format folder without remote code: the base family's class plus ``apply_layout``.
-
-    Returns the model (eval mode). Use :func:`pruneviz.loading.load_model` to get the tokenizer as well.
-    """
-    from .modeling_pruneviz import pruned_class
-
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise ExportError(f"{path} has no config.json; choose a folder exported by pruneviz")
-    if not any(path.glob("*.safetensors")):
-        raise ExportError(f"{path} has no .safetensors weights; pruneviz only loads safetensors checkpoints")
-    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    if "pruneviz_layout" not in raw:
-        raise ExportError(f"{path} is not a pruneviz-format checkpoint (no pruneviz_layout in config.json)")
-    raw.pop("auto_map", None)
-    config_cls = tf.AutoConfig.for_model(raw["model_type"]).__class__
-    config = config_cls.from_dict(raw)
-    base_cls = tf.AutoModelForCausalLM._model_mapping[config_cls]
-    try:
-        model = pruned_class(base_cls).from_pretrained(path, config=config, dtype=dtype or torch.float32)
-    except Exception as e:  # safetensors header errors, shape mismatches, truncated files
-        raise ExportError(f"{path} could not be loaded ({e}); the files may be corrupt, re-export them") from e
-    return model.to(device).eval()
 
 
 # ---- model card ---------------------------------------------------------------------------------------------------

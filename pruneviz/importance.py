@@ -18,14 +18,15 @@ import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
 
 from .arch import Geometry, geometry_of
 from .errors import CriterionError, is_oom, oom_advice
-from .layerwise import execution_device, is_offloaded, refuse_offloaded
+from .offload import execution_device, is_offloaded
+from .progress import Cancel, Cancelled, Context, Progress
 
 MAPS = ("heads", "kv", "channels", "blocks")
 
@@ -103,24 +104,6 @@ class Calibration:
 
 # ---- the interface and registry -------------------------------------------------------------------------------------
 
-class Cancelled(Exception):
-    """Raised inside a criterion when the caller's ``cancel()`` returned True."""
-
-
-@dataclass
-class Context:
-    """What :func:`compute` hands a criterion: progress reporting and cancellation."""
-
-    progress: Callable[[float, str], None] | None = None
-    cancel: Callable[[], bool] | None = None
-
-    def step(self, fraction: float, message: str = "") -> None:
-        if self.cancel is not None and self.cancel():
-            raise Cancelled(message or "cancelled")
-        if self.progress is not None:
-            self.progress(min(max(fraction, 0.0), 1.0), message)
-
-
 @dataclass
 class NoOptions:
     """This criterion has no options."""
@@ -135,7 +118,7 @@ class Criterion:
     produces: ClassVar[tuple[str, ...]]  # subset of MAPS
     needs_calibration: ClassVar[bool] = True
     uses_gradients: ClassVar[bool] = False  # backprop (memory of training)
-    layerwise: ClassVar[bool] = False  # runs on an offloaded model one block at a time (pruneviz.layerwise)
+    layerwise: ClassVar[bool] = False  # runs on an offloaded model one block at a time (pruneviz.offload)
     Options: ClassVar[type] = NoOptions
 
     def score(self, model: nn.Module, calib: Calibration | None, options: Any, ctx: Context) -> ImportanceMap:
@@ -169,7 +152,7 @@ def available() -> dict[str, Criterion]:
 
 def usable_criteria(model: nn.Module) -> dict[str, Criterion]:
     """The criteria that can score ``model``: all of them, or only the layer-wise ones (``Criterion.layerwise``)
-    when it is offloaded (:func:`pruneviz.layerwise.load_offloaded`); the others need the whole model resident."""
+    when it is offloaded (:func:`pruneviz.loading.load_offloaded`); the others need the whole model resident."""
     crits = available()
     return {n: c for n, c in crits.items() if c.layerwise} if is_offloaded(model) else crits
 
@@ -191,7 +174,7 @@ def make_options(name: str, **values) -> Any:
     return cls(**values)
 
 
-# ---- peak memory ------------------------------------------------------------------------------------------------------
+# ---- peak memory -----------------------------------------------------------------------------------------------------
 
 def _rss_bytes(field_name: str) -> int | None:
     try:
@@ -240,16 +223,19 @@ def peak_memory(device) -> Iterator[PeakMemory]:
     rec.peak = _rss_bytes("VmHWM")
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Where ``model`` computes (accelerate's execution device for an offloaded model)."""
-    return execution_device(model)
+def refuse_offloaded(model: nn.Module, what: str) -> None:
+    """Raise a CriterionError if ``model`` is offloaded: ``what`` needs the whole model resident."""
+    if is_offloaded(model):
+        ok = ", ".join(sorted(name for name, crit in REGISTRY.items() if crit.layerwise))
+        raise CriterionError(
+            f"{what} needs the whole model in memory, but this model is offloaded layer by layer. Use a "
+            f"layer-wise criterion ({ok}), or load it without offloading on a larger device.")
 
 
-# ---- running a criterion ----------------------------------------------------------------------------------------------
+# ---- running a criterion ---------------------------------------------------------------------------------------------
 
 def compute(model: nn.Module, name: str, calib: Calibration | None = None, options: Any = None,
-            progress: Callable[[float, str], None] | None = None,
-            cancel: Callable[[], bool] | None = None) -> ImportanceMap:
+            progress: Progress | None = None, cancel: Cancel | None = None) -> ImportanceMap:
     """Run criterion ``name`` on ``model`` (never mutated) and record time, memory and inputs in ``meta``."""
     crit = get(name)
     options = options if options is not None else crit.Options()
@@ -260,7 +246,7 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
     if not crit.layerwise:
         refuse_offloaded(model, f"the {name} criterion")
     ctx = Context(progress, cancel)
-    device = model_device(model)
+    device = execution_device(model)
     t0 = time.perf_counter()
     try:
         with peak_memory(device) as mem:

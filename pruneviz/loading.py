@@ -9,7 +9,7 @@ Sources understood by :func:`load_model`:
 * a local folder with ``config.json`` and ``*.safetensors`` weights. Pickled
   weights (``.bin``/``.pt``) are refused unless ``allow_pickle=True``. Folders
   written by pruneviz's exporter (``"pruneviz_layout"`` in ``config.json``) are
-  handed to :func:`pruneviz.export.load_pruned_folder`.
+  handed to :func:`load_pruned_folder`.
 * a local ``.gguf`` file (dequantized in memory).
 * a Hugging Face Hub id such as ``"HuggingFaceTB/SmolLM2-135M"``. With
   ``HF_HUB_OFFLINE=1`` only the local HF cache is consulted.
@@ -28,11 +28,13 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .errors import ModelLoadError, PrunevizError, is_oom, oom_advice
+from .errors import ExportError, ModelLoadError, PrunevizError, is_oom, oom_advice
+from .offload import offload_device_map, return_freed_blocks_to_os
+from .progress import Progress
 
 __all__ = [
     "BUNDLED_GGUF_NAME",
@@ -43,11 +45,12 @@ __all__ = [
     "cache_dir",
     "is_bundled",
     "load_model",
+    "load_offloaded",
+    "load_pruned_folder",
     "pick_device",
     "pick_dtype",
 ]
 
-Progress = Callable[[float, str], Any]
 
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"
@@ -494,31 +497,50 @@ def _needs_remote_code(config: dict) -> bool:
 
 
 def _load_pruneviz_export(path: pathlib.Path, dev, dt):
-    """Folders written by pruneviz's exporter (per-layer widths): see pruneviz.export.
-
-    ``load_pruned_folder`` may return the model alone or ``(model, tokenizer)``;
-    without a tokenizer, the folder's tokenizer files are read here.
-    """
+    """A folder written by pruneviz's exporter (per-layer widths): :func:`load_pruned_folder`, then its tokenizer."""
     from transformers import AutoTokenizer
 
-    from . import export  # lazy: imports surgery / modeling code
-
     try:
-        loaded = export.load_pruned_folder(path, device=dev, dtype=dt)
-    except ModelLoadError:
-        raise
+        model = load_pruned_folder(path, device=dev, dtype=dt)
     except PrunevizError as exc:  # ExportError etc.: same message, loading category
         raise ModelLoadError(str(exc)) from exc
-    model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(
-                f"Loaded the pruned model in {path} but not its tokenizer ({type(exc).__name__}). "
-                "Copy tokenizer.json / tokenizer_config.json from the base model into the folder."
-            ) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"Loaded the pruned model in {path} but not its tokenizer ({type(exc).__name__}). "
+            "Copy tokenizer.json / tokenizer_config.json from the base model into the folder."
+        ) from exc
     return model, tokenizer
+
+
+def load_pruned_folder(path: str | os.PathLike, device="cpu", dtype=None):
+    """Load a pruneviz-format folder without remote code: the base family's class plus ``apply_layout``.
+
+    Returns the model (eval mode). Use :func:`load_model` to get the tokenizer as well.
+    """
+    import transformers as tf
+
+    from .modeling_pruneviz import pruned_class
+
+    path = pathlib.Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ExportError(f"{path} has no config.json; choose a folder exported by pruneviz")
+    if not any(path.glob("*.safetensors")):
+        raise ExportError(f"{path} has no .safetensors weights; pruneviz only loads safetensors checkpoints")
+    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if "pruneviz_layout" not in raw:
+        raise ExportError(f"{path} is not a pruneviz-format checkpoint (no pruneviz_layout in config.json)")
+    raw.pop("auto_map", None)
+    config_cls = tf.AutoConfig.for_model(raw["model_type"]).__class__
+    config = config_cls.from_dict(raw)
+    base_cls = tf.AutoModelForCausalLM._model_mapping[config_cls]
+    try:
+        model = pruned_class(base_cls).from_pretrained(path, config=config, dtype=dtype or torch.float32)
+    except Exception as e:  # safetensors header errors, shape mismatches, truncated files
+        raise ExportError(f"{path} could not be loaded ({e}); the files may be corrupt, re-export them") from e
+    return model.to(device).eval()
 
 
 def _load_local_file(path: pathlib.Path, dev, dt, progress):
@@ -662,3 +684,76 @@ def _ensure_pad_token(tokenizer, model) -> None:
 def _report(progress: Progress | None, fraction: float, text: str) -> None:
     if progress is not None:
         progress(min(max(float(fraction), 0.0), 1.0), text)
+
+
+# ------------------------------------------------------------ offloaded loading
+
+
+def load_offloaded(source: str = "bundled", device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                   offload: str = "disk", resident_layers: int = 0, device_map: str | dict | None = None,
+                   max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
+                   trust_remote_code: bool = False):
+    """Load ``source`` (as :func:`load_model`) with its decoder layers offloaded.
+
+    By default the layers are placed by :func:`offload_device_map` (``offload`` = "disk" or "cpu",
+    ``resident_layers`` kept on the execution device); ``device_map="auto"`` with ``max_memory`` (e.g.
+    ``{0: "70GiB", "cpu": "200GiB"}``) lets accelerate fill the GPU first instead. Disk offload writes the
+    weights once under ``offload_folder`` (a temporary folder by default). Weights are read with safetensors;
+    ``trust_remote_code`` stays off unless asked. Returns a :class:`LoadedModel`.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    if device_map is None and offload == "cpu" and dev.type == "cpu":
+        raise ModelLoadError("offload='cpu' keeps layers in CPU memory for a GPU to fetch; this model would "
+                             "compute on the CPU, where that offloads nothing. Use offload='disk' (layers read "
+                             "from disk one at a time) or run on a GPU.")
+    if is_bundled(source):
+        folder, name = bundled_folder(), BUNDLED_NAME
+    else:
+        folder = _local_folder(str(source))
+        _check_causal(_read_config(folder), str(folder))
+        _check_weights(folder, allow_pickle=False)
+        name = folder.name
+    if device_map is None:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        device_map = offload_device_map(skeleton, dev, offload, resident_layers)
+        del skeleton
+    folder_out = str(offload_folder or tempfile.mkdtemp(prefix="pruneviz-offload-"))
+    return_freed_blocks_to_os()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, device_map=device_map, max_memory=max_memory, offload_folder=folder_out, dtype=dt,
+        trust_remote_code=trust_remote_code, use_safetensors=True)
+    model.eval()
+    if is_bundled(source):
+        model.config._name_or_path = BUNDLED_HUB_ID
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    _ensure_pad_token(tokenizer, model)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(source), name=name, device=dev, dtype=dt,
+                       load_seconds=time.perf_counter() - t0, path=pathlib.Path(folder),
+                       info={"offload": offload, "offload_folder": folder_out,
+                             "device_map": {k: str(v) for k, v in getattr(model, "hf_device_map", {}).items()}})
+
+
+def _local_folder(source: str) -> pathlib.Path:
+    """``source`` as a local folder: itself, or a Hub id's snapshot (safetensors, configs and tokenizer only),
+    from the local cache when offline. Raises ModelLoadError saying what to do."""
+    folder = pathlib.Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    if _looks_like_path(source) or not source:
+        raise ModelLoadError(f"offloaded loading needs a local model folder with safetensors weights; {source!r} "
+                             f"is not one (check the path, or use 'bundled')")
+    from huggingface_hub import snapshot_download
+
+    offline = _hub_offline()
+    try:
+        return pathlib.Path(snapshot_download(source, local_files_only=offline, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:  # noqa: BLE001 - any Hub/offline failure becomes one message
+        raise _hub_error(source, exc, offline, False) from exc

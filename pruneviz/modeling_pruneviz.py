@@ -55,7 +55,8 @@ def install_alibi_hook(attention: nn.Module, kept_heads: list[int], n_heads_tota
         if alibi is None or alibi.shape[0] % n_heads_total:
             return None
         b = alibi.shape[0] // n_heads_total
-        sliced = alibi.view(b, n_heads_total, *alibi.shape[1:])[:, torch.tensor(kept, device=alibi.device)]  # [B, h, 1, K]
+        kept_idx = torch.tensor(kept, device=alibi.device)
+        sliced = alibi.view(b, n_heads_total, *alibi.shape[1:])[:, kept_idx]  # [B, h, 1, K]
         return args, {**kwargs, "alibi": sliced.reshape(b * len(kept), *alibi.shape[1:])}
 
     attention._pruneviz_alibi_handles = [attention.register_forward_pre_hook(hook, with_kwargs=True)]

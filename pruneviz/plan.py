@@ -27,7 +27,7 @@ from torch import nn
 
 from .arch import Geometry, adapter_for, geometry_of, get_path, slice_params
 from .errors import PlanError
-from .layerwise import materialized
+from .offload import materialized
 
 SCHEMA = "pruneviz.plan/1"
 Removed = tuple[tuple[int, tuple[int, ...]], ...]  # ((layer, (idx, ...)), ...)

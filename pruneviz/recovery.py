@@ -15,7 +15,7 @@ LLM-Pruner (arXiv 2305.11627), also used by SlimGPT (arXiv 2412.18110) and MINI-
 - Schedule: linear warm-up, then linear decay to 0 (HF Trainer's default, which Shortened LLaMA used); SlimGPT
   uses cosine (``schedule="cosine"``). Gradient clipping at 1.0 (HF Trainer default).
 
-The input model is never mutated: training happens on :func:`pruneviz.surgery.clone_model`, and the adapters
+The input model is never mutated: training happens on :func:`pruneviz.offload.clone_model`, and the adapters
 are merged (``merge_and_unload``) so the result is the original class with the original parameter shapes, ready
 for :func:`pruneviz.export.save_pruned` and ``generate``. Its ``config`` keeps every ``pruneviz_*`` field and
 gains ``pruneviz_recovery`` (options, steps done, final loss).
@@ -31,7 +31,6 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +39,12 @@ from torch import nn
 from .arch import adapter_for, feature_count, is_conv1d
 from .data import calibration_windows, text_hash, tokenize_text
 from .errors import PrunevizError, is_oom, oom_advice
-from .surgery import clone_model
+from .offload import clone_model, execution_device
+from .progress import Cancel, Progress
 
 __all__ = ["LoRAOptions", "RecoveryResult", "recover", "lora_targets", "training_windows", "batch_order",
            "lr_factor"]
 
-ProgressFn = Callable[[float, str], object]
-CancelFn = Callable[[], bool]
 SCHEDULES = ("linear", "cosine", "constant")
 AUTOCAST = ("auto", "bf16", "off")
 
@@ -236,7 +234,7 @@ def _train_step(model: nn.Module, batch: torch.Tensor, optimizer, params: list, 
 
 
 def _train(model: nn.Module, windows: torch.Tensor, options: LoRAOptions, device: torch.device,
-           report: Callable[[float, str], None], cancel: CancelFn | None) -> tuple[list[float], bool]:
+           report: Progress, cancel: Cancel | None) -> tuple[list[float], bool]:
     """The training loop. ``cancel()`` is polled once before every step. Returns (losses, cancelled)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
@@ -265,7 +263,7 @@ def _eval_ppl(model: nn.Module, tokenizer, eval_text: str | None) -> float | Non
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    return execution_device(model), (p.dtype if p is not None else torch.float32)
 
 
 def _rng_devices(device: torch.device) -> list:
@@ -282,7 +280,7 @@ def _check_model(model: nn.Module) -> None:
 
 
 def recover(model: nn.Module, tokenizer, text: str, options: LoRAOptions | None = None,
-            progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+            progress: Progress | None = None, cancel: Cancel | None = None,
             eval_text: str | None = None) -> RecoveryResult:
     """LoRA-fine-tune a copy of ``model`` on random windows of ``text``, merge the adapters, return it.
 

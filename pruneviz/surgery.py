@@ -26,8 +26,8 @@ from torch import nn
 
 from .arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, weight_axis
 from .errors import PlanError
-from .layerwise import is_offloaded, resident_copy
 from .modeling_pruneviz import new_projection
+from .offload import clone_model, is_offloaded, resident_copy
 from .plan import Plan
 
 # name -> fn(model_copy, plan, calibration, progress) that rewrites surviving weights in place (dense shapes)
@@ -39,21 +39,6 @@ def register_compensator(name: str):
         COMPENSATORS[name] = fn
         return fn
     return deco
-
-
-# ---- cloning ------------------------------------------------------------------------------------------------------
-
-def clone_model(model: nn.Module, share_weights: bool = False) -> nn.Module:
-    """A structural copy of ``model``. With ``share_weights`` the parameters and buffers are the same tensors.
-
-    accelerate's offload stores (of an offloaded model) are shared, never copied.
-    """
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())} if share_weights else {}
-    for m in model.modules():
-        store = getattr(getattr(m, "_hf_hook", None), "weights_map", None)
-        if store is not None:
-            memo[id(store)] = store
-    return copy.deepcopy(model, memo)
 
 
 # ---- physical surgery ---------------------------------------------------------------------------------------------
@@ -133,7 +118,7 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = 
     """A new, physically smaller model: ``model`` (the dense base, never mutated) with ``plan`` applied.
 
     ``calibration`` ([N, T] token ids) is needed only for plans with a ``compensation`` solver. An offloaded base
-    (:mod:`pruneviz.layerwise`) gives a pruned model in CPU memory.
+    (:mod:`pruneviz.offload`) gives a pruned model in CPU memory.
     The result's ``config.pruneviz_layout`` records the per-layer shapes; ``config.pruneviz_plan`` the plan.
     """
     plan.validate(model, physical=True, allow_other_weights=allow_other_weights)

@@ -2,11 +2,21 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pruneviz import allocate as A
-from pruneviz.allocate import (Target, allocate, allocators, apportion, closest_prefix, get_allocator,
-                               plan_from_ratios, register_allocator, unit_costs)
+from pruneviz.allocate import (
+    Target,
+    allocate,
+    allocators,
+    apportion,
+    closest_prefix,
+    get_allocator,
+    plan_from_ratios,
+    register_allocator,
+    unit_costs,
+)
 from pruneviz.arch import geometry_of
 from pruneviz.errors import PlanError
 from pruneviz.importance import ImportanceMap

@@ -352,7 +352,7 @@ def test_offloaded_model_loads_and_offers_only_layerwise_criteria(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from pruneviz.importance import available
-    from pruneviz.layerwise import is_offloaded
+    from pruneviz.offload import is_offloaded
 
     folder = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(folder)

@@ -6,7 +6,6 @@ All models are tiny (pruneviz.testing); nothing touches the network (HF_HUB_OFFL
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tomllib
 from pathlib import Path
@@ -15,12 +14,18 @@ import pytest
 import torch
 import transformers as tf
 
-from pruneviz import allocate, export, importance
+from pruneviz import allocate, export, importance, schedules
 from pruneviz.cli import main as cli_main
-from pruneviz.criteria import slimgpt
 from pruneviz.data import calibration_windows, get_text, load_text_file
-from pruneviz.errors import (CriterionError, ExportError, ModelLoadError, OutOfMemoryAdvice, PlanError,
-                             PrunevizError, TextError)
+from pruneviz.errors import (
+    CriterionError,
+    ExportError,
+    ModelLoadError,
+    OutOfMemoryAdvice,
+    PlanError,
+    PrunevizError,
+    TextError,
+)
 from pruneviz.evaluate import perplexity
 from pruneviz.loading import load_model
 from pruneviz.plan import Plan
@@ -353,12 +358,12 @@ def test_slider_block_count(llama, imap, count):
 @pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1, NAN], ids=repr)
 def test_slimgpt_layer_ratios(ratio):
     with pytest.raises(CriterionError) as e:
-        slimgpt.layer_ratios(4, ratio)
+        schedules.layer_ratios(4, ratio)
     assert_actionable(e.value, "ratio")
 
 
 def test_slimgpt_layer_ratios_zero():
-    assert slimgpt.layer_ratios(4, 0.0) == [0.0] * 4
+    assert schedules.layer_ratios(4, 0.0) == [0.0] * 4
 
 
 # ---- texts ----------------------------------------------------------------------------------------------------------

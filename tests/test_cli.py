@@ -10,7 +10,6 @@ import torch
 
 from pruneviz import export
 from pruneviz.cli import _StopOnCtrlC, main
-from pruneviz.data import get_text
 from pruneviz.evaluate import perplexity
 from pruneviz.loading import load_model
 from pruneviz.plan import Plan

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 
 from pruneviz import importance
 from pruneviz.arch import adapter_for, geometry_of
+from pruneviz.criteria import flap, minillm
+from pruneviz.criteria.stats import collect_stats
+from pruneviz.criteria.taylor import exact_gradients
 from pruneviz.importance import Calibration, Cancelled, make_options
 from pruneviz.plan import Plan
 from pruneviz.surgery import apply_plan
 from pruneviz.testing import tiny_model
-from pruneviz.criteria import flap, minillm
-from pruneviz.criteria.stats import collect_stats
-from pruneviz.criteria.taylor import exact_gradients
 
 FAMS = ("llama", "opt", "gpt2", "bloom", "qwen3")
 FAST = {"minillm": dict(queries=4, queries_per_pass=4)}
@@ -104,7 +104,7 @@ def test_magnitude_head_kv_channel_block_scores_by_hand():
 
 def test_magnitude_counts_owned_biases_and_gpt2_conv1d_layout():
     model = tiny_model("gpt2")
-    g, layer = geometry_of(model), adapter_for(model).layers(model)[1]
+    layer = adapter_for(model).layers(model)[1]
     c = 5
     fc, proj = layer.mlp.c_fc, layer.mlp.c_proj  # Conv1D weights are [in, out]
     want = fc.weight[:, c].abs().sum() + fc.bias[c].abs() + proj.weight[c, :].abs().sum()

@@ -14,6 +14,7 @@ except ImportError:  # tests/ imported as a package
 from pruneviz import data, evaluate
 from pruneviz.errors import TextError
 from pruneviz.evaluate import PROTOCOLS, PPLProtocol
+from pruneviz.plan import dense_params
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +129,14 @@ def test_cancel_returns_partial_and_progress(btok, text):
         state["n"] += 1
         return state["n"] > 2  # allow two batches
 
-    res = evaluate.perplexity(model, btok, text, proto, progress=lambda d, t: calls.append((d, t)), cancel=cancel)
+    res = evaluate.perplexity(model, btok, text, proto, progress=lambda f, m: calls.append((f, m)), cancel=cancel)
     assert not res.complete and res.n_windows == 4 and res.n_windows_total > 4
     assert res.n_tokens == 4 * 31 and math.isfinite(res.ppl)
-    assert calls == [(2, res.n_windows_total), (4, res.n_windows_total)]
+    n = res.n_windows_total
+    assert calls == [(2 / n, f"windows 2/{n}"), (4 / n, f"windows 4/{n}")]
     assert "PARTIAL" in res.describe()
-    full = evaluate.perplexity(model, btok, text, proto, progress=lambda d, t: calls.append((d, t)))
-    assert full.complete and calls[-1] == (full.n_windows_total, full.n_windows_total)
+    full = evaluate.perplexity(model, btok, text, proto, progress=lambda f, m: calls.append((f, m)))
+    assert full.complete and calls[-1] == (1.0, f"windows {n}/{n}")
 
 
 def test_text_errors(btok):
@@ -165,13 +167,13 @@ D, F, V, L = 64, 128, 320, 2
 LAYER = D * D + D * 32 + D * 32 + D * D + 3 * D * F + 2 * D  # q, k, v, o, mlp, 2 norms
 
 
-def test_count_params_tied_counted_once():
+def test_dense_params_tied_counted_once():
     tied = tiny_llama(vocab_size=V, tie=True)
     untied = tiny_llama(vocab_size=V, tie=False)
-    assert evaluate.count_params(tied) == V * D + L * LAYER + D
-    assert evaluate.count_params(untied) == 2 * V * D + L * LAYER + D
-    assert evaluate.count_params(tied, non_embedding=True) == L * LAYER + D
-    assert evaluate.count_params(untied, non_embedding=True) == L * LAYER + D
+    assert dense_params(tied) == V * D + L * LAYER + D
+    assert dense_params(untied) == 2 * V * D + L * LAYER + D
+    assert dense_params(tied, non_embedding=True) == L * LAYER + D
+    assert dense_params(untied, non_embedding=True) == L * LAYER + D
 
 
 def test_flops_per_token_hand_computed():

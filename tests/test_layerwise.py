@@ -6,8 +6,8 @@ from pruneviz.criteria.slimgpt import slimgpt_prune
 from pruneviz.criteria.stats import collect_stats
 from pruneviz.errors import CriterionError
 from pruneviz.importance import Calibration, compute
-from pruneviz.layerwise import (detached_copy, execution_device, is_offloaded, load_offloaded, materialized,
-                                offload_device_map)
+from pruneviz.loading import load_offloaded
+from pruneviz.offload import detached_copy, execution_device, is_offloaded, materialized, offload_device_map
 from pruneviz.testing import tiny_model, tiny_tokenizer
 
 CALIB = Calibration(torch.randint(4, 90, (6, 24), generator=torch.Generator().manual_seed(3)), "random")

@@ -3,7 +3,6 @@
 import json
 import sys
 import time
-import types
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.helpers_text import tiny_llama, tiny_tokenizer
 
-import pruneviz
 from pruneviz import loading
 from pruneviz.errors import (
     CriterionError,
@@ -27,7 +25,6 @@ from pruneviz.errors import (
     oom_advice,
 )
 from pruneviz.loading import LoadedModel, load_model, pick_device, pick_dtype
-
 
 # ------------------------------------------------------------------------- errors
 
@@ -239,33 +236,27 @@ def test_custom_code_needs_trust_remote_code(saved_folder):
         load_model(str(folder))
 
 
-def test_pruneviz_layout_delegates_to_export(saved_folder, monkeypatch):
-    folder, original = saved_folder
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["pruneviz_layout"] = {"layers": []}
-    (folder / "config.json").write_text(json.dumps(cfg))
-    calls = []
+def test_pruneviz_layout_loads_through_load_pruned_folder(tmp_path):
+    """A pruneviz-format folder loads with its own tokenizer; a corrupt one is one ModelLoadError; no tokenizer
+    files is a message that says what to copy."""
+    from pruneviz.export import save_pruned
+    from pruneviz.plan import Plan
+    from pruneviz.surgery import apply_plan
 
-    def load_pruned_folder(path, device=None, dtype=None):
-        calls.append((path, device, dtype))
-        return original, tiny_tokenizer()
-
-    fake = types.ModuleType("pruneviz.export")
-    fake.load_pruned_folder = load_pruned_folder
-    monkeypatch.setitem(sys.modules, "pruneviz.export", fake)
-    monkeypatch.setattr(pruneviz, "export", fake, raising=False)
+    model, tok = tiny_llama(), tiny_tokenizer()
+    plan = Plan.empty(model).with_units("channel", 0, [1, 2]).with_units("kv", 1, [0])
+    folder = tmp_path / "out"
+    save_pruned(apply_plan(model, plan), tok, folder, plan=plan, check_remote_code=False)
     lm = load_model(str(folder))
-    assert lm.model is original
-    assert calls == [(folder.resolve(), torch.device("cpu"), torch.float32)]
+    assert lm.tokenizer.eos_token == tok.eos_token
+    assert lm.model.config.pruneviz_layout == apply_plan(model, plan).config.pruneviz_layout
 
-    fake.load_pruned_folder = lambda path, device=None, dtype=None: original  # model only
-    lm = load_model(str(folder))
-    assert lm.model is original and lm.tokenizer.eos_token == "</s>"  # tokenizer read from folder
+    for name in [p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]:
+        (folder / name).unlink()
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        load_model(str(folder))
 
-    def broken(path, device=None, dtype=None):
-        raise ExportError("corrupt; re-export it")
-
-    fake.load_pruned_folder = broken
+    (folder / "model.safetensors").write_bytes(b"garbage" * 10)
     with pytest.raises(ModelLoadError, match="re-export"):
         load_model(str(folder))
 
@@ -306,6 +297,7 @@ def test_hub_id_offline_is_model_load_error(monkeypatch):
 @pytest.mark.slow
 def test_bundled_model_end_to_end():
     from pruneviz import data, evaluate
+    from pruneviz.plan import dense_params
 
     lm = load_model("bundled")  # converts once into the cache (~30 s), then ~1-3 s
     cfg = lm.model.config
@@ -313,7 +305,7 @@ def test_bundled_model_end_to_end():
     assert cfg.intermediate_size == 1536 and cfg.hidden_size == 576
     assert lm.tokenizer.pad_token is not None and lm.tokenizer.chat_template
     assert evaluate.kv_cache_bytes(lm.model, 1) == 30 * 2 * 192 * 4
-    assert evaluate.count_params(lm.model) == 134_515_008  # tied embeddings counted once
+    assert dense_params(lm.model) == 134_515_008  # tied embeddings counted once
 
     again = load_model("bundled")
     assert again.load_seconds < 5

@@ -2,7 +2,8 @@
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pruneviz.errors import PlanError
 from pruneviz.plan import Plan

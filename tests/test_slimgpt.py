@@ -7,9 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pruneviz import obs
+from pruneviz import obs, schedules
 from pruneviz.arch import adapter_for, get_path
 from pruneviz.criteria import slimgpt as sg
+from pruneviz.criteria.capture import advance, capture_stream
 from pruneviz.importance import Calibration, compute
 from pruneviz.plan import Plan
 from pruneviz.surgery import apply_plan, masked_model
@@ -30,7 +31,7 @@ def _least_squares(W, X, keep):
     return (W @ X @ Xk.T) @ torch.linalg.inv(Xk @ Xk.T)  # [rows, k]
 
 
-# ---- (a) OBS algebra ---------------------------------------------------------------------------------------------------
+# ---- (a) OBS algebra -------------------------------------------------------------------------------------------------
 
 def test_column_obs_equals_least_squares_refit():
     W, X, H = _toy()
@@ -89,7 +90,7 @@ def test_damping_is_percdamp_times_mean_diagonal():
     assert torch.allclose(prob.H - H, 0.1 * H.diagonal().mean() * torch.eye(4, dtype=H.dtype))
 
 
-# ---- (b) grouped Cholesky == block closed form --------------------------------------------------------------------------
+# ---- (b) grouped Cholesky == block closed form -----------------------------------------------------------------------
 
 def test_grouped_cholesky_head_error_equals_block_closed_form():
     W, X, H = _toy(rows=4, cols=12, n=80, seed=2)
@@ -116,39 +117,39 @@ def test_dynamic_group_sizes_match_official_schedule():
     assert obs.dgs_sizes(10, min_group=1) == [1] * 10
 
 
-# ---- (c) incremental ratio ---------------------------------------------------------------------------------------------
+# ---- (c) incremental ratio -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("schedule", sg.SCHEDULES)
 @pytest.mark.parametrize("target", [0.1, 0.2, 0.5])
 def test_layer_ratios_mean_is_target(schedule, target):
-    r = sg.layer_ratios(30, target, schedule)
+    r = schedules.layer_ratios(30, target, schedule)
     assert len(r) == 30 and math.isclose(sum(r) / 30, target, abs_tol=1e-9)
     assert all(0 <= x <= 0.9 for x in r)
 
 
 def test_log_increase_uses_log_n_and_is_monotone():
-    r = sg.layer_ratios(30, 0.2, "log_increase", r0=0.0625)
+    r = schedules.layer_ratios(30, 0.2, "log_increase", r0=0.0625)
     assert all(a < b for a, b in zip(r, r[1:]))
     assert math.isclose(r[0], 0.0625) and abs(r[-1] - 0.2504) < 5e-4  # log(32) would give 0.2489 here
     assert math.isclose(r[14], 0.0625 + (r[-1] - 0.0625) * math.log(15) / math.log(30))
-    assert sg.layer_ratios(30, 0.2, "log_decrease", r0=0.0625) == r[::-1]
+    assert schedules.layer_ratios(30, 0.2, "log_decrease", r0=0.0625) == r[::-1]
 
 
 def test_paper_example_for_32_layers():
-    r = sg.schedule_curve(32, 0.0625, 0.25, "log_increase")
+    r = schedules.schedule_curve(32, 0.0625, 0.25, "log_increase")
     assert math.isclose(r[0], 0.0625) and math.isclose(r[-1], 0.25)
     assert abs(sum(r) / 32 - 0.2004) < 1e-4
-    assert math.isclose(sg.layer_ratios(32, 0.2)[0], 0.0625)  # default r0 = 0.3125 · target
+    assert math.isclose(schedules.layer_ratios(32, 0.2)[0], 0.0625)  # default r0 = 0.3125 · target
 
 
 def test_clipped_ratios_still_meet_the_target():
-    r = sg.layer_ratios(12, 0.8, "linear_increase", r0=0.5, max_ratio=0.9)
+    r = schedules.layer_ratios(12, 0.8, "linear_increase", r0=0.5, max_ratio=0.9)
     assert max(r) <= 0.9 + 1e-12 and math.isclose(sum(r) / 12, 0.8, abs_tol=1e-6)
     with pytest.raises(Exception):
-        sg.layer_ratios(12, 0.95, max_ratio=0.9)
+        schedules.layer_ratios(12, 0.95, max_ratio=0.9)
 
 
-# ---- (d)-(g) solver on tiny models ------------------------------------------------------------------------------------------
+# ---- (d)-(g) solver on tiny models -----------------------------------------------------------------------------------
 
 def _calib(n=16, t=24, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -261,14 +262,14 @@ def test_sliding_window_layers_get_their_own_masks():
     handle = layers[-1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
     _logits(model, tokens)
     handle.remove()
-    stream = sg.capture_stream(model, tokens, batch_size=2)
+    stream = capture_stream(model, tokens, batch_size=2)
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            sg._advance(layer, i, stream)
+            advance(layer, i, stream)
     assert torch.allclose(torch.cat(stream.hidden), seen[0], atol=1e-6)
 
 
-# ---- the dense criterion ----------------------------------------------------------------------------------------------------
+# ---- the dense criterion ---------------------------------------------------------------------------------------------
 
 def test_criterion_scores_dense_obs_errors():
     model, calib = tiny_model("llama"), _calib()

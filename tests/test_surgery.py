@@ -142,7 +142,8 @@ def test_masking_means_zeroing_the_units_columns(tiny, ids):
 
 # ---- property: any physically valid plan, on any family, prunes exactly like masking ---------------------------------
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from pruneviz.testing import FAMILIES, tiny_model  # noqa: E402
 

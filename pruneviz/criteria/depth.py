@@ -31,8 +31,10 @@ from torch import nn
 from ..allocate import param_record, plus_rule_protected
 from ..arch import adapter_for, geometry_of
 from ..errors import CriterionError, PlanError
-from ..importance import Calibration, Context, Criterion, ImportanceMap, compute, get, model_device, register
+from ..importance import Calibration, Context, Criterion, ImportanceMap, compute, get, register
+from ..offload import execution_device
 from ..plan import Plan
+from ..progress import Cancel, Progress
 from ..surgery import masking
 
 
@@ -56,7 +58,7 @@ def _plan(model: nn.Module, blocks) -> Plan:
 @torch.no_grad()
 def calibration_nll(model: nn.Module, calib: Calibration, batch_size: int) -> tuple[float, int]:
     """Summed next-token NLL (fp32) over every predicted token of the windows, and the number of tokens."""
-    device = model_device(model)
+    device = execution_device(model)
     total, count = 0.0, 0
     for x in calib.batches(batch_size, device):  # [b, T]
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # [b, T-1, V]
@@ -184,7 +186,7 @@ class BlockInfluence(Criterion):
         meter = _CosineMeter(model, removed, options.skip_first, options.angular)
         try:
             with masking(model, _plan(model, removed)), torch.no_grad():
-                for i, x in enumerate(calib.batches(options.batch_size, model_device(model))):  # [b, T]
+                for i, x in enumerate(calib.batches(options.batch_size, execution_device(model))):  # [b, T]
                     model(input_ids=x, use_cache=False)
                     ctx.step((i + 1) / n_batches, f"batch {i + 1}/{n_batches}")
         finally:
@@ -251,8 +253,8 @@ def _step_progress(progress: Callable | None, step: int, n: int):
 
 
 def iterative_block_removal(model: nn.Module, criterion_name: str, calib: Calibration | None, n_remove: int,
-                            plus_rule: bool = False, progress: Callable[[float, str], None] | None = None,
-                            options=None, cancel: Callable[[], bool] | None = None
+                            plus_rule: bool = False, progress: Progress | None = None,
+                            options=None, cancel: Cancel | None = None
                             ) -> tuple[Plan, list[ImportanceMap]]:
     """Remove ``n_remove`` blocks one at a time, re-scoring the remaining blocks after each removal.
 

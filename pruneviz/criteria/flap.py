@@ -33,11 +33,12 @@ from torch import nn
 from ..arch import adapter_for, geometry_of, get_path, is_conv1d, weight_axis
 from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
+from ..offload import materialized
 from ..plan import Plan
+from ..progress import Span, context_of
 from ..surgery import register_compensator
-from ..layerwise import materialized
-from .magnitude import aggregate_units
-from .stats import DEFAULT_BATCH_SIZE, CalibrationStats, Span, collect_stats, context_of
+from .stats import DEFAULT_BATCH_SIZE, CalibrationStats, collect_stats
+from .units import aggregate_units
 
 METRICS = ("WIFV", "IFV", "WIFN")
 

@@ -10,135 +10,19 @@ Depth (Shortened LLaMA, arXiv 2402.02834, ``src/anal_block_sensitivity_magnitude
 ``I_n = Σ_k Σ_ij |W^k_ij|^p`` over every weight tensor k of block n: the projection matrices *and* the norm
 weights (``include_norms=True``), ``p = norm_power = 1``. Biases are not included, as in the reference code
 (it keeps parameters whose name contains "weight").
-
-This module also holds the aggregation every width criterion uses (:func:`aggregate_units`): a criterion
-supplies, per projection, a per-feature score vector (a sum over that feature's row or column of some per-weight
-score); the unit score is the sum over the features the unit owns. Because every unit of a kind owns translated
-copies of the same slices, the sum is a vectorised gather.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..arch import Adapter, Geometry, adapter_for, geometry_of, get_path, weight_axis
+from ..arch import geometry_of, get_path
 from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
-from ..layerwise import materialized
-from .stats import Span
-
-UNIT_KINDS = ("head", "kv", "channel")
-MAP_OF = {"head": "heads", "kv": "kv", "channel": "channels"}
-
-# (layer index, layer module, projection path) -> {"out": [n_out], "in": [n_in]} per-feature scores
-FeatureFn = Callable[[int, nn.Module, str], dict[str, torch.Tensor]]
-
-
-# ---- per-feature sums -------------------------------------------------------------------------------------------
-
-def feature_sums(module: nn.Module, values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sums of ``values`` (laid out like ``module.weight``) per output feature and per input feature."""
-    return {"out": values.sum(dim=weight_axis(module, "in")),  # [n_out]
-            "in": values.sum(dim=weight_axis(module, "out"))}  # [n_in]
-
-
-def scale_inputs(module: nn.Module, values: torch.Tensor, per_input: torch.Tensor) -> torch.Tensor:
-    """``values`` (laid out like ``module.weight``) multiplied by ``per_input[j]`` along the input axis."""
-    shape = [1, 1]
-    shape[weight_axis(module, "in")] = -1
-    return values * per_input.to(values.device, values.dtype).view(shape)
-
-
-def with_bias(module: nn.Module, feats: dict[str, torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]
-              ) -> dict[str, torch.Tensor]:
-    """Add ``fn(bias)`` to the output-feature sums (a unit owning row i owns bias i)."""
-    bias = getattr(module, "bias", None)
-    if bias is None:
-        return feats
-    return {**feats, "out": feats["out"] + fn(bias.detach().float())}
-
-
-# ---- aggregation over units -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SliceIndex:
-    """Position k of a unit kind's slice list: module, axis and the feature indices of every unit [n_units, w]."""
-
-    module: str
-    axis: str
-    index: torch.Tensor
-
-
-def unit_index(adapter: Adapter, g: Geometry, kind: str, modules: Iterable[str] | None = None) -> list[SliceIndex]:
-    """Stack the slices of all units of ``kind`` (optionally only those on ``modules``) into gather indices."""
-    per_unit = [adapter.unit_slices(g, kind, u) for u in range(_n_units(g, kind))]
-    template = [(s.module, s.axis, len(s.index)) for s in per_unit[0]]
-    if any([(s.module, s.axis, len(s.index)) for s in sl] != template for sl in per_unit):
-        raise CriterionError(f"{adapter.family}: units of kind {kind} do not own slices of the same shape")
-    keep = set(modules) if modules is not None else None
-    out = []
-    for k, (module, axis, _) in enumerate(template):
-        if keep is None or module in keep:
-            idx = torch.tensor([sl[k].index for sl in per_unit], dtype=torch.long)  # [n_units, w]
-            out.append(SliceIndex(module, axis, idx))
-    return out
-
-
-def _n_units(g: Geometry, kind: str) -> int:
-    return {"head": g.n_heads, "kv": g.n_kv, "channel": g.n_channels}[kind]
-
-
-def aggregate_units(model: nn.Module, features: FeatureFn, kinds: Iterable[str] = UNIT_KINDS,
-                    modules: Iterable[str] | None = None, span: Span | None = None) -> dict[str, torch.Tensor]:
-    """Unit scores ``{map name: [L, n_units]}``: per layer, the sum over each unit's owned features of ``features``.
-
-    ``features(l, layer, path)`` is called once per layer and projection that some unit owns (restricted to
-    ``modules`` if given: slices on other projections contribute nothing). Results are fp32 on the CPU.
-    """
-    adapter, g = adapter_for(model), geometry_of(model)
-    kinds = tuple(kinds)
-    index = {kind: unit_index(adapter, g, kind, modules) for kind in kinds}
-    paths = sorted({s.module for kind in kinds for s in index[kind]})
-    out = {MAP_OF[k]: torch.zeros(g.n_layers, _n_units(g, k)) for k in kinds}  # [L, n]
-    span = span or Span(None)
-    for l, layer in enumerate(adapter.layers(model)):
-        with materialized(layer):  # offloaded weights are read one block at a time
-            feats = {p: {a: v.detach().float().cpu() for a, v in features(l, layer, p).items()} for p in paths}
-        for kind in kinds:
-            for s in index[kind]:
-                out[MAP_OF[kind]][l] += feats[s.module][s.axis][s.index].sum(-1)  # [n]
-        span.step((l + 1) / g.n_layers, f"scoring layer {l + 1}/{g.n_layers}")
-    return out
-
-
-# ---- block scores (Shortened LLaMA) -------------------------------------------------------------------------------
-
-def block_tensors(layer: nn.Module, include_norms: bool) -> Iterable[tuple[str, nn.Parameter]]:
-    """The weight tensors a Shortened-LLaMA block score sums over: projection matrices and (optionally) norms.
-
-    Biases are left out (the reference keeps names containing "weight"); 1-D weights are norm scales.
-    """
-    for name, p in layer.named_parameters():
-        if not name.endswith("weight"):
-            continue
-        if p.ndim >= 2 or include_norms:
-            yield name, p
-
-
-def block_scores(model: nn.Module, tensor_of: Callable[[int, str, nn.Parameter], torch.Tensor], power: float,
-                 include_norms: bool) -> torch.Tensor:
-    """``I_n = Σ_k Σ |T_k|^p`` per block [L], with ``T_k = tensor_of(layer, name, param)`` (e.g. the weight)."""
-    layers = adapter_for(model).layers(model)
-    scores = torch.zeros(len(layers))  # [L]
-    for l, layer in enumerate(layers):
-        with materialized(layer):
-            for name, p in block_tensors(layer, include_norms):
-                scores[l] += tensor_of(l, name, p).detach().float().abs().pow(power).sum().cpu()
-    return scores
-
+from ..progress import Span
+from .units import FeatureFn, aggregate_units, block_scores, feature_sums, with_bias
 
 # ---- the criterion ----------------------------------------------------------------------------------------------
 

@@ -74,11 +74,12 @@ from torch import nn
 
 from ..arch import adapter_for, geometry_of, get_path, is_conv1d
 from ..errors import CriterionError
-from ..importance import Calibration, Context, Criterion, ImportanceMap, model_device, register
-from .magnitude import aggregate_units, feature_sums, scale_inputs
-from .stats import (DEFAULT_BATCH_SIZE, CalibrationStats, Span, check_hookable, collect_stats, input_site,
-                    token_batches)
+from ..importance import Calibration, Context, Criterion, ImportanceMap, register
+from ..offload import execution_device
+from ..progress import Span
+from .stats import DEFAULT_BATCH_SIZE, CalibrationStats, check_hookable, collect_stats, input_site, token_batches
 from .taylor import exact_gradients
+from .units import aggregate_units, feature_sums, scale_inputs
 
 READINGS = ("A", "B", "taylor_abs")
 PERTURB = ("scored", "attention", "mlp")
@@ -246,7 +247,7 @@ def zo_estimate(model: nn.Module, calib: Calibration | torch.Tensor, modules: li
         raise CriterionError(f"minillm: at most {1 << _KEY_BITS} perturbed projections (got {len(modules)})")
     check_hookable(model)
     span, step = span or Span(None), max(1, int(queries_per_pass))
-    batches = list(token_batches(calib, batch_size, model_device(model)))
+    batches = list(token_batches(calib, batch_size, execution_device(model)))
     projected = torch.zeros(queries, dtype=torch.float64)  # [q]
     with Perturbation(modules, seed) as pert, torch.inference_mode():
         for start in range(0, queries, step):

@@ -26,82 +26,25 @@ group still has quota left), so the result stays physically prunable. For multi-
 from __future__ import annotations
 
 import copy
-import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, is_conv1d
 from ..errors import CriterionError
-from ..importance import Calibration, Context, Criterion, ImportanceMap, model_device, register
-from ..layerwise import capture_inputs, detached_copy, is_offloaded, materialized, resident_copy
+from ..importance import Calibration, Context, Criterion, ImportanceMap, register
 from ..obs import HEAD_ERRORS, Hessian, ObsProblem, dgs_sizes, greedy_blocks, greedy_columns
+from ..offload import clone_model, detached_copy, execution_device, is_offloaded, materialized, resident_copy
 from ..plan import Plan
-from ..surgery import apply_plan, clone_model, register_compensator
+from ..schedules import SCHEDULES, layer_ratios
+from ..surgery import apply_plan, register_compensator
+from .capture import LayerStream, Stop, advance, capture_inputs
 
 PAPER = "arXiv:2412.18110"
-SCHEDULES = ("log_increase", "uniform", "linear_increase", "log_decrease", "linear_decrease")
 ATTN_UNITS = ("kv", "head")
-R0_FRACTION = 0.3125  # paper's README example: 20% mean -> r_0 = 0.0625
-
-
-# ---- incremental pruning ratio (Eq. 6) ----------------------------------------------------------------------------
-
-def _increase_shape(n: int, schedule: str) -> list[float]:
-    """Increasing curve f_i in [0, 1]: log(i+1)/log(n) (log) or i/(n-1) (linear)."""
-    if schedule.startswith("log"):
-        return [math.log(i + 1) / math.log(n) for i in range(n)]
-    return [i / (n - 1) for i in range(n)]
-
-
-def schedule_curve(n_layers: int, r_first: float, r_last: float, schedule: str = "log_increase") -> list[float]:
-    """Per-layer ratios between given end points, unclipped: ``r_i = r_0 + (r_{n−1} − r_0)·f_i``.
-
-    Eq. 6 of the paper with ``log(n)`` for ``n`` layers (the official code hard-codes ``log(32)``). For the
-    ``*_decrease`` schedules the increasing curve is reversed (layer 0 gets ``r_last``).
-    """
-    if schedule not in SCHEDULES:
-        raise CriterionError(f"unknown SlimGPT schedule {schedule!r}; one of {', '.join(SCHEDULES)}")
-    if schedule == "uniform" or n_layers == 1:
-        return [float(r_first)] * n_layers
-    f = _increase_shape(n_layers, schedule)
-    ratios = [r_first + (r_last - r_first) * x for x in f]
-    return ratios[::-1] if schedule.endswith("decrease") else ratios
-
-
-def layer_ratios(n_layers: int, target: float, schedule: str = "log_increase", r0: float | None = None,
-                 max_ratio: float = 0.9) -> list[float]:
-    """Pruning ratio of each layer so that their mean is ``target`` (SlimGPT's incremental ratio).
-
-    ``r0`` is the smallest ratio (layer 0 for increasing schedules); default ``target · 0.3125``, which reproduces
-    the paper's 20% example (r_0 = 0.0625). The largest ratio is solved so the mean equals ``target``
-    (``r_{n−1} = r_0 + (target − r_0)/mean(f)``); ratios are clipped to ``[0, max_ratio]`` and, if clipping moved
-    the mean, the largest ratio is re-solved by bisection. ``uniform`` gives ``target`` everywhere.
-    """
-    if not 0.0 <= target <= max_ratio:
-        raise CriterionError(f"the SlimGPT target ratio must be in [0, {max_ratio}], got {target}")
-    r0 = target * R0_FRACTION if r0 is None else float(r0)
-    if schedule == "uniform" or n_layers == 1 or target == 0:
-        return [float(target)] * n_layers
-    if not 0.0 <= r0 <= target:
-        raise CriterionError(f"r0 (the smallest layer ratio) must be in [0, target={target}], got {r0}")
-    f_mean = sum(_increase_shape(n_layers, schedule)) / n_layers
-    curve = lambda r_last: [min(max(r, 0.0), max_ratio)  # noqa: E731
-                            for r in schedule_curve(n_layers, r0, r_last, schedule)]
-    r_last = r0 + (target - r0) / f_mean
-    if max(schedule_curve(n_layers, r0, r_last, schedule)) > max_ratio:
-        lo, hi = r0, r0 + (target - r0) / f_mean * n_layers + max_ratio
-        for _ in range(100):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if sum(curve(mid)) / n_layers < target else (lo, mid)
-        r_last = (lo + hi) / 2
-    return curve(r_last)
-
-
 # ---- options --------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -165,140 +108,6 @@ class SolverOptions(ObsOptions):
         return ObsOptions(**{f.name: getattr(self, f.name) for f in fields(ObsOptions)})
 
 
-# ---- layer inputs: capture once, then stream layer by layer ---------------------------------------------------------
-
-class _Stop(Exception):
-    """Private: stops a forward pass from inside a hook (carries the hooked call's arguments)."""
-
-    def __init__(self, args: tuple = (), kwargs: dict | None = None):
-        super().__init__("stop")
-        self.call = (args, kwargs or {})
-
-
-@dataclass
-class LayerStream:
-    """Calibration activations entering the layer being processed, and every layer's other call arguments.
-
-    ``hidden[b]`` is batch ``b``'s hidden state ([b, T, D], model dtype). ``calls[i][b]`` holds layer ``i``'s
-    remaining positional arguments and keyword arguments for batch ``b`` (mask, rotary embeddings, ALiBi, ...).
-    """
-
-    hidden: list[torch.Tensor]
-    calls: list[list[tuple[tuple, dict]]]
-    by_keyword: bool = False
-
-    def raw_call(self, layer: nn.Module, i: int, b: int):
-        """``layer`` (playing layer ``i``) called on batch ``b``; its output as the block returns it."""
-        args, kwargs = self.calls[i][b]
-        x = self.hidden[b]
-        return layer(*args, hidden_states=x, **kwargs) if self.by_keyword else layer(x, *args, **kwargs)
-
-    def call(self, layer: nn.Module, i: int, b: int) -> torch.Tensor:
-        """The hidden-state output [b, T, D] of ``layer`` (playing layer ``i``) on batch ``b``."""
-        out = self.raw_call(layer, i, b)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@contextmanager
-def _hook(module: nn.Module, fn: Callable, **kw) -> Iterator[None]:
-    handle = module.register_forward_pre_hook(fn, **kw)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _catch(view: nn.Module, layer: nn.Module, tokens: torch.Tensor, batch_size: int) -> list[tuple[tuple, dict]]:
-    """Arguments of ``layer``'s call for each batch, stopping each forward there (the Catcher)."""
-    def grab(module, args, kwargs):
-        raise _Stop(args, kwargs)
-
-    device, calls = model_device(view), []
-    with _hook(layer, grab, with_kwargs=True):
-        for batch in tokens.split(batch_size):
-            try:
-                view(input_ids=batch.to(device), use_cache=False)
-            except _Stop as stop:
-                calls.append(stop.call)
-            else:
-                raise CriterionError("could not capture a block's inputs: the forward pass never reached it")
-    return calls
-
-
-def _split_hidden(call: tuple[tuple, dict]) -> tuple[torch.Tensor, tuple[tuple, dict], bool]:
-    args, kwargs = call
-    if args:
-        return args[0], (tuple(args[1:]), dict(kwargs)), False
-    kwargs = dict(kwargs)
-    return kwargs.pop("hidden_states"), ((), kwargs), True
-
-
-def _mixed_layer_types(model: nn.Module) -> bool:
-    types = getattr(model.config, "layer_types", None)
-    return isinstance(types, (list, tuple)) and len(set(types)) > 1
-
-
-def _passthrough(as_tuple: bool) -> Callable:
-    def forward(*args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden,) if as_tuple else hidden
-    return forward
-
-
-def _calls_per_layer(view: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int,
-                     stream: LayerStream) -> list[list[tuple[tuple, dict]]]:
-    """Each layer's own call arguments (models whose layers get different masks, e.g. sliding windows).
-
-    Every block of ``view`` (a tensor-sharing clone) is replaced by a pass-through that keeps the block's output
-    format, so one forward per batch records all layers' arguments without computing any block.
-    """
-    layers = adapter.layers(view)
-    as_tuple = isinstance(stream.raw_call(layers[0], 0, 0), (tuple, list))
-    for layer in layers:
-        layer.forward = _passthrough(as_tuple)  # instance attribute of the clone only
-    return _record_all(view, layers, tokens, batch_size)
-
-
-def _record_all(view: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor,
-                batch_size: int) -> list[list[tuple[tuple, dict]]]:
-    """Per layer, per batch: the call arguments (hidden state dropped) seen by each block of ``view``."""
-    records: list[list] = [[] for _ in layers]
-
-    def recorder(j):
-        return lambda module, args, kwargs: records[j].append((args, kwargs))
-
-    handles = [layer.register_forward_pre_hook(recorder(j), with_kwargs=True) for j, layer in enumerate(layers)]
-    try:
-        _catch(view, layers[-1], tokens, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
-    return [[_split_hidden(c)[1] for c in rec] for rec in records]
-
-
-def capture_stream(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> LayerStream:
-    """Inputs of the first block for all calibration windows ``tokens`` ([N, T]) and every block's call arguments.
-
-    Runs on a tensor-sharing clone, so ``model`` itself never carries a hook.
-    """
-    adapter = adapter_for(model)
-    view = clone_model(model, share_weights=True)
-    with torch.no_grad():
-        calls = _catch(view, adapter.layers(view)[0], tokens, batch_size)
-        split = [_split_hidden(c) for c in calls]
-        stream = LayerStream([s[0] for s in split], [[s[1] for s in split]], split[0][2])
-        n = len(adapter.layers(view))
-        stream.calls = stream.calls * n
-        if _mixed_layer_types(model):
-            stream.calls = _calls_per_layer(view, adapter, tokens, batch_size, stream)
-    return stream
-
-
-def _advance(layer: nn.Module, i: int, stream: LayerStream) -> None:
-    """Replace the stream's hidden states by ``layer``'s outputs (the next layer's inputs)."""
-    stream.hidden = [stream.call(layer, i, b) for b in range(len(stream.hidden))]
-
-
 def layer_hessians(layer: nn.Module, i: int, stream: LayerStream, paths: tuple[str, ...],
                    stop: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
     """Hessians ``(2/N)Σxxᵀ`` of the inputs of modules ``paths`` of ``layer`` over the stream (fp32).
@@ -306,14 +115,14 @@ def layer_hessians(layer: nn.Module, i: int, stream: LayerStream, paths: tuple[s
     With ``stop`` the forward is cut right after the (single) hooked module's input is seen, skipping the rest
     of the block, and no outputs are returned; otherwise the block's outputs per batch come back too.
     """
-    accs = {p: Hessian(feature_count(get_path(layer, p), "in"), model_device(layer)) for p in paths}
+    accs = {p: Hessian(feature_count(get_path(layer, p), "in"), execution_device(layer)) for p in paths}
     state = {"b": 1}
 
     def hook_for(path):
         def hook(module, args):
             accs[path].add(args[0].reshape(state["b"], -1, args[0].shape[-1]))
             if stop:
-                raise _Stop()
+                raise Stop()
         return hook
 
     handles = [get_path(layer, p).register_forward_pre_hook(hook_for(p)) for p in paths]
@@ -323,7 +132,7 @@ def layer_hessians(layer: nn.Module, i: int, stream: LayerStream, paths: tuple[s
             state["b"] = x.shape[0]
             try:
                 outs.append(stream.call(layer, i, b))
-            except _Stop:
+            except Stop:
                 pass
     finally:
         for h in handles:
@@ -460,7 +269,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, tasks: list[LayerTask
             results.append(solve_layer(layer, i, stream, task, opts, adapter, g))
             out_layers.append(layer)
             if i < len(tasks) - 1:
-                _advance(layer, i, stream)
+                advance(layer, i, stream)
             if offloaded:
                 layer.to("cpu")  # finished blocks leave the execution device
     return out_layers, results

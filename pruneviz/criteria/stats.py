@@ -38,36 +38,13 @@ from torch import nn
 
 from ..arch import Adapter, adapter_for, get_path
 from ..errors import CriterionError
-from ..importance import Calibration, Context, model_device
-from ..layerwise import is_offloaded, layerwise_stats
+from ..importance import Calibration
+from ..offload import execution_device, is_offloaded
+from ..progress import Span
+from .capture import capture_inputs
 
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 DEFAULT_BATCH_SIZE = 8
-
-
-# ---- progress ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class Span:
-    """A slice ``[lo, hi]`` of a criterion's progress bar; ``ctx`` may be None (no reporting, no cancel)."""
-
-    ctx: Context | None
-    lo: float = 0.0
-    hi: float = 1.0
-
-    def step(self, fraction: float, message: str = "") -> None:
-        if self.ctx is not None:
-            self.ctx.step(self.lo + (self.hi - self.lo) * min(max(fraction, 0.0), 1.0), message)
-
-    def sub(self, lo: float, hi: float) -> "Span":
-        """The part ``[lo, hi]`` (fractions of this span) of this span."""
-        width = self.hi - self.lo
-        return Span(self.ctx, self.lo + width * lo, self.lo + width * hi)
-
-
-def context_of(progress: Callable[[float, str], None] | None) -> Context:
-    """A :class:`Context` around a plain ``progress(fraction, message)`` callback (compensators get those)."""
-    return Context(progress=progress)
 
 
 # ---- per-feature accumulators -----------------------------------------------------------------------------------
@@ -244,16 +221,36 @@ def collect_stats(model: nn.Module, calib: Calibration | torch.Tensor, span: Spa
 
     ``calib``: a :class:`Calibration` or ``[N, T]`` token ids. The model is not modified (inference mode,
     hooks removed afterwards). Reports progress on ``span`` and stops with ``Cancelled`` if asked to.
-    ``layerwise``: stream the windows one block at a time (:func:`pruneviz.layerwise.layerwise_stats`: peak
+    ``layerwise``: stream the windows one block at a time (:func:`layerwise_stats`: peak
     memory one block + the activations); None (default) does so exactly when the model is offloaded.
     """
     check_hookable(model)
     if layerwise or (layerwise is None and is_offloaded(model)):
         return layerwise_stats(model, calib, span, sites, batch_size)
     span = span or Span(None)
-    device, total = model_device(model), n_batches(calib, batch_size)
+    device, total = execution_device(model), n_batches(calib, batch_size)
     with StatsCollector(model, sites) as collector, torch.inference_mode():
         for i, batch in enumerate(token_batches(calib, batch_size, device)):
             model.base_model(input_ids=batch, use_cache=False)
             span.step((i + 1) / total, f"calibration statistics: batch {i + 1}/{total}")
+    return collector.result()
+
+
+def layerwise_stats(model: nn.Module, calib, span=None, sites=None, batch_size: int = 8):
+    """The statistics of :func:`collect_stats`, computed one block at a time.
+
+    Same numbers as the full forward pass (same dense inputs, same fp32 accumulation) up to floating-point
+    summation order; peak memory is one block plus the calibration activations.
+    """
+    span = span or Span(None)
+    layers = adapter_for(model).layers(model)
+    tokens = calib.tokens if isinstance(calib, Calibration) else calib
+    with torch.inference_mode():
+        stream = capture_inputs(model, tokens, batch_size)
+        # every block's hooks are in place, but a block's only fire while it streams
+        with StatsCollector(model, sites or SITES) as collector:
+            for i, layer in enumerate(layers):
+                for b in range(len(stream.hidden)):
+                    stream.hidden[b] = stream.call(layer, i, b)  # the next block's inputs, in place
+                span.step((i + 1) / len(layers), f"calibration statistics: block {i + 1}/{len(layers)}")
     return collector.result()

@@ -36,8 +36,10 @@ from torch import nn
 
 from ..arch import adapter_for, geometry_of, get_path
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
-from .magnitude import aggregate_units, block_scores, feature_sums
-from .stats import Span, n_batches, token_batches
+from ..offload import execution_device
+from ..progress import Span
+from .stats import n_batches, token_batches
+from .units import aggregate_units, block_scores, feature_sums
 
 ParamFilter = Callable[[str, nn.Parameter], bool]
 
@@ -81,7 +83,7 @@ def for_each_gradient(model: nn.Module, calib: Calibration | torch.Tensor, param
     ``L_b`` is batch b's mean token loss and ``weight_b`` its share of all calibration tokens, so
     ``Σ_b weight_b · dL_b/dθ`` is the gradient of the mean loss over the whole calibration set.
     """
-    span, device = span or Span(None), next(model.parameters()).device
+    span, device = span or Span(None), execution_device(model)
     tokens = calib.tokens if isinstance(calib, Calibration) else calib
     total_tokens, total = tokens.shape[0] * (tokens.shape[1] - 1), n_batches(calib, batch_size)
     names = list(params)

@@ -15,7 +15,8 @@ from typing import Literal
 import streamlit as st
 
 from . import analysis, state
-from .work import Job, ScriptControlException, show_error
+from .compat import ScriptControlException
+from .work import Job, show_error
 
 SOURCES = {"bundled": "Bundled SmolLM2-135M-Instruct", "hub": "Hugging Face id", "folder": "Local folder",
            "tiny": "Tiny random model (testing)"}

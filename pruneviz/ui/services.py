@@ -14,9 +14,9 @@ import time
 import streamlit as st
 import torch
 
+from ..offload import execution_device
 from . import analysis, state
 from .work import Job
-
 
 # ---- speed and estimates ------------------------------------------------------------------------------------------
 
@@ -30,7 +30,7 @@ def forward_speed(loaded) -> float:
     T = int(min(64, max_pos))
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(next(loaded.model.parameters()).device)  # [2, T]
+    ids = ids.to(execution_device(loaded.model))  # [2, T]
     with torch.inference_mode():
         if not loaded.info.get("offload"):  # an offloaded model reads every block from disk/CPU: one pass only
             loaded.model(input_ids=ids, use_cache=False)  # warm-up
@@ -43,9 +43,8 @@ def forward_speed(loaded) -> float:
 
 def estimate(loaded, crit, options, n_samples: int, seq_len: int) -> dict:
     """The criterion's own cost estimate turned into seconds and bytes for display."""
-    from ..plan import dense_params
-
     from ..arch import geometry_of
+    from ..plan import dense_params
 
     est = crit.estimate(geometry_of(loaded.model), dense_params(loaded.model), n_samples, seq_len, options)
     tokens = est.get("forward_tokens", 0)
@@ -61,7 +60,7 @@ def offload_summary(loaded) -> str | None:
     """One line on where an offloaded base keeps its blocks and what that rules out (None when not offloaded)."""
     from ..arch import adapter_for
     from ..importance import available
-    from ..layerwise import is_offloaded
+    from ..offload import is_offloaded
 
     where = loaded.info.get("offload")
     if not where:
@@ -199,7 +198,7 @@ def dense_ppl(loaded, key: str, text: str, protocol: str, job: Job):
     hit = state.cached_result(key)
     if hit is not None:
         return hit
-    res = perplexity(loaded.model, loaded.tokenizer, text, protocol, progress=job.counter("dense: windows "),
+    res = perplexity(loaded.model, loaded.tokenizer, text, protocol, progress=job.prefixed("dense: "),
                      cancel=job.cancelled)
     if res.complete:
         state.store_result(key, res)
@@ -233,13 +232,13 @@ def _evaluate(loaded, plan, model, how: str, recovery: dict | None, text_name: s
 
     dense = dense_ppl(loaded, _dense_key(text, protocol), text, protocol, job)
     job.note("Evaluating the pruned model…")
-    pruned = perplexity(model, loaded.tokenizer, text, protocol, progress=job.counter("pruned: windows "),
+    pruned = perplexity(model, loaded.tokenizer, text, protocol, progress=job.prefixed("pruned: "),
                         cancel=job.cancelled)
     lora = None
     if recovery is not None and pruned.complete:
         job.note("Evaluating the pruned model after LoRA recovery…")
         lora = perplexity(recovery["model"], loaded.tokenizer, text, protocol,
-                          progress=job.counter("pruned + LoRA: windows "), cancel=job.cancelled)
+                          progress=job.prefixed("pruned + LoRA: "), cancel=job.cancelled)
     if not (dense.n_windows and pruned.n_windows):
         return None
     has_lora = lora is not None and lora.n_windows > 0
@@ -339,7 +338,7 @@ def run_sweep(loaded, criteria: list[str], ratios: list[float], what: str, text_
             job.note(f"{crit} at {ratio:.0%} ({i + 1}/{len(pairs)})…")
             plan = _sweep_plan(loaded, imaps[crit], ratio, what)
             model = apply_plan(loaded.model, plan) if latency else masked_model(loaded.model, plan)
-            prog = lambda d, t, i=i: job.progress((i + d / max(t, 1)) / len(pairs), f"{crit} {ratio:.0%}")  # noqa
+            prog = lambda f, m="", i=i: job.progress((i + f) / len(pairs), f"{crit} {ratio:.0%}")  # noqa
             res = perplexity(model, loaded.tokenizer, text, protocol, progress=prog, cancel=job.cancelled)
             if not res.complete:
                 break
@@ -408,7 +407,7 @@ def quick_look(model, tokenizer, text: str, max_tokens: int = 64, top: int = 5) 
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
     bos = getattr(tokenizer, "bos_token_id", None)
     seq = torch.tensor([([bos] if bos is not None else []) + list(ids)],
-                       device=next(model.parameters()).device)  # [1, T]
+                       device=execution_device(model))  # [1, T]
     with torch.inference_mode():
         probs = model(input_ids=seq, use_cache=False).logits[0, -1].float().softmax(-1)  # [V]
     p, idx = probs.topk(top)

@@ -28,13 +28,14 @@ import torch
 
 from ..errors import TextError
 from ..plan import BaseIdentity, Plan
+from ..progress import Progress
+from .compat import ScriptControlException
 
 ENV_MODEL = "PRUNEVIZ_MODEL"
 ENV_EXPORTS = "PRUNEVIZ_EXPORT_DIR"
 TINY = "tiny"
 MAX_MODELS = 2  # base models kept in memory at once (least recently used is dropped)
 MAX_UPLOAD_MB = 20  # also server.maxUploadSize in .streamlit/config.toml
-Progress = Callable[[float, str], Any]
 
 
 # ---- models -------------------------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ Progress = Callable[[float, str], Any]
 class ModelSpec:
     """Which base model a session uses; ``key`` identifies it in the shared store.
 
-    ``offload`` ("none", "disk" or "cpu") loads it with :func:`pruneviz.layerwise.load_offloaded`: decoder blocks
+    ``offload`` ("none", "disk" or "cpu") loads it with :func:`pruneviz.loading.load_offloaded`: decoder blocks
     beyond the first ``resident_layers`` stay on disk (or in CPU memory for a GPU) and are scored one at a time.
     """
 
@@ -115,11 +116,11 @@ def _load_tiny(spec: ModelSpec):
 
 
 def _load_offloaded(spec: ModelSpec):
-    """:func:`pruneviz.layerwise.load_offloaded` into an offload folder of its own, removed with the model."""
+    """:func:`pruneviz.loading.load_offloaded` into an offload folder of its own, removed with the model."""
     import shutil
     import weakref
 
-    from ..layerwise import load_offloaded
+    from ..loading import load_offloaded
 
     folder = tempfile.mkdtemp(prefix="pruneviz-offload-")
     try:
@@ -240,8 +241,6 @@ def session_id() -> str:
 
 def save(update: Callable[[Any], None]) -> None:
     """Apply ``update(st.session_state)`` now, or at the session's next run if this run was superseded."""
-    from .work import ScriptControlException
-
     try:
         update(st.session_state)
     except ScriptControlException:

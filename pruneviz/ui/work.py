@@ -18,11 +18,7 @@ import logging
 import streamlit as st
 
 from ..errors import PrunevizError
-
-try:  # Streamlit's control-flow exceptions (BaseException subclasses): rerun and stop requests
-    from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
-except ImportError:  # pragma: no cover - older/newer layouts
-    from streamlit.runtime.scriptrunner import RerunException as ScriptControlException  # type: ignore
+from .compat import ScriptControlException
 
 log = logging.getLogger("pruneviz.app")
 
@@ -86,9 +82,9 @@ class Job:
         except ScriptControlException as e:  # the user clicked something: stop after this step
             self.interrupt = e
 
-    def counter(self, prefix: str = ""):
-        """Progress callback ``(done, total)`` (as :func:`pruneviz.evaluate.perplexity` uses)."""
-        return lambda done, total: self.progress(done / max(total, 1), f"{prefix}{done}/{total}")
+    def prefixed(self, prefix: str):
+        """A progress callback ``(fraction, message)`` whose messages start with ``prefix``."""
+        return lambda fraction, message="": self.progress(fraction, f"{prefix}{message}")
 
     def cancelled(self) -> bool:
         """Cancel callback for pruneviz functions: True once the user interrupted."""

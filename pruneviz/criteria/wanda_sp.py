@@ -25,8 +25,9 @@ from torch import nn
 
 from ..arch import adapter_for, geometry_of, get_path
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
-from .magnitude import FeatureFn, aggregate_units, feature_sums, scale_inputs
-from .stats import DEFAULT_BATCH_SIZE, CalibrationStats, Span, collect_stats, input_site
+from ..progress import Span
+from .stats import DEFAULT_BATCH_SIZE, CalibrationStats, collect_stats, input_site
+from .units import FeatureFn, aggregate_units, feature_sums, scale_inputs
 
 
 @dataclass

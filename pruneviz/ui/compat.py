@@ -1,0 +1,7 @@
+"""Streamlit names whose home moved between releases (imported from here by the rest of ``pruneviz.ui``)."""
+try:  # Streamlit's control-flow exceptions (BaseException subclasses): rerun and stop requests
+    from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
+except ImportError:  # pragma: no cover - older/newer layouts
+    from streamlit.runtime.scriptrunner import RerunException as ScriptControlException  # type: ignore
+
+__all__ = ["ScriptControlException"]
