@@ -208,6 +208,10 @@ class Adapter:
         """Attribute values (path inside a layer -> value) that describe a pruned attention's width."""
         raise NotImplementedError
 
+    def layout_extras(self, kept_heads: list[int]) -> dict:
+        """Family-specific entries of a pruned layer's recorded layout (e.g. BLOOM's ALiBi slopes of kept heads)."""
+        return {}
+
     def block_hidden(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The hidden-state input of a decoder layer call (used to skip a block as the identity)."""
         return args[0] if args else kwargs["hidden_states"]
@@ -362,6 +366,9 @@ class BloomAdapter(Adapter):
 
     def attention_attrs(self, n_heads, n_kv, g):
         return {"self_attention.num_heads": n_heads}
+
+    def layout_extras(self, kept_heads):
+        return {"alibi_heads": kept_heads, "alibi_module": "self_attention"}
 
     def set_attention_widths(self, layer, n_heads, n_kv, kept_heads, g):
         from .modeling_pruneviz import install_alibi_hook

@@ -23,12 +23,12 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
-from .arch import Geometry, geometry_of
+from .arch import MAP_NAMES, UNITS, Geometry, unit_kind
 from .errors import CriterionError, is_oom, oom_advice
 from .offload import execution_device, is_offloaded
 from .progress import Cancel, Cancelled, Context, Progress
 
-MAPS = ("heads", "kv", "channels", "blocks")
+MAPS = MAP_NAMES  # ("heads", "kv", "channels", "blocks")
 
 
 # ---- the result ---------------------------------------------------------------------------------------------------
@@ -48,8 +48,7 @@ class ImportanceMap:
 
     def __post_init__(self):
         g = self.geometry
-        want = {"heads": (g.n_layers, g.n_heads), "kv": (g.n_layers, g.n_kv),
-                "channels": (g.n_layers, g.n_channels), "blocks": (g.n_layers,)}
+        want = {u.map: ((g.n_layers, u.count(g)) if u.width else (g.n_layers,)) for u in UNITS.values()}
         for name, shape in want.items():
             t = getattr(self, name)
             if t is None:
@@ -61,7 +60,7 @@ class ImportanceMap:
 
     def get(self, kind: str) -> torch.Tensor | None:
         """Map for a unit kind: head/kv/channel/block (or the map names)."""
-        return getattr(self, {"head": "heads", "channel": "channels", "block": "blocks"}.get(kind, kind))
+        return getattr(self, unit_kind(kind).map)
 
     def available(self) -> list[str]:
         return [m for m in MAPS if getattr(self, m) is not None]
@@ -269,6 +268,3 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
         progress(1.0, "done")
     return result
 
-
-def empty_map(name: str, model: nn.Module, **maps) -> ImportanceMap:
-    return ImportanceMap(name, geometry_of(model), **maps)

@@ -25,13 +25,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .arch import Geometry, adapter_for, geometry_of, get_path, slice_params
+from .arch import UNITS, WIDTH_KINDS, Geometry, adapter_for, geometry_of, get_path, slice_params, unit_count
 from .errors import PlanError
 from .offload import materialized
 
 SCHEMA = "pruneviz.plan/1"
 Removed = tuple[tuple[int, tuple[int, ...]], ...]  # ((layer, (idx, ...)), ...)
-PER_LAYER_KINDS = ("kv", "head", "channel")
 
 
 def weight_probe(model: nn.Module, n: int = 16) -> tuple[float, ...]:
@@ -146,9 +145,8 @@ class Plan:
         if kind == "head":
             gone = set(self.removed_heads_all(layer))
             return tuple(h for h in range(g.n_heads) if h not in gone)
-        n = {"kv": g.n_kv, "channel": g.n_channels}[kind]
         gone = set(self.removed(kind, layer))
-        return tuple(i for i in range(n) if i not in gone)
+        return tuple(i for i in range(unit_count(g, kind)) if i not in gone)
 
     def kept_blocks(self) -> tuple[int, ...]:
         return tuple(b for b in range(self.geometry.n_layers) if b not in self.blocks)
@@ -184,19 +182,24 @@ class Plan:
         if kind == "block":
             blocks = set(self.blocks) | indices if remove else set(self.blocks) - indices
             return replace(self, blocks=tuple(blocks))
-        table = {l: set(i) for l, i in getattr(self, _field(kind))}
-        if kind == "head" and not remove:  # taking back a head of a removed group re-opens the group
-            g = self.geometry
-            table_kv = {l: set(i) for l, i in self.kv}
-            for h in indices:
-                grp = g.kv_of(h)
-                if grp in table_kv.get(layer, set()):
-                    table_kv[layer].discard(grp)
-                    table.setdefault(layer, set()).update(set(g.heads_of(grp)) - {h})
-            self = replace(self, kv=tuple((l, tuple(i)) for l, i in table_kv.items()))
+        base = self._reopened_groups(layer, indices) if kind == "head" and not remove else self
+        table = {l: set(i) for l, i in getattr(base, _field(kind))}
         cur = table.setdefault(layer, set())
         table[layer] = cur | indices if remove else cur - indices
-        return replace(self, **{_field(kind): tuple((l, tuple(i)) for l, i in table.items())})
+        return replace(base, **{_field(kind): tuple((l, tuple(i)) for l, i in table.items())})
+
+    def _reopened_groups(self, layer: int | None, heads: set[int]) -> "Plan":
+        """Taking back a head of a removed KV group re-opens the group: its other heads are removed one by one."""
+        g = self.geometry
+        table_kv = {l: set(i) for l, i in self.kv}
+        table = {l: set(i) for l, i in self.heads}
+        for h in heads:
+            grp = g.kv_of(h)
+            if grp in table_kv.get(layer, set()):
+                table_kv[layer].discard(grp)
+                table.setdefault(layer, set()).update(set(g.heads_of(grp)) - {h})
+        return replace(self, kv=tuple((l, tuple(i)) for l, i in table_kv.items()),
+                       heads=tuple((l, tuple(i)) for l, i in table.items()))
 
     def toggled(self, kind: str, layer: int | None, index: int) -> "Plan":
         """Flip one unit: remove it if kept, keep it if removed (a head of a removed group counts as removed)."""
@@ -328,10 +331,10 @@ class Plan:
 
 
 def _field(kind: str) -> str:
-    try:
-        return {"kv": "kv", "head": "heads", "channel": "channels"}[kind]
-    except KeyError:
-        raise PlanError(f"unit kind must be one of block, kv, head, channel; got {kind!r}") from None
+    """The plan field of a width unit kind (arch.UNITS)."""
+    if kind not in WIDTH_KINDS:
+        raise PlanError(f"unit kind must be one of block, kv, head, channel; got {kind!r}")
+    return UNITS[kind].map
 
 
 def dense_params(model: nn.Module, non_embedding: bool = False) -> int:

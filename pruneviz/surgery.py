@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, weight_axis
+from .arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, is_conv1d, weight_axis
 from .errors import PlanError
 from .modeling_pruneviz import new_projection
 from .offload import clone_model, is_offloaded, resident_copy
@@ -93,10 +93,8 @@ def prune_layer(layer: nn.Module, adapter: Adapter, g: Geometry, plan: Plan, ind
     kept_heads = list(plan.kept("head", index))
     n_kv = len(plan.kept("kv", index)) if g.n_kv != g.n_heads else len(kept_heads)
     adapter.set_attention_widths(layer, len(kept_heads), n_kv, kept_heads, g)
-    spec = {"shapes": shapes, "attrs": adapter.attention_attrs(len(kept_heads), n_kv, g)}
-    if adapter.family == "bloom":
-        spec.update(alibi_heads=kept_heads, alibi_module="self_attention")
-    return spec
+    return {"shapes": shapes, "attrs": adapter.attention_attrs(len(kept_heads), n_kv, g),
+            **adapter.layout_extras(kept_heads)}
 
 
 def drop_blocks(model: nn.Module, adapter: Adapter, keep: tuple[int, ...]) -> None:
@@ -151,14 +149,9 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = 
 
 
 def _load_compensators() -> None:
-    """Import the modules that register compensation solvers (kept lazy to avoid import cycles)."""
-    import importlib
-
-    for mod in ("pruneviz.criteria.slimgpt", "pruneviz.criteria.flap"):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+    """Import the built-in criteria, which register their compensation solvers (at call time: they import this
+    module, so the registry is filled from above, like :func:`pruneviz.importance.available`)."""
+    from . import criteria  # noqa: F401
 
 
 # ---- masked preview -----------------------------------------------------------------------------------------------
@@ -179,7 +172,7 @@ class InputSelect(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = self.keep.to(x.device)
         w = self.inner.weight
-        if type(self.inner).__name__ == "Conv1D":  # weight [in, out]
+        if is_conv1d(self.inner):  # weight [in, out]
             out = torch.addmm(self.inner.bias, x[..., keep].reshape(-1, len(keep)), w.index_select(0, keep))
             return out.view(*x.shape[:-1], w.shape[1])
         return nn.functional.linear(x.index_select(-1, keep), w.index_select(1, keep), self.inner.bias)

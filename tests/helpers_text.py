@@ -1,8 +1,8 @@
 """Tiny, download-free tokenizers and models for fast unit tests.
 
-* :func:`tiny_tokenizer` - byte-level BPE trained in memory (any text encodes),
+* :func:`bpe_tokenizer` - byte-level BPE trained in memory (any text encodes),
   with ``<s>``/``</s>``/``<pad>`` special tokens and an optional chat template.
-* :func:`tiny_llama` - a 2-layer random LLaMA with GQA (4 q-heads, 2 kv-heads).
+* :func:`bpe_llama` - a 2-layer random LLaMA with GQA (4 q-heads, 2 kv-heads).
 * :class:`FakeLM` - a bigram "model" whose logits depend only on the current
   token, so NLLs can be hand-computed outside the model.
 """
@@ -46,7 +46,7 @@ def _tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def tiny_tokenizer(
+def bpe_tokenizer(
     chat_template: bool = True,
     bos: bool = True,
     pad: bool = True,
@@ -73,7 +73,7 @@ def tiny_tokenizer(
     return tok
 
 
-def tiny_llama(vocab_size: int = 320, tie: bool = True, seed: int = 0, **overrides):
+def bpe_llama(vocab_size: int = 320, tie: bool = True, seed: int = 0, **overrides):
     """A random 2-layer LLaMA: hidden 64, MLP 128, 4 q-heads, 2 kv-heads, head_dim 16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,11 +1,7 @@
 """Chat prompt building, greedy/sampled generation, streaming and its statistics."""
 
 import pytest
-
-try:
-    from helpers_text import tiny_llama, tiny_tokenizer
-except ImportError:  # tests/ imported as a package
-    from tests.helpers_text import tiny_llama, tiny_tokenizer
+from helpers_text import bpe_llama, bpe_tokenizer
 
 from pruneviz import chat
 from pruneviz.errors import OutOfMemoryAdvice, TextError
@@ -15,12 +11,12 @@ MSGS = [{"role": "user", "content": "Hello, how are you today?"}]
 
 @pytest.fixture(scope="module")
 def ctok():
-    return tiny_tokenizer()
+    return bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def cmodel():
-    return tiny_llama(vocab_size=320)
+    return bpe_llama(vocab_size=320)
 
 
 def test_build_inputs_uses_chat_template(ctok):
@@ -34,7 +30,7 @@ def test_build_inputs_uses_chat_template(ctok):
 
 
 def test_build_inputs_without_template():
-    plain = tiny_tokenizer(chat_template=False)
+    plain = bpe_tokenizer(chat_template=False)
     enc = chat.build_inputs(plain, MSGS + [{"role": "assistant", "content": "Fine."}])
     assert plain.decode(enc["input_ids"][0]) == (
         "user: Hello, how are you today?\nassistant: Fine.\nassistant:"
@@ -73,7 +69,7 @@ def test_sampling_same_seed_same_text(cmodel, ctok):
 
 def test_same_seed_same_output_after_weight_copy(cmodel, ctok):
     """A model with identical weights (e.g. a 0%-pruned copy) replies identically."""
-    twin = tiny_llama(vocab_size=320, seed=123)
+    twin = bpe_llama(vocab_size=320, seed=123)
     twin.load_state_dict(cmodel.state_dict())
     kw = dict(max_new_tokens=10, temperature=0.7, top_p=0.9, seed=3)
     assert chat.generate_reply(cmodel, ctok, MSGS, **kw).text == chat.generate_reply(twin, ctok, MSGS, **kw).text

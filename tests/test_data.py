@@ -5,11 +5,7 @@ import types
 
 import pytest
 import torch
-
-try:
-    from helpers_text import tiny_tokenizer
-except ImportError:  # tests/ imported as a package
-    from tests.helpers_text import tiny_tokenizer
+from helpers_text import bpe_tokenizer
 
 from pruneviz import data
 from pruneviz.errors import PrunevizError, TextError
@@ -17,7 +13,7 @@ from pruneviz.errors import PrunevizError, TextError
 
 @pytest.fixture(scope="module")
 def btok():
-    return tiny_tokenizer()
+    return bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +172,7 @@ def test_windows_without_bos(btok, split):
     text = split[0][:5_000]
     w = data.calibration_windows(btok, text, 4, 16, seed=0, bos=False)
     assert w.shape == (4, 16) and not (w == btok.bos_token_id).any()
-    nobos = tiny_tokenizer(bos=False)
+    nobos = bpe_tokenizer(bos=False)
     w2 = data.calibration_windows(nobos, text, 4, 16, seed=0, bos=True)
     assert w2.shape == (4, 16)
 

@@ -4,12 +4,8 @@ import math
 
 import pytest
 import torch
+from helpers_text import FakeLM, bpe_llama, bpe_tokenizer
 from torch import nn
-
-try:
-    from helpers_text import FakeLM, tiny_llama, tiny_tokenizer
-except ImportError:  # tests/ imported as a package
-    from tests.helpers_text import FakeLM, tiny_llama, tiny_tokenizer
 
 from pruneviz import data, evaluate
 from pruneviz.errors import TextError
@@ -19,7 +15,7 @@ from pruneviz.plan import dense_params
 
 @pytest.fixture(scope="module")
 def btok():
-    return tiny_tokenizer()
+    return bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +66,7 @@ def test_per_window_bos(btok, stream):
 
 
 def test_uniform_model_ppl_equals_vocab_size(btok, text):
-    model = tiny_llama(vocab_size=384, tie=False)
+    model = bpe_llama(vocab_size=384, tie=False)
     with torch.no_grad():
         model.lm_head.weight.zero_()  # all logits 0: uniform over 384 tokens
     res = evaluate.perplexity(model, btok, text, "quick")
@@ -157,7 +153,7 @@ def test_token_losses_align_with_tokens(btok):
     assert "".join(tokens) == text and len(nll) == len(ids)
     assert nll[0] == pytest.approx(model.bigram_nll(btok.bos_token_id, ids[0]), rel=1e-5)
     assert nll[3] == pytest.approx(model.bigram_nll(ids[2], ids[3]), rel=1e-5)
-    tokens2, nll2 = evaluate.token_losses(model, tiny_tokenizer(bos=False), text, max_tokens=3)
+    tokens2, nll2 = evaluate.token_losses(model, bpe_tokenizer(bos=False), text, max_tokens=3)
     assert len(tokens2) == 3 and math.isnan(nll2[0])
 
 
@@ -168,8 +164,8 @@ LAYER = D * D + D * 32 + D * 32 + D * D + 3 * D * F + 2 * D  # q, k, v, o, mlp, 
 
 
 def test_dense_params_tied_counted_once():
-    tied = tiny_llama(vocab_size=V, tie=True)
-    untied = tiny_llama(vocab_size=V, tie=False)
+    tied = bpe_llama(vocab_size=V, tie=True)
+    untied = bpe_llama(vocab_size=V, tie=False)
     assert dense_params(tied) == V * D + L * LAYER + D
     assert dense_params(untied) == 2 * V * D + L * LAYER + D
     assert dense_params(tied, non_embedding=True) == L * LAYER + D
@@ -177,14 +173,14 @@ def test_dense_params_tied_counted_once():
 
 
 def test_flops_per_token_hand_computed():
-    model = tiny_llama(vocab_size=V)
+    model = bpe_llama(vocab_size=V)
     linear = L * (D * D + D * 32 + D * 32 + D * D + 3 * D * F) + V * D  # lm_head is a matmul
     attention = L * 2 * 100 * (D + D)  # QK^T and AV with 4 heads x 16 = 64 wide
     assert evaluate.flops_per_token(model, 100) == 2 * linear + attention
 
 
 def test_kv_cache_bytes_llama_gqa_and_pruned_layer():
-    model = tiny_llama(vocab_size=V)
+    model = bpe_llama(vocab_size=V)
     assert evaluate.kv_cache_bytes(model, 10, batch=3) == L * (32 + 32) * 10 * 3 * 4
     assert evaluate.kv_cache_bytes(model, 10, dtype=torch.bfloat16) == L * 64 * 10 * 2
     attn = model.model.layers[0].self_attn  # prune one kv head in layer 0 by hand
@@ -220,7 +216,7 @@ def test_kv_cache_bytes_other_families():
 
 
 def test_measure_speed_tiny(btok):
-    model = tiny_llama(vocab_size=V)
+    model = bpe_llama(vocab_size=V)
     btok.padding_side = "right"
     res = evaluate.measure_speed(model, btok, "Hello world", new_tokens=3, batch_sizes=(1, 2),
                                  repeats=2, warmup=0, prefill_tokens=32)

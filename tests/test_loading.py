@@ -6,11 +6,7 @@ import time
 
 import pytest
 import torch
-
-try:
-    from helpers_text import tiny_llama, tiny_tokenizer
-except ImportError:  # tests/ imported as a package
-    from tests.helpers_text import tiny_llama, tiny_tokenizer
+from helpers_text import bpe_llama, bpe_tokenizer
 
 from pruneviz import loading
 from pruneviz.errors import (
@@ -119,7 +115,7 @@ def test_bundled_folder_conversion_is_atomic_and_cached(monkeypatch, tmp_path):
 
     def tiny_convert(gguf, progress=None):
         calls.append(gguf)
-        return tiny_llama(), tiny_tokenizer()
+        return bpe_llama(), bpe_tokenizer()
 
     monkeypatch.setattr(loading, "_clean_model_from_gguf", tiny_convert)
     seen = []
@@ -137,7 +133,7 @@ def test_bundled_folder_conversion_is_atomic_and_cached(monkeypatch, tmp_path):
 
 @pytest.fixture
 def saved_folder(tmp_path):
-    model, tok = tiny_llama(), tiny_tokenizer(pad=False)
+    model, tok = bpe_llama(), bpe_tokenizer(pad=False)
     folder = tmp_path / "tiny-llama"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -243,7 +239,7 @@ def test_pruneviz_layout_loads_through_load_pruned_folder(tmp_path):
     from pruneviz.plan import Plan
     from pruneviz.surgery import apply_plan
 
-    model, tok = tiny_llama(), tiny_tokenizer()
+    model, tok = bpe_llama(), bpe_tokenizer()
     plan = Plan.empty(model).with_units("channel", 0, [1, 2]).with_units("kv", 1, [0])
     folder = tmp_path / "out"
     save_pruned(apply_plan(model, plan), tok, folder, plan=plan, check_remote_code=False)
@@ -266,7 +262,7 @@ def test_real_pruneviz_export_loads(tmp_path):
     from pruneviz.plan import Plan
     from pruneviz.surgery import apply_plan
 
-    model, tok = tiny_llama(), tiny_tokenizer()
+    model, tok = bpe_llama(), bpe_tokenizer()
     plan = Plan.empty(model).with_units("channel", 0, [1, 2]).with_units("kv", 1, [0])
     pruned = apply_plan(model, plan)
     export.save_pruned(pruned, tok, tmp_path / "out", plan=plan)

@@ -19,7 +19,6 @@ import plotly.graph_objects as go
 
 INK = "#1d2130"
 PRIMARY = "#5b5bd6"
-ACCENT = "#e5484d"
 MUTED = "#9aa0b4"
 SEQUENTIAL = "Viridis"
 SERIES = ["#5b5bd6", "#12a594", "#e5484d", "#f5a524", "#8e4ec6", "#0090ff", "#d6409f", "#46a758"]
