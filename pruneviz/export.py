@@ -13,12 +13,16 @@ Whether a config is stock-expressible is decided by building the candidate stock
 every parameter shape with the pruned model, so no family-specific guesswork decides it.
 
 Every export is written to a temporary folder, reloaded and compared with the in-memory model (identical logits
-required), and only then renamed into place: a failed or interrupted export leaves nothing behind.
+required), and only then renamed into place: a failed or interrupted export leaves nothing behind
+(:mod:`pruneviz.fsio`; a killed export's temporary folder is removed by the next export to the same target).
+Every export holds :data:`REPORT_FILE`, the marker by which ``overwrite=True`` recognises a folder it may replace;
+any other folder, and any folder that is, contains or lies above the source model, is never replaced.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,14 +33,14 @@ import torch
 import transformers as tf
 from torch import nn
 
-from . import __version__
+from . import __version__, fsio
 from .errors import ExportError
-from .loading import load_pruned_folder
+from .loading import cache_dir, load_pruned_folder
 from .offload import clone_model, execution_device
 from .plan import Plan, dense_params
 
 PLAN_FILE = "pruneviz_plan.json"
-REPORT_FILE = "pruneviz_export.json"
+REPORT_FILE = "pruneviz_export.json"  # written into every export: the marker overwrite=True looks for
 _MODELING = Path(__file__).with_name("modeling_pruneviz.py")
 
 
@@ -63,14 +67,21 @@ class ExportReport:
 # ---- plan files ---------------------------------------------------------------------------------------------------
 
 def write_plan(plan: Plan, path: str | os.PathLike) -> Path:
-    """Write ``plan`` as JSON atomically."""
-    path = Path(path)
-    _atomic_write_text(path, plan.to_json())
-    return path
+    """Write ``plan`` as JSON atomically (:func:`pruneviz.fsio.atomic_write_text`: the parent folder must exist)."""
+    return fsio.atomic_write_text(path, plan.to_json(), "the plan")
+
+
+MAX_PLAN_BYTES = 64 * 1024 * 1024
 
 
 def read_plan(path: str | os.PathLike) -> Plan:
+    """The plan in JSON file ``path`` (strictly parsed: :meth:`Plan.from_json`); PlanError/ExportError if not."""
     try:
+        if Path(path).is_dir():
+            raise ExportError(f"{path} is a folder; choose a .json plan exported by pruneviz")
+        if Path(path).stat().st_size > MAX_PLAN_BYTES:
+            raise ExportError(f"{path} is larger than {MAX_PLAN_BYTES >> 20} MiB, too large for a plan; choose a "
+                              f".json plan exported by pruneviz")
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ExportError(f"cannot read plan file {path}: {e}; choose a .json plan exported by pruneviz") from e
@@ -78,11 +89,7 @@ def read_plan(path: str | os.PathLike) -> Plan:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fsio.atomic_write_text(path, text)
 
 
 # ---- deciding the format ------------------------------------------------------------------------------------------
@@ -183,27 +190,89 @@ def _max_diff(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> float:
     return float((_logits(a, ids) - _logits(b, ids)).abs().max())
 
 
+def is_export(folder: str | os.PathLike) -> bool:
+    """True if ``folder`` is a checkpoint pruneviz exported (it holds a readable :data:`REPORT_FILE` marker)."""
+    try:
+        report = json.loads(Path(folder, REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("format") in ("stock", "pruneviz")
+
+
+def source_folders(model: nn.Module, plan: Plan | None = None, extra=()) -> list[Path]:
+    """Local folders the model's weights may come from: ``config._name_or_path``, the plan's base name, ``extra``
+    (e.g. :attr:`pruneviz.loading.LoadedModel.path`) where they are existing folders, and pruneviz's cache (the
+    bundled model). An export may never replace one of them or a folder above one."""
+    names = [getattr(model.config, "_name_or_path", None), plan.base.name if plan is not None else None, *extra]
+    out = [cache_dir()]
+    for name in names:
+        if not name:
+            continue
+        try:
+            p = Path(str(name)).expanduser()
+            if p.exists():
+                out.append(p.resolve())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def check_export_target(folder: str | os.PathLike, overwrite: bool = False, protect=()) -> Path:
+    """The absolute export target after every check that needs no model work: a usable name, not a file, and, if
+    it exists, ``overwrite`` given and the folder a previous pruneviz export (:func:`is_export`). A folder that is,
+    contains or lies above one of ``protect`` (source folders) or the current folder is always refused."""
+    if not str(folder).strip():
+        raise ExportError("no export folder given; choose a new folder name such as out/model-pruned")
+    folder = fsio.check_folder_target(folder)
+    real, cwd = folder.resolve(), Path.cwd().resolve()
+    for src in [cwd, *protect]:
+        src = Path(src).resolve()
+        if real == src or real in src.parents:
+            what = "the current folder" if src == cwd else f"the source model ({src})"
+            rel = "is" if real == src else "lies above"
+            raise ExportError(f"{folder} {rel} {what}; an export never replaces it. Choose a new folder")
+    if folder.exists():
+        if not overwrite:
+            raise ExportError(f"{folder} already exists; choose another folder (overwrite=True replaces only a "
+                              f"previous pruneviz export)")
+        if not is_export(folder):
+            raise ExportError(f"{folder} is not a pruneviz export (it has no {REPORT_FILE}), so overwrite will not "
+                              f"replace it; choose another folder or remove it yourself")
+    return folder
+
+
+def export_bytes(model: nn.Module) -> int:
+    """About what an export of ``model`` writes (weights at their dtype plus tokenizer and small files)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen and t.device.type != "meta":
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total + 4 * 1024 * 1024
+
+
 def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Plan | None = None,
                 evaluation: dict | None = None, overwrite: bool = False, check_remote_code: bool = True,
-                tolerance: float = 0.0) -> ExportReport:
+                tolerance: float = 0.0, protect=()) -> ExportReport:
     """Write ``model`` (pruned or dense) as a checkpoint folder, verified by reloading it.
 
     The reloaded model must give logits within ``tolerance`` (default: identical) of ``model`` on fixed inputs;
-    otherwise ExportError is raised and nothing is left at ``folder``.
+    otherwise ExportError is raised and nothing is left at ``folder``. ``overwrite`` replaces only a previous
+    pruneviz export, never the source model's folder (``protect``, ``config._name_or_path``) or one above it
+    (:func:`check_export_target`). Target, name and free space are checked before anything is written.
     """
     t0 = time.perf_counter()
-    folder = Path(folder)
     if getattr(model.config, "pruneviz_masked_plan", None):
         raise ExportError("this is a masked preview (removed units are zeroed by hooks, the weights are still dense); "
                           "export the physically pruned model instead: apply_plan(base_model, plan)")
-    if folder.exists() and not overwrite:
-        raise ExportError(f"{folder} already exists; choose another folder or pass overwrite=True")
     plan = plan or plan_of(model)
+    folder = check_export_target(folder, overwrite, source_folders(model, plan, protect))
+    fsio.check_space(folder.parent, export_bytes(model), "the export")
+    fsio.remove_stale_temporaries(folder)
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+        tmp = fsio.temp_folder(folder)
     except OSError as e:
-        raise ExportError(f"cannot create {folder} ({e}); choose a writable folder") from e
+        raise ExportError(fsio.os_error_message(e, folder, "the export")) from e
     try:
         fmt = _write_model(model, tmp)
         if tokenizer is not None:
@@ -211,19 +280,19 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
         if plan is not None:
             write_plan(plan, tmp / PLAN_FILE)
         card = model_card(model, plan, evaluation, fmt)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        _atomic_write_text(tmp / "README.md", card)
         report = _verify(model, tmp, fmt, check_remote_code, tolerance)
         report.card, report.seconds = card, time.perf_counter() - t0
         report.params = dense_params(model)
         _atomic_write_text(tmp / REPORT_FILE, json.dumps(report.to_dict(), indent=1))
-        report.files = sorted(p.name for p in tmp.iterdir())
-        _move_into_place(tmp, folder, overwrite)
+        report.files = sorted(p.name for p in tmp.iterdir() if p.name != fsio.TEMP_MARKER)
+        fsio.normal_permissions(tmp)
+        fsio.install_folder(tmp, folder, replace_existing=overwrite)
         report.folder = str(folder)
         return report
     except OSError as e:  # disk full, permissions, ...: same cleanup, user-facing message
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"writing the export to {folder} failed ({e}); nothing was written. Free disk space or "
-                          f"choose a writable folder, then export again") from e
+        raise ExportError(fsio.os_error_message(e, folder, "the export") + "; export again when fixed") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -233,14 +302,15 @@ def _verify(model: nn.Module, tmp: Path, fmt: str, check_remote_code: bool, tole
     dtype = next(model.parameters()).dtype
     ids = probe_inputs(model)
     if fmt == "stock":
-        reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+        reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, use_safetensors=True).eval()
     else:
         reloaded = load_pruned_folder(tmp, dtype=dtype)
     reloaded.to(execution_device(model))
     diff = _max_diff(model, reloaded, ids)
     remote = None
     if fmt == "pruneviz" and check_remote_code:
-        remote_model = tf.AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=True, dtype=dtype).eval()
+        remote_model = tf.AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=True, dtype=dtype,
+                                                               use_safetensors=True).eval()
         remote_model.to(execution_device(model))
         remote = _max_diff(model, remote_model, ids)
     ok = diff <= tolerance and (remote is None or remote <= tolerance)
@@ -248,18 +318,6 @@ def _verify(model: nn.Module, tmp: Path, fmt: str, check_remote_code: bool, tole
         raise ExportError(f"the exported checkpoint does not reproduce the model (max |Δlogit| {diff:g}, "
                           f"remote code {remote}); nothing was written. Please report this as a bug.")
     return ExportReport(str(tmp), fmt, diff, remote, ok)
-
-
-def _move_into_place(tmp: Path, folder: Path, overwrite: bool) -> None:
-    if folder.exists():
-        if not overwrite:
-            raise ExportError(f"{folder} appeared while exporting; choose another folder")
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
 
 
 def plan_of(model: nn.Module) -> Plan | None:
@@ -278,25 +336,74 @@ def zip_folder(folder: str | os.PathLike) -> bytes:
 
 # ---- model card ---------------------------------------------------------------------------------------------------
 
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|~])")  # inline Markdown; HTML brackets become entities
+
+
+def card_text(value, limit: int = 300) -> str:
+    """``value`` as inert one-line Markdown: control characters and line breaks become spaces, HTML brackets
+    entities, Markdown punctuation backslash-escaped, at most ``limit`` characters (names and provenance come
+    from files the user loaded and must not add headings, links, HTML or front-matter keys)."""
+    text = re.sub(r"[\x00-\x1f\x7f\u2028\u2029]+", " ", str(value)).strip()[:limit]
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def _front_matter_base(base: str) -> str:
+    """``base_model`` for the Hub when ``base`` is a Hub id (quoted, so YAML reads it as one string), else a
+    comment line without line breaks."""
+    if HUB_ID.fullmatch(base) and ".." not in base:
+        return f"base_model: {json.dumps(base)}"
+    return "# base model: " + re.sub(r"[\x00-\x1f\x7f\u2028\u2029]+", " ", base)[:300]
+
+
+def safe_folder_name(name: str, fallback: str = "model") -> str:
+    """``name`` reduced to a portable folder name (letters, digits, ``._-``; runs of anything else become one
+    ``-``; no leading or trailing ``-`` or ``.``, so never ``..``); ``fallback`` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or fallback
+
+
+def default_folder_name(name: str, plan: Plan) -> str:
+    """The folder an export of ``plan`` on the model named ``name`` is proposed under: ``<model>-pruned-<sha8>``."""
+    return f"{safe_folder_name(name).lower()}-pruned-{plan.sha256()[:8]}"
+
+
+def card_evaluation(pruned_ppl: float, dense_ppl: float, text: str, protocol: str,
+                    lora_ppl: float | None = None) -> dict:
+    """The model card's ``## Evaluation`` entries (see :func:`model_card`): pruned and dense perplexity (rounded to
+    4 decimals), the text and the protocol description they were measured with, and pruned + LoRA perplexity when
+    the exported model is the recovered one."""
+    out = {"perplexity (pruned)": round(pruned_ppl, 4), "perplexity (dense)": round(dense_ppl, 4), "text": text,
+           "protocol": protocol}
+    if lora_ppl is not None:
+        out["perplexity (pruned + LoRA)"] = round(lora_ppl, 4)
+    return out
+
+
 def model_card(model: nn.Module, plan: Plan | None, evaluation: dict | None, fmt: str) -> str:
-    """README.md with Hub front matter, the plan summary, parameter counts and evaluation with its protocol."""
-    base = plan.base.name if plan else getattr(model.config, "_name_or_path", "unknown")
-    lines = ["---", f"base_model: {base}" if "/" in str(base) else f"# base model: {base}",
+    """README.md with Hub front matter, the plan summary, parameter counts and evaluation with its protocol.
+
+    Every name and value taken from the model, the plan or the caller goes through :func:`card_text` (Markdown)
+    or is quoted (the front matter), so it cannot inject YAML keys or Markdown."""
+    base = str(plan.base.name if plan else getattr(model.config, "_name_or_path", "") or "unknown")
+    lines = ["---", _front_matter_base(base),
              "tags:", "- pruned", "- structured-pruning", "- pruneviz", "library_name: transformers", "---", "",
-             f"# {Path(str(base)).name or base} (structurally pruned with pruneviz {__version__})", ""]
+             f"# {card_text(Path(base).name or base)} (structurally pruned with pruneviz {__version__})", ""]
     if plan is not None:
         prov = plan.provenance
         lines += ["## Plan", "", f"- removed: {plan.summary()}",
-                  f"- criterion: {prov.get('criterion', 'manual')}; allocation: {prov.get('strategy', 'manual')}",
-                  f"- compensation: {plan.compensation or 'none'}", f"- plan sha256: `{plan.sha256()}`", ""]
+                  f"- criterion: {card_text(prov.get('criterion', 'manual'))}; allocation: "
+                  f"{card_text(prov.get('strategy', 'manual'))}",
+                  f"- compensation: {card_text(plan.compensation or 'none')}", f"- plan sha256: `{plan.sha256()}`",
+                  ""]
     lines += ["## Parameters", "", f"- total: {dense_params(model):,}",
               f"- non-embedding: {dense_params(model, non_embedding=True):,}", ""]
     if evaluation:
-        lines += ["## Evaluation", ""] + [f"- {k}: {v}" for k, v in evaluation.items()] + [""]
+        lines += ["## Evaluation", ""] + [f"- {card_text(k)}: {card_text(v)}" for k, v in evaluation.items()] + [""]
     rec = getattr(model.config, "pruneviz_recovery", None)
     if rec:
         lines += ["## Recovery fine-tuning", "", "LoRA, merged into the weights:", ""]
-        lines += [f"- {k}: {v}" for k, v in rec.items()] + [""]
+        lines += [f"- {card_text(k)}: {card_text(v)}" for k, v in rec.items()] + [""]
     else:
         lines += ["No recovery fine-tuning was done.", ""]
     lines += ["## Loading", "", "```python",

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import ExportError, ModelLoadError, PrunevizError, is_oom, oom_advice
+from .limits import check_config_sizes
 from .offload import offload_device_map, return_freed_blocks_to_os
 from .progress import Progress
 
@@ -424,11 +425,19 @@ def _read_config(path: pathlib.Path) -> dict:
             "Point to the folder that contains config.json and *.safetensors weights."
         )
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelLoadError(
-            f"{cfg_path} could not be read as JSON ({exc}). Fix or re-export the folder."
+            f"{cfg_path} could not be read as JSON ({str(exc)[:200]}). Fix or re-export the folder."
         ) from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg_path} holds a JSON {type(config).__name__}, not an object of settings; it is "
+                             "not a model config. Fix or re-export the folder.")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"].strip():
+        raise ModelLoadError(f"{cfg_path} has no model_type (e.g. \"llama\"), so no model family can be chosen "
+                             "for it. Fix config.json or re-save the model with save_pretrained.")
+    check_config_sizes(config, str(path), path)
+    return config
 
 
 def _check_causal(config: dict, where: str) -> None:
@@ -468,6 +477,7 @@ def _load_local_folder(path, dev, dt, trust_remote_code, allow_pickle, progress)
     """Load a local HF folder (or delegate pruneviz exports to pruneviz.export)."""
     config = _read_config(path)
     if "pruneviz_layout" in config:
+        _check_weights(path, allow_pickle=False)  # a pruneviz folder is read from safetensors only, always
         _report(progress, 0.3, f"Loading pruned model from {path.name}")
         return _load_pruneviz_export(path, dev, dt)
     _check_causal(config, str(path))
@@ -529,18 +539,50 @@ def load_pruned_folder(path: str | os.PathLike, device="cpu", dtype=None):
         raise ExportError(f"{path} has no config.json; choose a folder exported by pruneviz")
     if not any(path.glob("*.safetensors")):
         raise ExportError(f"{path} has no .safetensors weights; pruneviz only loads safetensors checkpoints")
-    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    try:
+        raw = _read_config(path)
+    except ModelLoadError as e:
+        raise ExportError(e.message) from e
     if "pruneviz_layout" not in raw:
         raise ExportError(f"{path} is not a pruneviz-format checkpoint (no pruneviz_layout in config.json)")
     raw.pop("auto_map", None)
-    config_cls = tf.AutoConfig.for_model(raw["model_type"]).__class__
-    config = config_cls.from_dict(raw)
-    base_cls = tf.AutoModelForCausalLM._model_mapping[config_cls]
+    from transformers import CONFIG_MAPPING
+
+    if raw["model_type"] not in CONFIG_MAPPING:
+        raise ExportError(f"{path}: model_type {raw['model_type']!r} is not a family transformers knows, so the "
+                          "folder would need its own Python code; pruneviz does not run it. Only if you trust its "
+                          "author, load it with from_pretrained(folder, trust_remote_code=True)")
     try:
-        model = pruned_class(base_cls).from_pretrained(path, config=config, dtype=dtype or torch.float32)
+        config_cls = tf.AutoConfig.for_model(raw["model_type"]).__class__
+        config = config_cls.from_dict(raw)
+        base_cls = tf.AutoModelForCausalLM._model_mapping[config_cls]
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise ExportError(f"{path}: config.json does not describe a causal LM pruneviz can rebuild "
+                          f"({type(e).__name__}: {str(e)[:160]}); re-export the folder") from e
+    try:
+        model, info = pruned_class(base_cls).from_pretrained(path, config=config, dtype=dtype or torch.float32,
+                                                             use_safetensors=True, output_loading_info=True)
     except Exception as e:  # safetensors header errors, shape mismatches, truncated files
-        raise ExportError(f"{path} could not be loaded ({e}); the files may be corrupt, re-export them") from e
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{path} could not be loaded ({first}); the files may be corrupt, re-export them") from e
+    _check_loading_info(info, str(path), ExportError)
     return model.to(device).eval()
+
+
+def _check_loading_info(info: dict, label: str, error=ModelLoadError) -> None:
+    """Refuse weights that do not match the config: missing tensors (they would be random) or unexpected ones
+    (a config with fewer layers than the weights would load a truncated model silently)."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if missing:
+        raise error(f"The weights in {label} do not match its config.json: {len(missing)} tensors are missing "
+                    f"(e.g. {', '.join(missing[:3])}), so they would be random. Check that config.json belongs to "
+                    "these weights (or re-save the model with save_pretrained).")
+    if unexpected:
+        raise error(f"The weights in {label} do not match its config.json: {len(unexpected)} tensors in the files "
+                    f"have no place in the model it describes (e.g. {', '.join(unexpected[:3])}), so the model "
+                    "would be truncated. Check that config.json belongs to these weights (for example its number "
+                    "of layers), or re-save the model with save_pretrained.")
 
 
 def _load_local_file(path: pathlib.Path, dev, dt, progress):
@@ -572,6 +614,7 @@ def _load_hub(repo_id: str, dev, dt, trust_remote_code, allow_pickle, progress):
         raise _hub_error(repo_id, exc, offline, trust_remote_code) from exc
     archs = getattr(config, "architectures", None) or []
     _check_causal({"architectures": archs}, repo_id)
+    check_config_sizes(config.to_dict(), repo_id)
     _report(progress, 0.3, f"Loading {repo_id} weights")
     return _from_pretrained(
         repo_id,
@@ -649,13 +692,7 @@ def _from_pretrained(ref, dev, dt, trust_remote_code, local_files_only, label, u
             "folder is complete and matches its config.json."
         ) from exc
     model, info = model
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        raise ModelLoadError(
-            f"The weights in {label} do not match its config.json: {len(missing)} tensors are "
-            f"missing (e.g. {', '.join(missing[:3])}), so they would be random. Check that "
-            "config.json belongs to these weights (or re-save the model with save_pretrained)."
-        )
+    _check_loading_info(info, label)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             ref, trust_remote_code=trust_remote_code, local_files_only=local_files_only
@@ -715,20 +752,39 @@ def load_offloaded(source: str = "bundled", device: str | torch.device = "auto",
         folder, name = bundled_folder(), BUNDLED_NAME
     else:
         folder = _local_folder(str(source))
-        _check_causal(_read_config(folder), str(folder))
+        config_dict = _read_config(folder)
+        if "pruneviz_layout" in config_dict:
+            raise ModelLoadError(f"{folder} is a pruned pruneviz export (per-layer widths); it cannot be offloaded. "
+                                 "Load it without offloading (it is smaller than its base)")
+        _check_causal(config_dict, str(folder))
+        if not trust_remote_code and _needs_remote_code(config_dict):
+            raise _remote_code_error(str(folder))
         _check_weights(folder, allow_pickle=False)
         name = folder.name
-    if device_map is None:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        device_map = offload_device_map(skeleton, dev, offload, resident_layers)
-        del skeleton
-    folder_out = str(offload_folder or tempfile.mkdtemp(prefix="pruneviz-offload-"))
-    return_freed_blocks_to_os()
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, device_map=device_map, max_memory=max_memory, offload_folder=folder_out, dtype=dt,
-        trust_remote_code=trust_remote_code, use_safetensors=True)
+    try:
+        if device_map is None:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            with init_empty_weights():
+                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            device_map = offload_device_map(skeleton, dev, offload, resident_layers)
+            del skeleton
+        folder_out = str(offload_folder or tempfile.mkdtemp(prefix="pruneviz-offload-"))
+        return_freed_blocks_to_os()
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, device_map=device_map, max_memory=max_memory, offload_folder=folder_out, dtype=dt,
+            trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True)
+    except PrunevizError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one message
+        if is_oom(exc):
+            raise oom_advice(exc, f"loading {folder}") from exc
+        text = str(exc)
+        if "trust_remote_code" in text or "custom code" in text:
+            raise _remote_code_error(str(folder)) from exc
+        first = text.strip().splitlines()[0][:200] if text.strip() else ""
+        raise ModelLoadError(f"Could not load {folder} offloaded ({type(exc).__name__}: {first}). Check that the "
+                             "folder is complete and matches its config.json.") from exc
+    _check_loading_info(info, str(folder))
     model.eval()
     if is_bundled(source):
         model.config._name_or_path = BUNDLED_HUB_ID
