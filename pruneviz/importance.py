@@ -25,7 +25,8 @@ from torch import nn
 
 from .arch import MAP_NAMES, UNITS, Geometry, unit_kind
 from .errors import CriterionError, is_oom, oom_advice
-from .offload import execution_device, is_offloaded
+from .limits import check_context
+from .offload import clone_model, execution_device, is_offloaded
 from .progress import Cancel, Cancelled, Context, Progress
 
 MAPS = MAP_NAMES  # ("heads", "kv", "channels", "blocks")
@@ -118,6 +119,8 @@ class Criterion:
     needs_calibration: ClassVar[bool] = True
     uses_gradients: ClassVar[bool] = False  # backprop (memory of training)
     layerwise: ClassVar[bool] = False  # runs on an offloaded model one block at a time (pruneviz.offload)
+    is_solver: ClassVar[bool] = False  # a solver (plans + compensated weights); its map is a dense-model by-product
+    score_label: ClassVar[str] = "score"  # what the map's numbers are ("score"; SlimGPT: "OBS error")
     Options: ClassVar[type] = NoOptions
 
     def score(self, model: nn.Module, calib: Calibration | None, options: Any, ctx: Context) -> ImportanceMap:
@@ -244,12 +247,17 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
         raise CriterionError("score the dense base model, not an already pruned one")
     if not crit.layerwise:
         refuse_offloaded(model, f"the {name} criterion")
+    if calib is not None and crit.needs_calibration:
+        check_context(model, int(calib.tokens.shape[-1]), "a calibration window (seq_len)", "use shorter windows")
     ctx = Context(progress, cancel)
     device = execution_device(model)
+    # every pass runs on a view sharing model's tensors: its hooks, replaced forwards, requires_grad flags and
+    # gradients are this call's only, so several calls on one shared base model can run at once
+    view = clone_model(model, share_weights=True, own_parameters=not is_offloaded(model))
     t0 = time.perf_counter()
     try:
         with peak_memory(device) as mem:
-            result = crit.score(model, calib, options, ctx)
+            result = crit.score(view, calib, options, ctx)
     except Cancelled:
         raise
     except (RuntimeError, MemoryError) as e:

@@ -66,12 +66,21 @@ def materialized(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
-def clone_model(model: nn.Module, share_weights: bool = False) -> nn.Module:
+def clone_model(model: nn.Module, share_weights: bool = False, own_parameters: bool = False) -> nn.Module:
     """A structural copy of ``model``. With ``share_weights`` the parameters and buffers are the same tensors.
 
+    With ``own_parameters`` (and ``share_weights``) every plain ``nn.Parameter`` of the copy is a new Parameter
+    over the *same storage* (no memory), so its ``requires_grad`` flag and ``.grad`` belong to the copy: what
+    gradient passes need to run at the same time as others on one shared base model. Modules, hooks and
+    replaced forwards of a copy are always its own, which is how every hook-based pass stays per call.
     accelerate's offload stores (of an offloaded model) are shared, never copied.
     """
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())} if share_weights else {}
+    memo = {}
+    if share_weights:
+        memo = {id(t): t for t in model.buffers()}
+        for p in model.parameters():
+            alias = own_parameters and type(p) is nn.Parameter and p.device.type != "meta"
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad) if alias else p
     for m in model.modules():
         store = getattr(getattr(m, "_hf_hook", None), "weights_map", None)
         if store is not None:

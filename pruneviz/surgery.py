@@ -94,7 +94,7 @@ def prune_layer(layer: nn.Module, adapter: Adapter, g: Geometry, plan: Plan, ind
     n_kv = len(plan.kept("kv", index)) if g.n_kv != g.n_heads else len(kept_heads)
     adapter.set_attention_widths(layer, len(kept_heads), n_kv, kept_heads, g)
     return {"shapes": shapes, "attrs": adapter.attention_attrs(len(kept_heads), n_kv, g),
-            **adapter.layout_extras(kept_heads)}
+            **adapter.layout_extras(kept_heads), **adapter.resize_norms(layer, drops)}
 
 
 def drop_blocks(model: nn.Module, adapter: Adapter, keep: tuple[int, ...]) -> None:
@@ -107,8 +107,9 @@ def drop_blocks(model: nn.Module, adapter: Adapter, keep: tuple[int, ...]) -> No
                 m.layer_idx = new_idx
     cfg = model.config
     cfg.num_hidden_layers = len(keep)
-    if isinstance(getattr(cfg, "layer_types", None), (list, tuple)):
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    for name in adapter.layer_lists:  # per-layer config lists (layer_types, SmolLM3's no_rope_layers)
+        if isinstance(getattr(cfg, name, None), (list, tuple)):
+            setattr(cfg, name, [getattr(cfg, name)[i] for i in keep])
 
 
 def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = None,
@@ -178,6 +179,19 @@ class InputSelect(nn.Module):
         return nn.functional.linear(x.index_select(-1, keep), w.index_select(1, keep), self.inner.bias)
 
 
+class OutputZero(nn.Module):
+    """Wraps a projection so that its output features ``drop`` read zero: masking a unit's rows where a norm over
+    the whole projection follows (OLMo 2's q/k norms), so the removed features enter its statistics as zeros."""
+
+    def __init__(self, inner: nn.Module, drop: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("drop", drop, persistent=False)  # [k] removed output feature indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).index_fill(-1, self.drop.to(x.device), 0.0)
+
+
 def _skip_block_hook(adapter: Adapter):
     def hook(module, args, kwargs, output):
         hidden = adapter.block_hidden(args, kwargs)
@@ -211,16 +225,27 @@ def install_masks(model: nn.Module, plan: Plan) -> Callable[[], None]:
             owner, original = get_path(layer, parent) if parent else layer, get_path(layer, path)
             setattr(owner, name, InputSelect(original, keep))
             undo.append(lambda owner=owner, name=name, original=original: setattr(owner, name, original))
+        drops = removed_features(adapter, g, plan, i) if adapter.proj_norms else {}
+        for path in adapter.proj_norms:  # rows feeding a whole-projection norm: zero, as removal means
+            if drops.get((path, "out")):
+                parent, _, name = path.rpartition(".")
+                owner, original = get_path(layer, parent), get_path(layer, path)
+                setattr(owner, name, OutputZero(original, torch.tensor(sorted(drops[(path, "out")]))))
+                undo.append(lambda owner=owner, name=name, original=original: setattr(owner, name, original))
     return lambda: [u() for u in reversed(undo)]
 
 
 @contextmanager
 def masking(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
-    """Temporarily mask ``plan``'s units on ``model`` itself (single-user code: criteria, CLI). Reversible."""
+    """``with masking(model, plan) as view:`` a masked clone sharing ``model``'s tensors, for the block only.
+
+    ``model`` itself is never changed (its masks would be seen by every thread using it): use the yielded view.
+    """
     plan.validate(model, physical=False, allow_other_weights=True)
-    undo = install_masks(model, plan)
+    view = clone_model(model, share_weights=True)
+    undo = install_masks(view, plan)
     try:
-        yield model
+        yield view
     finally:
         undo()
 

@@ -157,19 +157,19 @@ def advance(layer: nn.Module, i: int, stream: LayerStream) -> None:
 
 
 def capture_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> LayerStream:
-    """Block-0 inputs of all calibration windows ``tokens`` ([N, T]) and every block's call arguments, taken
-    directly on ``model`` (its temporary hook is removed again): a :class:`LayerStream`.
-
-    For an offloaded model no clone is made (cloning would copy accelerate's offload stores).
+    """Block-0 inputs of all calibration windows ``tokens`` ([N, T]) and every block's call arguments: a
+    :class:`LayerStream`. The catching hook sits on a tensor-sharing clone, never on ``model`` (another thread's
+    forward through ``model`` would hit it); an offloaded model's clone shares its offload stores.
     """
     if not is_offloaded(model):
         return capture_stream(model, tokens, batch_size)
     if mixed_layer_types(model):
         raise CriterionError("layer-wise passes over an offloaded model need every block to take the same mask; "
                              "this model mixes layer types (sliding-window and full attention)")
-    layers = adapter_for(model).layers(model)
+    view = clone_model(model, share_weights=True)
+    layers = adapter_for(view).layers(view)
     with torch.no_grad():
-        split = [split_hidden(c) for c in catch_calls(model, layers[0], tokens, batch_size)]
+        split = [split_hidden(c) for c in catch_calls(view, layers[0], tokens, batch_size)]
     stream = LayerStream([s[0] for s in split], [[s[1] for s in split]], split[0][2])
     stream.calls = stream.calls * len(layers)
     return stream

@@ -32,7 +32,7 @@ from ..allocate import param_record, plus_rule_protected
 from ..arch import adapter_for, geometry_of
 from ..errors import CriterionError, PlanError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, compute, get, register
-from ..offload import execution_device
+from ..offload import clone_model, execution_device
 from ..plan import Plan
 from ..progress import Cancel, Progress
 from ..surgery import masking
@@ -109,12 +109,12 @@ class BlockPPL(Criterion):
         n = geometry_of(model).n_layers
         todo = [b for b in range(n) if b not in removed]
         ctx.step(0.0, "perplexity of the model as it is")
-        with masking(model, _plan(model, removed)):
-            base = calibration_ppl(model, calib, options.batch_size)
+        with masking(model, _plan(model, removed)) as view:
+            base = calibration_ppl(view, calib, options.batch_size)
         scores = torch.full((n,), math.nan, dtype=torch.float64)  # [L]
         for i, b in enumerate(todo):
-            with masking(model, _plan(model, removed + (b,))):
-                scores[b] = calibration_ppl(model, calib, options.batch_size)
+            with masking(model, _plan(model, removed + (b,))) as view:
+                scores[b] = calibration_ppl(view, calib, options.batch_size)
             ctx.step((i + 1) / (len(todo) + 1), f"block {b}: PPL {float(scores[b]):.4g} without it")
         dense = base if not removed else calibration_ppl(model, calib, options.batch_size)
         extras = {"dense_ppl": dense, "base_ppl": base, "removed_blocks": list(removed),
@@ -183,14 +183,14 @@ class BlockInfluence(Criterion):
     def score(self, model, calib, options, ctx: Context) -> ImportanceMap:
         removed = _check_removed(model, options.removed_blocks)
         n_batches = max(math.ceil(calib.tokens.shape[0] / options.batch_size), 1)
-        meter = _CosineMeter(model, removed, options.skip_first, options.angular)
-        try:
-            with masking(model, _plan(model, removed)), torch.no_grad():
+        with masking(model, _plan(model, removed)) as view, torch.no_grad():
+            meter = _CosineMeter(view, removed, options.skip_first, options.angular)  # hooks on this call's view
+            try:
                 for i, x in enumerate(calib.batches(options.batch_size, execution_device(model))):  # [b, T]
-                    model(input_ids=x, use_cache=False)
+                    view(input_ids=x, use_cache=False)
                     ctx.step((i + 1) / n_batches, f"batch {i + 1}/{n_batches}")
-        finally:
-            meter.close()
+            finally:
+                meter.close()
         if (meter.counts[[b for b in range(len(meter.counts)) if b not in removed]] == 0).any():
             raise CriterionError("block_influence saw no tokens; use windows of at least two tokens")
         scores = meter.sums / meter.counts.clamp(min=1)  # [L]
@@ -237,8 +237,9 @@ def _score_with_removed(model, name: str, calib, removed: list[int], options, pr
         imap = compute(model, name, calib, dataclasses.replace(opts, removed_blocks=tuple(removed)),
                        progress, cancel)
     else:
-        with _bypassed(model, removed):
-            imap = compute(model, name, calib, opts, progress, cancel)
+        view = clone_model(model, share_weights=True)  # the bypass hooks are this call's, never on model
+        with _bypassed(view, removed):
+            imap = compute(view, name, calib, opts, progress, cancel)
     if imap.blocks is None:
         raise CriterionError(f"{name} does not score blocks; iterative removal needs a block criterion")
     imap.blocks[list(removed)] = math.nan

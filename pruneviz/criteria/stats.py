@@ -39,7 +39,7 @@ from torch import nn
 from ..arch import Adapter, adapter_for, get_path
 from ..errors import CriterionError
 from ..importance import Calibration
-from ..offload import execution_device, is_offloaded
+from ..offload import clone_model, execution_device, is_offloaded
 from ..progress import Span
 from .capture import capture_inputs
 
@@ -229,6 +229,7 @@ def collect_stats(model: nn.Module, calib: Calibration | torch.Tensor, span: Spa
         return layerwise_stats(model, calib, span, sites, batch_size)
     span = span or Span(None)
     device, total = execution_device(model), n_batches(calib, batch_size)
+    model = clone_model(model, share_weights=True)  # the hooks go on a view: other passes on model never see them
     with StatsCollector(model, sites) as collector, torch.inference_mode():
         for i, batch in enumerate(token_batches(calib, batch_size, device)):
             model.base_model(input_ids=batch, use_cache=False)
@@ -243,6 +244,7 @@ def layerwise_stats(model: nn.Module, calib, span=None, sites=None, batch_size: 
     summation order; peak memory is one block plus the calibration activations.
     """
     span = span or Span(None)
+    model = clone_model(model, share_weights=True)  # per-call hooks (accelerate's offload stores are shared)
     layers = adapter_for(model).layers(model)
     tokens = calib.tokens if isinstance(calib, Calibration) else calib
     with torch.inference_mode():

@@ -19,8 +19,10 @@ the result is the gradient of the mean loss over all calibration tokens and does
 (for ``signed_accumulation=True``).
 
 The shared model is never changed: gradients come from :func:`torch.autograd.grad` on the decoder-layer
-parameters (nothing is left in ``.grad``), the model stays in eval mode (no dropout), and ``requires_grad`` flags
-that had to be switched on are restored afterwards. Logits are upcast to fp32 for the loss and saliencies are
+parameters of a private view (:func:`pruneviz.offload.clone_model` with ``own_parameters``: same storage, its own
+``requires_grad`` flags and ``.grad``, so gradient passes on one base model can run in several threads at once and
+the base's flags never change), nothing is left in ``.grad``, and the model stays in eval mode (no dropout).
+Logits are upcast to fp32 for the loss and saliencies are
 accumulated in fp32 (the gradients themselves have the model's dtype). Memory is that of training: the
 activations of one batch plus the gradients and one fp32 accumulator of the decoder-layer weights.
 """
@@ -36,7 +38,7 @@ from torch import nn
 
 from ..arch import adapter_for, geometry_of, get_path
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
-from ..offload import execution_device
+from ..offload import clone_model, execution_device
 from ..progress import Span
 from .stats import n_batches, token_batches
 from .units import aggregate_units, block_scores, feature_sums
@@ -109,6 +111,7 @@ def exact_gradients(model: nn.Module, calib: Calibration | torch.Tensor, params_
 
     Keys are full parameter names (``model.named_parameters()``). Leaves no ``.grad`` and no flag changed.
     """
+    model = clone_model(model, share_weights=True, own_parameters=True)  # flags and grads of this call only
     params = decoder_parameters(model, params_filter)
     acc = _accumulators(params)
 
@@ -121,6 +124,7 @@ def exact_gradients(model: nn.Module, calib: Calibration | torch.Tensor, params_
 def taylor_saliency(model: nn.Module, calib: Calibration | torch.Tensor, signed_accumulation: bool,
                     batch_size: int, span: Span | None = None) -> dict[str, torch.Tensor]:
     """``|Σ_b W⊙G_b|`` (signed accumulation) or ``Σ_b |W⊙G_b|`` per decoder parameter, fp32, by full name."""
+    model = clone_model(model, share_weights=True, own_parameters=True)  # flags and grads of this call only
     params = decoder_parameters(model)
     acc = _accumulators(params)
 
