@@ -1,11 +1,12 @@
 """Evaluate page: perplexity of dense, pruned (and pruned + LoRA) under one protocol, LoRA recovery, sweeps,
 per-token losses, history."""
+import json
 import math
 
 import pandas as pd
 import streamlit as st
 
-from pruneviz.evaluate import PROTOCOLS, token_losses
+from pruneviz.evaluate import PROTOCOLS, SWEEP_WHAT
 from pruneviz.importance import available
 from pruneviz.plan import Plan
 from pruneviz.recovery import SCHEDULES, LoRAOptions
@@ -36,29 +37,27 @@ if st.button("Evaluate dense and pruned", type="primary", key="ev_run", icon=":m
     services.evaluate_pair(loaded, plan, text.name, text.text, protocol)
 
 evals = st.session_state["evals"]
-mine = [e for e in evals if e["sha"] == plan.sha256()]
-if mine:
-    last = mine[-1]
-    lora_ppl = last.get("lora_ppl")
+last = state.latest_eval(plan)
+if last is not None:
+    lora_ppl = last.lora_ppl
     cols = st.columns(4 if lora_ppl is not None else 3)
-    cols[0].metric("Dense PPL", ui.fmt_ppl(last["dense_ppl"]), border=True)
-    cols[1].metric("Pruned PPL", ui.fmt_ppl(last["pruned_ppl"]), border=True, delta_color="inverse",
-                   delta=ui.ppl_delta(last["pruned_ppl"], last["dense_ppl"]))
+    cols[0].metric("Dense PPL", ui.fmt_ppl(last.dense_ppl), border=True)
+    cols[1].metric("Pruned PPL", ui.fmt_ppl(last.pruned_ppl), border=True, delta_color="inverse",
+                   delta=ui.ppl_delta(last.pruned_ppl, last.dense_ppl))
     if lora_ppl is not None:
         cols[2].metric("Pruned + LoRA PPL", ui.fmt_ppl(lora_ppl), border=True, delta_color="inverse",
-                       delta=ui.ppl_delta(lora_ppl, last["dense_ppl"]), help=f"LoRA: {last['lora']}")
-    cols[-1].metric("Scored tokens", f"{last['tokens']:,}", border=True)
+                       delta=ui.ppl_delta(lora_ppl, last.dense_ppl), help=f"LoRA: {last.lora}")
+    cols[-1].metric("Scored tokens", f"{last.tokens:,}", border=True)
     st.dataframe(pd.DataFrame(analysis.ppl_rows(last)), hide_index=True, key="ev_ppl_table", column_config={
         "parameters": st.column_config.NumberColumn(format="compact"),
         "perplexity": st.column_config.NumberColumn(format="%.4g"),
         "vs dense": st.column_config.NumberColumn(format="percent")})
-    st.caption(("⚠️ PARTIAL (cancelled) · " if not last["complete"] else "") +
-               f"{last['protocol_text']} Text: {last['text']}." +
-               (f" LoRA: {last['lora']}." if last.get("lora") else ""))
+    st.caption(("⚠️ PARTIAL (cancelled) · " if not last.complete else "") +
+               f"{last.protocol_text} Text: {last.text}." + (f" LoRA: {last.lora}." if last.lora else ""))
 if evals:
     with st.expander(f"All evaluations ({len(evals)})", icon=":material/table:"):
-        frame = pd.DataFrame(evals).reindex(columns=["time", "summary", "dense_ppl", "pruned_ppl", "lora_ppl", "lora",
-                                                     "protocol", "text", "how", "complete"])
+        frame = pd.DataFrame([state.asdict_shallow(e) for e in evals]).reindex(columns=[
+            "time", "summary", "dense_ppl", "pruned_ppl", "lora_ppl", "lora", "protocol", "text", "how", "complete"])
         st.dataframe(frame, hide_index=True, key="ev_table", column_config={
             "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
             "pruned_ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g"),
@@ -101,10 +100,10 @@ else:
                                    text.text if text else None, protocol):
             st.rerun()
     if recovery is not None:
-        st.plotly_chart(figures.loss_figure(recovery["losses"]), key="ev_lora_loss")
-        st.caption(("⚠️ stopped early · " if recovery["cancelled"] else "") +
-                   f"{recovery['tag']} · trained on {recovery['text']} in {ui.human_seconds(recovery['seconds'])} · "
-                   f"{recovery['record']['trainable_params']:,} LoRA parameters, merged into the weights")
+        st.plotly_chart(figures.loss_figure(recovery.losses), key="ev_lora_loss")
+        st.caption(("⚠️ stopped early · " if recovery.cancelled else "") +
+                   f"{recovery.tag} · trained on {recovery.text} in {ui.human_seconds(recovery.seconds)} · "
+                   f"{recovery.record['trainable_params']:,} LoRA parameters, merged into the weights")
         if st.button("Discard the recovered model", key="ev_lora_discard", icon=":material/undo:",
                      help="Chat, Evaluate and Export go back to the pruned model without LoRA."):
             services.discard_recovery(plan)
@@ -121,7 +120,7 @@ else:
                                  format_func=lambda n: crits[n].title if n in crits else n)
     ratios = c2.pills("Ratios", [10, 20, 30, 40, 50, 60, 70], selection_mode="multi", default=[10, 30, 50],
                       format_func=lambda r: f"{r}%", key="ev_sweep_ratios")
-    what = c3.selectbox("Prune", ["width", "heads", "channels", "blocks"], key="ev_sweep_what",
+    what = c3.selectbox("Prune", list(SWEEP_WHAT), key="ev_sweep_what",
                         help="width: attention and MLP at the same ratio · blocks: that share of whole layers.")
     latency = st.toggle("Also measure latency (builds each pruned model; slower)", key="ev_sweep_latency")
     n = len(sweep_crits) * len(ratios or [])
@@ -129,22 +128,20 @@ else:
                  icon=":material/stacked_line_chart:"):
         services.run_sweep(loaded, sweep_crits, [r / 100 for r in sorted(ratios)], what, text.name, text.text,
                            protocol, latency)
-    points = [p for p in st.session_state["sweep"] if p["protocol"] == protocol
-              and (text is None or p["text"] == text.name)]
+    points = state.sweep_points(protocol, text.text if text is not None else None)
     if points:
-        dense = next((p for p in points if p["criterion"] == "dense"), None)
-        rest = [p for p in points if p["criterion"] != "dense"]
+        dense = next((p for p in points if p.criterion == "dense"), None)
+        rest = [p for p in points if p.criterion != "dense"]
         st.plotly_chart(figures.sweep_figure(rest, "ppl", dense), key="ev_sweep_fig")
-        if any(p.get("ms_per_token") for p in rest):
+        if any(p.ms_per_token for p in rest):
             st.plotly_chart(figures.sweep_figure(rest, "ms_per_token", dense), key="ev_sweep_lat")
         st.caption(f"{len(rest)} points · masked models (identical outputs to physical ones) · "
                    f"{PROTOCOLS[protocol].describe()}")
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-        labels = {i: f"{p['criterion']} · {p['what']} {p['ratio']:.0%} · PPL {ui.fmt_ppl(p['ppl'])}"
-                  for i, p in enumerate(rest)}
+        labels = {i: f"{p.criterion} · {p.what} {p.ratio:.0%} · PPL {ui.fmt_ppl(p.ppl)}" for i, p in enumerate(rest)}
         pick = c1.selectbox("Use a sweep point as the plan", list(labels), format_func=labels.get, key="ev_sweep_pick")
         if c2.button("Load plan", key="ev_sweep_load") and pick is not None:
-            state.set_plan(Plan.from_json(rest[pick]["plan_json"]).validate(loaded.model, physical=False))
+            state.set_plan(rest[pick].plan.validate(loaded.model, physical=False))
             st.toast("Plan loaded: see the Prune page.", icon=":material/check:")
             st.rerun()
     if st.session_state["sweep"] and st.button("Clear sweep", key="ev_sweep_clear"):
@@ -160,20 +157,17 @@ sample = st.text_area("Text", value=default_text, height=120, key="ev_tok_text")
 max_tok = st.slider("Tokens", 16, 512, 192, 16, key="ev_tok_max")
 if st.button("Compare token losses", key="ev_tok_run", disabled=not sample.strip()):
     try:
-        toks, d = token_losses(loaded.model, loaded.tokenizer, sample, max_tokens=max_tok)
-        _, p = token_losses(model, loaded.tokenizer, sample, max_tokens=max_tok)
-        st.session_state["tokdiff"] = {"tokens": toks, "dense": d, "pruned": p, "sha": plan.sha256()}
+        services.token_diff(loaded, plan, model, sample, max_tok)
     except Exception as e:  # noqa: BLE001
         show_error(e)
 diff = st.session_state.get("tokdiff")
 if diff:
-    if diff["sha"] != plan.sha256():
+    if diff.sha != plan.sha256():
         st.caption("Computed for an earlier plan; press the button again for the current one.")
-    pairs = [(t, a, b) for t, a, b in zip(diff["tokens"], diff["dense"], diff["pruned"])
-             if math.isfinite(a) and math.isfinite(b)]
-    mean_delta = sum(b - a for _, a, b in pairs) / max(len(pairs), 1)
+    pairs = [(a, b) for a, b in zip(diff.dense, diff.pruned) if math.isfinite(a) and math.isfinite(b)]
+    mean_delta = sum(b - a for a, b in pairs) / max(len(pairs), 1)
     st.metric("Mean loss change", f"{mean_delta:+.3f} nats/token", border=True)
-    st.html(figures.token_diff_html(diff["tokens"], diff["dense"], diff["pruned"]))
+    st.html(figures.token_diff_html(diff.tokens, diff.dense, diff.pruned))
 
 # ==== 5. history =====================================================================================================
 st.subheader("History", anchor=False)
@@ -181,24 +175,23 @@ hist = st.session_state["history"]
 if not hist:
     st.caption("Every plan you apply or evaluate is recorded here and can be reloaded.")
 else:
+    rows = [h.row() for h in hist]
     cols = [c for c in ("n", "time", "summary", "criterion", "strategy", "params", "dense_ppl", "ppl", "lora_ppl",
-                        "protocol") if any(c in h for h in hist)]
-    st.dataframe(pd.DataFrame(hist)[cols], hide_index=True, key="ev_history", column_config={
+                        "protocol") if any(r[c] is not None for r in rows)]
+    st.dataframe(pd.DataFrame(rows)[cols], hide_index=True, key="ev_history", column_config={
         "params": st.column_config.NumberColumn("parameters", format="compact"),
         "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
         "ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g"),
         "lora_ppl": st.column_config.NumberColumn("pruned + LoRA PPL", format="%.4g")})
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-    pick = c1.selectbox("Configuration", [h["n"] for h in hist], key="ev_hist_pick",
-                        format_func=lambda n: f"#{n}: {hist[n - 1]['summary']}")
+    pick = c1.selectbox("Configuration", [h.n for h in hist], key="ev_hist_pick",
+                        format_func=lambda n: f"#{n}: {hist[n - 1].summary}")
     if c2.button("Reload", key="ev_hist_load", icon=":material/history:"):
         entry = hist[pick - 1]
         try:
-            import json
-
-            restored = Plan.from_json(entry["plan_json"]).validate(loaded.model, physical=False)
-            state.set_plan(restored, json.loads(entry.get("settings") or "null"),
-                           [tuple(e) for e in json.loads(entry.get("edits") or "[]")])
+            restored = Plan.from_json(entry.plan_json).validate(loaded.model, physical=False)
+            state.set_plan(restored, json.loads(entry.settings or "null"),
+                           [tuple(e) for e in json.loads(entry.edits or "[]")])
             st.toast(f"Configuration #{pick} reloaded.", icon=":material/check:")
             st.rerun()
         except Exception as e:  # noqa: BLE001

@@ -1,12 +1,11 @@
 """Export page: the plan as JSON, the pruned checkpoint (verified by reloading it) and its model card."""
-import re
-
 import streamlit as st
 
+from pruneviz.export import default_folder_name, safe_folder_name, zip_folder
 from pruneviz.plan import Plan
 from pruneviz.ui import components as ui
 from pruneviz.ui import services, state
-from pruneviz.ui.work import Job, show_error
+from pruneviz.ui.work import show_error
 
 loaded = ui.page("Export", "Take the plan or the pruned model with you. Checkpoints are written atomically and "
                  "reloaded before they are reported, so what you download reproduces the model you tested.")
@@ -48,37 +47,24 @@ if built is None:
             st.rerun()
     st.stop()
 
-slug = re.sub(r"[^A-Za-z0-9._-]+", "-", loaded.name).strip("-").lower() or "model"
-name = st.text_input("Folder name", value=f"{slug}-pruned-{sha8}", key="ex_name")
-name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or f"pruned-{sha8}"
+name = st.text_input("Folder name", value=default_folder_name(loaded.name, plan), key="ex_name")
+name = safe_folder_name(name, f"pruned-{sha8}")
 folder = state.exports_root() / name
 overwrite = st.checkbox("Overwrite if it exists", key="ex_overwrite")
 st.caption(f"Written to `{folder}`")
 if recovery is not None:
-    st.caption(f"The LoRA-recovered model is exported ({recovery['tag']}); the model card records the recovery.")
-evals = [e for e in st.session_state["evals"] if e["sha"] == plan.sha256() and e["complete"]]
-evaluation = None
-if evals:
-    e = evals[-1]
-    evaluation = {"perplexity (pruned)": round(e["pruned_ppl"], 4), "perplexity (dense)": round(e["dense_ppl"], 4),
-                  "text": e["text"], "protocol": e["protocol_text"]}
-    if recovery is not None and e.get("lora") == recovery["tag"]:
-        evaluation["perplexity (pruned + LoRA)"] = round(e["lora_ppl"], 4)
-    st.caption(f"The model card will include the evaluation: PPL {ui.fmt_ppl(e['pruned_ppl'])} "
-               f"(dense {ui.fmt_ppl(e['dense_ppl'])}).")
+    st.caption(f"The LoRA-recovered model is exported ({recovery.tag}); the model card records the recovery.")
+evaluation = services.card_evaluation_for(plan)
+if evaluation is not None:
+    st.caption(f"The model card will include the evaluation: PPL {ui.fmt_ppl(evaluation['perplexity (pruned)'])} "
+               f"(dense {ui.fmt_ppl(evaluation['perplexity (dense)'])}).")
 
 if st.button("Export checkpoint", type="primary", key="ex_run", icon=":material/save:"):
-    from pruneviz.export import save_pruned
+    services.export_checkpoint(loaded, plan, folder, overwrite)
 
-    with Job("Exporting and verifying…", key="ex_job", cancellable=False, done_label="Checkpoint exported") as job:
-        job.progress(0.1, "writing weights, tokenizer, plan and model card")
-        report = save_pruned(built, loaded.tokenizer, folder, plan=plan, evaluation=evaluation, overwrite=overwrite)
-        state.save(lambda ss: ss.update(export={"sha": plan.sha256(), "report": report}))
-        job.progress(1.0, "reloaded and compared")
-
-rec = st.session_state.get("export")
-if rec and rec["sha"] == plan.sha256():
-    report = rec["report"]
+rec = state.export_for(plan)
+if rec is not None:
+    report = rec.report
     ok = report.ok
     (st.success if ok else st.error)(
         f"{'Verified' if ok else 'NOT verified'}: reloaded in {report.format} format, max |Δ logit| "
@@ -92,8 +78,6 @@ if rec and rec["sha"] == plan.sha256():
     c2.metric("Parameters", ui.human(report.params), border=True)
     c3.metric("Export time", ui.human_seconds(report.seconds), border=True)
     st.caption("Files: " + ", ".join(f"`{f}`" for f in report.files))
-    from pruneviz.export import zip_folder
-
     d1, d2 = st.columns(2)
     d1.download_button("Download checkpoint (.zip)", data=lambda: zip_folder(report.folder),
                        file_name=f"{name}.zip", mime="application/zip", key="ex_zip", icon=":material/folder_zip:",

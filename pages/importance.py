@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from pruneviz.arch import geometry_of
+from pruneviz.arch import UNITS, geometry_of
 from pruneviz.importance import available, usable_criteria
 from pruneviz.ui import analysis, figures, services, state
 from pruneviz.ui import components as ui
@@ -30,9 +30,9 @@ for name in names:
                                    "maps: " + ", ".join(crit.produces)) if x)
     with st.expander(f"{crit.title}", icon=":material/tune:"):
         st.caption(f"{crit.paper or ''}  \n{flags}")
-        if name == "slimgpt":
-            st.info("SlimGPT is a solver: this map is the *dense-model OBS error* of each unit. Its real plans "
-                    "come from the solver on the Prune page.", icon=":material/info:")
+        if crit.is_solver:
+            st.info(f"{crit.title.split(' (')[0]} is a solver: this map is the *dense-model {crit.score_label}* of "
+                    "each unit. Its real plans come from the solver on the Prune page.", icon=":material/info:")
         try:
             options[name] = ui.criterion_options(crit, "imp_opt")
         except Exception as e:  # noqa: BLE001 - bad option values: say which
@@ -95,13 +95,13 @@ overlay = c3.toggle("Show plan", value=not plan.is_empty(), key="imp_overlay",
 plan_for_fig = plan if overlay else None
 shown = shown or list(imaps)[-1:]
 
-KINDS = [("head", "Query heads"), ("kv", "KV groups"), ("channel", "MLP channels"), ("block", "Blocks")]
-tabs = st.tabs([label for _, label in KINDS] + ["Compare"])
-for (kind, label), tab in zip(KINDS, tabs):
+KINDS = list(UNITS)  # head, kv, channel, block
+tabs = st.tabs([ui.unit_title(kind) for kind in KINDS] + ["Compare"])
+for kind, tab in zip(KINDS, tabs):
     with tab:
         have = [n for n in shown if imaps[n].get(kind) is not None]
         if not have:
-            st.caption(f"None of the shown criteria scores {label.lower()}.")
+            st.caption(f"None of the shown criteria scores {UNITS[kind].plural}.")
             continue
         view = ui.channel_view(g, f"imp_{kind}") if kind == "channel" else None
         for start in range(0, len(have), 2):
@@ -109,7 +109,7 @@ for (kind, label), tab in zip(KINDS, tabs):
             for col, name in zip(cols, have[start:start + 2]):
                 title = crits[name].title if name in crits else name
                 fig = figures.importance_figure(imaps[name], kind, plan_for_fig, scale, view,
-                                                title=figures.map_title(name, title, analysis.KIND_PLURAL[kind]))
+                                                title=figures.map_title(name, title, UNITS[kind].plural))
                 col.plotly_chart(fig, key=f"imp_fig_{kind}_{name}", config={"displaylogo": False})
                 col.caption(ui.map_caption(imaps[name]))
 
@@ -118,20 +118,20 @@ with tabs[-1]:
         st.info("Compute at least two criteria to compare them.", icon=":material/compare_arrows:")
     else:
         c1, c2 = st.columns([1, 2])
-        kind = c1.selectbox("Unit", [k for k, _ in KINDS], format_func=analysis.KIND_PLURAL.get, key="imp_cmp_kind")
+        kind = c1.selectbox("Unit", KINDS, format_func=lambda k: UNITS[k].plural, key="imp_cmp_kind")
         ratio = c2.slider("Would prune (per layer)", 5, 90, 25, 5, format="%d%%", key="imp_cmp_ratio",
                           help="Share of the lowest-scored units per layer whose sets are compared.") / 100
         maps = {n: imaps[n].get(kind).numpy() for n in imaps if imaps[n].get(kind) is not None}
         if len(maps) < 2:
-            st.caption(f"Fewer than two criteria score {analysis.KIND_PLURAL[kind]}.")
+            st.caption(f"Fewer than two criteria score {UNITS[kind].plural}.")
         else:
             left, right = st.columns(2)
             names_, corr = analysis.rank_correlations(maps)
-            left.plotly_chart(figures.correlation_figure(names_, corr, analysis.KIND_PLURAL[kind]),
+            left.plotly_chart(figures.correlation_figure(names_, corr, UNITS[kind].plural),
                               key="imp_corr")
             names_, over = analysis.prune_overlaps({n: m.reshape(1, -1) if m.ndim == 1 else m
                                                     for n, m in maps.items()}, ratio)
-            right.plotly_chart(figures.overlap_figure(names_, over, analysis.KIND_PLURAL[kind], ratio),
+            right.plotly_chart(figures.overlap_figure(names_, over, UNITS[kind].plural, ratio),
                                key="imp_overlap")
             st.caption("ρ near 1: the criteria rank units alike. Jaccard 1: they would remove the same units.")
 

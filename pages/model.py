@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from pruneviz.arch import adapter_for, geometry_of, unit_params
+from pruneviz.arch import UNITS, adapter_for, geometry_of, unit_count, unit_params
 from pruneviz.plan import dense_params
 from pruneviz.ui import components as ui
 from pruneviz.ui import services
@@ -31,12 +31,12 @@ cols[5].metric("Non-embedding", ui.human(non_emb), border=True, help=f"{non_emb 
 
 st.subheader("Prunable units", anchor=False)
 adapter = adapter_for(model)
+OWNS = {"block": "whole layer", "kv": "k/v rows + its heads"}
 rows = []
-for kind, label, count in (("block", "block (whole layer)", g.n_layers), ("kv", "KV group (k/v rows + its heads)",
-                                                                        g.n_layers * g.n_kv),
-                           ("head", "query head", g.n_layers * g.n_heads),
-                           ("channel", "MLP channel", g.n_layers * g.n_channels)):
+for kind in ("block", "kv", "head", "channel"):
     per = unit_params(g, adapter, model, kind)
+    count = unit_count(g, kind) * (g.n_layers if UNITS[kind].width else 1)
+    label = UNITS[kind].label + (f" ({OWNS[kind]})" if kind in OWNS else "")
     rows.append({"unit": label, "count": count, "parameters each": per, "% of non-embedding": 100 * per / non_emb})
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="model_units", column_config={
     "% of non-embedding": st.column_config.NumberColumn(format="%.4f %%"),

@@ -5,9 +5,10 @@ import pandas as pd
 import streamlit as st
 
 from pruneviz.allocate import WIDTH
-from pruneviz.arch import geometry_of
+from pruneviz.arch import UNITS, geometry_of, unit_count
 from pruneviz.errors import PlanError
-from pruneviz.importance import available
+from pruneviz.importance import available, make_options
+from pruneviz.schedules import SCHEDULES
 from pruneviz.ui import analysis, figures, services, state
 from pruneviz.ui import components as ui
 from pruneviz.ui.work import show_error
@@ -23,8 +24,6 @@ if not imaps:
     st.info("No importance maps yet. Compute some on the Importance page, or start with weight magnitude "
             "(no calibration text, takes a moment).", icon=":material/grid_on:")
     if st.button("Score by weight magnitude", key="pr_quick", icon=":material/bolt:", type="primary"):
-        from pruneviz.importance import make_options
-
         services.compute_importance(loaded, ["magnitude"], {"magnitude": make_options("magnitude")}, None)
         st.rerun()
     st.stop()
@@ -51,7 +50,7 @@ with left:
         st.slider("Attention removed", 0, 90, step=5, format="%d%%", key="pr_head_pct", disabled=not has_attn,
                   help="Share of attention units removed in every kept layer.")
         st.segmented_control("Attention unit", ["kv", "head"], key="pr_attn_unit", required=True,
-                             format_func={"kv": "KV groups", "head": "query heads"}.get,
+                             format_func=lambda k: UNITS[k].plural,
                              help="KV groups also shrink the KV cache; query heads are removed equally from "
                                   "every group (what physical surgery needs).")
         st.slider("MLP channels removed", 0, 90, step=5, format="%d%%", key="pr_channel_pct",
@@ -127,27 +126,26 @@ with right:
     scale = c2.segmented_control("Colour by", ["score", "rank", "log10"], key="pr_scale", required=True,
                                  default="rank") or "rank"
     kinds = [k for k in ("kv", "head", "channel", "block") if imap.get(k) is not None]
-    tabs = st.tabs([{"kv": "KV groups", "head": "Query heads", "channel": "MLP channels", "block": "Blocks"}[k]
-                    for k in kinds])
+    tabs = st.tabs([ui.unit_title(k) for k in kinds])
     for kind, tab in zip(kinds, tabs):
         with tab:
             view = ui.channel_view(g, f"pr_{kind}") if kind == "channel" else None
             fig = figures.importance_figure(imap, kind, plan, scale, view, selectable=True,
                                             title=figures.map_title(crit, "click or box-select to edit",
-                                                                    analysis.KIND_PLURAL[kind]))
+                                                                    UNITS[kind].plural))
             key = f"pr_fig_{kind}"
             st.plotly_chart(fig, key=key, on_select=partial(_on_select, kind, key), selection_mode=("points", "box"),
                             config={"displaylogo": False})
 
     with st.expander("Edit by list", icon=":material/edit_note:"):
         c1, c2 = st.columns([1, 1])
-        kind = c1.selectbox("Unit", ["kv", "head", "channel", "block"], format_func=analysis.KIND_PLURAL.get,
+        kind = c1.selectbox("Unit", ["kv", "head", "channel", "block"], format_func=lambda k: UNITS[k].plural,
                             key="pr_list_kind")
         if kind == "block":
             layer, n, current = None, g.n_layers, list(plan.blocks)
         else:
             layer = c2.selectbox("Layer", list(range(g.n_layers)), key="pr_list_layer")
-            n = {"kv": g.n_kv, "head": g.n_heads, "channel": g.n_channels}[kind]
+            n = unit_count(g, kind)
             current = list(analysis.removed_mask(plan, kind)[layer].nonzero()[0])
         chosen = st.multiselect("Removed", list(range(n)), default=[int(i) for i in current],
                                 key=f"pr_list_{kind}_{layer}")
@@ -176,25 +174,24 @@ with pv:
         try:
             dense, masked = services.preview_pair(loaded, plan, text)
             c1, c2 = st.columns(2)
-            c1.metric("Dense PPL on this text", ui.fmt_ppl(dense["ppl"]))
-            c2.metric("Pruned PPL on this text", ui.fmt_ppl(masked["ppl"]),
-                      delta=ui.ppl_delta(masked["ppl"], dense["ppl"]) if masked is not dense else None,
+            c1.metric("Dense PPL on this text", ui.fmt_ppl(dense.ppl))
+            c2.metric("Pruned PPL on this text", ui.fmt_ppl(masked.ppl),
+                      delta=ui.ppl_delta(masked.ppl, dense.ppl) if masked is not dense else None,
                       delta_color="inverse")
-            st.dataframe(pd.DataFrame({"dense next token": [f"{t!r} {p:.0%}" for t, p in dense["next"]],
-                                       "pruned next token": [f"{t!r} {p:.0%}" for t, p in masked["next"]]}),
+            st.dataframe(pd.DataFrame({"dense next token": [f"{t!r} {p:.0%}" for t, p in dense.next],
+                                       "pruned next token": [f"{t!r} {p:.0%}" for t, p in masked.next]}),
                          hide_index=True, key="pr_next")
         except Exception as e:  # noqa: BLE001
             show_error(e)
 
 with ap:
     st.subheader("Apply", anchor=False)
-    built = state.pruned_for(plan)
-    if built is not None:
-        rec = st.session_state["pruned"]
+    rec = state.pruned_record(plan)
+    if rec is not None:
         st.success("The pruned model for this plan is built. Chat, Evaluate and Export use it.",
                    icon=":material/check_circle:")
-        exact = ui.dense_costs_of(built, int(ctx))
-        st.caption(f"Built in {rec['seconds']:.1f} s · measured on it: {ui.human(exact.params)} parameters, "
+        exact = ui.dense_costs_of(rec.model, int(ctx))
+        st.caption(f"Built in {ui.human_seconds(rec.seconds)} · measured on it: {ui.human(exact.params)} parameters, "
                    f"{ui.human(exact.flops_per_token)} FLOPs/token, {ui.human_bytes(exact.kv_bytes)} KV cache.")
     elif st.button("Build the pruned model", type="primary", key="pr_apply", icon=":material/content_cut:",
                    disabled=plan.is_empty() or gqa_error is not None,
@@ -205,13 +202,13 @@ with ap:
         st.caption(f"This plan re-runs the **{plan.compensation}** weight update when applied (it needs the "
                    "calibration windows it was made with).")
 
-    if "slimgpt" in crits:
-        with st.expander("SlimGPT solver (prunes and compensates weights)", icon=":material/functions:"):
+    solver = next((c for c in crits.values() if c.is_solver), None)
+    if solver is not None:
+        with st.expander(f"{solver.title.split(' (')[0]} solver (prunes and compensates weights)",
+                         icon=":material/functions:"):
             st.caption("Greedy OBS removal layer by layer with weight updates (Ling et al. 2024). Its heatmap on "
                        "the Importance page is the dense-model OBS error; the solver re-scores after every step.")
             target = st.slider("Target ratio", 5, 70, 20, 5, format="%d%%", key="pr_slim_target") / 100
-            from pruneviz.criteria.slimgpt import SCHEDULES
-
             sched = st.selectbox("Layer schedule", list(SCHEDULES), key="pr_slim_schedule")
             unit = st.segmented_control("Attention unit", ["kv", "head"], default="kv", required=True,
                                         key="pr_slim_unit")

@@ -7,6 +7,7 @@
     python -m pruneviz plan --scores scores.json --ratio 0.2 --strategy global --out plan.json
     python -m pruneviz slimgpt --ratio 0.2 --out plan.json --export out/smol-slimgpt
     python -m pruneviz evaluate --plan plan.json --protocol paper
+    python -m pruneviz sweep --criterion magnitude --criterion wanda_sp --ratios 0.1,0.3,0.5 --out sweep.csv
     python -m pruneviz export --plan plan.json --out out/smol-pruned
     python -m pruneviz chat --plan plan.json "Write a haiku about pruning"
     python -m pruneviz recover --plan plan.json --steps 100 --out out/smol-recovered
@@ -207,6 +208,58 @@ def cmd_evaluate(args) -> None:
     label = plan.summary() if plan else "dense"
     print(f"{label}\n  params {dense_params(model):,}\n  perplexity {res.ppl:.3f} on {res.n_tokens} tokens "
           f"({res.n_windows} windows, {res.seconds:.1f} s)\n  protocol: {protocol.describe()}")
+    if args.fidelity:
+        _print_fidelity(args, lm, model, text, protocol)
+    if args.tasks:
+        models = [("dense", lm.model)] + ([("pruned", model)] if plan else [])
+        _print_zeroshot(args, lm.tokenizer, models)
+
+
+def _print_fidelity(args, lm, model, text, protocol) -> None:
+    from .errors import PrunevizError
+    from .fidelity import fidelity
+
+    if not args.plan:
+        raise PrunevizError("--fidelity compares the pruned model with the dense one: give a --plan.")
+    progress = _bar("fidelity")
+    try:
+        f = fidelity(lm.model, model, lm.tokenizer, text, protocol, progress=progress)
+    finally:
+        progress.close()
+    print(f"fidelity to the dense model ({f.n_tokens} tokens, {f.seconds:.1f} s)\n"
+          f"  KL(dense||pruned) mean {f.kl_mean:.4f} nats, p99 {f.kl_p99:.4f}\n"
+          f"  top-1 agreement {100 * f.top1_agreement:.2f}%\n"
+          f"  PPL ratio {f.ppl_ratio:.4f} ({f.ppl_dense:.3f} -> {f.ppl_pruned:.3f})")
+
+
+def _print_zeroshot(args, tokenizer, models) -> None:
+    from .zeroshot import paper_average, run_tasks
+
+    results = []
+    for label, m in models:
+        progress = _bar(f"lm-eval {label}")
+        try:
+            results.append((label, run_tasks(m, tokenizer, args.tasks, limit=args.limit, task_dir=args.task_dir,
+                                             batch_size=args.batch_size, progress=progress)))
+        finally:
+            progress.close()
+    print(f"zero-shot ({results[0][1].protocol()})")
+    print(f"  {'task':<16}" + "".join(f"{label + ' acc':>18}{label + ' acc_norm':>20}" for label, _ in results))
+    for i, score in enumerate(results[0][1].scores):
+        cells = []
+        for _, r in results:
+            s = r.scores[i]
+            cells += [_pm(s.acc, s.acc_stderr, 18), _pm(s.acc_norm, s.acc_norm_stderr, 20)]
+        print(f"  {score.task:<16}" + "".join(cells) + f"   (n={score.n})")
+    for label, r in results:
+        avg = paper_average(r)
+        if avg is not None:
+            print(f"  seven-task average of the papers ({label}): {100 * avg:.2f}")
+
+
+def _pm(value, stderr, width: int) -> str:
+    text = "-" if value is None else f"{100 * value:.2f}" + (f" ± {100 * stderr:.2f}" if stderr is not None else "")
+    return f"{text:>{width}}"
 
 
 def cmd_export(args) -> None:
@@ -382,6 +435,100 @@ def cmd_recover(args) -> None:
               f"{report.reload_max_abs_diff:g})")
 
 
+def _sweep_maps(args, lm) -> dict:
+    """The importance maps a sweep compares: ``--criterion`` names scored here and ``--scores`` files."""
+    from .errors import CriterionError
+    from .importance import ImportanceMap, compute, get
+
+    if not args.criterion and not args.scores:
+        raise CriterionError("a sweep needs scores: pass --criterion NAME (repeatable) or --scores FILE (repeatable)")
+    maps = {}
+    for path in args.scores or []:
+        imap = _read_scores(path, ImportanceMap)
+        maps[imap.criterion if imap.criterion not in maps else f"{imap.criterion} ({Path(path).name})"] = imap
+    calib = None
+    for name in args.criterion or []:
+        if get(name).needs_calibration and calib is None:
+            calib = _calibration(args, lm.tokenizer)
+        progress = _bar(f"scoring {name}")
+        try:
+            maps[name] = compute(lm.model, name, calib, progress=progress)
+        finally:
+            progress.close()
+    return maps
+
+
+def _ratios(text: str) -> list[float]:
+    """``"0.1,0.2"`` or ``"10,20"`` (percent) -> ``[0.1, 0.2]``."""
+    from .errors import PlanError
+
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise PlanError(f"--ratios takes comma-separated numbers such as 0.1,0.2,0.3 (got {text!r})") from e
+    if not values:
+        raise PlanError("--ratios is empty; give e.g. 0.1,0.2,0.3")
+    return [v / 100 if any(x > 1 for x in values) else v for v in values]
+
+
+def sweep_table(points) -> str:
+    """The sweep as a text table: criterion, ratio, parameters, perplexity (and ms/token when measured)."""
+    latency = any(p.ms_per_token is not None for p in points)
+    lines = [f"{'criterion':<18}{'what':<10}{'ratio':>7}{'parameters':>14}{'perplexity':>13}"
+             + (f"{'ms/token':>10}" if latency else "")]
+    for p in points:
+        ms = f"{p.ms_per_token:>10.2f}" if p.ms_per_token is not None else (f"{'-':>10}" if latency else "")
+        lines.append(f"{p.criterion:<18}{p.what:<10}{p.ratio:>7.0%}{p.params:>14,}{p.ppl:>13.3f}{ms}"
+                     + ("  (partial)" if not p.complete else ""))
+    return "\n".join(lines)
+
+
+def _write_sweep(points, path: str) -> None:
+    """``--out``: the sweep's rows as CSV (``.csv``) or JSON (anything else, plans included), written atomically."""
+    import csv
+    import io
+    import tempfile
+
+    out = Path(path)
+    rows = [p.row() for p in points]
+    if out.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["criterion"])
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+    else:
+        text = json.dumps([{**r, "plan_json": p.plan.to_json(None) if p.plan is not None else None}
+                           for r, p in zip(rows, points)], indent=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, out)
+
+
+def cmd_sweep(args) -> None:
+    from .data import get_text
+    from .evaluate import sweep
+
+    lm = _load(args)
+    maps = _sweep_maps(args, lm)
+    text = get_text(args.eval_text, part="eval")
+    progress = _bar("sweep")
+    try:
+        with _StopOnCtrlC() as stop:
+            points = sweep(lm.model, lm.tokenizer, maps, _ratios(args.ratios), args.what, text, args.protocol,
+                           progress=progress, cancel=stop, latency=args.latency)
+    finally:
+        progress.close()
+    print(sweep_table(points))
+    if stop.hit:
+        print("stopped: the points above are the ones finished", file=sys.stderr)
+    if args.out:
+        _write_sweep(points, args.out)
+        print(f"{len(points)} points -> {args.out}", file=sys.stderr)
+
+
 # ---- parser -------------------------------------------------------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser, calibration: bool = False) -> None:
@@ -441,6 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plan", help="plan JSON (default: the dense model)")
         if name == "evaluate":
             p.add_argument("--protocol", default="quick", help="quick, paper (LLM-Pruner 128-token windows), long")
+            p.add_argument("--fidelity", action="store_true",
+                           help="with --plan: KL(dense||pruned), top-1 agreement and PPL ratio on the same windows")
+            p.add_argument("--tasks", help="lm-eval zero-shot tasks, e.g. piqa,hellaswag ('paper' = the seven of "
+                                           "the papers); dense, and pruned with --plan")
+            p.add_argument("--limit", type=float, help="with --tasks: first N documents per task (quick look)")
+            p.add_argument("--task-dir", help="with --tasks: folder of task YAMLs for local data (see README)")
+            p.add_argument("--batch-size", type=int, default=8, help="with --tasks: requests per forward pass")
         if name == "export":
             p.add_argument("--out", required=True)
             p.add_argument("--overwrite", action="store_true")
@@ -449,6 +603,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=96)
             p.add_argument("--temperature", type=float, default=0.0)
         p.set_defaults(fn=fn)
+    p = sub.add_parser("sweep", help="perplexity (and latency) over pruning ratios for one or more criteria")
+    _common(p, calibration=True)
+    p.add_argument("--criterion", action="append", help="score with this criterion first (repeatable)")
+    p.add_argument("--scores", action="append", help="importance map from 'score --out' (repeatable)")
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated shares (or percentages)")
+    p.add_argument("--what", default="width", choices=["width", "heads", "channels", "blocks"],
+                   help="width: attention and MLP at the same ratio; blocks: that share of whole layers")
+    p.add_argument("--protocol", default="quick", help="perplexity protocol: quick, paper, long")
+    p.add_argument("--eval-text", default="default",
+                   help="held-out text: default (Python docs, evaluation part), file:PATH or hf:wikitext2")
+    p.add_argument("--latency", action="store_true", help="also measure decoding ms/token (builds each model)")
+    p.add_argument("--out", help="write the points: .csv (one row each) or .json (with the plans)")
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("recover", help="LoRA fine-tuning of the pruned model; dense / pruned / + LoRA perplexity")
     _common(p)
     p.add_argument("--plan", help="plan JSON applied to --model (leave out when --model is an exported pruned folder)")

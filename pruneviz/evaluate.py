@@ -25,10 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .allocate import plan_from_ratios
 from .arch import adapter_for, geometry_of, get_path, is_conv1d
-from .errors import TextError, is_oom, oom_advice
+from .data import text_hash
+from .errors import PlanError, TextError, is_oom, oom_advice
+from .importance import ImportanceMap
 from .offload import execution_device
+from .plan import Plan, dense_params
 from .progress import Cancel, Progress
+from .surgery import apply_plan, masked_model
 
 __all__ = [
     "PROTOCOLS",
@@ -36,13 +41,18 @@ __all__ = [
     "PPLProtocol",
     "PPLResult",
     "SpeedResult",
+    "SweepPoint",
     "attention_widths",
     "flops_per_token",
     "get_protocol",
     "kv_cache_bytes",
+    "decode_ms_per_token",
     "measure_speed",
+    "next_token_top_k",
     "perplexity",
     "ppl_windows",
+    "sweep",
+    "sweep_plan",
     "token_losses",
 ]
 
@@ -500,3 +510,149 @@ def measure_speed(
             f"median of {repeats} after {warmup} warm-up"
         ),
     )
+
+
+# ------------------------------------------------------------------------ sweep
+
+SWEEP_WHAT = ("width", "heads", "channels", "blocks")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a ratio sweep: the plan ``criterion`` makes at ``ratio`` of ``what``, its size and perplexity.
+
+    ``criterion`` is ``"dense"`` (ratio 0, no plan) for the unpruned reference. ``complete`` is False for a point
+    whose perplexity was cut short by ``cancel()`` (it covers only the windows done, see :mod:`pruneviz.progress`).
+    ``ms_per_token`` is the measured decoding latency (only when the sweep measured latency).
+    """
+
+    criterion: str
+    ratio: float
+    what: str
+    params: int
+    ppl: float
+    protocol: str
+    text_sha256: str
+    n_tokens: int
+    plan: Plan | None = None
+    ms_per_token: float | None = None
+    complete: bool = True
+
+    def row(self) -> dict:
+        """A flat, JSON-able row (the plan as its sha256 and summary) for tables and CSV files."""
+        plan = self.plan
+        return {"criterion": self.criterion, "what": self.what, "ratio": self.ratio, "params": self.params,
+                "ppl": self.ppl, "ms_per_token": self.ms_per_token, "protocol": self.protocol,
+                "tokens": self.n_tokens, "complete": self.complete, "text_sha256": self.text_sha256,
+                "plan_sha256": plan.sha256() if plan is not None else None,
+                "plan": (plan.summary() if not plan.is_empty() else "nothing removed") if plan is not None else None}
+
+
+def sweep_plan(model: nn.Module, imap: ImportanceMap, ratio: float, what: str) -> Plan:
+    """The plan a sweep evaluates: ``ratio`` of ``what`` removed by ``imap``'s scores with the slider allocation
+    (:func:`pruneviz.allocate.plan_from_ratios`, uniform per layer). ``width`` removes that share of attention
+    units (KV groups) and of MLP channels, ``heads`` / ``channels`` only one of them, ``blocks`` the nearest whole
+    number of blocks."""
+    if what not in SWEEP_WHAT:
+        raise PlanError(f"a sweep prunes one of {', '.join(SWEEP_WHAT)}; got {what!r}")
+    if what == "blocks":
+        if imap.blocks is None:
+            raise PlanError(f"{imap.criterion} has no block scores; sweep width, heads or channels instead")
+        return plan_from_ratios(model, imap, block_count=int(round(ratio * imap.geometry.n_layers)))
+    head = ratio if what in ("width", "heads") else 0.0
+    chan = ratio if what in ("width", "channels") else 0.0
+    return plan_from_ratios(model, imap, head_ratio=head, channel_ratio=chan)
+
+
+def decode_ms_per_token(model, tokenizer, new_tokens: int = 16) -> float:
+    """Median greedy decoding latency per token at batch 1 (forced length, KV cache on; :func:`measure_speed`)."""
+    res = measure_speed(model, tokenizer, new_tokens=new_tokens, batch_sizes=(1,), repeats=2, warmup=1,
+                        prefill_tokens=32)
+    return 1000.0 / res.batches[0].tokens_per_s
+
+
+def _point(model, tokenizer, res: PPLResult, criterion: str, ratio: float, what: str, params: int, text: str,
+           plan: Plan | None, latency: bool) -> SweepPoint:
+    ms = decode_ms_per_token(model, tokenizer) if latency and res.complete else None
+    return SweepPoint(criterion, ratio, what, params, res.ppl, res.protocol.name, text_hash(text), res.n_tokens,
+                      plan, ms, res.complete)
+
+
+def _part(progress: Progress | None, i: int, n: int, label: str) -> Progress | None:
+    """``progress`` for step ``i`` of ``n`` equal steps, messages prefixed with ``label``."""
+    if progress is None:
+        return None
+    return lambda fraction, message="": progress((i + fraction) / n, f"{label}: {message}")
+
+
+def sweep(
+    model: nn.Module,
+    tokenizer,
+    imaps: dict[str, ImportanceMap],
+    ratios: list[float],
+    what: str,
+    text: str,
+    protocol: str | PPLProtocol = "quick",
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    latency: bool = False,
+    dense: bool | PPLResult = True,
+) -> list[SweepPoint]:
+    """Perplexity (and, with ``latency``, decoding ms/token) of every criterion of ``imaps`` at every ratio.
+
+    For each criterion and ratio the plan is :func:`sweep_plan`; it is evaluated on a masked view of ``model``
+    (:func:`pruneviz.surgery.masked_model`, the same outputs as the physically pruned model) or, with ``latency``,
+    on the physically pruned model, whose speed is what latency measures. ``model`` is never mutated. With
+    ``dense`` (True, or an already computed :class:`PPLResult` of ``model`` on ``text`` under ``protocol``) the
+    first point is the dense model. Points come criterion by criterion, ratios in the given order.
+
+    ``progress(fraction, message)`` covers the whole sweep. When ``cancel()`` returns True the points done so far
+    are returned: fewer than asked for, the last one with ``complete=False`` if its perplexity was cut short.
+    """
+    proto = get_protocol(protocol)
+    pairs = [(name, float(r)) for name in imaps for r in ratios]
+    for r in {r for _, r in pairs}:
+        if not 0.0 <= r < 1.0:
+            raise PlanError(f"sweep ratios are shares in [0, 1); got {r}")
+    steps = len(pairs) + (dense is True)
+    points: list[SweepPoint] = []
+    if dense is not False:
+        res = dense if isinstance(dense, PPLResult) else perplexity(model, tokenizer, text, proto,
+                                                                    _part(progress, 0, steps, "dense"), cancel)
+        if res.n_windows:
+            points.append(_point(model, tokenizer, res, "dense", 0.0, "-", dense_params(model), text, None, latency))
+        if not res.complete:
+            return points
+    for i, (name, ratio) in enumerate(pairs, start=int(dense is True)):
+        if cancel is not None and cancel():
+            break
+        plan = sweep_plan(model, imaps[name], ratio, what)
+        pruned = apply_plan(model, plan) if latency else masked_model(model, plan)
+        res = perplexity(pruned, tokenizer, text, proto, _part(progress, i, steps, f"{name} {ratio:.0%}"), cancel)
+        if res.n_windows:
+            points.append(_point(pruned, tokenizer, res, name, ratio, what, plan.param_count(model), text, plan,
+                                 latency))
+        if not res.complete:
+            break
+    return points
+
+
+# ------------------------------------------------------------ next-token preview
+
+
+def next_token_top_k(model, tokenizer, text: str, k: int = 5, max_tokens: int = 64) -> list[tuple[str, float]]:
+    """The ``k`` most likely next tokens after the first ``max_tokens`` tokens of ``text`` and their probabilities.
+
+    The text is tokenized like :func:`token_losses` (no special tokens, a BOS token prepended if the tokenizer has
+    one); one forward pass; probabilities in fp32. Returns ``[(decoded token, probability), ...]``, most likely
+    first. Raises :class:`TextError` for a text without tokens.
+    """
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])[:max_tokens]
+    if not ids:
+        raise TextError("The text produced no tokens. Type some words.")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    seq = torch.tensor([([bos] if bos is not None else []) + ids], device=execution_device(model))  # [1, T]
+    with torch.inference_mode():
+        probs = model(input_ids=seq, use_cache=False).logits[0, -1].float().softmax(-1)  # [V]
+    p, idx = probs.topk(min(k, probs.shape[-1]))  # [k] each
+    return [(tokenizer.decode([int(i)]), float(q)) for q, i in zip(p, idx)]

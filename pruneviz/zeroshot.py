@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import PrunevizError, is_oom, oom_advice
+from .fsio import atomic_write_text
 from .offload import execution_device
 from .progress import Cancel, Cancelled, Progress
 
@@ -346,6 +346,7 @@ def run_tasks(
     names = parse_tasks(tasks)
     if limit is not None and not (limit > 0):
         raise ValueError(f"limit must be > 0 (documents per task, or a fraction < 1), got {limit}")
+    limit = int(limit) if limit is not None and limit >= 1 else limit
     tm = _manager_for(names, task_dir)
     with _quiet_and_seeded():
         lm = _progress_lm(HFLM, model, tokenizer, batch_size, max_length)
@@ -385,17 +386,11 @@ def run_tasks(
 # ------------------------------------------------------------------------------------------------ local data
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_yaml(path: Path, config: dict) -> Path:
+    import yaml
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    return atomic_write_text(path, yaml.safe_dump(config, sort_keys=False), "the task YAML")
 
 
 def _check_name(name: str) -> None:
@@ -451,8 +446,6 @@ def write_mc_task(
     file is validated first (clear message with the line number on a bad item); the YAML is written atomically.
     Run it with ``run_tasks(..., tasks=[name], task_dir=folder)``. Returns the YAML's path.
     """
-    import yaml
-
     _check_name(name)
     data = Path(jsonl).expanduser().resolve()
     _check_mc_rows(data, question, choices, answer)
@@ -468,9 +461,7 @@ def write_mc_task(
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
         "metadata": {"version": 1.0, "source": "pruneviz.zeroshot.write_mc_task"},
     }
-    path = Path(folder) / f"{name}.yaml"
-    _write_atomic(path, yaml.safe_dump(config, sort_keys=False))
-    return path
+    return _write_yaml(Path(folder) / f"{name}.yaml", config)
 
 
 def write_local_task(
@@ -488,8 +479,6 @@ def write_local_task(
     scores (:data:`PAPER_DATA` lists them for the seven). Splits without a file are switched off. ``name`` defaults
     to ``task``, so with ``task_dir=folder`` the local copy replaces the built-in one under its own name.
     """
-    import yaml
-
     name = name or task
     _check_name(name)
     entry = task_manager().task_index.get(task)
@@ -518,9 +507,7 @@ def write_local_task(
         config["fewshot_split"] = None
     if not (config["test_split"] or config["validation_split"]):
         raise TaskDataError(f"Give {task} a validation or test file: it scores its '{scored}' split.")
-    path = Path(folder) / f"{name}.yaml"
-    _write_atomic(path, yaml.safe_dump(config, sort_keys=False))
-    return path
+    return _write_yaml(Path(folder) / f"{name}.yaml", config)
 
 
 # --------------------------------------------------------------------------------- pruneviz's own scoring rule

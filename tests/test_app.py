@@ -129,7 +129,7 @@ def test_slimgpt_map_is_labelled_and_solver_builds_a_compensated_model():
     clean(at.button(key="pr_slim_run").click().run())
     plan = at.session_state["plan"]
     assert plan.compensation == "slimgpt" and not plan.is_empty()
-    assert at.session_state["pruned"]["sha"] == plan.sha256()
+    assert at.session_state["pruned"].sha == plan.sha256()
     assert any("slimgpt" in c.value for c in at.caption)  # "re-runs the slimgpt weight update when applied"
 
 
@@ -170,7 +170,7 @@ def test_prune_edit_by_list_and_apply():
     assert plan.removed_heads_all(0) == (0, 3)
     assert at.session_state["edits"]
     clean(at.button(key="pr_apply").click().run())
-    pruned = at.session_state["pruned"]["model"]
+    pruned = at.session_state["pruned"].model
     assert pruned.model.layers[0].self_attn.o_proj.weight.shape[1] == 4 * 8  # 4 of 6 heads kept
     # edits survive a slider move (they are re-applied on top of the allocation)
     clean(at.slider(key="pr_channel_pct").set_value(20).run())
@@ -206,15 +206,15 @@ def test_evaluate_ppl_matches_library_and_history_reloads():
     clean(at.switch_page("pages/evaluate.py").run())
     clean(at.button(key="ev_run").click().run())
     result = at.session_state["evals"][-1]
-    assert result["complete"] and result["protocol"] == "quick"
+    assert result.complete and result.protocol == "quick"
     _, eval_text = state.default_texts()
     expected = perplexity(base_model(), tiny_tokenizer(), eval_text, "quick").ppl
-    assert math.isclose(result["dense_ppl"], expected, rel_tol=1e-6)
+    assert math.isclose(result.dense_ppl, expected, rel_tol=1e-6)
     assert {m.label for m in at.metric} >= {"Dense PPL", "Pruned PPL"}
-    assert at.session_state["history"][-1]["sha"] == planned.sha256()
+    assert at.session_state["history"][-1].sha == planned.sha256()
     # per-token losses
     clean(at.button(key="ev_tok_run").click().run())
-    assert len(at.session_state["tokdiff"]["tokens"]) > 0
+    assert len(at.session_state["tokdiff"].tokens) > 0
     # move the slider away, then reload the configuration from history
     clean(at.switch_page("pages/prune.py").run())
     clean(at.slider(key="pr_channel_pct").set_value(10).run())
@@ -234,9 +234,9 @@ def test_evaluate_sweep_records_points():
     clean(at.run())
     clean(at.button(key="ev_sweep_run").click().run())
     points = at.session_state["sweep"]
-    crit = [p for p in points if p["criterion"] == "magnitude"]
-    assert [p["ratio"] for p in crit] == [0.2, 0.5]
-    assert crit[0]["params"] > crit[1]["params"] and all(math.isfinite(p["ppl"]) for p in points)
+    crit = [p for p in points if p.criterion == "magnitude"]
+    assert [p.ratio for p in crit] == [0.2, 0.5]
+    assert crit[0].params > crit[1].params and all(math.isfinite(p.ppl) for p in points)
 
 
 def test_export_offers_downloads_after_export(tmp_path):
@@ -249,7 +249,7 @@ def test_export_offers_downloads_after_export(tmp_path):
     clean(at.button(key="ex_run").click().run())
     labels = [b.label for b in at.get("download_button")]
     assert labels == ["Download plan JSON", "Download checkpoint (.zip)", "Download model card"]
-    report = at.session_state["export"]["report"]
+    report = at.session_state["export"].report
     assert report.ok and report.reload_max_abs_diff == 0.0
     folder = Path(report.folder)
     assert folder.parent == tmp_path / "exports" and (folder / "pruneviz_plan.json").exists()
@@ -267,7 +267,7 @@ def test_sessions_are_isolated_and_base_is_never_mutated():
     pa, pb = a.session_state["plan"], b.session_state["plan"]
     assert pa.counts()["channel"] == 48 and pa.counts()["kv"] == 0
     assert pb.counts()["kv"] == 4 and pb.counts()["channel"] == 0
-    assert a.session_state["pruned"]["model"] is not b.session_state["pruned"]["model"]
+    assert a.session_state["pruned"].model is not b.session_state["pruned"].model
     clean(a.switch_page("pages/importance.py").run())  # a gradient criterion on the shared base
     a.pills(key="imp_criteria").set_value(["taylor"])
     clean(a.run())
@@ -298,7 +298,7 @@ def test_lora_recovery_adds_a_row_and_keeps_base_and_pruned_model():
     at = with_magnitude(open_app())
     clean(at.slider(key="pr_channel_pct").set_value(40).run())
     clean(at.button(key="pr_apply").click().run())
-    base, pruned = base_model(), at.session_state["pruned"]["model"]
+    base, pruned = base_model(), at.session_state["pruned"].model
     base_before, pruned_before = _snapshot(base), _snapshot(pruned)
     clean(at.switch_page("pages/evaluate.py").run())
     assert "ev_lora_loss" not in chart_keys(at)
@@ -308,32 +308,33 @@ def test_lora_recovery_adds_a_row_and_keeps_base_and_pruned_model():
     at.select_slider(key="ev_lora_lr").set_value(3e-3)
     clean(at.run())
     clean(at.button(key="ev_lora_run").click().run())
-    rec = at.session_state["pruned"]["recovery"]
-    assert rec["record"]["steps_done"] == 3 and len(rec["losses"]) == 3 and rec["record"]["lr"] == 3e-3
-    assert rec["record"]["seq_len"] == 32 and rec["record"]["batch_size"] == 2 and rec["model"] is not pruned
+    rec = at.session_state["pruned"].recovery
+    assert rec.record["steps_done"] == 3 and len(rec.losses) == 3 and rec.record["lr"] == 3e-3
+    assert rec.record["seq_len"] == 32 and rec.record["batch_size"] == 2 and rec.model is not pruned
     # the perplexity table: dense / pruned / pruned + LoRA, each the library's number for that model
     ev = at.session_state["evals"][-1]
-    assert ev["complete"] and ev["lora"] == rec["tag"]
+    assert ev.complete and ev.lora == rec.tag
     _, eval_text = state.default_texts()
-    for key, model in (("dense_ppl", base), ("pruned_ppl", pruned), ("lora_ppl", rec["model"])):
-        assert math.isclose(ev[key], perplexity(model, tiny_tokenizer(), eval_text, "quick").ppl, rel_tol=1e-6), key
-    assert ev["lora_ppl"] != ev["pruned_ppl"]
+    for key, model in (("dense_ppl", base), ("pruned_ppl", pruned), ("lora_ppl", rec.model)):
+        expected = perplexity(model, tiny_tokenizer(), eval_text, "quick").ppl
+        assert math.isclose(getattr(ev, key), expected, rel_tol=1e-6), key
+    assert ev.lora_ppl != ev.pruned_ppl
     rows = next(d.value for d in at.dataframe if "vs dense" in d.value.columns)  # read-only tables carry no key
     assert list(rows["model"]) == ["dense", "pruned", "pruned + LoRA"]
-    assert list(rows["perplexity"]) == [ev["dense_ppl"], ev["pruned_ppl"], ev["lora_ppl"]]
+    assert list(rows["perplexity"]) == [ev.dense_ppl, ev.pruned_ppl, ev.lora_ppl]
     assert "Pruned + LoRA PPL" in {m.label for m in at.metric} and "ev_lora_loss" in chart_keys(at)
-    assert at.session_state["history"][-1]["lora_ppl"] == ev["lora_ppl"]
+    assert at.session_state["history"][-1].lora_ppl == ev.lora_ppl
     # neither the shared base nor the pruned model changed
     assert _unchanged(base, base_before) and _unchanged(pruned, pruned_before)
     assert all(p.grad is None for p in base.parameters())
     # export writes the recovered model, with its record; discarding brings the pruned model back
     clean(at.switch_page("pages/export.py").run())
     clean(at.button(key="ex_run").click().run())
-    card = at.session_state["export"]["report"].card
-    assert "## Recovery fine-tuning" in card and f"perplexity (pruned + LoRA): {round(ev['lora_ppl'], 4)}" in card
+    card = at.session_state["export"].report.card
+    assert "## Recovery fine-tuning" in card and f"perplexity (pruned + LoRA): {round(ev.lora_ppl, 4)}" in card
     clean(at.switch_page("pages/evaluate.py").run())
     clean(at.button(key="ev_lora_discard").click().run())
-    assert "recovery" not in at.session_state["pruned"] and at.session_state["pruned"]["model"] is pruned
+    assert at.session_state["pruned"].recovery is None and at.session_state["pruned"].model is pruned
     assert "ev_lora_loss" not in chart_keys(at)
 
 

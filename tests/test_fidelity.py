@@ -115,3 +115,30 @@ def test_bad_text_and_mismatched_vocabularies(dense, tok):
         fidelity(dense, dense, tok, "short text", "paper")
     with pytest.raises(TextError, match="different vocabularies"):
         fidelity(dense, tiny_model("llama", vocab_size=100), tok, "x" * 400, "quick")
+
+
+def test_cli_fidelity_prints_the_library_numbers(tmp_path, capsys, one_thread):
+    from pruneviz import export
+    from pruneviz.cli import main
+    from pruneviz.loading import load_model
+    from pruneviz.plan import Plan
+    from pruneviz.surgery import apply_plan
+    from pruneviz.testing import tiny_tokenizer
+
+    base = tiny_model("llama")
+    base.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    plan = Plan.empty(base).with_units("channel", 0, range(10)).with_units("kv", 1, [0])
+    export.write_plan(plan, tmp_path / "plan.json")
+    (tmp_path / "eval.txt").write_text(data.split_default()[1][:3_000])
+    args = ["evaluate", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "fp32",
+            "--text", f"file:{tmp_path / 'eval.txt'}"]
+    assert main(args + ["--plan", str(tmp_path / "plan.json"), "--fidelity"]) == 0
+    out = capsys.readouterr().out
+    lm = load_model(str(tmp_path / "m"), device="cpu", dtype="fp32")
+    want = fidelity(lm.model, apply_plan(lm.model, plan), lm.tokenizer, (tmp_path / "eval.txt").read_text())
+    assert f"KL(dense||pruned) mean {want.kl_mean:.4f} nats, p99 {want.kl_p99:.4f}" in out
+    assert f"top-1 agreement {100 * want.top1_agreement:.2f}%" in out and f"PPL ratio {want.ppl_ratio:.4f}" in out
+    assert want.kl_mean > 0
+    assert main(args + ["--fidelity"]) == 2
+    assert "give a --plan" in capsys.readouterr().err

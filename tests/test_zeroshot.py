@@ -239,3 +239,30 @@ def test_bundled_model_exact_accuracy_on_hand_made_items(bundled, tmp_path):
 
 def test_cancelled_is_the_progress_protocol_exception():
     assert issubclass(Cancelled, Exception) and zeroshot.LM_EVAL_VERSION == "0.4.13"
+
+
+def test_cli_tasks_dense_and_pruned(tmp_path, capsys, task_dir, one_thread):
+    from pruneviz import export
+    from pruneviz.cli import main
+    from pruneviz.loading import load_model
+    from pruneviz.plan import Plan
+    from pruneviz.surgery import apply_plan
+    from pruneviz.testing import tiny_tokenizer
+
+    base = tiny_model("llama")
+    base.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    plan = Plan.empty(base).with_units("channel", 0, range(20)).with_units("kv", 1, [0])
+    export.write_plan(plan, tmp_path / "plan.json")
+    code = main(["evaluate", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "fp32", "--plan",
+                 str(tmp_path / "plan.json"), "--tasks", "pv_items", "--task-dir", str(task_dir), "--limit", "4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "limit 4 documents per task" in out
+    lm = load_model(str(tmp_path / "m"), device="cpu", dtype="fp32")
+    rows = [line for line in out.splitlines() if line.strip().startswith("pv_items")]
+    assert len(rows) == 1 and "(n=4)" in rows[0]
+    for m in (lm.model, apply_plan(lm.model, plan)):
+        acc, acc_norm = _expected(m, lm.tokenizer, ITEMS[:4])[1]
+        assert f"{100 * acc:.2f} ±" in rows[0] and f"{100 * acc_norm:.2f} ±" in rows[0]
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--tasks", "pv_nope", "--task-dir", str(task_dir)]) == 2
+    assert "no task named 'pv_nope'" in capsys.readouterr().err

@@ -396,6 +396,8 @@ class SlimGPTCriterion(Criterion):
     produces = ("heads", "kv", "channels")
     needs_calibration = True
     layerwise = True
+    is_solver = True  # plans come from slimgpt_prune; this map is the dense-model OBS error
+    score_label = "OBS error"
     Options = SlimGPTScoreOptions
 
     def score(self, model, calib, options, ctx) -> ImportanceMap:

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
+from scipy.stats import spearmanr
 
-from ..arch import Geometry, unit_count
-from ..plan import Plan
-
-MAP_OF_KIND = {"head": "heads", "kv": "kv", "channel": "channels", "block": "blocks"}
-KIND_LABEL = {"head": "query head", "kv": "KV group", "channel": "MLP channel", "block": "block"}
-KIND_PLURAL = {"head": "query heads", "kv": "KV groups", "channel": "MLP channels", "block": "blocks"}
+from ..arch import WIDTH_KINDS, Geometry, adapter_for, unit_count
+from ..evaluate import attention_widths, flops_per_token, kv_cache_bytes
+from ..plan import Plan, dense_params
 
 Cell = tuple[int, int, int]  # (layer, first unit, last unit + 1)
 Edit = tuple[str, "int | None", tuple[int, ...], bool]  # (kind, layer, indices, remove?)
@@ -94,8 +92,6 @@ def colour_values(z: np.ndarray, scale: str) -> np.ndarray:
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation of two equally shaped maps (flattened); NaN if either is constant."""
-    from scipy.stats import spearmanr
-
     a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     if a.shape != b.shape or a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
@@ -156,17 +152,12 @@ class Costs:
 
 def dense_costs(model, context: int) -> Costs:
     """Exact costs of a (dense or physically pruned) model at ``context`` tokens."""
-    from ..evaluate import flops_per_token, kv_cache_bytes
-    from ..plan import dense_params
-
     return Costs(dense_params(model), dense_params(model, non_embedding=True),
                  flops_per_token(model, context), kv_cache_bytes(model, context), context)
 
 
 def attention_flops_per_head(model, n_heads: int, context: int) -> list[float]:
     """Per layer, the attention FLOPs/token one of the ``n_heads`` query heads costs at ``context``."""
-    from ..evaluate import attention_widths
-
     return [2 * context * (w["q"] + w["o_in"]) / max(n_heads, 1) for w in attention_widths(model)]
 
 
@@ -186,8 +177,6 @@ def plan_costs(model, plan: Plan, dense: Costs) -> Costs:
     per_head = attention_flops_per_head(model, g.n_heads, dense.context)
     heads_gone = [len(plan.removed_heads_all(l)) for l in range(g.n_layers)]
     attn_saved = sum(f * n for f, n in zip(per_head, heads_gone))
-    from ..arch import adapter_for
-
     norms = non_matmul_params(adapter_for(model).layers(model)[0]) * len(plan.blocks)
     flops = dense.flops_per_token - 2 * (dense.non_embedding - non_emb - norms) - attn_saved
     kept_kv = sum(len(plan.kept("kv", l)) for l in plan.kept_blocks())
@@ -245,7 +234,8 @@ def kept_profile(plan: Plan) -> dict[str, np.ndarray]:
     """Kept share per layer of query heads, KV groups and MLP channels (0 for removed blocks), each ``[L]``."""
     g: Geometry = plan.geometry
     out = {}
-    for kind, n in (("head", g.n_heads), ("kv", g.n_kv), ("channel", g.n_channels)):
+    for kind in WIDTH_KINDS:
+        n = unit_count(g, kind)
         out[kind] = np.array([0.0 if l in plan.blocks else len(plan.kept(kind, l)) / n for l in range(g.n_layers)])
     return out
 
@@ -282,13 +272,13 @@ def heatmap_data(scores, kind: str, plan: Plan | None, scale: str = "score", vie
 
 # ---- perplexity table ---------------------------------------------------------------------------------------------
 
-def ppl_rows(entry: Mapping) -> list[dict]:
-    """The rows of one evaluation's perplexity table: dense, pruned and (after LoRA recovery) pruned + LoRA, each
-    with its parameter count, perplexity and the relative change against dense (None for dense)."""
-    rows = [("dense", entry.get("dense_params"), entry["dense_ppl"]), ("pruned", entry.get("params"),
-                                                                        entry["pruned_ppl"])]
-    if entry.get("lora_ppl") is not None:
-        rows.append(("pruned + LoRA", entry.get("params"), entry["lora_ppl"]))
-    dense = entry["dense_ppl"]
+def ppl_rows(entry) -> list[dict]:
+    """The rows of one evaluation's perplexity table (an :class:`pruneviz.ui.state.EvalRecord`): dense, pruned and
+    (after LoRA recovery) pruned + LoRA, each with its parameter count, perplexity and the relative change against
+    dense (None for dense)."""
+    rows = [("dense", entry.dense_params, entry.dense_ppl), ("pruned", entry.params, entry.pruned_ppl)]
+    if entry.lora_ppl is not None:
+        rows.append(("pruned + LoRA", entry.params, entry.lora_ppl))
+    dense = entry.dense_ppl
     return [{"model": name, "parameters": params, "perplexity": ppl,
              "vs dense": None if name == "dense" or not dense else ppl / dense - 1} for name, params, ppl in rows]

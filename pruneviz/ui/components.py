@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 import streamlit as st
+import torch
 
+from ..arch import UNITS
+from ..data import get_text
+from ..errors import TextError
+from ..importance import make_options
 from . import analysis, state
 from .compat import ScriptControlException
 from .work import Job, show_error
@@ -65,6 +70,12 @@ def split_front_matter(card: str) -> tuple[str, str]:
         if end != -1:
             return card[4:end], card[end + 4:].lstrip("\n")
     return "", card
+
+
+def unit_title(kind: str) -> str:
+    """A unit kind's plural as a heading: "Query heads", "KV groups", "MLP channels", "Blocks"."""
+    plural = UNITS[kind].plural
+    return plural[0].upper() + plural[1:]
 
 
 def human_seconds(s: float) -> str:
@@ -202,8 +213,6 @@ def model_picker() -> state.ModelSpec | None:
 
 
 def _computes_on_cuda(device: str) -> bool:
-    import torch
-
     return device in ("auto", "cuda") and torch.cuda.is_available()
 
 
@@ -304,8 +313,6 @@ def option_widget(name: str, t, default, key: str, help_text: str | None):
 
 def criterion_options(crit, key_prefix: str):
     """Widgets for every field of ``crit.Options``; returns the options object (library defaults pre-filled)."""
-    from ..importance import make_options
-
     cls = crit.Options
     try:
         hints = typing.get_type_hints(cls)
@@ -347,8 +354,6 @@ def text_picker(part: str, key_prefix: str) -> TextChoice | None:
             return TextChoice("pasted", text) if text.strip() else None
         name = st.selectbox("Dataset", ["wikitext2", "c4", "ptb"], key=f"{key_prefix}_hf")
         if st.toggle("Load it", key=f"{key_prefix}_hf_go", help="Needs network or a local Hugging Face cache."):
-            from ..data import get_text
-
             return TextChoice(f"hf:{name}", get_text(f"hf:{name}", part))
         return None
     except Exception as e:  # noqa: BLE001 - TextError says what to do; others get a short message
@@ -382,8 +387,6 @@ def calibration_controls(loaded, key_prefix: str) -> CalibSettings:
 def build_calibration(loaded, cfg: CalibSettings):
     """Calibration windows for ``cfg`` (cached per process); raises TextError when the text is too short."""
     if cfg.text is None:
-        from ..errors import TextError
-
         raise TextError("Choose a calibration text first (the bundled one works offline).")
     return state.calibration(state.session_spec(), loaded.tokenizer, cfg.text.name, cfg.text.text,
                              cfg.n_samples, cfg.seq_len, cfg.seed)

@@ -17,6 +17,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from ..arch import UNITS
+from ..importance import available
+from .analysis import View, heatmap_data, removed_mask
+
 INK = "#1d2130"
 PRIMARY = "#5b5bd6"
 MUTED = "#9aa0b4"
@@ -153,35 +157,35 @@ def overlap_figure(names: Sequence[str], matrix: np.ndarray, kind_label: str, ra
 
 def kept_profile_figure(profile: Mapping[str, np.ndarray], title: str = "Kept per layer") -> go.Figure:
     """Grouped bars of the kept share per layer for query heads, KV groups and MLP channels."""
-    names = {"head": "query heads", "kv": "KV groups", "channel": "MLP channels"}
     fig = go.Figure()
     for i, (kind, share) in enumerate(profile.items()):
-        fig.add_trace(go.Bar(x=np.arange(len(share)), y=share, name=names.get(kind, kind),
-                             marker_color=SERIES[i % len(SERIES)],
-                             hovertemplate=f"layer %{{x}}: %{{y:.0%}} of {names.get(kind, kind)} kept<extra></extra>"))
+        name = UNITS[kind].plural
+        fig.add_trace(go.Bar(x=np.arange(len(share)), y=share, name=name, marker_color=SERIES[i % len(SERIES)],
+                             hovertemplate=f"layer %{{x}}: %{{y:.0%}} of {name} kept<extra></extra>"))
     fig.update_layout(barmode="group", bargap=0.25, legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
     fig.update_yaxes(tickformat=".0%", range=[0, 1.05], title="kept")
     fig.update_xaxes(title="layer", dtick=1 if len(next(iter(profile.values()), [])) <= 40 else None)
     return _base_layout(fig, title, 280)
 
 
-def sweep_figure(points: Sequence[Mapping], y: str = "ppl", dense: Mapping | None = None) -> go.Figure:
-    """Perplexity (or ``y``) vs parameters, one line per criterion; ``points`` are dicts with criterion, params, y."""
+def sweep_figure(points: Sequence, y: str = "ppl", dense=None) -> go.Figure:
+    """Perplexity (or the field ``y``) vs parameters, one line per criterion, of
+    :class:`pruneviz.evaluate.SweepPoint` s (``dense``: the dense model's point, drawn as a star)."""
     fig = go.Figure()
-    by_crit: dict[str, list[Mapping]] = {}
+    by_crit: dict[str, list] = {}
     for p in points:
-        if p.get(y) is not None:
-            by_crit.setdefault(p["criterion"], []).append(p)
+        if getattr(p, y) is not None:
+            by_crit.setdefault(p.criterion, []).append(p)
     for i, (crit, pts) in enumerate(sorted(by_crit.items())):
-        pts = sorted(pts, key=lambda p: p["params"])
+        pts = sorted(pts, key=lambda p: p.params)
         fig.add_trace(go.Scatter(
-            x=[p["params"] / 1e6 for p in pts], y=[p[y] for p in pts], mode="lines+markers", name=crit,
+            x=[p.params / 1e6 for p in pts], y=[getattr(p, y) for p in pts], mode="lines+markers", name=crit,
             line=dict(color=SERIES[i % len(SERIES)], width=2), marker=dict(size=8),
-            customdata=[[p.get("ratio", 0)] for p in pts],
+            customdata=[[p.ratio] for p in pts],
             hovertemplate=f"{crit}<br>ratio %{{customdata[0]:.0%}}<br>%{{x:.2f}} M params<br>{y} %{{y:.4g}}"
                           "<extra></extra>"))
-    if dense and dense.get(y) is not None:
-        fig.add_trace(go.Scatter(x=[dense["params"] / 1e6], y=[dense[y]], mode="markers", name="dense",
+    if dense is not None and getattr(dense, y) is not None:
+        fig.add_trace(go.Scatter(x=[dense.params / 1e6], y=[getattr(dense, y)], mode="markers", name="dense",
                                  marker=dict(symbol="star", size=15, color=INK),
                                  hovertemplate=f"dense<br>%{{x:.2f}} M params<br>{y} %{{y:.4g}}<extra></extra>"))
     label = {"ppl": "perplexity (log scale)", "ms_per_token": "latency, ms / token"}.get(y, y)
@@ -238,12 +242,15 @@ def token_diff_html(tokens: Sequence[str], dense_nll: Sequence[float], pruned_nl
 # ---- from importance maps ------------------------------------------------------------------------------------------
 
 def score_label(criterion: str) -> str:
-    """Colour-bar label: SlimGPT's map is the dense-model OBS error, others are importance scores."""
-    return "OBS error" if criterion == "slimgpt" else "score"
+    """Colour-bar label: what the criterion's numbers are (``Criterion.score_label``; "score" when unknown)."""
+    crit = available().get(criterion)
+    return crit.score_label if crit is not None else "score"
 
 
 def map_title(criterion: str, title: str, kind_plural: str) -> str:
-    suffix = " — dense-model OBS error" if criterion == "slimgpt" else ""
+    """A map's title; a solver's map (``Criterion.is_solver``) says it is the dense-model quantity it ranks by."""
+    crit = available().get(criterion)
+    suffix = f" — dense-model {crit.score_label}" if crit is not None and crit.is_solver else ""
     return f"{title}: {kind_plural}{suffix}"
 
 
@@ -254,17 +261,15 @@ def importance_figure(imap, kind: str, plan=None, scale: str = "score", view=Non
     ``kind`` is head / kv / channel / block; ``plan`` (optional) is drawn as removed cells; ``view`` an
     :class:`pruneviz.ui.analysis.View` (layer/unit zoom and channel bins).
     """
-    from .analysis import KIND_LABEL, KIND_PLURAL, View, heatmap_data, removed_mask
-
     scores = imap.get(kind)
     if scores is None:
         return None
     label = score_label(imap.criterion)
-    title = title or map_title(imap.criterion, imap.criterion, KIND_PLURAL[kind])
+    title = title or map_title(imap.criterion, imap.criterion, UNITS[kind].plural)
     if kind == "block":
         removed = removed_mask(plan, "block") if plan is not None else None
         return block_chart(scores.numpy(), removed, title=title, score_label=label, selectable=selectable)
     values, raw, removed, layers, cells = heatmap_data(scores.numpy(), kind, plan, scale, view or View())
     bar = {"score": label, "rank": "rank in layer", "log10": f"log10 {label}"}[scale]
-    return unit_heatmap(values, raw, removed, layers, cells, unit_label=KIND_LABEL[kind], title=title,
+    return unit_heatmap(values, raw, removed, layers, cells, unit_label=UNITS[kind].label, title=title,
                         colorbar=bar, selectable=selectable)

@@ -8,14 +8,28 @@ they depend on.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 
 import streamlit as st
 import torch
 
-from ..offload import execution_device
+from ..allocate import plan_from_ratios
+from ..arch import adapter_for, geometry_of
+from ..criteria.slimgpt import slimgpt_prune
+from ..data import text_hash
+from ..errors import PlanError
+from ..evaluate import PPLResult, next_token_top_k, perplexity, sweep, token_losses
+from ..export import card_evaluation, save_pruned
+from ..importance import Cancelled, available, compute
+from ..offload import execution_device, is_offloaded
+from ..plan import Plan, dense_params
+from ..recovery import recover
+from ..surgery import apply_plan
 from . import analysis, state
+from .state import EvalRecord, HistoryEntry, Preview, PrunedRecord, RecoveryRecord, TokenDiff
 from .work import Job
 
 # ---- speed and estimates ------------------------------------------------------------------------------------------
@@ -43,9 +57,6 @@ def forward_speed(loaded) -> float:
 
 def estimate(loaded, crit, options, n_samples: int, seq_len: int) -> dict:
     """The criterion's own cost estimate turned into seconds and bytes for display."""
-    from ..arch import geometry_of
-    from ..plan import dense_params
-
     est = crit.estimate(geometry_of(loaded.model), dense_params(loaded.model), n_samples, seq_len, options)
     tokens = est.get("forward_tokens", 0)
     factor = 3.0 if est.get("backward") else 1.0
@@ -58,10 +69,6 @@ def estimate(loaded, crit, options, n_samples: int, seq_len: int) -> dict:
 
 def offload_summary(loaded) -> str | None:
     """One line on where an offloaded base keeps its blocks and what that rules out (None when not offloaded)."""
-    from ..arch import adapter_for
-    from ..importance import available
-    from ..offload import is_offloaded
-
     where = loaded.info.get("offload")
     if not where:
         return None
@@ -84,8 +91,6 @@ def compute_importance(loaded, names: list[str], options: dict, calib) -> list[s
 
     Each finished map is kept even if a later one is cancelled or fails.
     """
-    from ..importance import Cancelled, available, compute
-
     crits, done = available(), []
     spec = state.session_spec()
     if calib is not None:
@@ -115,8 +120,6 @@ def compute_importance(loaded, names: list[str], options: dict, calib) -> list[s
 
 def width_range(loaded, settings: dict) -> dict:
     """The ``width_layers`` slider (first, last layer pruned in width) as ``skip_first`` / ``skip_last``."""
-    from ..arch import geometry_of
-
     n = geometry_of(loaded.model).n_layers
     lo, hi = settings.get("width_layers") or (0, n - 1)
     return {"skip_first": int(lo), "skip_last": int(n - 1 - hi)}
@@ -124,9 +127,6 @@ def width_range(loaded, settings: dict) -> dict:
 
 def build_plan(loaded, settings: dict):
     """A plan from the slider settings (allocation over the chosen map) with the session's manual edits on top."""
-    from ..allocate import plan_from_ratios
-    from ..plan import Plan
-
     imap = st.session_state["imaps"].get(settings.get("criterion") or "")
     head, chan = settings["head_pct"] / 100, settings["channel_pct"] / 100
     if imap is None or (head == 0 and chan == 0 and settings["block_count"] == 0):
@@ -145,8 +145,6 @@ def build_plan(loaded, settings: dict):
 
 def apply_current_plan(loaded, plan) -> bool:
     """Build the physically smaller model for ``plan`` into ``session_state.pruned``; True on success."""
-    from ..surgery import apply_plan
-
     calib = st.session_state.get("calib")
     tokens = calib.tokens if (plan.compensation and calib is not None) else None
     entry = history_entry(plan)
@@ -154,7 +152,7 @@ def apply_current_plan(loaded, plan) -> bool:
              done_label="Pruned model built") as job:
         t0 = time.perf_counter()
         model = apply_plan(loaded.model, plan, calibration=tokens, progress=job.progress)
-        rec = {"sha": plan.sha256(), "model": model, "plan": plan, "seconds": time.perf_counter() - t0}
+        rec = PrunedRecord(plan.sha256(), model, plan, time.perf_counter() - t0)
         state.save(lambda ss: ss.update(pruned=rec, masked=None))
         state.save(lambda ss: state.add_history(entry, ss))
     return job.ok
@@ -162,13 +160,12 @@ def apply_current_plan(loaded, plan) -> bool:
 
 def run_slimgpt(loaded, calib, target: float, schedule: str, attn_unit: str) -> bool:
     """Run the SlimGPT solver (plan + compensated model) into the session; True on success."""
-    from ..criteria.slimgpt import slimgpt_prune
-
     with Job("Running the SlimGPT solver…", key="slim_job", done_label="SlimGPT plan and model ready") as job:
+        t0 = time.perf_counter()
         plan, model = slimgpt_prune(loaded.model, calib, target, schedule=schedule, attn_unit=attn_unit,
                                     progress=job.progress, cancel=job.cancelled)
         plan = plan.with_provenance(criterion="slimgpt", strategy="slimgpt solver")
-        rec = {"sha": plan.sha256(), "model": model, "plan": plan, "seconds": 0.0}
+        rec = PrunedRecord(plan.sha256(), model, plan, time.perf_counter() - t0)
         entry = history_entry(plan, settings=None, edits=[])
 
         def update(ss):
@@ -179,22 +176,19 @@ def run_slimgpt(loaded, calib, target: float, schedule: str, attn_unit: str) -> 
     return job.ok
 
 
-def history_entry(plan, settings="session", edits="session", **metrics) -> dict:
-    """A history record of ``plan``: summary, plan JSON, the slider settings and edits that made it, metrics."""
+def history_entry(plan, settings="session", edits="session") -> HistoryEntry:
+    """A history record of ``plan``: summary, plan JSON, the slider settings and edits that made it."""
     settings = st.session_state.get("plan_settings") if settings == "session" else settings
     edits = st.session_state.get("edits", []) if edits == "session" else edits
-    return {"sha": plan.sha256(), "summary": "nothing removed" if plan.is_empty() else plan.summary(),
-            "criterion": plan.provenance.get("criterion", "manual"),
-            "strategy": plan.provenance.get("strategy", "manual"), "plan_json": plan.to_json(None),
-            "settings": json.dumps(settings), "edits": json.dumps(edits), **metrics}
+    return HistoryEntry(plan.sha256(), "nothing removed" if plan.is_empty() else plan.summary(),
+                        plan.provenance.get("criterion", "manual"), plan.provenance.get("strategy", "manual"),
+                        plan.to_json(None), json.dumps(settings), json.dumps(edits))
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
 
 def dense_ppl(loaded, key: str, text: str, protocol: str, job: Job):
     """Perplexity of the shared base (cached per process under ``key``: model, protocol and text)."""
-    from ..evaluate import perplexity
-
     hit = state.cached_result(key)
     if hit is not None:
         return hit
@@ -206,12 +200,10 @@ def dense_ppl(loaded, key: str, text: str, protocol: str, job: Job):
 
 
 def _dense_key(text: str, protocol: str) -> str:
-    from ..data import text_hash
-
     return f"ppl|{state.session_spec().key}|{protocol}|{text_hash(text, 64)}"
 
 
-def evaluate_pair(loaded, plan, text_name: str, text: str, protocol: str) -> dict | None:
+def evaluate_pair(loaded, plan, text_name: str, text: str, protocol: str) -> EvalRecord | None:
     """PPL of dense and of the plan's model under one protocol (and of the LoRA-recovered model when recovery ran);
     stored in ``session_state.evals``.
 
@@ -224,12 +216,9 @@ def evaluate_pair(loaded, plan, text_name: str, text: str, protocol: str) -> dic
     return out
 
 
-def _evaluate(loaded, plan, model, how: str, recovery: dict | None, text_name: str, text: str, protocol: str,
-              job: Job, entry: dict) -> dict | None:
+def _evaluate(loaded, plan, model, how: str, recovery: RecoveryRecord | None, text_name: str, text: str,
+              protocol: str, job: Job, entry: HistoryEntry) -> EvalRecord | None:
     """Dense, pruned and (with ``recovery``) pruned + LoRA perplexity into ``evals`` and the history."""
-    from ..evaluate import perplexity
-    from ..plan import dense_params
-
     dense = dense_ppl(loaded, _dense_key(text, protocol), text, protocol, job)
     job.note("Evaluating the pruned model…")
     pruned = perplexity(model, loaded.tokenizer, text, protocol, progress=job.prefixed("pruned: "),
@@ -237,22 +226,19 @@ def _evaluate(loaded, plan, model, how: str, recovery: dict | None, text_name: s
     lora = None
     if recovery is not None and pruned.complete:
         job.note("Evaluating the pruned model after LoRA recovery…")
-        lora = perplexity(recovery["model"], loaded.tokenizer, text, protocol,
+        lora = perplexity(recovery.model, loaded.tokenizer, text, protocol,
                           progress=job.prefixed("pruned + LoRA: "), cancel=job.cancelled)
     if not (dense.n_windows and pruned.n_windows):
         return None
     has_lora = lora is not None and lora.n_windows > 0
-    out = {"sha": plan.sha256(), "summary": entry["summary"], "text": text_name, "protocol": protocol,
-           "protocol_text": pruned.protocol.describe(), "dense_ppl": dense.ppl, "pruned_ppl": pruned.ppl,
-           "lora_ppl": lora.ppl if has_lora else None, "lora": recovery["tag"] if has_lora else None,
-           "tokens": pruned.n_tokens, "how": how,
-           "complete": bool(dense.complete and pruned.complete and (recovery is None or (has_lora and lora.complete))),
-           "seconds": pruned.seconds, "params": plan.param_count(loaded.model),
-           "dense_params": dense_params(loaded.model), "time": time.strftime("%H:%M:%S")}
-    metrics = {"ppl": out["pruned_ppl"], "dense_ppl": out["dense_ppl"], "protocol": protocol, "params": out["params"]}
-    if has_lora:
-        metrics["lora_ppl"] = out["lora_ppl"]
-    state.save(lambda ss: (append_once(ss["evals"], out), state.add_history({**entry, **metrics}, ss)))
+    complete = bool(dense.complete and pruned.complete and (recovery is None or (has_lora and lora.complete)))
+    out = EvalRecord(plan.sha256(), entry.summary, text_name, protocol, pruned.protocol.describe(), dense.ppl,
+                     pruned.ppl, pruned.n_tokens, how, complete, pruned.seconds, plan.param_count(loaded.model),
+                     dense_params(loaded.model), time.strftime("%H:%M:%S"), lora.ppl if has_lora else None,
+                     recovery.tag if has_lora else None)
+    measured = dataclasses.replace(entry, params=out.params, dense_ppl=out.dense_ppl, ppl=out.pruned_ppl,
+                                   lora_ppl=out.lora_ppl, protocol=protocol)
+    state.save(lambda ss: (append_once(ss["evals"], out), state.add_history(measured, ss)))
     return out
 
 
@@ -273,12 +259,9 @@ def recovery_seconds(loaded, options) -> float:
 def recover_pruned(loaded, plan, options, train_name: str, train_text: str, eval_name: str | None = None,
                    eval_text: str | None = None, protocol: str = "quick") -> bool:
     """LoRA-fine-tune a copy of the session's pruned model for ``plan`` (:func:`pruneviz.recovery.recover`) and keep
-    it as ``pruned["recovery"]``, then, with ``eval_text``, measure dense / pruned / pruned + LoRA perplexity into
-    ``evals``. The base and the pruned model stay unchanged; a cancelled run keeps the steps done so far (merged).
-    True when everything finished."""
-    from ..errors import PlanError
-    from ..recovery import recover
-
+    it as the pruned record's ``recovery``, then, with ``eval_text``, measure dense / pruned / pruned + LoRA
+    perplexity into ``evals``. The base and the pruned model stay unchanged; a cancelled run keeps the steps done so
+    far (merged). True when everything finished."""
     pruned = state.pruned_for(plan)
     if pruned is None:
         raise PlanError("build the pruned model for this plan first (Prune page); LoRA fine-tunes the built model")
@@ -289,8 +272,8 @@ def recover_pruned(loaded, plan, options, train_name: str, train_text: str, eval
         res = recover(pruned, loaded.tokenizer, train_text, options,
                       progress=lambda f, msg: job.progress(share * f, msg), cancel=job.cancelled)
         if res.steps_done:
-            rec = {"model": res.model, "losses": res.losses, "record": res.record, "tag": lora_tag(res.record),
-                   "cancelled": res.cancelled, "seconds": res.seconds, "text": train_name}
+            rec = RecoveryRecord(res.model, tuple(res.losses), res.record, lora_tag(res.record), res.cancelled,
+                                 res.seconds, train_name)
             state.save(lambda ss: _attach_recovery(ss, sha, rec))
             if eval_text is not None and not job.cancelled():
                 job.note("Evaluating dense, pruned and pruned + LoRA…")
@@ -299,60 +282,41 @@ def recover_pruned(loaded, plan, options, train_name: str, train_text: str, eval
     return job.ok
 
 
-def _attach_recovery(ss, sha: str, rec: dict) -> None:
+def _attach_recovery(ss, sha: str, rec: RecoveryRecord) -> None:
     cur = ss.get("pruned")
-    if cur and cur["sha"] == sha:  # the plan may have been rebuilt meanwhile: then the result belongs nowhere
-        ss["pruned"] = {**cur, "recovery": rec}
+    if cur is not None and cur.sha == sha:  # the plan may have been rebuilt meanwhile: then it belongs nowhere
+        ss["pruned"] = dataclasses.replace(cur, recovery=rec)
         ss["preview"] = None
 
 
 def discard_recovery(plan) -> None:
     """Forget the recovered model of ``plan``: chat, evaluation and export use the pruned model again."""
-    cur = st.session_state.get("pruned")
-    if cur and cur["sha"] == plan.sha256():
-        st.session_state["pruned"] = {k: v for k, v in cur.items() if k != "recovery"}
+    cur = state.pruned_record(plan)
+    if cur is not None:
+        st.session_state["pruned"] = dataclasses.replace(cur, recovery=None)
         st.session_state["preview"] = None
 
 
 def run_sweep(loaded, criteria: list[str], ratios: list[float], what: str, text_name: str, text: str,
               protocol: str, latency: bool) -> int:
-    """PPL (and optionally latency) over ratios per criterion, appended point by point to ``session_state.sweep``.
+    """:func:`pruneviz.evaluate.sweep` over the session's maps of ``criteria`` into ``session_state.sweep``;
+    returns how many points were added.
 
-    Points use masked models (same outputs as physically pruned ones), or built models when ``latency``.
-    """
-    from ..evaluate import perplexity
-    from ..surgery import apply_plan, masked_model
-
-    pairs = [(c, r) for c in criteria for r in ratios]
-    imaps, key = dict(st.session_state["imaps"]), _dense_key(text, protocol)
-    have_dense = any(p["criterion"] == "dense" and p["protocol"] == protocol and p["text"] == text_name
-                     and (not latency or p.get("ms_per_token")) for p in st.session_state["sweep"])
-    added = 0
-    with Job(f"Sweeping {len(pairs)} configurations…", key="sweep_job", done_label="Sweep finished") as job:
-        dense = dense_ppl(loaded, key, text, protocol, job)
-        if not have_dense and dense.complete:
-            _save_point(_dense_point(loaded, dense, protocol, text_name, latency))
-        for i, (crit, ratio) in enumerate(pairs):
-            if job.cancelled():
-                break
-            job.note(f"{crit} at {ratio:.0%} ({i + 1}/{len(pairs)})…")
-            plan = _sweep_plan(loaded, imaps[crit], ratio, what)
-            model = apply_plan(loaded.model, plan) if latency else masked_model(loaded.model, plan)
-            prog = lambda f, m="", i=i: job.progress((i + f) / len(pairs), f"{crit} {ratio:.0%}")  # noqa
-            res = perplexity(model, loaded.tokenizer, text, protocol, progress=prog, cancel=job.cancelled)
-            if not res.complete:
-                break
-            point = {"criterion": crit, "ratio": ratio, "what": what, "params": plan.param_count(loaded.model),
-                     "ppl": res.ppl, "protocol": protocol, "text": text_name, "plan_json": plan.to_json(None)}
-            if latency:
-                point["ms_per_token"] = _latency_ms(model, loaded.tokenizer)
-            _save_point(point)
-            added += 1
-    return added
-
-
-def _save_point(point: dict) -> None:
-    state.save(lambda ss: append_once(ss["sweep"], point))
+    The dense reference comes from the process cache (and is added once per text and protocol); a cancelled
+    sweep keeps the finished points (a point whose perplexity was cut short is dropped)."""
+    imaps = {c: st.session_state["imaps"][c] for c in criteria}
+    have_dense = any(p.criterion == "dense" and (not latency or p.ms_per_token)
+                     for p in state.sweep_points(protocol, text))
+    with Job(f"Sweeping {len(criteria) * len(ratios)} configurations…", key="sweep_job",
+             done_label="Sweep finished") as job:
+        dense: bool | PPLResult = False
+        if not have_dense:
+            dense = dense_ppl(loaded, _dense_key(text, protocol), text, protocol, job)
+        points = sweep(loaded.model, loaded.tokenizer, imaps, ratios, what, text, protocol, progress=job.progress,
+                       cancel=job.cancelled, latency=latency, dense=dense if dense and dense.complete else False)
+        done = [p for p in points if p.complete]
+        state.save(lambda ss: [append_once(ss["sweep"], p) for p in done])
+    return sum(p.criterion != "dense" for p in done)
 
 
 def append_once(items: list, item) -> None:
@@ -361,61 +325,19 @@ def append_once(items: list, item) -> None:
         items.append(item)
 
 
-def _dense_point(loaded, dense, protocol: str, text_name: str, latency: bool) -> dict:
-    from ..plan import dense_params
-
-    point = {"criterion": "dense", "ratio": 0.0, "what": "-", "params": dense_params(loaded.model),
-             "ppl": dense.ppl, "protocol": protocol, "text": text_name, "plan_json": None}
-    if latency:
-        point["ms_per_token"] = _latency_ms(loaded.model, loaded.tokenizer)
-    return point
-
-
-def _sweep_plan(loaded, imap, ratio: float, what: str):
-    from ..allocate import plan_from_ratios
-
-    if what == "blocks":
-        count = int(round(ratio * imap.geometry.n_layers))
-        return plan_from_ratios(loaded.model, imap, block_count=count)
-    head = ratio if what in ("width", "heads") else 0.0
-    chan = ratio if what in ("width", "channels") else 0.0
-    return plan_from_ratios(loaded.model, imap, head_ratio=head, channel_ratio=chan)
-
-
-def _latency_ms(model, tokenizer) -> float:
-    """Median greedy decoding latency per token at batch 1 (forced length, KV cache on)."""
-    from ..evaluate import measure_speed
-
-    res = measure_speed(model, tokenizer, new_tokens=16, batch_sizes=(1,), repeats=2, warmup=1, prefill_tokens=32)
-    return 1000.0 / res.batches[0].tokens_per_s
-
-
 # ---- instant preview ----------------------------------------------------------------------------------------------
 
-def quick_look(model, tokenizer, text: str, max_tokens: int = 64, top: int = 5) -> dict:
-    """Loss of ``model`` on the first ``max_tokens`` tokens of ``text`` and its top next-token guesses.
-
-    Returns ``{"ppl", "nll", "tokens", "next": [(token, prob), ...]}``; one forward pass plus one for the loss.
-    """
-    import math
-
-    from ..evaluate import token_losses
-
+def quick_look(model, tokenizer, text: str, max_tokens: int = 64, top: int = 5) -> Preview:
+    """Loss of ``model`` on the first ``max_tokens`` tokens of ``text`` (:func:`pruneviz.evaluate.token_losses`)
+    and its ``top`` next-token guesses (:func:`pruneviz.evaluate.next_token_top_k`)."""
     tokens, nll = token_losses(model, tokenizer, text, max_tokens=max_tokens)
     finite = [x for x in nll if math.isfinite(x)]
     mean = sum(finite) / max(len(finite), 1)
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    seq = torch.tensor([([bos] if bos is not None else []) + list(ids)],
-                       device=execution_device(model))  # [1, T]
-    with torch.inference_mode():
-        probs = model(input_ids=seq, use_cache=False).logits[0, -1].float().softmax(-1)  # [V]
-    p, idx = probs.topk(top)
-    nxt = [(tokenizer.decode([int(i)]), float(q)) for q, i in zip(p, idx)]
-    return {"ppl": math.exp(mean), "nll": nll, "tokens": tokens, "next": nxt}
+    nxt = next_token_top_k(model, tokenizer, text, k=top, max_tokens=max_tokens)
+    return Preview(math.exp(mean), tuple(nll), tuple(tokens), tuple(nxt))
 
 
-def preview_pair(loaded, plan, text: str) -> tuple[dict, dict]:
+def preview_pair(loaded, plan, text: str) -> tuple[Preview, Preview]:
     """:func:`quick_look` of the dense model (cached per process) and of the plan's model (the built one if there
     is one, else the masked preview; cached per session for the last plan and text), so reruns that change
     neither cost nothing."""
@@ -433,3 +355,39 @@ def preview_pair(loaded, plan, text: str) -> tuple[dict, dict]:
         rec = (mine, quick_look(model, loaded.tokenizer, text))
         st.session_state["preview"] = rec
     return dense, rec[1]
+
+
+def token_diff(loaded, plan, model, text: str, max_tokens: int) -> TokenDiff:
+    """Per-token losses of the dense base and of ``model`` (the plan's) on ``text``, into ``session_state``."""
+    toks, dense = token_losses(loaded.model, loaded.tokenizer, text, max_tokens=max_tokens)
+    _, pruned = token_losses(model, loaded.tokenizer, text, max_tokens=max_tokens)
+    diff = TokenDiff(tuple(toks), tuple(dense), tuple(pruned), plan.sha256())
+    st.session_state["tokdiff"] = diff
+    return diff
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+
+def card_evaluation_for(plan) -> dict | None:
+    """The model card's evaluation entries from the latest finished evaluation of ``plan`` (LoRA perplexity only
+    when it was measured on the recovery being exported); None when there is none."""
+    e, recovery = state.latest_eval(plan, complete_only=True), state.recovery_for(plan)
+    if e is None:
+        return None
+    lora = e.lora_ppl if recovery is not None and e.lora == recovery.tag else None
+    return card_evaluation(e.pruned_ppl, e.dense_ppl, e.text, e.protocol_text, lora)
+
+
+def export_checkpoint(loaded, plan, folder, overwrite: bool) -> bool:
+    """Write and verify the plan's built (or recovered) model at ``folder`` (:func:`pruneviz.export.save_pruned`)
+    into ``session_state.export``; True on success."""
+    model = state.built_for(plan)
+    if model is None:
+        raise PlanError("build the pruned model for this plan first (Prune page)")
+    evaluation = card_evaluation_for(plan)
+    with Job("Exporting and verifying…", key="ex_job", cancellable=False, done_label="Checkpoint exported") as job:
+        job.progress(0.1, "writing weights, tokenizer, plan and model card")
+        report = save_pruned(model, loaded.tokenizer, folder, plan=plan, evaluation=evaluation, overwrite=overwrite)
+        state.save(lambda ss: ss.update(export=state.ExportRecord(plan.sha256(), report)))
+        job.progress(1.0, "reloaded and compared")
+    return job.ok

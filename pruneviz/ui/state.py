@@ -16,19 +16,28 @@ import copy
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import streamlit as st
 import torch
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
+from ..data import calibration_windows, load_text_file, split_default, text_hash
 from ..errors import TextError
+from ..evaluate import SweepPoint
+from ..importance import Calibration, ImportanceMap
+from ..loading import LoadedModel, load_model, load_offloaded
 from ..plan import BaseIdentity, Plan
 from ..progress import Progress
+from ..surgery import masked_model
+from ..testing import tiny_model, tiny_tokenizer
 from .compat import ScriptControlException
 
 ENV_MODEL = "PRUNEVIZ_MODEL"
@@ -106,9 +115,6 @@ def shared() -> SharedStore:
 
 
 def _load_tiny(spec: ModelSpec):
-    from ..loading import LoadedModel
-    from ..testing import tiny_model, tiny_tokenizer
-
     t0 = time.perf_counter()
     model, tok = tiny_model("llama"), tiny_tokenizer()
     return LoadedModel(model, tok, TINY, "tiny random LLaMA (test model)", torch.device("cpu"), torch.float32,
@@ -117,11 +123,6 @@ def _load_tiny(spec: ModelSpec):
 
 def _load_offloaded(spec: ModelSpec):
     """:func:`pruneviz.loading.load_offloaded` into an offload folder of its own, removed with the model."""
-    import shutil
-    import weakref
-
-    from ..loading import load_offloaded
-
     folder = tempfile.mkdtemp(prefix="pruneviz-offload-")
     try:
         loaded = load_offloaded(spec.source, device=spec.device, dtype=spec.dtype, offload=spec.offload,
@@ -150,8 +151,6 @@ def load_base(spec: ModelSpec, progress: Progress | None = None):
         elif spec.is_offloaded:
             loaded = _load_offloaded(spec)
         else:
-            from ..loading import load_model
-
             loaded = load_model(spec.source, device=spec.device, dtype=spec.dtype,
                                 trust_remote_code=spec.trust_remote_code, progress=progress)
         store.remember(store.models, spec.key, loaded, MAX_MODELS)
@@ -160,6 +159,127 @@ def load_base(spec: ModelSpec, progress: Progress | None = None):
 
 def is_loaded(spec: ModelSpec) -> bool:
     return spec.key in shared().models
+
+
+# ---- typed records of what a session made -----------------------------------------------------------------------
+#
+# Frozen: a record is replaced (``dataclasses.replace``), never edited, so a queued update (see :func:`save`) or a
+# table built from an older list can never see a half-changed one.
+
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """A LoRA recovery of the session's pruned model (:func:`pruneviz.recovery.recover`), run on a copy of it.
+
+    ``record`` is the library's record of the run (settings, steps done, trainable parameters), ``tag`` its short
+    name in tables, ``text`` the name of the training text."""
+
+    model: Any
+    losses: tuple[float, ...]
+    record: dict
+    tag: str
+    cancelled: bool
+    seconds: float
+    text: str
+
+
+@dataclass(frozen=True)
+class PrunedRecord:
+    """The session's physically smaller model, built from ``plan`` (sha ``sha``) in ``seconds``
+    (for a solver: the solver run that made plan and model together), with its LoRA ``recovery`` once one ran."""
+
+    sha: str
+    model: Any
+    plan: Plan
+    seconds: float
+    recovery: RecoveryRecord | None = None
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """Dense, pruned and (after LoRA recovery) pruned + LoRA perplexity of one plan under one protocol and text.
+
+    ``complete`` is False for a cancelled evaluation (the numbers cover the windows done); ``how`` says which model
+    stood for "pruned" (masked preview, physically pruned, + LoRA); ``lora`` is the recovery's tag."""
+
+    sha: str
+    summary: str
+    text: str
+    protocol: str
+    protocol_text: str
+    dense_ppl: float
+    pruned_ppl: float
+    tokens: int
+    how: str
+    complete: bool
+    seconds: float
+    params: int
+    dense_params: int
+    time: str
+    lora_ppl: float | None = None
+    lora: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """A configuration that was tried: the plan (JSON), the slider settings and edits that made it (JSON text, to
+    restore the Prune page), and the latest metrics measured on it."""
+
+    sha: str
+    summary: str
+    criterion: str
+    strategy: str
+    plan_json: dict
+    settings: str = "null"
+    edits: str = "[]"
+    n: int = 0
+    time: str = ""
+    params: int | None = None
+    dense_ppl: float | None = None
+    ppl: float | None = None
+    lora_ppl: float | None = None
+    protocol: str | None = None
+
+    def updated(self, other: "HistoryEntry") -> "HistoryEntry":
+        """This entry (its number and time) with every field ``other`` sets (not None) taken from ``other``."""
+        keep = {"n", "time"}
+        return replace(self, **{k: v for k, v in asdict_shallow(other).items() if v is not None and k not in keep})
+
+    def row(self) -> dict:
+        """The columns of the History table."""
+        return {k: v for k, v in asdict_shallow(self).items() if k not in ("plan_json", "settings", "edits")}
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Loss of a model on the first tokens of a short text and its top next-token guesses (the Prune preview)."""
+
+    ppl: float
+    nll: tuple[float, ...]
+    tokens: tuple[str, ...]
+    next: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class TokenDiff:
+    """Per-token losses of the dense and the pruned model on one text, computed for the plan ``sha``."""
+
+    tokens: tuple[str, ...]
+    dense: tuple[float, ...]
+    pruned: tuple[float, ...]
+    sha: str
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """The last export: the plan's sha and the library's :class:`pruneviz.export.ExportReport`."""
+
+    sha: str
+    report: Any
+
+
+def asdict_shallow(record) -> dict:
+    """A record's fields as a dict, values as they are (``dataclasses.asdict`` would deep-copy models)."""
+    return {f: getattr(record, f) for f in record.__dataclass_fields__}
 
 
 # ---- per-session state --------------------------------------------------------------------------------------------
@@ -173,16 +293,15 @@ SESSION_DEFAULTS: dict[str, Any] = {
     "edits": [],  # manual edits (kind, layer, indices, remove) applied on top of the allocation
     "imaps": {},  # criterion name -> ImportanceMap
     "calib": None,  # Calibration last used
-    "pruned": None,  # {"sha", "model", "seconds", "plan"[, "recovery"]}: this session's physically smaller model;
-    # "recovery" ({"model", "losses", "record", "tag", ...}) once LoRA recovery ran on a copy of it
+    "pruned": None,  # PrunedRecord: this session's physically smaller model (and its LoRA recovery)
     "masked": None,  # (plan sha, masked view)
-    "preview": None,  # ((plan sha, text), quick look of the masked view)
-    "history": [],  # configurations tried
+    "preview": None,  # ((plan sha, text, model id), Preview of the plan's model)
+    "history": [],  # [HistoryEntry]: configurations tried
     "chat": [],  # [{"prompt", "dense", "pruned", "dense_stats", "pruned_stats"}]
-    "evals": [],  # evaluation results (dicts)
-    "sweep": [],  # sweep points (dicts)
-    "tokdiff": None,  # per-token losses of dense and pruned on one text
-    "export": None,  # ExportReport of the last export
+    "evals": [],  # [EvalRecord]
+    "sweep": [],  # [pruneviz.evaluate.SweepPoint] of the text (text_sha256) and protocol they were measured on
+    "tokdiff": None,  # TokenDiff: per-token losses of dense and pruned on one text
+    "export": None,  # ExportRecord of the last export
     "notices": [],  # messages shown once on the next run
 }
 PAGE_WIDGET_PREFIXES = ("imp_", "pr_", "ev_", "ex_", "_costs")
@@ -233,8 +352,6 @@ def notify(message: str, icon: str = "ℹ️") -> None:
 # otherwise queued in the shared store and applied by :func:`drain` at the session's next run.
 
 def session_id() -> str:
-    from streamlit.runtime.scriptrunner import get_script_run_ctx
-
     ctx = get_script_run_ctx(suppress_warning=True)
     return ctx.session_id if ctx is not None else "bare"
 
@@ -297,30 +414,59 @@ def set_plan(plan: Plan, settings: dict | None = None, edits: list | None = None
     ss["prune_seen"] = ss.get("prune_ui")
 
 
+def pruned_record(plan: Plan) -> PrunedRecord | None:
+    """The session's :class:`PrunedRecord` if it was built from ``plan`` (else None)."""
+    rec = st.session_state.get("pruned")
+    return rec if rec is not None and rec.sha == plan.sha256() else None
+
+
 def pruned_for(plan: Plan):
     """The session's physically pruned model if it was built from ``plan`` (else None)."""
-    rec = st.session_state.get("pruned")
-    return rec["model"] if rec and rec["sha"] == plan.sha256() else None
+    rec = pruned_record(plan)
+    return rec.model if rec is not None else None
 
 
-def recovery_for(plan: Plan) -> dict | None:
-    """The LoRA recovery of the session's pruned model for ``plan`` (see :func:`pruneviz.ui.services.recover_pruned`):
-    ``{"model", "losses", "record", "tag", "cancelled", "seconds", "text"}``, or None if there is none."""
-    rec = st.session_state.get("pruned")
-    return rec.get("recovery") if rec and rec["sha"] == plan.sha256() else None
+def recovery_for(plan: Plan) -> RecoveryRecord | None:
+    """The LoRA recovery of the session's pruned model for ``plan`` (see :func:`pruneviz.ui.services.recover_pruned`),
+    or None if there is none."""
+    rec = pruned_record(plan)
+    return rec.recovery if rec is not None else None
 
 
 def built_for(plan: Plan):
     """The model chat, evaluation and export use for ``plan``: the LoRA-recovered one when recovery ran, else the
     physically pruned one (None if neither was built). The pruned model itself is kept unchanged."""
     recovery = recovery_for(plan)
-    return recovery["model"] if recovery else pruned_for(plan)
+    return recovery.model if recovery else pruned_for(plan)
+
+
+def evals_for(plan: Plan, complete_only: bool = False) -> list[EvalRecord]:
+    """The session's evaluations of ``plan``, oldest first (only finished ones with ``complete_only``)."""
+    sha = plan.sha256()
+    return [e for e in st.session_state.get("evals", []) if e.sha == sha and (e.complete or not complete_only)]
+
+
+def latest_eval(plan: Plan, complete_only: bool = False) -> EvalRecord | None:
+    """The session's most recent evaluation of ``plan`` (None if there is none)."""
+    mine = evals_for(plan, complete_only)
+    return mine[-1] if mine else None
+
+
+def export_for(plan: Plan) -> ExportRecord | None:
+    """The session's last export if it was of ``plan``."""
+    rec = st.session_state.get("export")
+    return rec if rec is not None and rec.sha == plan.sha256() else None
+
+
+def sweep_points(protocol: str, text: str | None) -> list[SweepPoint]:
+    """The session's sweep points measured under ``protocol`` on ``text`` (any text when None)."""
+    sha = text_hash(text) if text is not None else None
+    return [p for p in st.session_state.get("sweep", []) if p.protocol == protocol
+            and (sha is None or p.text_sha256 == sha)]
 
 
 def masked_for(loaded, plan: Plan):
     """A masked preview of ``plan`` on the shared base (shares tensors; hooks live on the clone only)."""
-    from ..surgery import masked_model
-
     sha = plan.sha256()
     rec = st.session_state.get("masked")
     if rec and rec[0] == sha:
@@ -337,21 +483,21 @@ def compare_model(loaded, plan: Plan, lora: bool = True) -> tuple[Any, str]:
         return loaded.model, "dense (the plan is empty)"
     recovery = recovery_for(plan) if lora else None
     if recovery is not None:
-        return recovery["model"], f"physically pruned + LoRA recovery ({recovery['tag']})"
+        return recovery.model, f"physically pruned + LoRA recovery ({recovery.tag})"
     physical = pruned_for(plan)
     if physical is not None:
         return physical, "physically pruned"
     return masked_for(loaded, plan), "masked preview (apply the plan on the Prune page for the real thing)"
 
 
-def add_history(entry: dict, ss=None) -> None:
-    """Record a configuration that was tried (plan JSON, settings, metrics); same plan updates its entry."""
+def add_history(entry: HistoryEntry, ss=None) -> None:
+    """Record a configuration that was tried (plan JSON, settings, metrics); the same plan updates its entry."""
     hist = (st.session_state if ss is None else ss).setdefault("history", [])
-    for old in hist:
-        if old["sha"] == entry["sha"]:
-            old.update({k: v for k, v in entry.items() if v is not None})
+    for i, old in enumerate(hist):
+        if old.sha == entry.sha:
+            hist[i] = old.updated(entry)
             return
-    hist.append({"n": len(hist) + 1, "time": time.strftime("%H:%M:%S"), **entry})
+    hist.append(replace(entry, n=len(hist) + 1, time=time.strftime("%H:%M:%S")))
 
 
 # ---- importance maps, texts, calibration --------------------------------------------------------------------------
@@ -363,8 +509,6 @@ def imap_key(spec: ModelSpec, name: str, options, calib_desc: dict | None) -> st
 
 
 def cached_imap(key: str):
-    from ..importance import ImportanceMap
-
     d = shared().imaps.get(key)
     return None if d is None else ImportanceMap.from_dict(copy.deepcopy(d))
 
@@ -377,8 +521,6 @@ def default_texts() -> tuple[str, str]:
     """The bundled (calibration, evaluation) texts, split once per process."""
     store = shared()
     if "default_calib" not in store.texts:
-        from ..data import split_default
-
         calib, evals = split_default()
         store.texts.update(default_calib=calib, default_eval=evals)
     return store.texts["default_calib"], store.texts["default_eval"]
@@ -386,9 +528,6 @@ def default_texts() -> tuple[str, str]:
 
 def calibration(spec: ModelSpec, tokenizer, text_name: str, text: str, n: int, seq_len: int, seed: int):
     """Calibration windows for the session's model (tokenised once per process per setting)."""
-    from ..data import calibration_windows, text_hash
-    from ..importance import Calibration
-
     sha = text_hash(text, 64)
     key = json.dumps([spec.key, sha, n, seq_len, seed])
     tokens = shared().windows.get(key)
@@ -400,8 +539,6 @@ def calibration(spec: ModelSpec, tokenizer, text_name: str, text: str, n: int, s
 
 def read_upload(uploaded, max_mb: int = MAX_UPLOAD_MB) -> str:
     """Text of an uploaded file, with the size limit and the checks of :func:`pruneviz.data.load_text_file`."""
-    from ..data import load_text_file
-
     size = getattr(uploaded, "size", None) or len(uploaded.getvalue())
     if size > max_mb * 1_000_000:
         raise TextError(f"{uploaded.name} is {size / 1e6:.1f} MB; the limit is {max_mb} MB. Upload an excerpt.")

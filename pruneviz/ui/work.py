@@ -17,7 +17,9 @@ import logging
 
 import streamlit as st
 
-from ..errors import PrunevizError
+from ..errors import PrunevizError, is_oom, oom_advice
+from ..progress import Cancelled
+from . import state
 from .compat import ScriptControlException
 
 log = logging.getLogger("pruneviz.app")
@@ -27,8 +29,6 @@ def error_text(exc: BaseException) -> str:
     """A user-facing message for ``exc``: the library's advice, or a short description plus what to try."""
     if isinstance(exc, PrunevizError):
         return str(exc)
-    from ..errors import is_oom, oom_advice
-
     if is_oom(exc):
         return str(oom_advice(exc, "running this step"))
     detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
@@ -60,8 +60,6 @@ class Job:
         self.ok = False
 
     def __enter__(self) -> "Job":
-        from . import state
-
         self.sid = state.session_id()
         state.shared().busy[self.sid] = self.label.rstrip("…. ")
         self.box = st.status(self.label, expanded=True)
@@ -99,8 +97,6 @@ class Job:
                 self.interrupt = e
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        from . import state
-
         try:
             return self._finish(exc)
         finally:
@@ -110,9 +106,7 @@ class Job:
         if isinstance(exc, ScriptControlException):
             return False
         if self.interrupt is not None:
-            from .state import notify
-
-            notify(self.cancel_note, "⏹️")
+            state.notify(self.cancel_note, "⏹️")
             raise self.interrupt
         self._cancel_slot.empty()
         if exc is None:
@@ -120,8 +114,6 @@ class Job:
             self.box.update(label=self.done_label or self.label.rstrip("…") + " — done", state="complete",
                             expanded=False)
             return False
-        from ..importance import Cancelled
-
         self.error = exc
         if isinstance(exc, Cancelled):
             self.box.update(label=self.label.rstrip("…") + " — cancelled", state="error", expanded=False)
