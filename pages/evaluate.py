@@ -13,6 +13,7 @@ from pruneviz.recovery import SCHEDULES, LoRAOptions
 from pruneviz.ui import analysis, figures, services, state
 from pruneviz.ui import components as ui
 from pruneviz.ui.work import show_error
+from pruneviz.ui.zeroshot_panel import zeroshot_panel
 
 loaded = ui.page("Evaluate", "Perplexity under one stated protocol, trade-off curves per criterion, where the loss "
                  "changes token by token, and every configuration you tried.")
@@ -62,6 +63,7 @@ if evals:
             "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
             "pruned_ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g"),
             "lora_ppl": st.column_config.NumberColumn("pruned + LoRA PPL", format="%.4g")})
+zeroshot_panel(loaded, plan, text, protocol)
 
 # ==== 2. LoRA recovery ===============================================================================================
 st.subheader("Recover (LoRA)", anchor=False)
@@ -115,11 +117,11 @@ imaps = st.session_state["imaps"]
 if not imaps:
     st.caption("Compute importance maps first to sweep over pruning ratios.")
 else:
-    c1, c2, c3 = st.columns([2, 2, 1])
+    c1, c3 = st.columns([3, 1])
     sweep_crits = c1.multiselect("Criteria", list(imaps), default=list(imaps)[:2], key="ev_sweep_crits",
                                  format_func=lambda n: crits[n].title if n in crits else n)
-    ratios = c2.pills("Ratios", [10, 20, 30, 40, 50, 60, 70], selection_mode="multi", default=[10, 30, 50],
-                      format_func=lambda r: f"{r}%", key="ev_sweep_ratios")
+    ratios = st.pills("Ratios", [10, 20, 30, 40, 50, 60, 70], selection_mode="multi", default=[10, 30, 50],
+                      format_func=lambda r: f"{r}%", key="ev_sweep_ratios")  # its own row: pills wrap
     what = c3.selectbox("Prune", list(SWEEP_WHAT), key="ev_sweep_what",
                         help="width: attention and MLP at the same ratio · blocks: that share of whole layers.")
     latency = st.toggle("Also measure latency (builds each pruned model; slower)", key="ev_sweep_latency")

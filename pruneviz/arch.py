@@ -19,13 +19,16 @@ down projection's input column for channel ``c`` is ``c``: zeroing those columns
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterable
 
 import torch
+import transformers as tf
 from torch import nn
 
-from .errors import PlanError
+from .errors import CriterionError, PlanError
+from .modeling_pruneviz import install_alibi_hook, install_layer_config
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Geometry:
 
     def describe(self) -> str:
         gqa = f"{self.n_kv} KV groups of {self.group_size}" if self.n_kv != self.n_heads else "multi-head"
+        gqa = "multi-query: one KV head" if self.n_kv == 1 < self.n_heads else gqa
         return (f"{self.family}/{self.model_type}: {self.n_layers} blocks, {self.n_heads} query heads "
                 f"({gqa}), head_dim {self.head_dim}, MLP {self.n_channels}, hidden {self.hidden}")
 
@@ -147,6 +151,12 @@ class Adapter:
     attn_modules: ClassVar[tuple[str, ...]]  # every attention projection touched by head/kv slices
     kv_proj: ClassVar[str | None] = None  # key projection, when separate (None: fused qkv of multi-head attention)
     mlp_modules: ClassVar[tuple[str, ...]]
+    # what a family changes beyond shapes (see the module docstring's last section)
+    norm_offset: ClassVar[float] = 0.0  # its norms scale by (norm_offset + w): Gemma's (1 + w) RMSNorm has 1
+    post_norms: ClassVar[tuple[str, ...]] = ()  # norms of the attention / MLP *outputs* before the residual add
+    proj_norms: ClassVar[dict[str, str]] = {}  # projection -> norm over its whole output (OLMo 2's q/k norms)
+    layer_lists: ClassVar[tuple[str, ...]] = ("layer_types",)  # per-layer config lists that depth pruning re-indexes
+    note: ClassVar[str] = ""  # said wherever the family is shown (the generic llama-like adapter says so)
 
     # ---- geometry -------------------------------------------------------------------------------------------
     def geometry(self, config) -> Geometry:
@@ -216,6 +226,33 @@ class Adapter:
         """The hidden-state input of a decoder layer call (used to skip a block as the identity)."""
         return args[0] if args else kwargs["hidden_states"]
 
+    # ---- what surgery does beyond slicing projections ---------------------------------------------------------
+    def resize_norms(self, layer: nn.Module, drops: dict[tuple[str, str], set[int]]) -> dict:
+        """After surgery sliced ``layer``'s projections (``drops``: (path, axis) -> removed features), resize the
+        whole-projection norms of :attr:`proj_norms` exactly (:func:`resize_projection_norm`); returns the layout
+        entries that :func:`pruneviz.modeling_pruneviz.apply_layout` replays on reload."""
+        norms = {}
+        for proj, norm in self.proj_norms.items():
+            gone = drops.get((proj, "out"))
+            if gone:
+                norms[norm] = resize_projection_norm(get_path(layer, norm), gone, self.norm_offset)
+        return {"norms": norms} if norms else {}
+
+    def norm_slices(self, slices: list[Slice]) -> list[Slice]:
+        """Entries of whole-projection norms (:attr:`proj_norms`) that go with a unit's ``slices``: a unit owning rows
+        of a normed projection owns the same entries of its norm's weight."""
+        return [Slice(self.proj_norms[s.module], "out", s.index) for s in slices
+                if s.axis == "out" and s.module in self.proj_norms]
+
+    def stock_fields(self, spec: dict, g: Geometry) -> dict | None:
+        """Config fields that express layer layout ``spec`` (every layer pruned alike) in the family's stock config,
+        or None when the config cannot (then the export uses the pruneviz format)."""
+        return None
+
+    def norm_weight(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """The scale a block parameter ``name`` applies: ``norm_offset + w`` for 1-D norm weights, else ``p``."""
+        return p + self.norm_offset if p.ndim == 1 and self.norm_offset else p
+
 
 def get_path(root: nn.Module, path: str):
     obj = root
@@ -224,15 +261,41 @@ def get_path(root: nn.Module, path: str):
     return obj
 
 
+def norm_eps_attr(norm: nn.Module) -> str:
+    """Name of an RMSNorm's epsilon attribute (``variance_epsilon`` in LLaMA-style code, ``eps`` in Gemma's)."""
+    return "variance_epsilon" if hasattr(norm, "variance_epsilon") else "eps"
+
+
+def resize_projection_norm(norm: nn.Module, gone: set[int], offset: float = 0.0) -> list:
+    """Remove features ``gone`` from an RMSNorm over a whole projection output (OLMo 2's q/k norms), exactly.
+
+    Removing a unit means zeroing everything it owns, so in the dense model its features enter the norm's mean
+    square as zeros: ``y_i = x_i·s_i / sqrt(S/N + eps)`` with ``S`` the kept features' sum of squares, ``N`` all
+    features, ``s = offset + w``. Over the ``K`` kept features alone that is ``y_i = x_i·s_i·sqrt(N/K) /
+    sqrt(S/K + eps·N/K)``: the kept scales times ``sqrt(N/K)`` and ``eps·N/K`` reproduce it for every input. Mutates
+    ``norm``; returns its layout entry ``[K, eps attribute, new eps]``.
+    """
+    w = norm.weight.detach()
+    n = w.shape[0]
+    keep = torch.tensor([i for i in range(n) if i not in gone], dtype=torch.long, device=w.device)
+    ratio = n / len(keep)
+    scaled = (w.index_select(0, keep).double() + offset) * ratio ** 0.5 - offset  # [K]
+    norm.weight = nn.Parameter(scaled.to(w.dtype), requires_grad=norm.weight.requires_grad)
+    attr = norm_eps_attr(norm)
+    setattr(norm, attr, float(getattr(norm, attr)) * ratio)
+    return [len(keep), attr, getattr(norm, attr)]
+
+
 class LlamaAdapter(Adapter):
-    """LLaMA family with grouped-query attention: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms).
+    """LLaMA family with grouped-query attention: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms), granite
+    (embedding, residual, attention and logit multipliers: constants of the config that no unit owns).
 
     Query head ``h`` reads KV group ``h // group_size`` (HF ``repeat_kv``). Per-head q/k norms (qwen3) act on
     ``head_dim`` and are shared by all heads, so they are not sliced.
     """
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "granite")
     layers_path = "model.layers"
     attn_out = "self_attn.o_proj"
     kv_proj = "self_attn.k_proj"
@@ -264,6 +327,114 @@ class LlamaAdapter(Adapter):
         if n_heads % n_kv:
             raise PlanError(f"{n_heads} query heads cannot share {n_kv} KV groups equally")
         layer.self_attn.num_key_value_groups = n_heads // n_kv
+
+    def kv_width(self, shapes: dict, g: Geometry) -> int:
+        """Key features of a layer whose resized projections have ``shapes`` (path -> [out, in, bias])."""
+        return shapes.get(self.kv_proj, [g.n_kv * g.head_dim])[0]
+
+    def stock_fields(self, spec, g):
+        if set(spec) - {"shapes", "attrs"}:  # resized norms: the config has one epsilon for every norm
+            return None
+        shapes = spec["shapes"]
+        o_in = shapes.get(self.attn_out, [g.hidden, g.n_heads * g.head_dim])[1]
+        kv = self.kv_width(shapes, g)
+        return {"num_attention_heads": o_in // g.head_dim, "num_key_value_heads": kv // g.head_dim,
+                "head_dim": g.head_dim, "intermediate_size": shapes.get(self.mlp_out, [g.hidden, g.n_channels])[1]}
+
+
+class SmolLM3Adapter(LlamaAdapter):
+    """SmolLM3: LLaMA names; every fourth layer has no rotary embedding (``config.no_rope_layers``, read by each
+    attention at construction), so depth pruning re-indexes that list with ``layer_types``."""
+
+    family = "smollm3"
+    model_types = ("smollm3",)
+    layer_lists = ("layer_types", "no_rope_layers")
+
+
+class GemmaAdapter(LlamaAdapter):
+    """Gemma 2 and Gemma 3 text models (``gemma2``, ``gemma3_text``): LLaMA names; beyond shapes:
+
+    - ``head_dim`` is explicit and unrelated to the hidden size (read from the config, as every adapter does);
+    - RMSNorms scale by ``1 + w`` (:attr:`norm_offset`), which is what a magnitude score of a norm reads;
+    - four norms per block: ``post_attention_layernorm`` and ``post_feedforward_layernorm`` normalise the attention
+      and MLP outputs before the residual add, so compensations that assume the output projection adds straight to
+      the residual (FLAP's bias, SlimGPT's OBS objective) are refused (:func:`check_residual_outputs`);
+    - embeddings scaled by ``sqrt(hidden)``, sliding/global ``layer_types``, attention-logit soft-capping
+      (Gemma 2), per-head q/k norms shared by all heads (Gemma 3), GeGLU MLP: nothing a unit owns;
+    - small models use multi-query attention (one KV head): query heads are then the attention unit, and removing
+      them leaves the KV cache as it is.
+    """
+
+    family = "gemma"
+    model_types = ("gemma2", "gemma3_text")
+    norm_offset = 1.0
+    post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+class Olmo2Adapter(LlamaAdapter):
+    """OLMo 2: LLaMA names, norms *after* attention and MLP (``post_attention_layernorm`` normalises the attention
+    output here, not the MLP input), and q/k RMSNorms over the *whole* projection (``H·d`` and ``G·d`` features).
+
+    Removing a head changes that norm's statistics for the heads that stay. Surgery keeps the meaning "the dense
+    model with everything the unit owns zeroed" (its q/k features enter the mean square as zeros): the kept
+    scales are multiplied by ``sqrt(N/K)`` and epsilon by ``N/K`` (:func:`resize_projection_norm`), which is exact
+    for every input; the masked preview zeroes the removed features before the norm. Per-layer epsilons are not
+    expressible in the stock config, so such exports use the pruneviz format.
+    """
+
+    family = "olmo2"
+    model_types = ("olmo2",)
+    post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
+    proj_norms = {"self_attn.q_proj": "self_attn.q_norm", "self_attn.k_proj": "self_attn.k_norm"}
+
+
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3 / Phi-4 (``phi3``): fused ``qkv_proj`` (output features ``[q: H·d | k: G·d | v: G·d]``) and fused
+    ``gate_up_proj`` (``[gate: C | up: C]``, split by ``chunk(2)``): a unit's rows live in two or three parts of one
+    matrix. Its attention reads the query width from ``config.num_attention_heads`` at every call, so a pruned
+    layer's attention gets its own view of the config (:func:`pruneviz.modeling_pruneviz.install_layer_config`).
+    """
+
+    family = "phi3"
+    model_types = ("phi3",)
+    kv_proj = None
+    attn_modules = ("self_attn.qkv_proj", "self_attn.o_proj")
+    mlp_modules = ("mlp.gate_up_proj", "mlp.down_proj")
+
+    def q_slices(self, g, head):
+        return [Slice("self_attn.qkv_proj", "out", _span(head * g.head_dim, g.head_dim))]
+
+    def kv_slices(self, g, group):
+        k0, v0 = g.n_heads * g.head_dim, (g.n_heads + g.n_kv) * g.head_dim
+        return [Slice("self_attn.qkv_proj", "out", _span(k0 + group * g.head_dim, g.head_dim)),
+                Slice("self_attn.qkv_proj", "out", _span(v0 + group * g.head_dim, g.head_dim))]
+
+    def channel_slices(self, g, channel):
+        return [Slice("mlp.gate_up_proj", "out", (channel,)),
+                Slice("mlp.gate_up_proj", "out", (g.n_channels + channel,)), Slice("mlp.down_proj", "in", (channel,))]
+
+    def attention_widths(self, layer, g):
+        o_in = feature_count(get_path(layer, self.attn_out), "in")
+        kv = (feature_count(layer.self_attn.qkv_proj, "out") - o_in) // 2
+        return {"q": o_in, "k": kv, "v": kv, "o_in": o_in}
+
+    def kv_width(self, shapes, g):
+        qkv, o_in = shapes.get("self_attn.qkv_proj"), shapes.get(self.attn_out)
+        return (qkv[0] - o_in[1]) // 2 if qkv and o_in else g.n_kv * g.head_dim
+
+    def attention_attrs(self, n_heads, n_kv, g):
+        return {"self_attn.num_key_value_groups": n_heads // n_kv, "self_attn.num_key_value_heads": n_kv}
+
+    def set_attention_widths(self, layer, n_heads, n_kv, kept_heads, g):
+        super().set_attention_widths(layer, n_heads, n_kv, kept_heads, g)
+        layer.self_attn.num_key_value_heads = n_kv
+        install_layer_config(layer.self_attn, {"num_attention_heads": n_heads})
+
+    def layout_extras(self, kept_heads):
+        return {"config": {"self_attn": {"num_attention_heads": len(kept_heads)}}}
+
+    def stock_fields(self, spec, g):  # every layer alike: the stock num_attention_heads is each layer's view
+        return super().stock_fields({k: v for k, v in spec.items() if k != "config"}, g)
 
 
 class OPTAdapter(Adapter):
@@ -299,6 +470,10 @@ class OPTAdapter(Adapter):
     def set_attention_widths(self, layer, n_heads, n_kv, kept_heads, g):
         layer.self_attn.num_heads = n_heads
 
+    def stock_fields(self, spec, g):
+        shapes = spec["shapes"]
+        return {"ffn_dim": shapes["fc1"][0]} if set(shapes) <= {"fc1", "fc2"} else None
+
 
 class GPT2Adapter(Adapter):
     """GPT-2: fused ``c_attn`` (HF ``Conv1D``, output features laid out ``[q | k | v]``), GELU MLP."""
@@ -332,6 +507,10 @@ class GPT2Adapter(Adapter):
     def set_attention_widths(self, layer, n_heads, n_kv, kept_heads, g):
         layer.attn.num_heads = n_heads
         layer.attn.split_size = n_heads * g.head_dim
+
+    def stock_fields(self, spec, g):
+        shapes = spec["shapes"]
+        return {"n_inner": shapes["mlp.c_fc"][0]} if set(shapes) <= {"mlp.c_fc", "mlp.c_proj"} else None
 
 
 class BloomAdapter(Adapter):
@@ -371,8 +550,6 @@ class BloomAdapter(Adapter):
         return {"alibi_heads": kept_heads, "alibi_module": "self_attention"}
 
     def set_attention_widths(self, layer, n_heads, n_kv, kept_heads, g):
-        from .modeling_pruneviz import install_alibi_hook
-
         layer.self_attention.num_heads = n_heads
         install_alibi_hook(layer.self_attention, kept_heads, g.n_heads)
 
@@ -387,20 +564,178 @@ def register_adapter(adapter: Adapter) -> Adapter:
     return adapter
 
 
-for _a in (LlamaAdapter(), OPTAdapter(), GPT2Adapter(), BloomAdapter()):
+for _a in (LlamaAdapter(), SmolLM3Adapter(), GemmaAdapter(), Olmo2Adapter(), Phi3Adapter(), OPTAdapter(),
+           GPT2Adapter(), BloomAdapter()):
     register_adapter(_a)
 
 
+# ---- generic llama-like detection and what is refused -------------------------------------------------------------
+
+LLAMA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+SSM_WORDS = ("mamba", "ssm", "linear_attention", "recurrent", "deltanet", "rwkv", "retention")
+
+
+def unsupported_layers(config, model: nn.Module | None = None) -> str | None:
+    """Why a model cannot be pruned by unit slices at all (mixture-of-experts or state-space layers), or None."""
+    for name in MOE_FIELDS:
+        n = getattr(config, name, None)
+        if isinstance(n, int) and n > 1:
+            return (f"it has mixture-of-experts layers (config.{name} = {n}): its MLP capacity lives in routed "
+                    f"experts, which are not the MLP channels pruneviz removes")
+    kinds = {str(t) for t in (getattr(config, "layer_types", None) or [])}
+    classes = {type(m).__name__ for m in model.modules()} if model is not None else set()
+    moe = sorted(c for c in classes if "moe" in c.lower() or "expert" in c.lower())
+    if moe:
+        return f"it has mixture-of-experts layers ({', '.join(moe[:3])}): experts and routers are not pruneviz units"
+    ssm = sorted(t for t in kinds | classes if any(w in t.lower() for w in SSM_WORDS))
+    if ssm:
+        return (f"it has state-space or linear-recurrent layers ({', '.join(ssm[:3])}): they have no attention heads "
+                f"or KV groups for pruneviz to remove")
+    return None
+
+
+def norm_offset_of(norm: nn.Module) -> float | None:
+    """0 when ``norm`` scales by ``w``, 1 when by ``1 + w`` (Gemma), None if it is neither: measured by running a
+    copy with its weight zeroed (works for modules on the meta device too)."""
+    probe = copy.deepcopy(norm).to_empty(device="cpu").float()
+    if not isinstance(getattr(probe, "weight", None), torch.Tensor) or probe.weight.ndim != 1:
+        return None
+    for p in probe.parameters():
+        nn.init.zeros_(p)
+    x = torch.randn(3, probe.weight.shape[0], generator=torch.Generator().manual_seed(0))  # [3, n]
+    with torch.no_grad():
+        y = probe(x)
+    if y.abs().max() == 0:
+        return 0.0
+    eps = float(getattr(probe, norm_eps_attr(probe), 1e-6))
+    unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return 1.0 if torch.allclose(y, unit, rtol=1e-4, atol=1e-5) else None
+
+
+class GenericLlamaAdapter(LlamaAdapter):
+    """A family without a written adapter whose module tree follows LLaMA's names (:func:`detect_llama_like`).
+
+    The unit slices are LLaMA's. What names cannot say is read from the modules: norms after the output
+    projections (a ``post_feedforward_layernorm`` means the attention and MLP outputs are normalised, as in OLMo 2
+    and Gemma), q/k norms over the whole projection (then handled as OLMo 2's) and a ``(1 + w)`` norm
+    parametrisation (measured). The family's forward was not reviewed: :attr:`note` says so wherever it is shown.
+    """
+
+    family = "llama-like"
+
+    def __init__(self, model_type: str, post_norms: tuple[str, ...], proj_norms: dict[str, str],
+                 norm_offset: float, layer_lists: tuple[str, ...]):
+        self.model_types, self.post_norms, self.proj_norms = (model_type,), post_norms, proj_norms
+        self.norm_offset, self.layer_lists = norm_offset, layer_lists
+        found = [f"norms after the output projections ({', '.join(post_norms)})"] if post_norms else []
+        found += [f"q/k norms over the whole projection ({', '.join(proj_norms.values())})"] if proj_norms else []
+        found += ["(1 + w) norms"] if norm_offset else []
+        self.note = (f"generic llama-like: pruneviz has no adapter written for model_type {model_type!r}; its "
+                     f"module tree follows the LLaMA names (model.layers[i].self_attn.{{q,k,v,o}}_proj, "
+                     f"mlp.{{gate,up,down}}_proj), so heads, KV groups and channels are LLaMA's"
+                     + (f"; detected: {'; '.join(found)}" if found else "")
+                     + ". Its forward code was not reviewed: check the masked preview against the built model "
+                       "and the perplexity before trusting a plan.")
+
+
+def extra_params(module: nn.Module, known: Iterable[str]) -> list[str]:
+    """Parameter names of ``module`` outside the submodules ``known`` (paths inside ``module``)."""
+    prefixes = tuple(k + "." for k in known)
+    return [n for n, _ in module.named_parameters() if not n.startswith(prefixes)]
+
+
+def detect_llama_like(model: nn.Module) -> GenericLlamaAdapter | None:
+    """A :class:`GenericLlamaAdapter` if ``model``'s tree follows LLaMA's names, None if it does not.
+
+    Refuses (PlanError) a LLaMA-named model whose layers hold parameters that no declared unit could slice
+    consistently (a per-head norm with one weight per head, an unknown attention submodule).
+    """
+    config = model.config
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return None
+    layer = layers[0]
+    try:
+        projections = [get_path(layer, p) for p in LLAMA_PROJECTIONS]
+    except AttributeError:
+        return None
+    if not all(isinstance(m, nn.Linear) for m in projections):
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    proj_norms = {}
+    for proj, width in ((projections[0], "q"), (projections[1], "k")):
+        mod = getattr(layer.self_attn, f"{width}_norm", None)
+        size = getattr(getattr(mod, "weight", None), "shape", (None,))[0]
+        if mod is None or size == head_dim:
+            continue
+        if size != proj.out_features:
+            raise PlanError(f"model_type {config.model_type!r} follows the LLaMA names but its {width}_norm has "
+                            f"{size} features (neither head_dim {head_dim} nor the whole projection): pruneviz "
+                            f"cannot tell which of them a head owns")
+        proj_norms[f"self_attn.{width}_proj"] = f"self_attn.{width}_norm"
+    odd = extra_params(layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"))
+    odd += extra_params(layer.mlp, ("gate_proj", "up_proj", "down_proj"))
+    if odd:
+        raise PlanError(f"model_type {config.model_type!r} follows the LLaMA names but its blocks hold parameters "
+                        f"no pruneviz unit declares ({', '.join(odd[:4])}); write an Adapter for it in "
+                        f"pruneviz/arch.py")
+    post = ("post_attention_layernorm", "post_feedforward_layernorm") \
+        if hasattr(layer, "post_feedforward_layernorm") and hasattr(layer, "post_attention_layernorm") else ()
+    norm = next((m for n, m in layer.named_children() if "norm" in n), None)
+    offset = (norm_offset_of(norm) if norm is not None else 0.0) or 0.0
+    lists = tuple(k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == len(layers)
+                  and "layer" in k)
+    return GenericLlamaAdapter(config.model_type, post, proj_norms, offset, lists)
+
+
+DETECTED: dict[tuple[str, str], Adapter] = {}  # (model_type, model class) -> detected adapter
+
+
+def weightless_skeleton(config) -> nn.Module | None:
+    """A meta-device model built from ``config`` to read its module tree (no weights allocated), or None."""
+    try:
+        with torch.device("meta"):
+            return tf.AutoModelForCausalLM.from_config(config)
+    except Exception:  # unknown or remote-code classes: nothing to read
+        return None
+
+
 def adapter_for(model_or_config) -> Adapter:
-    """The adapter for a model (or config); a clear error naming the supported families otherwise."""
+    """The adapter for a model (or config); a clear error naming the supported families otherwise.
+
+    A model_type without a written adapter is accepted as generic llama-like when its module tree follows the
+    LLaMA names (read from the model, or from a weightless skeleton of the config); mixture-of-experts and
+    state-space layers are refused with that reason.
+    """
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "pruneviz_base_model_type", None) or getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type]
+    model = model_or_config if isinstance(model_or_config, nn.Module) else None
+    key = (str(model_type), type(model).__name__ if model is not None else "")
+    if key not in DETECTED:
+        DETECTED[key] = detect_adapter(config, model)
+    return DETECTED[key]
+
+
+def detect_adapter(config, model: nn.Module | None) -> Adapter:
+    """The generic llama-like adapter for an unregistered model_type, or PlanError saying why there is none."""
+    model_type = getattr(config, "model_type", None)
+    model = model if model is not None else weightless_skeleton(config)
+    reason = unsupported_layers(config, model)
+    if reason:
+        raise PlanError(f"pruneviz cannot prune model_type {model_type!r}: {reason}. Supported: "
+                        f"{', '.join(sorted(ADAPTERS))} and generic llama-like models.")
+    found = detect_llama_like(model) if model is not None else None
+    if found is None:
         raise PlanError(
-            f"pruneviz has no architecture adapter for model_type {model_type!r}. Supported: "
-            f"{', '.join(sorted(ADAPTERS))}. Load a model of one of these families, or add an Adapter "
-            f"(pruneviz/arch.py) that declares its heads, KV groups and MLP channels.")
-    return ADAPTERS[model_type]
+            f"pruneviz has no architecture adapter for model_type {model_type!r}, and its modules do not "
+            f"follow the LLaMA names (model.layers[i].self_attn.q/k/v/o_proj, mlp.gate/up/down_proj). "
+            f"Supported: {', '.join(sorted(ADAPTERS))}. Load a model of one of these families, or add an "
+            f"Adapter (pruneviz/arch.py) that declares its heads, KV groups and MLP channels.")
+    return found
 
 
 def geometry_of(model_or_config) -> Geometry:
@@ -409,7 +744,54 @@ def geometry_of(model_or_config) -> Geometry:
     stored = getattr(config, "pruneviz_base_geometry", None)
     if stored:
         return Geometry(**stored)
-    return adapter_for(config).geometry(config)
+    return adapter_for(model_or_config).geometry(config)
+
+
+def check_residual_outputs(model: nn.Module, method: str) -> None:
+    """Refuse ``method``, a compensation that assumes each output projection's result adds straight to the residual
+    stream (FLAP's bias restores its mean, SlimGPT's OBS minimises its error), on families that normalise the
+    attention / MLP output first (Gemma 2/3, OLMo 2): there what reaches the residual is a normalised vector, and
+    neither update is exact or optimal for it."""
+    adapter = adapter_for(model)
+    if adapter.post_norms:
+        raise CriterionError(
+            f"{method} is not applicable to {model.config.model_type}: its blocks normalise the attention and MLP "
+            f"outputs ({', '.join(adapter.post_norms)}) before adding them to the residual stream, so correcting "
+            f"the output projection's result does not correct what reaches the residual. Prune without "
+            f"compensation (any criterion, then apply the plan).")
+
+
+def family_notes(model: nn.Module) -> list[str]:
+    """What the family changes beyond shapes, in sentences for the app and the CLI (empty for plain families)."""
+    adapter, g = adapter_for(model), geometry_of(model)
+    notes = [adapter.note] if adapter.note else []
+    if g.n_kv == 1 and g.n_heads > 1:
+        notes.append(f"multi-query attention: every layer has one KV head shared by its {g.n_heads} query heads, "
+                     f"so KV-group pruning is impossible and query heads are the attention unit; removing them "
+                     f"shrinks q_proj and o_proj but not the KV cache")
+    if adapter.post_norms:
+        notes.append(f"norms after the output projections ({', '.join(adapter.post_norms)}): FLAP's bias "
+                     f"compensation and the SlimGPT solver are refused")
+    if adapter.proj_norms:
+        notes.append("q/k norms over the whole projection: removing heads rescales the kept features' norm "
+                     "exactly as if the removed features were zero")
+    if adapter.norm_offset:
+        notes.append(f"norms scale by ({adapter.norm_offset:g} + w): magnitude scores of norms read that scale")
+    notes += embedding_note(model, g)
+    return notes
+
+
+def embedding_note(model: nn.Module, g: Geometry) -> list[str]:
+    """A sentence when embeddings and the vocabulary projection are over a quarter of the parameters."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    vocab = emb.numel() + (0 if head is None or head.weight is emb else head.weight.numel())
+    total = sum(p.numel() for p in model.parameters())
+    if not total or vocab / total <= 0.25:
+        return []
+    return [f"embeddings and the vocabulary projection are {vocab / total:.0%} of the parameters (vocabulary "
+            f"{g.vocab:,}): a 20% non-embedding cut removes {0.2 * (1 - vocab / total):.0%} of them, and the "
+            f"vocabulary projection's compute per token stays"]
 
 
 def unit_count(g: Geometry, kind: str) -> int:
@@ -421,9 +803,10 @@ def unit_params(g: Geometry, adapter: Adapter, model: nn.Module, kind: str) -> i
     """Parameters owned by one unit of ``kind`` in layer 0 (biases included), for budget arithmetic."""
     if kind == "block":
         return sum(p.numel() for p in adapter.layers(model)[0].parameters())
-    layer = adapter.layers(model)[0]
-    total = 0
-    for s in adapter.unit_slices(g, kind, 0):
-        mod = get_path(layer, s.module)
-        total += sum(t.numel() for t in slice_params(mod, s.axis, s.index))
-    return total
+    return owned_params(adapter, adapter.layers(model)[0], adapter.unit_slices(g, kind, 0))
+
+
+def owned_params(adapter: Adapter, layer: nn.Module, slices: list[Slice]) -> int:
+    """Parameters that ``slices`` own in ``layer``: weights, biases and the entries of whole-projection norms."""
+    return sum(t.numel() for s in slices + adapter.norm_slices(slices)
+               for t in slice_params(get_path(layer, s.module), s.axis, s.index))

@@ -34,6 +34,7 @@ import transformers as tf
 from torch import nn
 
 from . import __version__, fsio
+from .arch import Geometry, adapter_for
 from .errors import ExportError
 from .loading import cache_dir, load_pruned_folder
 from .offload import clone_model, execution_device
@@ -103,20 +104,7 @@ def _stock_updates(model: nn.Module) -> dict | None:
     n_layers = model.config.num_hidden_layers
     if len(specs) != n_layers or any(s["shapes"] != specs[0]["shapes"] for s in specs):
         return None
-    shapes = specs[0]["shapes"]
-    mt = model.config.model_type
-    g = model.config.pruneviz_base_geometry
-    if mt in ("llama", "mistral", "qwen2", "qwen3"):
-        q = shapes.get("self_attn.q_proj", [g["n_heads"] * g["head_dim"]])[0]
-        k = shapes.get("self_attn.k_proj", [g["n_kv"] * g["head_dim"]])[0]
-        ffn = shapes.get("mlp.gate_proj", [g["n_channels"]])[0]
-        return {"num_attention_heads": q // g["head_dim"], "num_key_value_heads": k // g["head_dim"],
-                "head_dim": g["head_dim"], "intermediate_size": ffn}
-    if set(shapes) <= {"fc1", "fc2"} and mt == "opt":
-        return {"ffn_dim": shapes["fc1"][0]}
-    if set(shapes) <= {"mlp.c_fc", "mlp.c_proj"} and mt == "gpt2":
-        return {"n_inner": shapes["mlp.c_fc"][0]}
-    return None
+    return adapter_for(model).stock_fields(specs[0], Geometry(**model.config.pruneviz_base_geometry))
 
 
 STRUCTURAL_KEYS = ("pruneviz_layout", "pruneviz_base_geometry", "pruneviz_plan", "pruneviz_masked_plan")

@@ -62,10 +62,49 @@ def install_alibi_hook(attention: nn.Module, kept_heads: list[int], n_heads_tota
     attention._pruneviz_alibi_handles = [attention.register_forward_pre_hook(hook, with_kwargs=True)]
 
 
+class LayerConfig:
+    """One layer's view of the model config: ``overrides`` win, every other attribute is the shared config's (so a
+    later change of the model config, e.g. the attention implementation, still reaches the layer).
+
+    For families whose modules read widths from the config at every call (Phi-3's ``num_attention_heads``).
+    """
+
+    def __init__(self, base, overrides: dict):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", dict(overrides))
+
+    def __getattr__(self, name):
+        overrides = object.__getattribute__(self, "_overrides")
+        if name in overrides:
+            return overrides[name]
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_base"), name, value)
+
+
+def install_layer_config(module: nn.Module, overrides: dict) -> None:
+    """Give ``module`` its own :class:`LayerConfig` over the config it already reads."""
+    base = module.config
+    while isinstance(base, LayerConfig):
+        base = object.__getattribute__(base, "_base")
+    module.config = LayerConfig(base, overrides)
+
+
+def resize_norm(norm: nn.Module, size: int, eps_attr: str, eps: float) -> None:
+    """Give an RMSNorm an uninitialised weight of ``size`` features and epsilon ``eps`` (loaded afterwards)."""
+    w = norm.weight
+    norm.weight = nn.Parameter(torch.empty(size, dtype=w.dtype, device=w.device), requires_grad=w.requires_grad)
+    setattr(norm, eps_attr, eps)
+
+
 def apply_layout(model: nn.Module, layout: dict, layers_path: str | None = None) -> None:
     """Resize the projections of ``model``'s layers in place to the shapes recorded in ``layout``.
 
-    The new modules are uninitialised: this is for building a skeleton whose weights are loaded afterwards.
+    Also replays, per layer: attribute values (``attrs``), whole-projection norms resized with their epsilon
+    (``norms``: path -> [size, epsilon attribute, epsilon]), per-layer config views (``config``: module path ->
+    overrides) and ALiBi head lists. The new modules are uninitialised: this is for building a skeleton whose
+    weights are loaded afterwards.
     """
     layers = _get(model, layers_path or layout["layers_path"])
     for idx, spec in layout.get("layers", {}).items():
@@ -74,6 +113,10 @@ def apply_layout(model: nn.Module, layout: dict, layers_path: str | None = None)
             _set(layer, path, new_projection(_get(layer, path), n_out, n_in, bool(bias)))
         for path, value in spec.get("attrs", {}).items():
             _set(layer, path, value)
+        for path, (size, eps_attr, eps) in spec.get("norms", {}).items():
+            resize_norm(_get(layer, path), size, eps_attr, eps)
+        for path, overrides in spec.get("config", {}).items():
+            install_layer_config(_get(layer, path), overrides)
         if spec.get("alibi_heads") is not None:
             attn = _get(layer, spec["alibi_module"])
             install_alibi_hook(attn, spec["alibi_heads"], layout["n_heads_total"])

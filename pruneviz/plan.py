@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .arch import UNITS, WIDTH_KINDS, Geometry, adapter_for, geometry_of, get_path, slice_params, unit_count
+from .arch import UNITS, WIDTH_KINDS, Geometry, adapter_for, geometry_of, get_path, owned_params, unit_count
 from .errors import PlanError
 from .offload import materialized
 
@@ -280,8 +280,7 @@ class Plan:
         """Parameters of the model after applying this plan, computed from unit sizes (no surgery)."""
         adapter, g = adapter_for(model), self.geometry
         layer0 = adapter.layers(model)[0]
-        size = lambda slices: sum(t.numel() for s in slices  # noqa: E731
-                                  for t in slice_params(get_path(layer0, s.module), s.axis, s.index))
+        size = lambda slices: owned_params(adapter, layer0, slices)  # noqa: E731
         head, kv_rows, chan = size(adapter.head_slices(g, 0)), size(adapter.kv_slices(g, 0)), \
             size(adapter.channel_slices(g, 0))
         block = sum(p.numel() for p in layer0.parameters())

@@ -8,20 +8,39 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "bloom", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "granite", "olmo2", "smollm3",
+            "olmo3", "opt", "bloom", "gpt2")
+GENERIC_FAMILIES = ("olmo3",)  # no adapter written: accepted as generic llama-like (arch.detect_llama_like)
 VOCAB = 96
+SLIDING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
 
 def tiny_config(family: str = "llama", **overrides):
-    """A small config of ``family``: 3-4 layers, GQA (6 query heads in 2 or 3 KV groups) where the family has it."""
+    """A small config of ``family``: 3-4 layers, GQA (6 query heads in 2 or 3 KV groups) where the family has it.
+
+    Gemma 2 has an explicit head_dim (12) unrelated to its hidden size (32), soft-capping and a sliding window
+    (6 tokens) shorter than the test sequences; Gemma 3 text has one KV head (multi-query attention); SmolLM3 has
+    no rotary embedding in every second layer; Granite non-trivial multipliers.
+    """
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     llama_like = dict(hidden_size=48, intermediate_size=40, num_hidden_layers=4, num_attention_heads=6,
                       num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=True)
+    gemma = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4, head_dim=12,
+                 query_pre_attn_scalar=12, sliding_window=6, layer_types=SLIDING, max_position_embeddings=128)
     kwargs = {
         "llama": (tf.LlamaConfig, llama_like),
         "mistral": (tf.MistralConfig, {**llama_like, "num_key_value_heads": 3, "tie_word_embeddings": False}),
         "qwen2": (tf.Qwen2Config, llama_like),
         "qwen3": (tf.Qwen3Config, {**llama_like, "num_key_value_heads": 3}),
+        "gemma2": (tf.Gemma2Config, {**gemma, "num_key_value_heads": 2, "attn_logit_softcapping": 5.0,
+                                     "final_logit_softcapping": 3.0}),
+        "gemma3_text": (tf.Gemma3TextConfig, {**gemma, "num_key_value_heads": 1}),
+        "phi3": (tf.Phi3Config, {**llama_like, "tie_word_embeddings": False}),
+        "granite": (tf.GraniteConfig, {**llama_like, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                       "attention_multiplier": 0.2, "logits_scaling": 4.0}),
+        "olmo2": (tf.Olmo2Config, {**llama_like, "tie_word_embeddings": False}),
+        "smollm3": (tf.SmolLM3Config, {**llama_like, "no_rope_layer_interval": 2}),
+        "olmo3": (tf.Olmo3Config, {**llama_like, "sliding_window": 6, "layer_types": SLIDING}),
         "opt": (tf.OPTConfig, dict(hidden_size=32, ffn_dim=40, num_hidden_layers=3, num_attention_heads=4,
                                    max_position_embeddings=128, word_embed_proj_dim=32)),
         "bloom": (tf.BloomConfig, dict(hidden_size=32, n_layer=3, n_head=4)),

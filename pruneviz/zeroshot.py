@@ -45,6 +45,7 @@ __all__ = [
     "TaskScore",
     "ZeroShotResult",
     "accuracy_from_logprobs",
+    "check_task_name",
     "choice_logprobs",
     "paper_average",
     "parse_tasks",
@@ -393,8 +394,9 @@ def _write_yaml(path: Path, config: dict) -> Path:
     return atomic_write_text(path, yaml.safe_dump(config, sort_keys=False), "the task YAML")
 
 
-def _check_name(name: str) -> None:
-    if not name or not all(c.isalnum() or c in "_-." for c in name):
+def check_task_name(name: str) -> None:
+    """Refuse a task name that is not a plain file stem (letters, digits, '_', '-', '.')."""
+    if not name or name.startswith(".") or not all(c.isalnum() or c in "_-." for c in name):
         raise TaskDataError(f"Task name {name!r} is not usable: use letters, digits, '_', '-' or '.'.")
 
 
@@ -446,7 +448,7 @@ def write_mc_task(
     file is validated first (clear message with the line number on a bad item); the YAML is written atomically.
     Run it with ``run_tasks(..., tasks=[name], task_dir=folder)``. Returns the YAML's path.
     """
-    _check_name(name)
+    check_task_name(name)
     data = Path(jsonl).expanduser().resolve()
     _check_mc_rows(data, question, choices, answer)
     config = {
@@ -480,7 +482,7 @@ def write_local_task(
     to ``task``, so with ``task_dir=folder`` the local copy replaces the built-in one under its own name.
     """
     name = name or task
-    _check_name(name)
+    check_task_name(name)
     entry = task_manager().task_index.get(task)
     if entry is None or entry.yaml_path is None or entry.cfg is None or "dataset_path" not in entry.cfg:
         raise TaskDataError(f"'{task}' is not a single lm-eval YAML task (groups and Python tasks are not supported "

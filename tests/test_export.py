@@ -17,7 +17,7 @@ def uniform_plan(model):
     p = Plan.empty(model)
     for layer in range(g.n_layers):
         p = p.with_units("channel", layer, [0, 3])
-        if g.n_kv != g.n_heads:
+        if 1 < g.n_kv < g.n_heads:
             p = p.with_units("kv", layer, [0])
     return p
 
@@ -25,7 +25,7 @@ def uniform_plan(model):
 def ragged_plan(model):
     g = geometry_of(model)
     p = Plan.empty(model).with_units("channel", 0, [1, 2]).with_units("block", None, [1])
-    return p.with_units("kv", 2, [g.n_kv - 1])
+    return p.with_units("kv", 2, [g.n_kv - 1]) if g.n_kv > 1 else p.with_units("head", 2, [0])
 
 
 def test_ragged_export_reloads_identically_both_ways(tiny, tok, tmp_path, ids):

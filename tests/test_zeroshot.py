@@ -266,3 +266,47 @@ def test_cli_tasks_dense_and_pruned(tmp_path, capsys, task_dir, one_thread):
         assert f"{100 * acc:.2f} ±" in rows[0] and f"{100 * acc_norm:.2f} ±" in rows[0]
     assert main(["evaluate", "--model", str(tmp_path / "m"), "--tasks", "pv_nope", "--task-dir", str(task_dir)]) == 2
     assert "no task named 'pv_nope'" in capsys.readouterr().err
+
+
+def test_app_panel_fidelity_and_zeroshot(monkeypatch, tmp_path, task_dir):
+    """The Evaluate page's panel on the tiny app model: fidelity of the plan's model and lm-eval for dense + pruned."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from pruneviz.fidelity import fidelity
+    from pruneviz.plan import Plan
+    from pruneviz.testing import tiny_tokenizer
+    from pruneviz.ui import state
+
+    monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
+    monkeypatch.setenv("PRUNEVIZ_EXPORT_DIR", str(tmp_path / "exports"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120)
+    at.run()
+    at.run()
+    base = tiny_model("llama")
+    plan = Plan.empty(base).with_units("channel", 0, range(20)).with_units("kv", 1, [0])
+    at.session_state["plan"] = plan
+    at.switch_page("pages/evaluate.py").run()
+    assert not at.exception and not at.error
+    at.button(key="ev_fid_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    rec = at.session_state["fidelity"][-1]
+    _, eval_text = state.default_texts()
+    from pruneviz.surgery import masked_model
+
+    want = fidelity(base, masked_model(base, plan), tiny_tokenizer(), eval_text, "quick")
+    assert rec.label == "pruned" and rec.result.kl_mean == pytest.approx(want.kl_mean, rel=1e-5)
+    assert {"Top-1 agreement", "PPL ratio"} <= {m.label for m in at.metric}
+    at.text_input(key="ev_zs_dir").set_value(str(task_dir))
+    at.text_input(key="ev_zs_tasks").set_value("pv_items")
+    at.number_input(key="ev_zs_limit").set_value(0)
+    at.run()
+    at.button(key="ev_zs_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    records = at.session_state["zeroshot"]
+    assert [r.label for r in records] == ["dense", "pruned"] and all(r.result.complete for r in records)
+    dense = records[0].result.scores[0]
+    assert (dense.acc, dense.acc_norm) == _expected(base, tiny_tokenizer(), ITEMS)[1]
+    shown = [df for df in at.dataframe if "pv_items" in df.value.to_string()]
+    assert shown and {"dense acc", "pruned acc_norm"} <= set(shown[0].value.columns)
