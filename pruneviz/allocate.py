@@ -50,7 +50,7 @@ from .schedules import layer_ratios
 
 TARGET_OF = ("total", "non_embedding")
 ATTN_UNITS = ("kv", "head")
-NORMALIZE = ("layer", "map", "none")
+NORMALIZE = ("auto", "layer", "map", "none")
 WIDTH_STRATEGIES = ("uniform", "incremental", "global")
 MAX_LAYER_RATIO = 0.9  # SlimGPT layer_ratios' default ceiling on any one layer's ratio
 
@@ -141,7 +141,10 @@ class AllocOptions:
     - ``normalize`` (global): ``"layer"`` standardises each layer's scores per structure, ``(s - mean) / std``
       (FLAP's choice; with only 2-3 KV groups per layer this flattens differences between layers), ``"map"``
       standardises over the whole map per structure (keeps differences between layers), ``"none"`` ranks raw
-      scores.
+      scores. ``"auto"`` (default) is ``"none"`` for maps their criterion already standardised
+      (``imap.extras["standardized"]``: FLAP's AL-AM scores, which standardise the *columns* of each layer before
+      aggregating, so standardising the aggregated units again over 3 KV groups would count FLAP's per-layer
+      normalisation twice and rank a layer's best group like another layer's worst) and ``"layer"`` otherwise.
     - ``schedule``, ``r0`` (incremental): passed to :func:`pruneviz.schedules.layer_ratios`.
     - ``plus_rule`` (depth, combined): never remove blocks {0, 1, 2, 3, L-2, L-1}.
     - ``skip_first``, ``skip_last`` (width, combined): leave the first / last that many layers at full width.
@@ -157,7 +160,7 @@ class AllocOptions:
 
     attn_unit: str = "kv"
     attn_share: float | None = None
-    normalize: str = "layer"
+    normalize: str = "auto"
     schedule: str = "log_increase"
     r0: float | None = None
     plus_rule: bool = False
@@ -245,6 +248,13 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / std
 
 
+def resolved_normalize(imap: ImportanceMap, how: str) -> str:
+    """``how``, with ``"auto"`` resolved: ``"none"`` for maps their criterion standardised, else ``"layer"``."""
+    if how != "auto":
+        return how
+    return "none" if imap.extras.get("standardized") else "layer"
+
+
 def normalise(scores: torch.Tensor, how: str, layers: Sequence[int]) -> torch.Tensor:
     """Scores [L, n] made comparable across layers: per layer, over the map's ``layers``, or unchanged.
 
@@ -320,20 +330,20 @@ def effective_attn_unit(unit: str, g) -> str:
 
 
 def ladders(imap: ImportanceMap, layers: Sequence[int], costs: Costs, attn_unit: str = "kv",
-            normalize: str = "layer") -> dict[str, list[Ladder]]:
+            normalize: str = "auto") -> dict[str, list[Ladder]]:
     """``{"attn": [...], "mlp": [...]}``: one ladder per layer in ``layers`` for each structure the map scores."""
     g = imap.geometry
     unit = effective_attn_unit(attn_unit, g)
     out: dict[str, list[Ladder]] = {"attn": [], "mlp": []}
     raw = attention_scores(imap, unit)
     if raw is not None:
-        z = normalise(raw, normalize, layers)
+        z = normalise(raw, resolved_normalize(imap, normalize), layers)
         for l in layers:
             out["attn"].append(_kv_ladder(l, raw, z, costs.kv) if unit == "kv"
                                else _head_ladder(l, raw, z, g, costs.head * g.n_kv))
     if imap.channels is not None:
         raw = _finite(imap.channels, "channel", imap.criterion)
-        z = normalise(raw, normalize, layers)
+        z = normalise(raw, resolved_normalize(imap, normalize), layers)
         out["mlp"] = [_channel_ladder(l, raw, z, costs.channel) for l in layers]
     return out
 
@@ -402,6 +412,7 @@ class Job:
     options: AllocOptions
     costs: Costs
     empty: Plan
+    extra: float = 0.0  # parameters added to the target's budget so that whole units land at or under the target
 
     @property
     def geometry(self):
@@ -409,7 +420,7 @@ class Job:
 
     @property
     def budget(self) -> float:
-        return 0.0 if self.target is None else self.target.budget(self.model)
+        return 0.0 if self.target is None else self.target.budget(self.model) + self.extra
 
 
 @dataclass(frozen=True)
@@ -662,6 +673,7 @@ def _check_map(model: nn.Module, imap: ImportanceMap) -> None:
     if imap.geometry != g:
         raise PlanError(f"the {imap.criterion} scores were computed on a different model ({imap.geometry.describe()})"
                         f" than the loaded one ({g.describe()}); re-run the criterion on this model")
+    imap.check_weights(model)  # same shapes, other checkpoint: refused when the scores record a weight probe
 
 
 def param_record(model: nn.Module, plan: Plan) -> dict:
@@ -688,26 +700,67 @@ def _check_reached(job: Job, alloc: Allocation, params: dict, strategy: str) -> 
             f"{', or add depth pruning (strategy combined)' if strategy != 'depth' else ''}.")
 
 
+MAX_LANDING_STEPS = 12
+
+
+def _removed(job: Job, plan: Plan) -> int:
+    p = param_record(job.model, plan)[job.target.of]
+    return p["before"] - p["after"]
+
+
+def _land(fn: Callable[[Job], Allocation], job: Job, compensation: str | None) -> Allocation:
+    """Run allocator ``fn`` until its plan (with ``compensation``'s added parameters) removes at least the
+    target's budget: the built model lands at or under the stated size. Each step raises the budget by what
+    was missing, doubling the raise while the strategy's rounding swallows it; it stops when the strategy
+    cannot remove more (then :func:`_check_reached` judges)."""
+    alloc = _with_compensation(fn(job), compensation)
+    if job.target is None:
+        return alloc
+    goal, raise_by = job.target.budget(job.model), 0.0
+    for _ in range(MAX_LANDING_STEPS):
+        missing = goal - _removed(job, alloc.plan)
+        if missing <= 0:
+            return alloc
+        raise_by = max(raise_by * 2, missing + 1)
+        trial = dataclasses.replace(job, extra=job.extra + raise_by)
+        nxt = _with_compensation(fn(trial), compensation)
+        if _removed(job, nxt.plan) > _removed(job, alloc.plan):
+            job, alloc, raise_by = trial, nxt, 0.0
+        elif raise_by > 4 * max(alloc.tol, 1.0) + missing:
+            return alloc  # the strategy cannot remove more (its rules cap it)
+    return alloc
+
+
+def _with_compensation(alloc: Allocation, compensation: str | None) -> Allocation:
+    if compensation is None:
+        return alloc
+    return dataclasses.replace(alloc, plan=dataclasses.replace(alloc.plan, compensation=compensation))
+
+
 def allocate(model: nn.Module, imap: ImportanceMap, target: Target | float | None = None,
-             strategy: str = "uniform", **options) -> Plan:
+             strategy: str = "uniform", compensation: str | None = None, **options) -> Plan:
     """A plan removing ``target`` (a :class:`Target` or a ratio of non-embedding parameters) by ``strategy``.
 
-    ``options`` are :class:`AllocOptions` fields. The plan passes ``validate(model, physical=True)`` and records
-    criterion, strategy, target, options, achieved ratio and parameter counts in its provenance. Raises
-    PlanError when the target is out of (0, 1), the map lacks the scores a strategy needs, or the strategy's
-    rules (at least one unit per layer, the + rule) keep it more than one unit's worth short of the target.
+    The plan lands at or under the target: whole units are added until at least the target's share is removed,
+    counting what ``compensation`` adds (FLAP's bias compensation creates output-projection biases), so every
+    method reaches the same stated size the same way. ``options`` are :class:`AllocOptions` fields. The plan
+    passes ``validate(model, physical=True)`` and records criterion, strategy, target, options, achieved ratio
+    and parameter counts in its provenance. Raises PlanError when the target is out of (0, 1), the map lacks
+    the scores a strategy needs, or the strategy's rules (at least one unit per layer, the + rule) keep it more
+    than one unit's worth short of the target.
     """
     _check_map(model, imap)
     fn = get_allocator(strategy)
     job = Job(model, imap, as_target(target), make_alloc_options(**options), unit_costs(model),
               Plan.empty(model))
-    alloc = fn(job)
+    alloc = _land(fn, job, compensation)
     params = param_record(model, alloc.plan)
     _check_reached(job, alloc, params, strategy)
     of = job.target.of if job.target else "non_embedding"
     plan = alloc.plan.with_provenance(
         criterion=imap.criterion, strategy=strategy, target=job.target.to_dict() if job.target else None,
-        options=dataclasses.asdict(job.options), achieved_ratio=_achieved(params, of), achieved_of=of,
+        options={**dataclasses.asdict(job.options), "normalize": resolved_normalize(imap, job.options.normalize)},
+        achieved_ratio=_achieved(params, of), achieved_of=of,
         params=params)
     return plan.validate(model, physical=True)
 
@@ -745,7 +798,7 @@ def _slider_counts(lads: list[Ladder], ratio: float, strategy: str, options: All
 
 def plan_from_ratios(model: nn.Module, imap: ImportanceMap, head_ratio: float = 0.0, channel_ratio: float = 0.0,
                      block_count: int = 0, attn_unit: str = "kv", strategy: str = "uniform",
-                     plus_rule: bool = False, normalize: str = "layer", schedule: str = "log_increase",
+                     plus_rule: bool = False, normalize: str = "auto", schedule: str = "log_increase",
                      r0: float | None = None, skip_first: int = 0, skip_last: int = 0) -> Plan:
     """The app's sliders: remove ``head_ratio`` of attention units (KV groups or per-group query heads, see
     ``attn_unit``), ``channel_ratio`` of MLP channels and ``block_count`` whole blocks.

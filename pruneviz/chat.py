@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from .errors import PrunevizError, TextError, is_oom, oom_advice
+from .limits import check_context
 from .offload import execution_device
 
 __all__ = [
@@ -88,8 +89,9 @@ def _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p) -> 
     """Explicit generate() settings: greedy if temperature <= 0, else nucleus sampling."""
     from transformers import GenerationConfig
 
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise TextError(f"max_new_tokens must be a whole number of at least 1 (the reply's length in tokens), "
+                        f"not {max_new_tokens!r}")
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -106,6 +108,14 @@ def _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p) -> 
         use_cache=True,
     )
     return {"generation_config": cfg}
+
+
+def check_lengths(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt, or a prompt plus reply, longer than the model's learned positions (OPT, GPT-2) before
+    generation starts (it would fail with an index error part-way, or on a GPU with a device assert)."""
+    check_context(model, prompt_tokens, "the prompt", "shorten the conversation")
+    check_context(model, prompt_tokens + max_new_tokens, f"the prompt ({prompt_tokens:,} tokens) plus the reply "
+                  f"(max_new_tokens {max_new_tokens:,})", "shorten the conversation or lower max_new_tokens")
 
 
 class _StopFlag:
@@ -134,9 +144,10 @@ class ReplyStream:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         enc = build_inputs(tokenizer, messages)
+        self._kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p)
+        check_lengths(model, enc["input_ids"].shape[-1], max_new_tokens)
         device = execution_device(model)
         self._inputs = {k: v.to(device) for k, v in enc.items()}  # [1, P]
-        self._kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p)
         self._streamer = TextIteratorStreamer(
             tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout
         )
@@ -229,9 +240,10 @@ def generate_reply(
 ) -> ReplyResult:
     """Generate a whole reply without streaming (same decoding as :func:`stream_reply`)."""
     enc = build_inputs(tokenizer, messages)
+    kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p)
+    check_lengths(model, enc["input_ids"].shape[-1], max_new_tokens)
     device = execution_device(model)
     inputs = {k: v.to(device) for k, v in enc.items()}  # [1, P]
-    kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p)
     start = time.perf_counter()
     try:
         torch.manual_seed(seed)

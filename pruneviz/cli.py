@@ -100,7 +100,9 @@ def _read_scores(path: str, map_cls):
     from .errors import CriterionError, PrunevizError
 
     try:
-        return map_cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        if Path(path).is_file() and Path(path).stat().st_size > 512 * 1024 * 1024:
+            raise CriterionError(f"{path} is larger than 512 MiB, too large for a scores file")
+        return map_cls.from_json(Path(path).read_text(encoding="utf-8"))
     except PrunevizError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -141,28 +143,32 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_score(args) -> None:
+    from .fsio import atomic_write_text, check_file_target
     from .importance import compute, get, make_options
 
-    lm = _load(args)
     crit = get(args.criterion)
+    options = make_options(args.criterion, **_parse_options(args.option))
+    check_file_target(args.out, what="the scores")  # before loading and scoring, not after
+    lm = _load(args)
     calib = _calibration(args, lm.tokenizer) if crit.needs_calibration else None
     progress = _bar(args.criterion)
     try:
-        imap = compute(lm.model, args.criterion, calib, make_options(args.criterion, **_parse_options(args.option)),
-                       progress=progress)
+        imap = compute(lm.model, args.criterion, calib, options, progress=progress)
     finally:
         progress.close()
-    Path(args.out).write_text(imap.to_json())
+    atomic_write_text(args.out, imap.to_json(), "the scores")
     print(f"{args.criterion}: maps {', '.join(imap.available())} in {imap.meta['seconds']:.1f} s -> {args.out}")
 
 
 def cmd_plan(args) -> None:
     from .allocate import Target, allocate
     from .export import write_plan
+    from .fsio import check_file_target
     from .importance import ImportanceMap
 
+    imap = _read_scores(args.scores, ImportanceMap)  # a bad scores file or --out fails before the model loads
+    check_file_target(args.out, what="the plan")
     lm = _load(args)
-    imap = _read_scores(args.scores, ImportanceMap)
     plan = allocate(lm.model, imap, Target(args.ratio, args.of), strategy=args.strategy,
                     attn_unit=args.attn_unit, plus_rule=args.plus_rule, skip_first=args.skip_first,
                     skip_last=args.skip_last)
@@ -173,8 +179,12 @@ def cmd_plan(args) -> None:
 
 def cmd_slimgpt(args) -> None:
     from .criteria.slimgpt import slimgpt_prune
-    from .export import save_pruned, write_plan
+    from .export import check_export_target, save_pruned, write_plan
+    from .fsio import check_file_target
 
+    check_file_target(args.out, what="the plan")  # both targets are checked before the solver runs
+    if args.export:
+        check_export_target(args.export)
     lm = _load(args)
     calib = _calibration(args, lm.tokenizer)
     progress = _bar("slimgpt")
@@ -186,7 +196,7 @@ def cmd_slimgpt(args) -> None:
     write_plan(plan, args.out)
     print(f"{plan.summary()} -> {args.out}")
     if args.export:
-        report = save_pruned(pruned, lm.tokenizer, args.export, plan=plan)
+        report = save_pruned(pruned, lm.tokenizer, args.export, plan=plan, protect=[lm.path] if lm.path else ())
         print(f"exported {report.format} checkpoint to {report.folder} (reload max |Δlogit| "
               f"{report.reload_max_abs_diff:g})")
 
@@ -196,10 +206,12 @@ def cmd_evaluate(args) -> None:
     from .evaluate import get_protocol, perplexity
     from .plan import dense_params
 
+    protocol = get_protocol(args.protocol)  # an unknown protocol or a bad plan file fails before the model loads
+    if args.plan:
+        _read_plan(args.plan)
+    text = get_text(args.text, part="eval")
     lm = _load(args)
     model, plan = _pruned(args, lm)
-    text = get_text(args.text, part="eval")
-    protocol = get_protocol(args.protocol)
     progress = _bar("perplexity")
     try:
         res = perplexity(model, lm.tokenizer, text, protocol, progress=progress)
@@ -263,11 +275,15 @@ def _pm(value, stderr, width: int) -> str:
 
 
 def cmd_export(args) -> None:
-    from .export import save_pruned
+    from .export import check_export_target, save_pruned
 
+    check_export_target(args.out, args.overwrite)  # `--out .`, a non-export folder: refused before loading
+    if args.plan:
+        _read_plan(args.plan)
     lm = _load(args)
     model, plan = _pruned(args, lm)
-    report = save_pruned(model, lm.tokenizer, args.out, plan=plan, overwrite=args.overwrite)
+    report = save_pruned(model, lm.tokenizer, args.out, plan=plan, overwrite=args.overwrite,
+                         protect=[lm.path] if lm.path else ())
     print(f"{report.format} checkpoint -> {report.folder} ({len(report.files)} files, {report.params:,} params); "
           f"reload max |Δlogit| {report.reload_max_abs_diff:g}"
           + (f", trust_remote_code {report.remote_code_max_abs_diff:g}"
@@ -276,7 +292,13 @@ def cmd_export(args) -> None:
 
 def cmd_chat(args) -> None:
     from .chat import ReplyStream
+    from .errors import TextError
 
+    if args.max_new_tokens < 1:
+        raise TextError(f"--max-new-tokens must be at least 1 (the reply's length in tokens), not "
+                        f"{args.max_new_tokens}")
+    if args.plan:
+        _read_plan(args.plan)
     lm = _load(args)
     model, _ = _pruned(args, lm)
     stream = ReplyStream(model, lm.tokenizer, [{"role": "user", "content": args.prompt}],
@@ -393,7 +415,6 @@ def ppl_table(rows: list[tuple[str, int | None, float | None]]) -> str:
 
 def cmd_recover(args) -> None:
     from .data import get_text
-    from .errors import ExportError
     from .evaluate import get_protocol
     from .plan import dense_params
     from .recovery import LoRAOptions, recover, training_windows
@@ -403,8 +424,10 @@ def cmd_recover(args) -> None:
     options.validate()  # settings, texts and the output folder are checked before anything slow
     protocol = get_protocol(args.protocol)
     train_text, eval_text = get_text(args.text, part="calib"), get_text(args.eval_text, part="eval")
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise ExportError(f"{args.out} already exists; choose another folder or pass --overwrite")
+    if args.out:
+        from .export import check_export_target
+
+        check_export_target(args.out, args.overwrite)  # only a previous pruneviz export may be replaced
     lm = _load(args)
     training_windows(lm.tokenizer, train_text, options)  # TextError now if the text is too short, not after PPL
     dense, pruned, plan = _recover_inputs(args, lm)
@@ -430,7 +453,7 @@ def cmd_recover(args) -> None:
         evaluation = {f"perplexity ({name})": round(ppl, 4) for name, _, ppl in rows if ppl is not None}
         evaluation.update(text=args.eval_text, protocol=protocol.describe())
         report = save_pruned(model, lm.tokenizer, args.out, plan=plan, evaluation=evaluation,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, protect=[p for p in (lm.path,) if p])
         print(f"exported {report.format} checkpoint to {report.folder} (reload max |Δlogit| "
               f"{report.reload_max_abs_diff:g})")
 
@@ -652,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except PrunevizError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RecursionError:  # a pathological input nested too deeply for any parser
+        print("error: an input is nested too deeply to be read; check the files you passed", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the command had to read or write
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}; check the path and free space, then retry", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

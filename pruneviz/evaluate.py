@@ -30,6 +30,7 @@ from .arch import adapter_for, geometry_of, get_path, is_conv1d
 from .data import text_hash
 from .errors import PlanError, TextError, is_oom, oom_advice
 from .importance import ImportanceMap
+from .limits import check_context
 from .offload import execution_device
 from .plan import Plan, dense_params
 from .progress import Cancel, Progress
@@ -213,6 +214,41 @@ def _window_nll(model, batch: torch.LongTensor) -> torch.Tensor:
     return nll.view(targets.shape)  # [B, T-1]
 
 
+def eval_windows(tokenizer, text: str, protocol: str | PPLProtocol) -> tuple[torch.LongTensor, list[int], PPLProtocol]:
+    """The windows ``[N, T]`` a protocol scores on ``text`` and, per window, its first scored position.
+
+    Tokenised with ``add_special_tokens=False``; raises :class:`TextError` for empty or too-short text.
+    """
+    proto = get_protocol(protocol)
+    if not text or not text.strip():
+        raise TextError("The evaluation text is empty. Provide text or use the bundled default.")
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    windows, first = ppl_windows(ids, getattr(tokenizer, "bos_token_id", None), proto)
+    if windows.shape[0] == 0:
+        shorter = [n for n, p in PROTOCOLS.items() if p.seq_len < proto.seq_len]
+        raise TextError(
+            f"The evaluation text has only {len(ids)} tokens, fewer than one {proto.seq_len}-token "
+            f"window of protocol '{proto.name}'. Use a longer text (at least {proto.seq_len} tokens)"
+            + (f" or the '{shorter[0]}' protocol." if shorter else ".")
+        )
+    return windows, first, proto
+
+
+@dataclass
+class _NLLSum:
+    """Running sum of scored token NLLs (fp64) and the first window's per-token losses."""
+
+    total: float = 0.0
+    tokens: int = 0
+    first: torch.Tensor | None = None
+
+    def add(self, scored: torch.Tensor) -> None:  # [n_scored]
+        if self.first is None:
+            self.first = scored.clone()
+        self.total += scored.double().sum().item()
+        self.tokens += scored.numel()
+
+
 def perplexity(
     model,
     tokenizer,
@@ -228,23 +264,15 @@ def perplexity(
     upcast to fp32 and NLLs summed in fp64. ``progress(fraction, message)`` is
     called after each batch of windows; if ``cancel()`` returns True the loop
     stops and a partial result with ``complete=False`` is returned (the
-    protocol of :mod:`pruneviz.progress`). Inputs go to the
-    model's device. Raises :class:`TextError` for empty or too-short text.
+    protocol of :mod:`pruneviz.progress`). Inputs go to the model's device.
+    Raises :class:`TextError` for empty or too-short text.
     """
-    proto = get_protocol(protocol)
-    if not text or not text.strip():
-        raise TextError("The evaluation text is empty. Provide text or use the bundled default.")
-    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    windows, first = ppl_windows(ids, getattr(tokenizer, "bos_token_id", None), proto)
-    total = windows.shape[0]
-    if total == 0:
-        raise TextError(
-            f"The evaluation text has only {len(ids)} tokens, fewer than one {proto.seq_len}-token "
-            f"window of protocol '{proto.name}'. Use a longer text or the 'quick' protocol."
-        )
-    device = execution_device(model)
-    start = time.perf_counter()
-    nll_sum, n_tok, done, first_nll = 0.0, 0, 0, None
+    window = get_protocol(protocol)
+    check_context(model, window.seq_len, f"a {window.name!r} perplexity window", "choose a protocol with shorter "
+                  "windows (quick or paper)")  # at once, before tokenizing: OPT / GPT-2 positions end there
+    windows, first, proto = eval_windows(tokenizer, text, window)
+    total, device, start = windows.shape[0], execution_device(model), time.perf_counter()
+    acc, done = _NLLSum(), 0
     try:
         with torch.inference_mode():
             for b0 in range(0, total, proto.batch_size):
@@ -253,11 +281,7 @@ def perplexity(
                 batch = windows[b0 : b0 + proto.batch_size].to(device)  # [B, T]
                 nll = _window_nll(model, batch).cpu()  # [B, T-1]
                 for j in range(batch.shape[0]):
-                    scored = nll[j, first[b0 + j] - 1 :]  # [n_scored]
-                    if first_nll is None:
-                        first_nll = scored.clone()
-                    nll_sum += scored.double().sum().item()
-                    n_tok += scored.numel()
+                    acc.add(nll[j, first[b0 + j] - 1 :])  # [n_scored]
                 done += batch.shape[0]
                 if progress is not None:
                     progress(done / total, f"windows {done}/{total}")
@@ -265,18 +289,10 @@ def perplexity(
         if is_oom(exc):
             raise oom_advice(exc, "computing perplexity (try a smaller batch or seq_len)") from exc
         raise
-    mean = nll_sum / n_tok if n_tok else float("nan")
-    return PPLResult(
-        ppl=math.exp(mean) if n_tok else float("nan"),
-        nll_mean=mean,
-        n_tokens=n_tok,
-        n_windows=done,
-        protocol=proto,
-        seconds=time.perf_counter() - start,
-        per_token_nll=first_nll,
-        complete=done == total,
-        n_windows_total=total,
-    )
+    mean = acc.total / acc.tokens if acc.tokens else float("nan")
+    return PPLResult(ppl=math.exp(mean) if acc.tokens else float("nan"), nll_mean=mean, n_tokens=acc.tokens,
+                     n_windows=done, protocol=proto, seconds=time.perf_counter() - start, per_token_nll=acc.first,
+                     complete=done == total, n_windows_total=total)
 
 
 def token_losses(model, tokenizer, text: str, max_tokens: int = 256) -> tuple[list[str], list[float]]:
@@ -426,6 +442,37 @@ def _timed(fn, device: torch.device, repeats: int, warmup: int) -> list[float]:
     return times
 
 
+def _decode_speed(model, tokenizer, prompt: str, bs: int, new_tokens: int, pad_id: int, device,
+                  repeats: int, warmup: int) -> BatchSpeed:
+    """Median greedy-decoding latency of ``bs`` copies of ``prompt`` with exactly ``new_tokens`` new tokens."""
+    # identical prompts need no padding; left padding is set for safety
+    enc = tokenizer([prompt] * bs, return_tensors="pt", padding=tokenizer.pad_token is not None)
+    enc = {k: v.to(device) for k, v in enc.items()}  # input_ids [B, P]
+
+    def run():
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=pad_id)
+
+    times = _timed(run, device, repeats, warmup)
+    median = statistics.median(times)
+    return BatchSpeed(bs, median, bs * new_tokens / median, new_tokens, times)
+
+
+def _prefill_times(model, prompt_ids: list[int], prefill_tokens: int, device, repeats: int,
+                   warmup: int) -> list[float]:
+    """Latencies of one forward pass over ``prefill_tokens`` tokens (the prompt repeated) at batch 1."""
+    reps = -(-prefill_tokens // len(prompt_ids))
+    pre = torch.tensor([(prompt_ids * reps)[:prefill_tokens]], device=device)  # [1, P]
+    return _timed(lambda: model(input_ids=pre, use_cache=False), device, repeats, warmup)
+
+
+def _peak_memory(device) -> tuple[int | None, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    return None, (f"{device.type.upper()}: per-run peak memory is not measurable; "
+                  "process_peak_rss_bytes is the whole process's peak resident memory.")
+
+
 def measure_speed(
     model,
     tokenizer,
@@ -456,59 +503,26 @@ def measure_speed(
         raise TextError("The speed-test prompt is empty. Provide a short prompt.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     old_side = getattr(tokenizer, "padding_side", "right")
-    rows: list[BatchSpeed] = []
     try:
         tokenizer.padding_side = "left"
         with torch.inference_mode():
-            for bs in batch_sizes:
-                # identical prompts need no padding; left padding is set for safety
-                enc = tokenizer([prompt] * bs, return_tensors="pt", padding=tokenizer.pad_token is not None)
-                enc = {k: v.to(device) for k, v in enc.items()}  # input_ids [B, P]
-
-                def run(enc=enc):
-                    model.generate(
-                        **enc,
-                        max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens,
-                        do_sample=False,
-                        pad_token_id=pad_id,
-                    )
-
-                times = _timed(run, device, repeats, warmup)
-                median = statistics.median(times)
-                rows.append(BatchSpeed(bs, median, bs * new_tokens / median, new_tokens, times))
-            reps = -(-prefill_tokens // len(prompt_ids))
-            pre = torch.tensor([(prompt_ids * reps)[:prefill_tokens]], device=device)  # [1, P]
-            pre_times = _timed(lambda: model(input_ids=pre, use_cache=False), device, repeats, warmup)
+            rows = [_decode_speed(model, tokenizer, prompt, bs, new_tokens, pad_id, device, repeats, warmup)
+                    for bs in batch_sizes]
+            pre_times = _prefill_times(model, prompt_ids, prefill_tokens, device, repeats, warmup)
     except Exception as exc:  # noqa: BLE001
         if is_oom(exc):
             raise oom_advice(exc, "measuring speed (use smaller batch sizes)") from exc
         raise
     finally:
         tokenizer.padding_side = old_side
-    if device.type == "cuda":
-        peak, note = int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    else:
-        peak = None
-        note = (
-            f"{device.type.upper()}: per-run peak memory is not measurable; "
-            "process_peak_rss_bytes is the whole process's peak resident memory."
-        )
+    peak, note = _peak_memory(device)
     return SpeedResult(
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        prompt_tokens=len(prompt_ids),
-        new_tokens=new_tokens,
-        batches=rows,
-        prefill_tokens=prefill_tokens,
-        prefill_tokens_per_s=prefill_tokens / statistics.median(pre_times),
-        peak_memory_bytes=peak,
-        process_peak_rss_bytes=_peak_rss_bytes(),
-        memory_note=note,
-        protocol=(
-            f"greedy, forced {new_tokens} new tokens, prompt {len(prompt_ids)} tokens, "
-            f"median of {repeats} after {warmup} warm-up"
-        ),
+        device=str(device), dtype=str(dtype).removeprefix("torch."), prompt_tokens=len(prompt_ids),
+        new_tokens=new_tokens, batches=rows, prefill_tokens=prefill_tokens,
+        prefill_tokens_per_s=prefill_tokens / statistics.median(pre_times), peak_memory_bytes=peak,
+        process_peak_rss_bytes=_peak_rss_bytes(), memory_note=note,
+        protocol=(f"greedy, forced {new_tokens} new tokens, prompt {len(prompt_ids)} tokens, "
+                  f"median of {repeats} after {warmup} warm-up"),
     )
 
 

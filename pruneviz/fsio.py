@@ -268,3 +268,49 @@ def install_folder(tmp: Path, target: Path, replace_existing: bool = False) -> N
     else:
         os.replace(tmp, target)
     _fsync_dir(target.parent)
+
+
+# ---- strict JSON ----------------------------------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64
+
+
+def _no_duplicate_keys(error, what: str):
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise error(f"{what} has the key {key!r} twice (the second would silently replace the first); "
+                            f"fix the file or export it again from pruneviz")
+            seen.add(key)
+        return dict(pairs)
+    return hook
+
+
+def _depth(value, limit: int) -> int:
+    """Nesting depth of parsed JSON, iteratively (never recursing deeper than ``limit``)."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
+def strict_json(text: str | bytes, error, what: str):
+    """``json.loads`` that refuses what plain parsing accepts silently: duplicate keys, nesting deeper than
+    :data:`MAX_JSON_DEPTH`, numbers too large for a float or an int. Raises ``error`` (a PrunevizError class) with
+    a one-line message starting with ``what``."""
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys(error, what))
+    except RecursionError as e:
+        raise error(f"{what} is nested too deeply to be a pruneviz file; load a file exported by pruneviz") from e
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, int digits beyond Python's limit
+        raise error(f"{what} is not valid JSON ({str(e)[:160]}); load a .json file exported by pruneviz") from e
+    if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise error(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep, which no pruneviz file is; load a "
+                    f"file exported by pruneviz")
+    return data

@@ -25,8 +25,10 @@ from torch import nn
 
 from .arch import MAP_NAMES, UNITS, Geometry, unit_kind
 from .errors import CriterionError, is_oom, oom_advice
+from .fsio import strict_json
 from .limits import check_context
 from .offload import clone_model, execution_device, is_offloaded
+from .plan import geometry_from_dict, weight_probe
 from .progress import Cancel, Cancelled, Context, Progress
 
 MAPS = MAP_NAMES  # ("heads", "kv", "channels", "blocks")
@@ -73,12 +75,67 @@ class ImportanceMap:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImportanceMap":
-        maps = {m: torch.tensor(d[m]) for m in MAPS if d.get(m) is not None}
-        return cls(d["criterion"], Geometry(**d["geometry"]), meta=d.get("meta", {}),
-                   extras=d.get("extras", {}), **maps)
+        """Strictly: the fields :meth:`to_dict` writes, a geometry of whole numbers, maps of numbers (not booleans
+        or strings) of the geometry's shapes. CriterionError names the field; a plan file is recognised as one."""
+        if not isinstance(d, dict):
+            raise CriterionError(f"the scores file holds a JSON {type(d).__name__}, not importance scores; pass a "
+                                 f"file written by 'python -m pruneviz score --out'")
+        if str(d.get("schema", "")).startswith("pruneviz.plan"):
+            raise CriterionError("this is a pruning plan, not importance scores; pass it as --plan (or give scores "
+                                 "written by 'python -m pruneviz score --out')")
+        extra = sorted(set(d) - {"criterion", "geometry", "meta", "extras", *MAPS})
+        if extra:
+            raise CriterionError(f"the scores file has unknown fields {extra}; pass a file written by "
+                                 f"'python -m pruneviz score --out'")
+        if not isinstance(d.get("criterion"), str):
+            raise CriterionError("the scores field 'criterion' is missing or not a string; pass a file written by "
+                                 "'python -m pruneviz score --out'")
+        for key in ("meta", "extras"):
+            if not isinstance(d.get(key, {}), dict):
+                raise CriterionError(f"the scores field '{key}' must be an object")
+        geometry = geometry_from_dict(d.get("geometry"), "the scores field 'geometry'", CriterionError)
+        maps = {m: _score_tensor(d[m], m) for m in MAPS if d.get(m) is not None}
+        if not maps:
+            raise CriterionError("the scores file holds no map (heads, kv, channels or blocks); score again")
+        return cls(d["criterion"], geometry, meta=d.get("meta", {}), extras=d.get("extras", {}), **maps)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ImportanceMap":
+        """:meth:`from_dict` of strictly parsed JSON (duplicate keys, deep nesting and huge numbers refused)."""
+        return cls.from_dict(strict_json(text, CriterionError, "the scores file"))
+
+    def check_weights(self, model: nn.Module) -> None:
+        """Raise CriterionError if these scores record a weight probe (:func:`pruneviz.plan.weight_probe`) that
+        ``model`` does not match: scores of another checkpoint with the same shapes would rank the wrong units."""
+        probe = self.meta.get("probe") if isinstance(self.meta, dict) else None
+        if not probe:
+            return
+        mine = weight_probe(model, len(probe))
+        if not torch.allclose(torch.tensor(mine), torch.tensor([float(x) for x in probe]), rtol=2e-2, atol=1e-3):
+            raise CriterionError(f"these {self.criterion} scores were computed on {self.meta.get('model', 'a model')!r}"
+                                 f", which has the same shapes as the loaded model but different weights; score "
+                                 f"this model instead")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), default=str)
+
+
+def _score_tensor(value, name: str) -> torch.Tensor:
+    """A map from JSON: nested lists of numbers (NaN allowed for unscored units), nothing else."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise CriterionError(f"the scores field '{name}' holds {str(item)[:40]!r}; scores must be numbers")
+    if not isinstance(value, list):
+        raise CriterionError(f"the scores field '{name}' must be a list of numbers per layer")
+    try:
+        return torch.tensor(value, dtype=torch.float64)
+    except (ValueError, TypeError, OverflowError, RuntimeError) as e:
+        raise CriterionError(f"the scores field '{name}' is not a rectangular table of numbers ({str(e)[:80]}); "
+                             f"score again") from e
 
 
 # ---- calibration record ---------------------------------------------------------------------------------------------
@@ -270,7 +327,8 @@ def compute(model: nn.Module, name: str, calib: Calibration | None = None, optio
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "offloaded": is_offloaded(model),
         "calibration": calib.describe() if calib is not None and crit.needs_calibration else None,
         "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "pid": os.getpid(),
+        "pid": os.getpid(), "model": str(getattr(model.config, "_name_or_path", "") or ""),
+        "probe": list(weight_probe(model)),
     })
     if progress:
         progress(1.0, "done")

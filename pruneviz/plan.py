@@ -19,17 +19,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .arch import UNITS, WIDTH_KINDS, Geometry, adapter_for, geometry_of, get_path, owned_params, unit_count
+from .arch import (
+    UNITS,
+    WIDTH_KINDS,
+    Geometry,
+    adapter_for,
+    geometry_of,
+    get_path,
+    owned_params,
+    unit_count,
+    weight_axis,
+)
 from .errors import PlanError
+from .fsio import strict_json
 from .offload import materialized
 
 SCHEMA = "pruneviz.plan/1"
+# compensations that create output-projection biases (FLAP's mean, SlimLLM's affine refit)
+ADDS_OUTPUT_BIAS = frozenset({"flap_bias", "affine"})
 Removed = tuple[tuple[int, tuple[int, ...]], ...]  # ((layer, (idx, ...)), ...)
 
 
@@ -63,7 +78,84 @@ class BaseIdentity:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "BaseIdentity":
-        return cls(str(d["name"]), Geometry(**d["geometry"]), tuple(float(x) for x in d.get("probe", ())))
+        """Strictly: a name, a geometry of whole numbers, and a non-empty probe of finite numbers (without it a plan
+        for another checkpoint with the same shapes could not be told apart). PlanError names the field."""
+        if not isinstance(d, Mapping):
+            raise PlanError(f"plan field 'base' must be an object (name, geometry, probe), not {type(d).__name__}")
+        _known_keys(d, {"name", "geometry", "probe"}, "base")
+        if not isinstance(d.get("name"), str):
+            raise PlanError("plan field 'base.name' must be a string naming the model the plan was made for")
+        probe = d.get("probe")
+        if not isinstance(probe, list) or not probe:
+            raise PlanError("plan field 'base.probe' (the weight probe of the model the plan was made for) is missing "
+                            "or empty, so the plan cannot be checked against the model's weights; re-export it")
+        for x in probe:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise PlanError(f"plan field 'base.probe' holds {x!r}, not a finite number; re-export the plan")
+        return cls(d["name"], geometry_from_dict(d.get("geometry"), "plan field 'base.geometry'", PlanError),
+                   tuple(float(x) for x in probe))
+
+
+def geometry_from_dict(d, where: str, error=PlanError) -> Geometry:
+    """A :class:`Geometry` from JSON, strictly: exactly its fields, names as strings, sizes as positive ints."""
+    if not isinstance(d, Mapping):
+        raise error(f"{where} must be an object, not {type(d).__name__}")
+    want = {f.name: f.type for f in fields(Geometry)}
+    missing, extra = sorted(set(want) - set(d)), sorted(set(d) - set(want))
+    if missing or extra:
+        raise error(f"{where} does not match the plan format ("
+                    + "; ".join(x for x in (f"missing {missing}" if missing else "",
+                                            f"unknown {extra}" if extra else "") if x) + "); re-export it")
+    for key, value in d.items():
+        if key in ("family", "model_type"):
+            if not isinstance(value, str):
+                raise error(f"{where}.{key} must be a string, not {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_INDEX:
+            raise error(f"{where}.{key} must be a positive whole number, not {value!r}")
+    return Geometry(**d)
+
+
+MAX_INDEX = 1 << 31
+PLAN_KEYS = {"schema", "base", "blocks", "kv_groups", "heads", "channels", "compensation", "provenance", "summary"}
+
+
+def _known_keys(d: Mapping, allowed: set[str], where: str) -> None:
+    extra = sorted(str(k) for k in set(d) - allowed)
+    if extra:
+        raise PlanError(f"plan field '{where}' has unknown keys {extra}; a pruneviz plan has only "
+                        f"{sorted(allowed)}. Fix the file or re-export it")
+
+
+def _index(x, where: str) -> int:
+    """A unit or layer index from JSON: a whole number (not a float, not a boolean, not huge)."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise PlanError(f"plan field '{where}' holds {x!r} ({type(x).__name__}); indices must be whole numbers "
+                        f"such as 3. Fix the file or re-export it")
+    if not -MAX_INDEX < x < MAX_INDEX:
+        raise PlanError(f"plan field '{where}' holds the index {x}, far out of range for any model; fix the file")
+    return x
+
+
+def _index_list(v, where: str) -> tuple[int, ...]:
+    if not isinstance(v, list):
+        raise PlanError(f"plan field '{where}' must be a list of indices, not {type(v).__name__}")
+    return tuple(_index(x, f"{where}[{i}]") for i, x in enumerate(v))
+
+
+def _layer_map(m, where: str) -> Removed:
+    """``{"3": [0, 5]}`` from JSON, strictly: layer keys are decimal strings, values lists of whole numbers."""
+    if m is None:
+        return ()
+    if not isinstance(m, Mapping):
+        raise PlanError(f"plan field '{where}' must map layers to index lists (e.g. {{\"0\": [1, 2]}}), not "
+                        f"{type(m).__name__}")
+    out = []
+    for key, v in m.items():
+        if not isinstance(key, str) or not re.fullmatch(r"-?(0|[1-9][0-9]{0,9})", key):
+            raise PlanError(f"plan field '{where}' has the layer key {key!r}; layer keys are whole numbers such as "
+                            f"\"0\". Fix the file or re-export it")
+        out.append((_index(int(key), f"{where}.{key}"), _index_list(v, f"{where}.{key}")))
+    return tuple(out)
 
 
 def _norm_map(m: Mapping[int, Any] | Removed | None) -> Removed:
@@ -257,7 +349,15 @@ class Plan:
                     f"number of heads from every group, or remove whole KV groups (allocation does this).")
 
     def validate(self, model: nn.Module, physical: bool = True, allow_other_weights: bool = False) -> "Plan":
-        """Check that this plan fits ``model`` (the dense base). Returns self; raises PlanError saying what differs."""
+        """Check that this plan fits ``model`` (the dense base). Returns self; raises PlanError saying what differs.
+
+        An already pruned model is refused whatever it records: the plan's indices name units of the dense model
+        it was made for (``base``), and on a pruned model they would name other units."""
+        cfg = model.config
+        if any(getattr(cfg, k, None) for k in ("pruneviz_base_geometry", "pruneviz_plan", "pruneviz_plan_sha256")):
+            raise PlanError(f"this plan was made for the dense model {self.base.name!r}, but the loaded model is "
+                            f"already pruned; its indices would remove other units. Apply the plan to the dense "
+                            f"model it was made for")
         mine, theirs = self.base.geometry, geometry_of(model)
         if mine != theirs:
             diff = {k: (v, getattr(theirs, k)) for k, v in mine.to_dict().items() if getattr(theirs, k) != v}
@@ -288,7 +388,22 @@ class Plan:
         for layer in self.kept_blocks():
             removed += head * len(self.removed_heads_all(layer)) + kv_rows * len(self.removed("kv", layer))
             removed += chan * len(self.removed("channel", layer))
-        return dense_params(model, non_embedding) - removed
+        return dense_params(model, non_embedding) - removed + self._added_biases(model)
+
+    def _added_biases(self, model: nn.Module) -> int:
+        """Parameters a compensation in :data:`ADDS_OUTPUT_BIAS` creates: a bias on each output projection
+        (attention, MLP) of a kept layer that loses units there and had no bias before."""
+        if self.compensation not in ADDS_OUTPUT_BIAS:
+            return 0
+        adapter = adapter_for(model)
+        added = 0
+        for l, layer in zip(self.kept_blocks(), [adapter.layers(model)[i] for i in self.kept_blocks()]):
+            for path, lost in ((adapter.attn_out, self.removed_heads_all(l)), (adapter.mlp_out,
+                                                                               self.removed("channel", l))):
+                mod = get_path(layer, path)
+                if lost and getattr(mod, "bias", None) is None:
+                    added += mod.weight.shape[weight_axis(mod, "out")]
+        return added
 
     # ---- serialisation --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -303,23 +418,35 @@ class Plan:
             raise PlanError(f"not a pruneviz plan (expected \"schema\": \"{SCHEMA}\"); export a plan from pruneviz "
                             f"and load that file")
         try:
-            as_pairs = lambda m: tuple((int(l), tuple(int(x) for x in i)) for l, i in (m or {}).items())  # noqa
-            return cls(BaseIdentity.from_dict(d["base"]), tuple(int(b) for b in d.get("blocks", ())),
-                       as_pairs(d.get("kv_groups")), as_pairs(d.get("heads")), as_pairs(d.get("channels")),
-                       d.get("compensation"), json.dumps(d.get("provenance", {}), sort_keys=True, default=str))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PlanError(f"the plan file is malformed ({type(e).__name__}: {e}); re-export it from pruneviz") from e
+            return cls._from_checked_dict(d)
+        except PlanError as e:
+            raise PlanError(f"the plan file is malformed: {e.message}") from None
+
+    @classmethod
+    def _from_checked_dict(cls, d: Mapping) -> "Plan":
+        _known_keys(d, PLAN_KEYS, "(top level)")
+        if "base" not in d:
+            raise PlanError("plan field 'base' (the model the plan was made for) is missing; re-export the plan")
+        comp, prov = d.get("compensation"), d.get("provenance", {})
+        if comp is not None and (not isinstance(comp, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", comp)):
+            raise PlanError(f"plan field 'compensation' must be null or a solver name such as \"slimgpt\", not "
+                            f"{str(comp)[:60]!r}")
+        if not isinstance(prov, Mapping):
+            raise PlanError(f"plan field 'provenance' must be an object, not {type(prov).__name__}")
+        blocks = _index_list(d.get("blocks", []), "blocks")
+        try:
+            prov_json = json.dumps(prov, sort_keys=True, default=str)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise PlanError(f"plan field 'provenance' cannot be stored ({type(e).__name__}); fix the file") from e
+        return cls(BaseIdentity.from_dict(d["base"]), blocks, _layer_map(d.get("kv_groups"), "kv_groups"),
+                   _layer_map(d.get("heads"), "heads"), _layer_map(d.get("channels"), "channels"), comp, prov_json)
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Plan":
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"the plan is not valid JSON ({e}); load a .json file exported by pruneviz") from e
-        return cls.from_dict(data)
+        return cls.from_dict(strict_json(text, PlanError, "the plan"))
 
     def sha256(self) -> str:
         """Content hash of what the plan removes and what it was made for (provenance excluded)."""
