@@ -21,6 +21,9 @@ with st.sidebar:
     top_p = st.slider("Top-p", 0.1, 1.0, 0.9, 0.05, key="chat_top_p", disabled=temperature == 0)
     seed = st.number_input("Seed", 0, 2 ** 31 - 1, 0, key="chat_seed")
     system = st.text_input("System prompt (optional)", key="chat_system")
+    as_markdown = st.toggle("Render replies as Markdown", key="chat_markdown", value=False,
+                            help="Off: model output is shown exactly as generated (a line starting with # stays "
+                                 "a # line). On: headings, lists and code are formatted.")
 
 st.caption(f"Right side: **{how}** · plan: {'nothing removed' if plan.is_empty() else plan.summary()}")
 history = st.session_state["chat"]
@@ -41,6 +44,26 @@ def stats_line(stats) -> str:
         (" · stopped" if stats.get("stopped") else "")
 
 
+def show_text(text: str, where=st) -> None:
+    """Model or user text: verbatim by default, formatted when "Render replies as Markdown" is on."""
+    if as_markdown:
+        where.markdown(text)
+    else:
+        where.text(text)
+
+
+def write_stream(stream) -> str:
+    """Stream chunks into one element (verbatim text, or Markdown when the toggle is on); returns the text."""
+    if as_markdown:
+        text = st.write_stream(stream)
+        return text if isinstance(text, str) else "".join(map(str, text))
+    slot, text = st.empty(), ""
+    for chunk in stream:
+        text += str(chunk)
+        slot.text(text)
+    return text
+
+
 def stream_side(model, side: str, turn: dict, col) -> None:
     """Stream one side's reply into ``col``; keeps the partial reply if the user interrupts."""
     with col.chat_message("assistant", avatar=":material/deployed_code:" if side == "dense"
@@ -49,12 +72,12 @@ def stream_side(model, side: str, turn: dict, col) -> None:
                               [{"role": "user", "content": turn["prompt"]}], max_new_tokens=int(max_new),
                               temperature=float(temperature), top_p=float(top_p), seed=int(seed))
         try:
-            text = st.write_stream(stream)
+            text = write_stream(stream)
         except ScriptControlException:
             stream.stop()
             turn[side], turn[side + "_stats"] = stream.text + " …", None
             raise
-        turn[side] = text if isinstance(text, str) else "".join(map(str, text))
+        turn[side] = text
         s = stream.stats
         turn[side + "_stats"] = {"tokens": s.n_tokens, "seconds": s.seconds, "tps": s.tokens_per_s,
                                  "stopped": s.stopped} if s else None
@@ -66,11 +89,14 @@ left.markdown("#### Dense")
 right.markdown("#### Pruned")
 for turn in history:
     for side, col in (("dense", left), ("pruned", right)):
-        col.chat_message("user").markdown(turn["prompt"])
+        show_text(turn["prompt"], col.chat_message("user"))
         if turn.get(side) is not None:
             with col.chat_message("assistant", avatar=":material/deployed_code:" if side == "dense"
                                   else ":material/content_cut:"):
-                st.markdown(turn[side] or "*(empty reply)*")
+                if turn[side]:
+                    show_text(turn[side])
+                else:
+                    st.caption("(empty reply)")
                 st.caption(stats_line(turn.get(side + "_stats")))
 
 prompt = st.chat_input("Ask both models…", key="chat_input")
@@ -78,7 +104,7 @@ if prompt:
     turn = {"prompt": prompt, "dense": None, "pruned": None}
     history.append(turn)
     for side, col in (("dense", left), ("pruned", right)):
-        col.chat_message("user").markdown(prompt)
+        show_text(prompt, col.chat_message("user"))
     try:
         stream_side(loaded.model, "dense", turn, left)
         stream_side(pruned_model, "pruned", turn, right)

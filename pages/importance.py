@@ -83,9 +83,15 @@ if not imaps:
     st.stop()
 
 st.subheader("3 · Maps", anchor=False)
-c1, c2, c3 = st.columns([3, 2, 1])
-shown = c1.pills("Show", list(imaps), selection_mode="multi", default=list(imaps)[-3:], key="imp_show",
-                 format_func=lambda n: crits[n].title if n in crits else n)
+known = st.session_state.get("imp_show_known")
+if known is not None and "imp_show" in st.session_state:  # maps computed since: shown too (the newest three)
+    fresh = [n for n in imaps if n not in known]
+    st.session_state["imp_show"] = [n for n in st.session_state["imp_show"] if n in imaps] + fresh
+st.session_state["imp_show_known"] = list(imaps)
+shown = st.pills("Show", list(imaps), selection_mode="multi", key="imp_show",
+                 default=None if "imp_show" in st.session_state else list(imaps)[-3:],
+                 format_func=lambda n: crits[n].title if n in crits else n)  # its own row: pills wrap
+c2, c3 = st.columns([3, 1], vertical_alignment="bottom")
 scale = c2.segmented_control("Colour by", ["score", "rank", "log10"], default="score", key="imp_scale",
                              help="rank: position inside its layer (0 = least important), good for comparing "
                                   "criteria with different scales.") or "score"

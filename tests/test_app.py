@@ -573,3 +573,51 @@ def test_switching_model_resets_the_session(tmp_path):
     clean(at.switch_page("pages/prune.py").run())
     clean(at.button(key="pr_quick").click().run())
     assert at.slider(key="pr_block_count").value == 0 and at.slider(key="pr_block_count").max == 2
+
+
+# ---- issue 11: bugs that broke a session ----------------------------------------------------------------------------
+
+def test_chat_shows_model_text_verbatim_unless_markdown_is_asked_for():
+    """Bug 3: a reply of ``#`` lines rendered as empty Markdown headings; model text is text unless toggled."""
+    at = open_app("chat")
+    at.slider(key="chat_max_new").set_value(8)
+    clean(at.run())
+    clean(at.chat_input(key="chat_input").set_value("# not a heading").run())
+    turn = at.session_state["chat"][-1]
+    user, dense = at.chat_message[0], at.chat_message[1]
+    assert [t.value for t in user.text] == ["# not a heading"] and not user.markdown
+    assert [t.value for t in dense.text] == [turn["dense"].strip()] and not dense.markdown  # st.text trims the ends
+    at.toggle(key="chat_markdown").set_value(True)
+    clean(at.run())
+    assert at.chat_message[0].markdown[0].value == "# not a heading" and not at.chat_message[0].text
+
+
+def test_evaluate_on_a_too_short_text_says_what_to_do_once():
+    """Bug 4: a short pasted text gave "use the quick protocol" while quick was chosen, plus UnboundLocalError."""
+    at = open_app("evaluate")
+    at.selectbox(key="ev_text_text_kind").set_value("paste")
+    clean(at.run())
+    at.text_area(key="ev_text_paste").set_value("only a few words here")
+    at.run()
+    at.button(key="ev_run").click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "at least 128 tokens" in errors[0] and "'quick' protocol" not in errors[0]
+    assert "Unexpected error" not in errors[0] and at.session_state["evals"] == []
+
+
+def test_importance_shows_maps_computed_later():
+    """Bug 5: after computing more criteria the Show selection kept the old one, hiding the new maps."""
+    at = open_app("importance")
+    clean(at.button(key="imp_run").click().run())
+    assert at.pills(key="imp_show").value == ["magnitude"]
+    at.pills(key="imp_criteria").set_value(["wanda_sp"])
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(2)
+    at.selectbox(key="imp_cal_seq").set_value(32)
+    clean(at.button(key="imp_run").click().run())
+    assert at.pills(key="imp_show").value == ["magnitude", "wanda_sp"]
+    assert {"imp_fig_head_magnitude", "imp_fig_head_wanda_sp"} <= chart_keys(at)
+    at.pills(key="imp_show").set_value(["wanda_sp"])  # a choice the user makes is kept
+    clean(at.run())
+    assert at.pills(key="imp_show").value == ["wanda_sp"]

@@ -211,6 +211,7 @@ def evaluate_pair(loaded, plan, text_name: str, text: str, protocol: str) -> Eva
     """
     model, how = state.compare_model(loaded, plan, lora=False)
     recovery, entry = state.recovery_for(plan), history_entry(plan)
+    out = None  # stays None when the job fails (its error is shown in the job's box)
     with Job("Evaluating perplexity…", key="ev_job", done_label="Perplexity ready") as job:
         out = _evaluate(loaded, plan, model, how, recovery, text_name, text, protocol, job, entry)
     return out
@@ -307,6 +308,7 @@ def run_sweep(loaded, criteria: list[str], ratios: list[float], what: str, text_
     imaps = {c: st.session_state["imaps"][c] for c in criteria}
     have_dense = any(p.criterion == "dense" and (not latency or p.ms_per_token)
                      for p in state.sweep_points(protocol, text))
+    done: list = []  # stays empty when the job fails (its error is shown in the job's box)
     with Job(f"Sweeping {len(criteria) * len(ratios)} configurations…", key="sweep_job",
              done_label="Sweep finished") as job:
         dense: bool | PPLResult = False
