@@ -1,153 +1,258 @@
-"""Quality of every criterion on the bundled model: held-out perplexity at 10/20/30/50% of non-embedding
-parameters removed (no retraining), plus scoring time and peak memory, against the dense model in the same run.
+"""Quality of every method on the bundled model at one stated size, in domain and out of domain (no retraining).
 
-    .venv/bin/python bench/quality.py            # all methods (about 30-60 min on 2 CPU cores)
-    .venv/bin/python bench/quality.py --methods slimgpt,wanda_sp --ratios 0.2
+The peers' protocol (issue 9; the official FLAP, Wanda-sp, LLM-Pruner, ShortGPT and Shortened-LLaMA code was run
+on this exact protocol and model to get the peer figures):
 
-Writes bench/results/quality.md and .json.
+- calibration: Python's ``pydoc_data.topics`` in sorted key order, the first half of the topics joined by blank
+  lines, tokenised without special tokens, 32 windows x 128 tokens at evenly spaced offsets;
+- perplexity: non-overlapping 512-token windows, the first 40, no special tokens, mean NLL of the 511 predicted
+  tokens of each window;
+- texts: the second half of the sorted topics (in domain) and Penn Treebank validation
+  (``../shared/data/ptb.valid.txt``, out of domain; sentences joined by spaces as LLM-Pruner does). Methods are
+  ranked by the out-of-domain perplexity;
+- fidelity: KL(dense || pruned) of the next-token distributions (mean over scored tokens) and top-1 agreement
+  on the first ``--kl-windows`` windows of each text, against the dense model of the same run.
+
+    .venv/bin/python bench/quality.py                                   # every method, 20% (about 1 h on 2 cores)
+    .venv/bin/python bench/quality.py --methods flap,slimgpt --windows 8  # a quick look
+    .venv/bin/python bench/quality.py --calib small --name quality_small # the old 16 x 128 random-window view
+
+Writes ``bench/results/<name>.md`` and ``.json``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from common import calibration, load_bundled, write_table
+import torch
+from common import load_bundled, write_table
 
-# method label -> (criterion, allocation strategy, extra allocation options, compensation)
+PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb.valid.txt"
+GFDL = Path("/usr/share/common-licenses/GFDL-1.3")  # a third text (licence prose) for development checks only
+
+# In-domain peer figures on this protocol and model (pydoc held-out; dense 14.05), from issue 9.
+PEERS = [("FLAP (official code)", 112.6, 21.33), ("Wanda-sp (official code)", 116.4, 27.18),
+         ("LLM-Pruner Taylor, MLP only (official code)", 121.7, 16.08),
+         ("ShortGPT Block Influence, -6 blocks (official code)", 113.27, 36.28),
+         ("Shortened-LLaMA PPL, -6 blocks (official code)", 113.27, 35.50)]
+
+
+# ---- texts and calibration ------------------------------------------------------------------------------------
+
+def peer_halves() -> tuple[str, str]:
+    """The sorted pydoc topics split into their first and second halves, each joined by blank lines."""
+    from pruneviz.data import default_topics
+
+    topics = [text for _, text in default_topics()]
+    half = len(topics) // 2
+    return "\n\n".join(topics[:half]), "\n\n".join(topics[half:])
+
+
+def ptb_text() -> str | None:
+    if not PTB.is_file():
+        print(f"note: {PTB} is absent; the out-of-domain column is skipped")
+        return None
+    return " ".join(line.strip() for line in PTB.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def peer_calibration(tokenizer, text: str, n: int = 32, seq_len: int = 128):
+    """``n`` windows of ``seq_len`` tokens at evenly spaced offsets, no special tokens (the peers' tensor)."""
+    from pruneviz.data import calibration_windows, text_hash
+    from pruneviz.importance import Calibration
+
+    tokens = calibration_windows(tokenizer, text, n, seq_len, seed=0, bos=False, offsets="even")
+    return Calibration(tokens, "pydoc topics, first half (peers' tensor: evenly spaced windows)", text_hash(text), 0)
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Text:
+    """One evaluation text: its windows, and the dense model's logits on the first ``kl`` of them."""
+
+    name: str
+    windows: torch.Tensor  # [W, T]
+    first: list[int]
+    kl: int
+    dense_logits: list[torch.Tensor] = field(default_factory=list)  # per window [T-1, V] bf16
+    dense_ppl: float = float("nan")
+
+
+def make_text(name, tokenizer, text, protocol, kl_windows) -> Text:
+    from pruneviz.evaluate import eval_windows
+
+    windows, first, _ = eval_windows(tokenizer, text, protocol)
+    return Text(name, windows, first, min(kl_windows, windows.shape[0]))
+
+
+def score(model, text: Text, keep_dense: bool = False) -> dict:
+    """Perplexity over all windows; KL and top-1 against the dense logits over the first ``text.kl``."""
+    from pruneviz.fidelity import token_fidelity
+
+    nll_sum, n, kls, agree = 0.0, 0, [], []
+    with torch.inference_mode():
+        for w in range(text.windows.shape[0]):
+            ids = text.windows[w : w + 1]
+            logits = model(input_ids=ids, use_cache=False).logits[0, text.first[w] - 1 : -1].float()  # [T-1, V]
+            targets = ids[0, text.first[w]:]
+            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            nll_sum, n = nll_sum + float(nll), n + targets.numel()
+            if w < text.kl:
+                if keep_dense:
+                    text.dense_logits.append(logits.to(torch.bfloat16))
+                else:
+                    kl, ag, _, _ = token_fidelity(text.dense_logits[w], logits, targets)
+                    kls.append(kl)
+                    agree.append(ag)
+    ppl = float(torch.tensor(nll_sum / n).exp())
+    if keep_dense:
+        text.dense_ppl = ppl
+        return {"ppl": ppl, "kl": 0.0, "top1": 1.0}
+    return {"ppl": ppl, "kl": float(torch.cat(kls).mean()), "top1": float(torch.cat(agree).float().mean())}
+
+
+# ---- the methods --------------------------------------------------------------------------------------------------
+
+def allocated(criterion, strategy, compensation=None, calib_used=True, **options):
+    """A method: score with ``criterion``, allocate ``strategy`` to the target, build (with compensation)."""
+    def run(model, calib, target):
+        from pruneviz.allocate import allocate
+        from pruneviz.importance import compute
+        from pruneviz.surgery import apply_plan
+
+        imap = compute(model, criterion, calib if calib_used else None)
+        plan = allocate(model, imap, target, strategy=strategy, compensation=compensation, **options)
+        return plan, apply_plan(model, plan, calibration=calib.tokens if compensation else None)
+    return run
+
+
+def slimgpt(**options):
+    def run(model, calib, target):
+        from pruneviz.criteria.slimgpt import slimgpt_prune_to
+
+        return slimgpt_prune_to(model, calib, target, **options)
+    return run
+
+
+MLP = {"attn_share": 0.0}
 METHODS = {
-    "magnitude": ("magnitude", "uniform", {}, None),
-    "wanda_sp": ("wanda_sp", "uniform", {}, None),
-    "magnitude (layers 4..L-3)": ("magnitude", "uniform", {"skip_first": 4, "skip_last": 2}, None),
-    "wanda_sp (layers 4..L-3)": ("wanda_sp", "uniform", {"skip_first": 4, "skip_last": 2}, None),
-    "taylor (layers 4..L-3)": ("taylor", "uniform", {"skip_first": 4, "skip_last": 2}, None),
-    "flap": ("flap", "global", {}, "flap_bias"),
-    "taylor": ("taylor", "uniform", {}, None),
-    "minillm": ("minillm", "uniform", {}, None),
-    "slimgpt": ("slimgpt", "solver", {}, "slimgpt"),
-    "magnitude+ (depth)": ("magnitude", "depth", {"plus_rule": True}, None),
-    "taylor+ (depth)": ("taylor", "depth", {"plus_rule": True}, None),
-    "ppl (depth)": ("ppl", "depth", {}, None),
-    "block_influence (depth)": ("block_influence", "depth", {}, None),
+    "magnitude": allocated("magnitude", "uniform", calib_used=False),
+    "wanda_sp": allocated("wanda_sp", "uniform"),
+    "wanda_sp (MLP only)": allocated("wanda_sp", "uniform", **MLP),
+    "wanda_sp (query heads)": allocated("wanda_sp", "uniform", attn_unit="head"),
+    "taylor": allocated("taylor", "uniform"),
+    "taylor (MLP only)": allocated("taylor", "uniform", **MLP),
+    "flap": allocated("flap", "global", "flap_bias"),
+    "flap (query heads)": allocated("flap", "global", "flap_bias", attn_unit="head"),
+    "flap (MLP only)": allocated("flap", "global", "flap_bias", **MLP),
+    "flap (no bias)": allocated("flap", "global"),
+    "flap (re-standardised per layer)": allocated("flap", "global", "flap_bias", normalize="layer"),
+    "slimgpt": slimgpt(),
+    "slimgpt (query heads)": slimgpt(attn_unit="head"),
+    "slimgpt (update x0.5)": slimgpt(update_scale=0.5),
+    "slimgpt (no update)": slimgpt(update_scale=0.0),
+    "minillm": allocated("minillm", "uniform"),
+    "ppl (depth)": allocated("ppl", "depth"),
+    "block_influence (depth)": allocated("block_influence", "depth"),
+    "taylor+ (depth)": allocated("taylor", "depth", plus_rule=True),
 }
 
 
-def evaluate(model, tokenizer, text, protocol):
-    from pruneviz.evaluate import perplexity
+# ---- main ---------------------------------------------------------------------------------------------------------
 
-    return perplexity(model, tokenizer, text, protocol).ppl
-
-
-def plan_for(model, imap, calib, ratio, strategy, options, compensation):
-    from pruneviz.allocate import Target, allocate
-    from pruneviz.surgery import apply_plan
-
-    plan = allocate(model, imap, Target(ratio, "non_embedding"), strategy=strategy, **options)
-    if compensation:
-        plan = dataclasses.replace(plan, compensation=compensation)
-    return plan, apply_plan(model, plan, calibration=calib.tokens)
-
-
-def slimgpt_removed_share(model, target: float) -> float:
-    """Share of non-embedding parameters SlimGPT removes at mean layer ratio ``target`` (counted, not run)."""
-    from pruneviz.arch import adapter_for, geometry_of, unit_params
-    from pruneviz.criteria.slimgpt import _solver_task, layer_ratios
-    from pruneviz.plan import dense_params
-
-    g, adapter = geometry_of(model), adapter_for(model)
-    kv, ch = unit_params(g, adapter, model, "kv"), unit_params(g, adapter, model, "channel")
-    tasks = [_solver_task(g, r, "kv") for r in layer_ratios(g.n_layers, target)]
-    return sum(t.kv * kv + t.channels * ch for t in tasks) / dense_params(model, non_embedding=True)
-
-
-def slimgpt_for(model, calib, share):
-    """SlimGPT's ratio is the mean per-layer share of heads and channels; bisect it so that the solver removes
-    ``share`` of non-embedding parameters (counted from its schedule, without running it), then run it."""
-    from pruneviz.criteria.slimgpt import slimgpt_prune
-
-    lo, hi = 0.0, 0.9
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if slimgpt_removed_share(model, mid) < share else (lo, mid)
-    return slimgpt_prune(model, calib, hi)
+def parse_params(text: str) -> float:
+    return float(text[:-1]) * 1e6 if text.upper().endswith("M") else float(text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--protocol", default="paper")
-    ap.add_argument("--name", default="quality", help="results file name under bench/results/")
+    ap.add_argument("--params", default="113.27M", help="target total parameters (20%% of non-embedding)")
+    ap.add_argument("--calib", choices=["peers", "small"], default="peers")
+    ap.add_argument("--windows", type=int, default=40, help="512-token windows per text (peers: 40)")
+    ap.add_argument("--kl-windows", type=int, default=10)
+    ap.add_argument("--dev-text", action="store_true", help="also evaluate on a third text (GFDL prose)")
+    ap.add_argument("--name", default="quality")
     args = ap.parse_args()
 
-    from pruneviz.data import split_default
-    from pruneviz.evaluate import get_protocol
-    from pruneviz.importance import compute
+    from pruneviz.allocate import Target
+    from pruneviz.evaluate import PPLProtocol
     from pruneviz.plan import dense_params
 
     lm = load_bundled()
     model, tok = lm.model, lm.tokenizer
-    calib = calibration(tok, args.samples, args.seq_len)
-    _, eval_text = split_default()
-    protocol = get_protocol(args.protocol)
-    ratios = [float(r) for r in args.ratios.split(",")]
-    dense_ppl = evaluate(model, tok, eval_text, protocol)
-    dense_ne = dense_params(model, non_embedding=True)
-    rows = [["dense", "–", "–", "–"] + [f"{dense_ppl:.2f}"] * len(ratios)]
-    protocol_lines = [
-        "Model: SmolLM2-135M-Instruct (bundled GGUF, de-quantised to fp32), CPU, fp32.",
-        f"Calibration: {calib.describe()}.",
-        f"Held-out text: the evaluation part of the default text (pydoc topics, disjoint from calibration); "
-        f"{protocol.describe()}",
-        "Cells: perplexity (ratio to dense; share of non-embedding parameters actually removed). Targets are "
-        "shares of non-embedding parameters (106.2M); whole units make the achieved share differ slightly.",
-        "Width methods rank within each layer (uniform) unless stated; 'layers 4..L-3' keeps the first four and "
-        "last two layers whole (LLM-Pruner's layer range) and spreads the budget over the rest; FLAP ranks "
-        "globally with its bias compensation; SlimGPT runs its OBS solver with log-increasing layer ratios "
-        "(its ratio is the mean "
-        "per-layer share of heads and channels) and compensates weights; depth methods remove whole blocks "
-        "(+ = keep the first four and last two).",
-        "Scoring seconds and peak memory (process peak RSS during scoring, MiB) are for one scoring run; "
-        "SlimGPT's are one solver run at 20%. No retraining anywhere.",
-    ]
+    calib_text, heldout = peer_halves()
+    if args.calib == "peers":
+        calib = peer_calibration(tok, calib_text)
+    else:
+        from common import calibration
+        calib = calibration(tok)
+    protocol = PPLProtocol("peers", 512, 512, bos="none", max_windows=args.windows, batch_size=1)
+    dense_total, dense_ne = dense_params(model), dense_params(model, True)
+    want = parse_params(args.params)
+    target = Target((dense_total - want) / dense_ne, "non_embedding")
+    texts = [make_text("pydoc held-out (in domain)", tok, heldout, protocol, args.kl_windows)]
+    ptb = ptb_text()
+    if ptb:
+        texts.append(make_text("PTB valid (out of domain)", tok, ptb, protocol, args.kl_windows))
+    if args.dev_text and GFDL.is_file():
+        texts.append(make_text("GFDL (out of domain)", tok, GFDL.read_text(), protocol, args.kl_windows))
+    t0 = time.perf_counter()
+    dense = [score(model, t, keep_dense=True) for t in texts]
+    print(f"dense: {[round(d['ppl'], 2) for d in dense]} in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    def flush():
-        write_table(args.name, "Perplexity after pruning, by criterion (bundled SmolLM2-135M)", protocol_lines,
-                    ["method", "allocation", "scoring s", "peak MiB"] + [f"{r:.0%} removed" for r in ratios], rows)
-
-    scoring = {}
+    rows, results = [], []
     for label in args.methods.split(","):
-        crit, strategy, options, comp = METHODS[label]
-        imap = None
-        if strategy != "solver":
-            if crit not in scoring:
-                t0 = time.perf_counter()
-                scoring[crit] = compute(model, crit, calib)
-                print(f"{crit}: scored in {time.perf_counter() - t0:.1f} s", flush=True)
-            imap = scoring[crit]
+        t0 = time.perf_counter()
+        try:
+            plan, pruned = METHODS[label](model, calib, target)
+            secs = time.perf_counter() - t0
+            scores = [score(pruned, t) for t in texts]
+            results.append((label, dense_params(pruned), secs, scores))
+        except Exception as e:  # record, don't hide: a failed row says why
+            results.append((label, None, time.perf_counter() - t0, f"{type(e).__name__}: {str(e)[:80]}"))
+        print(label, results[-1][1], results[-1][3], flush=True)
+        rows = table_rows(results, texts, dense)
+        flush(args, rows, texts, dense, calib, protocol, want, results)
+
+
+def table_rows(results, texts, dense) -> list[list]:
+    def key(r):
+        return r[3][-1]["ppl"] if isinstance(r[3], list) else float("inf")
+
+    rows = [["dense", "134.52", "–"] + [c for d in dense for c in (f"{d['ppl']:.2f}", "0", "1")]]
+    for label, params, secs, scores in sorted(results, key=key):
+        if not isinstance(scores, list):
+            rows.append([label, "–", f"{secs:.0f}"] + [f"failed: {scores}"] + [""] * (3 * len(texts) - 1))
+            continue
         cells = []
-        secs = imap.meta["seconds"] if imap else 0.0
-        peak = imap.meta.get("peak_memory_bytes") if imap else None
-        for r in ratios:
-            t0 = time.perf_counter()
-            try:
-                if strategy == "solver":
-                    plan, pruned = slimgpt_for(model, calib, r)
-                    if abs(r - 0.2) < 1e-9 or not secs:
-                        secs = time.perf_counter() - t0
-                else:
-                    plan, pruned = plan_for(model, imap, calib, r, strategy, options, comp)
-                ppl = evaluate(pruned, tok, eval_text, protocol)
-                got = 1 - dense_params(pruned, non_embedding=True) / dense_ne
-                cells.append(f"{ppl:.2f} ({ppl / dense_ppl:.2f}x; {got:.0%})")
-            except Exception as e:  # record, don't hide: a failed cell says why
-                cells.append(f"failed: {type(e).__name__}: {str(e)[:60]}")
-            print(label, r, cells[-1], flush=True)
-        mem = f"{peak / 2**20:,.0f}" if peak else "–"
-        rows.append([label, strategy + (f" + {comp}" if comp else ""), f"{secs:.1f}", mem] + cells)
-        flush()  # partial results survive an interrupted run
+        for s, d in zip(scores, dense):
+            cells += [f"{s['ppl']:.2f} ({s['ppl'] / d['ppl']:.2f}x)", f"{s['kl']:.3f}", f"{s['top1']:.3f}"]
+        rows.append([label, f"{params / 1e6:.2f}", f"{secs:.0f}"] + cells)
+    return rows
+
+
+def flush(args, rows, texts, dense, calib, protocol, want, results) -> None:
+    cols = ["method", "params (M)", "build s"]
+    for t in texts:
+        cols += [f"{t.name} PPL", "KL", "top-1"]
+    lines = [
+        "Model: SmolLM2-135M-Instruct (bundled GGUF, de-quantised to fp32), CPU, fp32. No retraining.",
+        f"Calibration: {calib.describe()}.",
+        f"Evaluation: {protocol.describe()}",
+        "Texts: " + "; ".join(f"{t.name}: dense PPL {d['ppl']:.2f}" for t, d in zip(texts, dense))
+        + ". Rows are sorted by the last (out-of-domain) text's perplexity.",
+        f"Target: {want / 1e6:.2f}M total parameters (20% of the non-embedding parameters); every method lands at "
+        "or under it (params column: the built model).",
+        f"KL: KL(dense || pruned) of next-token distributions, mean over the {texts[0].kl} first windows' tokens; "
+        "top-1: share of tokens where both models' most likely next token agrees.",
+        "Peers in domain (pydoc held-out, same protocol, official code): "
+        + "; ".join(f"{n} {p} at {m}M" for n, m, p in PEERS) + ". Out of domain the peers sit at ~2.8-2.9x dense.",
+    ]
+    write_table(args.name, "Pruned to 113.27M parameters: perplexity and fidelity in and out of domain", lines,
+                cols, rows, extra={"results": [list(r) for r in results]})
 
 
 if __name__ == "__main__":

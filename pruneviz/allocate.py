@@ -325,7 +325,10 @@ def _channel_ladder(layer: int, raw: torch.Tensor, z: torch.Tensor, cost: int) -
 
 
 def effective_attn_unit(unit: str, g) -> str:
-    """``"head"`` means ``"kv"`` where every KV group has one query head (multi-head attention)."""
+    """``"head"`` means ``"kv"`` where every KV group has one query head (multi-head attention); ``"kv"`` means
+    ``"head"`` under multi-query attention (one KV head: removing it would remove the whole attention)."""
+    if g.n_kv == 1 < g.n_heads:
+        return "head"
     return "kv" if g.group_size == 1 else unit
 
 
@@ -457,6 +460,9 @@ def get_allocator(name: str) -> Callable[[Job], Allocation]:
 def _width_limit(job: Job) -> str:
     unit = "KV group" if effective_attn_unit(job.options.attn_unit, job.geometry) == "kv" \
         else "query head in every KV group"
+    if job.geometry.n_kv == 1 < job.geometry.n_heads:
+        unit = ("query head (multi-query attention: one KV head per layer, so query heads are the attention unit "
+                "and removing them does not shrink the KV cache)")
     o = job.options
     skipped = (f" and skip_first={o.skip_first}, skip_last={o.skip_last} keep those layers whole"
                if o.skip_first or o.skip_last else "")

@@ -288,13 +288,17 @@ def calibration_windows(
     seq_len: int,
     seed: int,
     bos: bool = True,
+    offsets: str = "random",
 ) -> torch.LongTensor:
-    """Sample ``n_samples`` distinct random windows of ``seq_len`` tokens.
+    """Sample ``n_samples`` distinct windows of ``seq_len`` tokens.
 
-    The text is tokenized once (``add_special_tokens=False``). Start offsets are
-    drawn without replacement with ``random.Random(seed)``, so the result is
-    deterministic under ``seed`` (windows may overlap, but no two share a
-    start). If ``bos`` and the tokenizer has a BOS token, each window is
+    The text is tokenized once (``add_special_tokens=False``). With
+    ``offsets="random"`` start offsets are drawn without replacement with
+    ``random.Random(seed)``, so the result is deterministic under ``seed``
+    (windows may overlap, but no two share a start); ``offsets="even"`` spaces
+    them evenly from the first to the last possible start (the calibration
+    tensor the peers' benchmark uses; ``seed`` is then unused). If ``bos`` and
+    the tokenizer has a BOS token, each window is
     ``[BOS] + seq_len-1`` text tokens, so every row still has ``seq_len`` tokens.
 
     Returns a LongTensor ``[n_samples, seq_len]`` on CPU. Raises
@@ -320,8 +324,12 @@ def calibration_windows(
             f"{body} tokens but {n_samples} were requested. Use fewer samples, a smaller seq_len "
             "or a longer text."
         )
-    rng = random.Random(seed)
-    starts = rng.sample(range(n_starts), n_samples)
+    if offsets == "even":
+        starts = [round(i * (n_starts - 1) / max(n_samples - 1, 1)) for i in range(n_samples)]
+    elif offsets == "random":
+        starts = random.Random(seed).sample(range(n_starts), n_samples)
+    else:
+        raise TextError(f"offsets must be 'random' or 'even', not {offsets!r}")
     rows = [ids[s : s + body] for s in starts]
     if bos_id is not None:
         rows = [[bos_id] + row for row in rows]

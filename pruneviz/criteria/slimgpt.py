@@ -33,12 +33,22 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, is_conv1d
+from ..allocate import Target, as_target, round_half_up
+from ..arch import (
+    Adapter,
+    Geometry,
+    adapter_for,
+    check_residual_outputs,
+    feature_count,
+    geometry_of,
+    get_path,
+    is_conv1d,
+)
 from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
 from ..obs import HEAD_ERRORS, Hessian, ObsProblem, dgs_sizes, greedy_blocks, greedy_columns
 from ..offload import clone_model, detached_copy, execution_device, is_offloaded, materialized, resident_copy
-from ..plan import Plan
+from ..plan import Plan, dense_params
 from ..schedules import SCHEDULES, layer_ratios
 from ..surgery import apply_plan, register_compensator
 from .capture import LayerStream, Stop, advance, capture_inputs
@@ -57,6 +67,11 @@ class ObsOptions:
     - ``min_group``: floor of the dynamic MLP group size (official code: 64; the paper mentions 8).
     - ``exact_channels``: remove MLP channels one at a time (exact greedy) instead of dynamic groups; the inverse
       Hessian is then downdated rather than recomputed after each column.
+    - ``update_scale``: how much of the OBS update of the surviving columns is applied, in [0, 1]: 1 is the
+      paper's full compensation, 0 selects units by OBS error but keeps the surviving weights as they are.
+      The update is a least-squares fit to the calibration activations; fitted on a few thousand tokens of one
+      domain it also fits that domain's quirks, and shrinking it toward zero (like ridge regression) trades
+      in-domain error for error on other text (``bench/quality.py`` measures both).
     - ``batch_size``: calibration sequences per layer call.
     """
 
@@ -65,12 +80,16 @@ class ObsOptions:
     min_group: int = 64
     exact_channels: bool = False
     batch_size: int = 8
+    update_scale: float = 1.0
 
     def check(self) -> "ObsOptions":
         if self.head_error not in HEAD_ERRORS:
             raise CriterionError(f"head_error must be one of {HEAD_ERRORS}, got {self.head_error!r}")
         if self.percdamp < 0 or self.min_group < 1 or self.batch_size < 1:
             raise CriterionError("percdamp must be >= 0, min_group and batch_size >= 1")
+        if not 0.0 <= self.update_scale <= 1.0:
+            raise CriterionError(f"update_scale is the share of the OBS update applied, in [0, 1], not "
+                                 f"{self.update_scale!r}")
         return self
 
     @classmethod
@@ -202,6 +221,12 @@ def _rel_error(W0: torch.Tensor, W1: torch.Tensor, H: torch.Tensor) -> float:
     return float((dW @ H * dW).sum() / (W0 @ H * W0).sum().clamp_min(1e-30))
 
 
+def _scaled_update(W0: torch.Tensor, W1: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W0 + scale·(W1 − W0)``: the OBS-compensated weights with the update shrunk toward the dense ones (the
+    removed columns are sliced away afterwards, whatever they hold)."""
+    return W1 if scale == 1.0 else W0.to(W1.dtype) + scale * (W1 - W0.to(W1.dtype))
+
+
 def _solve_attention(layer, i, stream, task: LayerTask, opts: ObsOptions, adapter: Adapter, g: Geometry):
     """Greedy OBS on the attention output projection: KV groups first (block = the group's columns), then query
     heads (block = ``head_dim`` columns, with the per-group quota if any). Returns (kv, heads, relative error)."""
@@ -216,7 +241,7 @@ def _solve_attention(layer, i, stream, task: LayerTask, opts: ObsOptions, adapte
     quota = None if task.head_quota is None else torch.full((g.n_kv,), task.head_quota)
     heads = greedy_blocks(prob, head_blocks(g).to(H.device), task.heads,
                           _mask(g.n_heads, task.heads_from, gone), owner, quota, exact)
-    write_weight(mod, prob.W)
+    write_weight(mod, _scaled_update(W0, prob.W, opts.update_scale))
     return tuple(sorted(kv)), tuple(sorted(heads)), _rel_error(W0, prob.W, H)
 
 
@@ -228,7 +253,7 @@ def _solve_mlp(layer, i, stream, task: LayerTask, opts: ObsOptions, adapter: Ada
     prob = ObsProblem.build(W0, H, opts.percdamp)
     sizes = [1] * task.channels if opts.exact_channels else dgs_sizes(task.channels, opts.min_group)
     cols = greedy_columns(prob, sizes, _mask(g.n_channels, task.channels_from), downdate=opts.exact_channels)
-    write_weight(mod, prob.W)
+    write_weight(mod, _scaled_update(W0, prob.W, opts.update_scale))
     return tuple(sorted(cols)), _rel_error(W0, prob.W, H)
 
 
@@ -249,7 +274,9 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, tasks: list[LayerTask
 
     ``in_place`` edits ``model``'s own blocks (a copy handed over by surgery); otherwise each block is deep-copied
     just before it is processed and ``model`` is left untouched. Hessians and solves are fp32 whatever the dtype.
+    Refused on families that normalise the projection outputs (the OBS objective is the output's error).
     """
+    check_residual_outputs(model, "the SlimGPT solver (OBS compensation)")
     adapter, g = adapter_for(model), geometry_of(model)
     src = adapter.layers(model)
     offloaded = is_offloaded(model)
@@ -277,13 +304,64 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, tasks: list[LayerTask
 
 # ---- the solver ----------------------------------------------------------------------------------------------------
 
-def _solver_task(g: Geometry, r: float, attn_unit: str) -> LayerTask:
-    """Counts for a layer with ratio ``r`` (see :class:`SolverOptions`); MHA always prunes single heads."""
-    channels = min(round(g.n_channels * r), g.n_channels - 1)
+def solver_task(g: Geometry, r: float, attn_unit: str) -> LayerTask:
+    """Counts for a layer with ratio ``r`` (see :class:`SolverOptions`), rounded half up like allocation; MHA
+    always prunes single heads."""
+    channels = min(round_half_up(g.n_channels * r), g.n_channels - 1)
     if attn_unit == "kv" or g.n_kv == g.n_heads:
-        return LayerTask(kv=min(round(g.n_kv * r), g.n_kv - 1), channels=channels)
-    q = min(round(g.group_size * r), g.group_size - 1)
+        return LayerTask(kv=min(round_half_up(g.n_kv * r), g.n_kv - 1), channels=channels)
+    q = min(round_half_up(g.group_size * r), g.group_size - 1)
     return LayerTask(heads=q * g.n_kv, head_quota=q, channels=channels)
+
+
+def planned_removal(model: nn.Module, layer_ratio: float, schedule: str = "log_increase",
+                    attn_unit: str = "kv", r0: float | None = None, max_ratio: float = 0.9) -> Plan:
+    """The unit counts :func:`slimgpt_prune` removes at mean layer ratio ``layer_ratio``, as a plan of the first
+    units of each layer (which units the solver picks changes nothing in the parameter count)."""
+    g = geometry_of(model)
+    plan = Plan.empty(model)
+    for i, r in enumerate(layer_ratios(g.n_layers, layer_ratio, schedule, r0, max_ratio)):
+        t = solver_task(g, r, attn_unit)
+        heads = [h for grp in range(g.n_kv) for h in list(g.heads_of(grp))[:t.head_quota or 0]]
+        plan = plan.with_units("kv", i, range(t.kv)).with_units("head", i, heads)
+        plan = plan.with_units("channel", i, range(t.channels))
+    return plan
+
+
+def layer_ratio_for(model: nn.Module, target: Target | float, schedule: str = "log_increase",
+                    attn_unit: str = "kv", r0: float | None = None, max_ratio: float = 0.9) -> float:
+    """The smallest mean layer ratio at which SlimGPT removes at least ``target`` (a :class:`Target`, or a
+    share of non-embedding parameters): the same parameter target every other method takes, so the pruned
+    model lands at or under the stated size. Bisection over the counted removal (no solver run)."""
+    target = as_target(target)
+    budget, of = target.budget(model), target.non_embedding
+    dense = dense_params(model, of)
+
+    def removed(r: float) -> float:
+        first = None if r0 is None else min(r0, r)
+        return dense - planned_removal(model, r, schedule, attn_unit, first, max_ratio).param_count(model, of)
+
+    if removed(max_ratio) < budget:
+        raise CriterionError(f"SlimGPT cannot remove {target.describe()} with layer ratios capped at {max_ratio}; "
+                             f"choose a lower target or raise max_ratio")
+    lo, hi = 0.0, max_ratio
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(mid) < budget else (lo, mid)
+    return hi
+
+
+def slimgpt_prune_to(model: nn.Module, calib: Calibration, target: Target | float, schedule: str = "log_increase",
+                     attn_unit: str = "kv", **options) -> tuple[Plan, nn.Module]:
+    """:func:`slimgpt_prune` at the mean layer ratio that removes at least ``target`` of the parameters (see
+    :func:`layer_ratio_for`): what the CLI, the app and the benchmarks call, so that ``--ratio 0.2`` means 20% of
+    the non-embedding parameters for SlimGPT as for every allocation strategy."""
+    ratio = layer_ratio_for(model, target, schedule, attn_unit, options.get("r0"), options.get("max_ratio", 0.9))
+    plan, pruned = slimgpt_prune(model, calib, ratio, schedule, attn_unit, **options)
+    t = as_target(target)
+    plan = plan.with_provenance(target=t.to_dict())
+    pruned.config.pruneviz_plan = plan.to_dict()
+    return plan, pruned
 
 
 def _plan_task(plan: Plan, i: int) -> LayerTask:
@@ -316,7 +394,7 @@ def slimgpt_prune(model: nn.Module, calib: Calibration, target_ratio: float, sch
     opts = SolverOptions(schedule=schedule, attn_unit=attn_unit, percdamp=percdamp, **options).check()
     g, t0 = geometry_of(model), time.perf_counter()
     ratios = layer_ratios(g.n_layers, target_ratio, schedule, opts.r0, opts.max_ratio)
-    tasks = [_solver_task(g, r, attn_unit) for r in ratios]
+    tasks = [solver_task(g, r, attn_unit) for r in ratios]
     layers, results = run_sequential(model, calib.tokens, tasks, opts.obs(), Context(progress, cancel), False)
     plan = _plan_from(model, results, solver="slimgpt", paper=PAPER, target_ratio=target_ratio,
                       schedule=schedule, attn_unit=attn_unit, layer_ratios=[round(r, 6) for r in ratios],

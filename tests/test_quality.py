@@ -1,0 +1,192 @@
+"""Defaults that generalise (issue 9): one meaning of a target, FLAP ranked once, SlimGPT's update strength,
+SlimLLM's criterion and affine compensation, and self-generated calibration."""
+import dataclasses
+
+import pytest
+import torch
+
+from pruneviz.allocate import Target, allocate, resolved_normalize
+from pruneviz.criteria import slimgpt as sg
+from pruneviz.criteria.slimllm import FitSums, PairSums
+from pruneviz.importance import Calibration, compute
+from pruneviz.plan import Plan, dense_params
+from pruneviz.selfcal import SelfGenOptions, generate_windows, sample_windows, self_generated, start_token, window_nll
+from pruneviz.surgery import apply_plan, masked_model
+from pruneviz.testing import tiny_model, tiny_tokenizer
+
+CALIB = Calibration(torch.randint(4, 90, (8, 24), generator=torch.Generator().manual_seed(0)), "random")
+
+
+def logits(model, ids=CALIB.tokens):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+# ---- one meaning of a target ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy, options", [("uniform", {}), ("global", {}), ("uniform", {"attn_unit": "head"}),
+                                               ("depth", {})])
+@pytest.mark.parametrize("ratio", [0.13, 0.2, 0.31])
+def test_allocation_lands_at_or_under_the_target(llama, strategy, options, ratio):
+    imap = compute(llama, "magnitude")
+    target = Target(ratio)
+    plan = allocate(llama, imap, target, strategy=strategy, **options)
+    built = apply_plan(llama, plan)
+    assert dense_params(built, True) <= dense_params(llama, True) - target.budget(llama)
+    assert dense_params(built) == plan.param_count(llama)
+
+
+@pytest.mark.parametrize("compensation", ["flap_bias", "affine"])
+def test_bias_compensations_count_their_biases_and_still_land(llama, compensation):
+    imap = compute(llama, "flap", CALIB)
+    plan = allocate(llama, imap, 0.2, strategy="global", compensation=compensation)
+    built = apply_plan(llama, plan, calibration=CALIB.tokens)
+    assert plan.compensation == compensation
+    assert dense_params(built) == plan.param_count(llama)  # the created biases are counted
+    assert dense_params(built, True) <= 0.8 * dense_params(llama, True)
+    no_bias = dataclasses.replace(plan, compensation=None)
+    assert plan.param_count(llama) > no_bias.param_count(llama)
+
+
+@pytest.mark.parametrize("unit", ["kv", "head"])
+def test_slimgpt_takes_the_same_parameter_target(llama, unit):
+    target = Target(0.2)
+    plan, pruned = sg.slimgpt_prune_to(llama, CALIB, target, attn_unit=unit)
+    dense = dense_params(llama, True)
+    removed = dense - dense_params(pruned, True)
+    assert removed >= target.budget(llama)  # at or under the stated size
+    ratio = sg.layer_ratio_for(llama, target, attn_unit=unit)
+    smaller = sg.planned_removal(llama, ratio * 0.97, attn_unit=unit)
+    assert dense - smaller.param_count(llama, True) < target.budget(llama) or ratio < 1e-6  # and just so
+    assert plan.provenance["target"] == target.to_dict()
+
+
+def test_slimgpt_solver_task_rounds_half_up_like_allocation(llama):
+    g = Plan.empty(llama).geometry  # 40 channels: r = 0.0625 asks for 2.5 channels
+    assert sg.solver_task(g, 2.5 / g.n_channels, "kv").channels == 3  # Python's round() would give 2
+
+
+# ---- FLAP ranked once ----------------------------------------------------------------------------------------------
+
+def test_flap_scores_are_not_standardised_twice(llama):
+    flap = compute(llama, "flap", CALIB)
+    assert flap.extras["standardized"] and resolved_normalize(flap, "auto") == "none"
+    assert resolved_normalize(compute(llama, "wanda_sp", CALIB), "auto") == "layer"
+    auto = allocate(llama, flap, 0.2, strategy="global")
+    again = allocate(llama, flap, 0.2, strategy="global", normalize="none")
+    twice = allocate(llama, flap, 0.2, strategy="global", normalize="layer")
+    assert auto.counts() == again.counts() and auto.provenance["options"]["normalize"] == "none"
+    assert twice.provenance["options"]["normalize"] == "layer"
+
+
+# ---- SlimGPT's update strength -------------------------------------------------------------------------------------
+
+def test_slimgpt_update_scale_zero_is_selection_without_compensation(llama):
+    plan, pruned = sg.slimgpt_prune(llama, CALIB, 0.3, schedule="uniform", update_scale=0.0)
+    plain = masked_model(llama, dataclasses.replace(plan, compensation=None))
+    assert torch.allclose(logits(pruned), logits(plain), atol=1e-5)
+    _, full = sg.slimgpt_prune(llama, CALIB, 0.3, schedule="uniform")
+    _, half = sg.slimgpt_prune(llama, CALIB, 0.3, schedule="uniform", update_scale=0.5)
+    dense = logits(llama)
+    err = {k: (logits(m) - dense).pow(2).mean() for k, m in (("0", pruned), ("0.5", half), ("1", full))}
+    assert err["1"] < err["0"] and not torch.allclose(logits(half), logits(full), atol=1e-5)
+    assert plan.provenance["slimgpt_options"]["update_scale"] == 0.0
+
+
+def test_slimgpt_update_scale_is_checked(llama):
+    from pruneviz.errors import CriterionError
+
+    with pytest.raises(CriterionError, match="update_scale"):
+        sg.slimgpt_prune(llama, CALIB, 0.3, update_scale=1.5)
+
+
+# ---- SlimLLM -------------------------------------------------------------------------------------------------------
+
+def test_pair_sums_correlation_matches_torch():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(50, 3, 4, generator=g, dtype=torch.float64), torch.randn(50, 4, generator=g,
+                                                                                 dtype=torch.float64)
+    a[:, 0] = 2 * b + 1  # perfectly correlated
+    s = PairSums()
+    s.add(a[:20], b[:20])
+    s.add(a[20:], b[20:])
+    want = torch.stack([torch.stack([torch.corrcoef(torch.stack([a[:, k, d], b[:, d]]))[0, 1] for d in range(4)])
+                        for k in range(3)])
+    assert torch.allclose(s.corr(), want, atol=1e-9) and torch.allclose(s.corr()[0], torch.ones(4, dtype=torch.float64))
+
+
+def test_slimllm_scores_a_silent_head_as_free_to_remove(llama):
+    from pruneviz.arch import adapter_for, get_path
+
+    model = tiny_model("llama")
+    g = Plan.empty(model).geometry
+    with torch.no_grad():  # head 1 of layer 0 writes nothing: removing it leaves the output unchanged
+        get_path(adapter_for(model).layers(model)[0], "self_attn.o_proj").weight[:, g.head_dim:2 * g.head_dim] = 0
+    imap = compute(model, "slimllm", CALIB)
+    assert imap.heads[0, 1] == pytest.approx(0.0, abs=1e-6)
+    assert bool((imap.heads[0, [0, 2, 3]] > 1e-3).all()) and imap.kv.shape == (g.n_layers, g.n_kv)
+    assert imap.channels.shape == (g.n_layers, g.n_channels) and bool((imap.channels >= -1e-6).all())
+
+
+def test_fit_sums_recover_an_exact_affine_map():
+    z = torch.randn(100, 5, dtype=torch.float64)
+    a, b = torch.tensor([1.5, 0.5, 2.0, 1.0, -1.0]), torch.tensor([0.1, -2.0, 0.0, 3.0, 1.0])
+    s = FitSums()
+    s.add(z, z * a + b)
+    fa, fb = s.fit()
+    assert torch.allclose(fa.float(), a, atol=1e-6) and torch.allclose(fb.float(), b, atol=1e-6)
+    ra, _ = s.fit(shrink=1e6)  # an overwhelming ridge keeps a at 1: FLAP's bias compensation
+    assert torch.allclose(ra.float(), torch.ones(5), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_affine_compensation_beats_plain_removal_on_calibration(family):
+    model = tiny_model(family)
+    plan = allocate(model, compute(model, "wanda_sp", CALIB), 0.3, compensation="affine")
+    built = apply_plan(model, plan, calibration=CALIB.tokens)
+    plain = masked_model(model, dataclasses.replace(plan, compensation=None))
+    dense = logits(model)
+    assert (logits(built) - dense).pow(2).mean() < (logits(plain) - dense).pow(2).mean()
+    assert dense_params(built) == plan.param_count(model)
+
+
+# ---- self-generated calibration ------------------------------------------------------------------------------------
+
+def test_self_generated_calibration_is_seeded_filtered_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEVIZ_CACHE", str(tmp_path))
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    opts = SelfGenOptions(n_samples=4, seq_len=12, oversample=2.0, batch_size=4)
+    rng = torch.get_rng_state()
+    calib = self_generated(model, tok, opts)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is untouched
+    assert calib.tokens.shape == (4, 12) and "self-generated" in calib.text_name
+    files = list((tmp_path / "selfcal").glob("*.json"))
+    assert len(files) == 1
+    assert torch.equal(self_generated(model, tok, opts).tokens, calib.tokens)  # from the cache
+    assert torch.equal(generate_windows(model, tok, opts), calib.tokens)  # and the same without it
+    other = self_generated(model, tok, dataclasses.replace(opts, seed=1))
+    assert not torch.equal(other.tokens, calib.tokens) and len(list((tmp_path / "selfcal").glob("*.json"))) == 2
+
+
+def test_self_generated_keeps_the_lowest_perplexity_windows(tmp_path, monkeypatch):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    opts = SelfGenOptions(n_samples=3, seq_len=10, oversample=2.0, batch_size=6)
+    start = start_token(tok)
+    every = sample_windows(model, start, opts, None, None)
+    nll = window_nll(model, every, start, 6)
+    kept = generate_windows(model, tok, opts)
+    kept_nll = window_nll(model, kept, start, 6)
+    assert every.shape == (6, 10) and kept.shape == (3, 10)
+    assert float(kept_nll.max()) <= float(nll.sort().values[2]) + 1e-6
+
+
+def test_self_generated_options_are_checked():
+    from pruneviz.errors import TextError
+
+    with pytest.raises(TextError, match="oversample"):
+        SelfGenOptions(oversample=0.5)
