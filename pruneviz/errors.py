@@ -11,6 +11,8 @@ Subclasses tell callers which stage failed:
 * :class:`PlanError`       - a pruning plan is invalid for the model.
 * :class:`ExportError`     - writing or re-reading a pruned model failed.
 * :class:`CriterionError`  - an importance criterion could not be computed.
+* :class:`SettingError`    - a setting has a value no function accepts (unknown perplexity protocol, ...); also a
+  ``ValueError``.
 * :class:`OutOfMemoryAdvice` - the machine ran out of memory; the message says
   how to make the job smaller (see :func:`oom_advice`).
 """
@@ -24,6 +26,7 @@ __all__ = [
     "PlanError",
     "ExportError",
     "CriterionError",
+    "SettingError",
     "OutOfMemoryAdvice",
     "is_oom",
     "oom_advice",
@@ -61,6 +64,10 @@ class ExportError(PrunevizError):
 
 class CriterionError(PrunevizError):
     """An importance criterion failed (bad settings, non-finite scores, ...)."""
+
+
+class SettingError(PrunevizError, ValueError):
+    """A setting names something that does not exist (an unknown protocol, ...)."""
 
 
 class OutOfMemoryAdvice(PrunevizError):

@@ -28,7 +28,7 @@ from torch import nn
 from .allocate import plan_from_ratios
 from .arch import adapter_for, geometry_of, get_path, is_conv1d
 from .data import text_hash
-from .errors import PlanError, TextError, is_oom, oom_advice
+from .errors import PlanError, SettingError, TextError, is_oom, oom_advice
 from .importance import ImportanceMap
 from .limits import check_context
 from .offload import execution_device
@@ -142,7 +142,7 @@ def get_protocol(protocol: str | PPLProtocol) -> PPLProtocol:
     if isinstance(protocol, PPLProtocol):
         return protocol
     if protocol not in PROTOCOLS:
-        raise ValueError(
+        raise SettingError(
             f"Unknown PPL protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}."
         )
     return PROTOCOLS[protocol]

@@ -342,7 +342,7 @@ def _front_matter_base(base: str) -> str:
     comment line without line breaks."""
     if HUB_ID.fullmatch(base) and ".." not in base:
         return f"base_model: {json.dumps(base)}"
-    return "# base model: " + re.sub(r"[\x00-\x1f\x7f\u2028\u2029]+", " ", base)[:300]
+    return "# base model: " + card_text(base)
 
 
 def safe_folder_name(name: str, fallback: str = "model") -> str:

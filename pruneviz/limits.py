@@ -68,9 +68,9 @@ def check_config_sizes(config: dict, where: str, folder: Path | None = None) -> 
 def context_limit(model: nn.Module) -> int | None:
     """Most tokens ``model`` can read at once when its positions are learned absolute embeddings (OPT's
     ``max_position_embeddings``, GPT-2's ``n_positions``); None for rotary / ALiBi models (no hard limit)."""
-    cfg = model.config
+    cfg = getattr(model, "config", None)
     limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
+    if not isinstance(limit, int) or limit <= 0 or not hasattr(model, "get_input_embeddings"):
         return None
     inputs = model.get_input_embeddings()
     learned = any(isinstance(m, nn.Embedding) and m is not inputs and m.num_embeddings >= limit
