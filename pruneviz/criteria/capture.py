@@ -163,13 +163,13 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) 
     """
     if not is_offloaded(model):
         return capture_stream(model, tokens, batch_size)
-    if mixed_layer_types(model):
-        raise CriterionError("layer-wise passes over an offloaded model need every block to take the same mask; "
-                             "this model mixes layer types (sliding-window and full attention)")
     view = clone_model(model, share_weights=True)
-    layers = adapter_for(view).layers(view)
+    adapter = adapter_for(view)
+    layers = adapter.layers(view)
     with torch.no_grad():
         split = [split_hidden(c) for c in catch_calls(view, layers[0], tokens, batch_size)]
-    stream = LayerStream([s[0] for s in split], [[s[1] for s in split]], split[0][2])
-    stream.calls = stream.calls * len(layers)
+        stream = LayerStream([s[0] for s in split], [[s[1] for s in split]], split[0][2])
+        stream.calls = stream.calls * len(layers)
+        if mixed_layer_types(model):  # sliding and full layers: per-layer masks, recorded without running blocks
+            stream.calls = calls_per_layer(view, adapter, tokens, batch_size, stream)
     return stream

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..arch import adapter_for, geometry_of, get_path, is_conv1d, weight_axis
+from ..arch import adapter_for, check_residual_outputs, geometry_of, get_path, is_conv1d, weight_axis
 from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
 from ..offload import materialized
@@ -202,8 +202,9 @@ def flap_bias(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=
     channels' columns of the MLP down projection add ``W[:, removed] @ mean(X[removed])`` to that projection's
     bias. The means are taken in one pass of ``calibration`` ([N, T] token ids) through the *dense* model,
     before any weight is changed, as FLAP does (its statistics come from unpruned layers). Removed blocks get no
-    compensation.
+    compensation. Refused on families that normalise the projection outputs before the residual add.
     """
+    check_residual_outputs(model, "FLAP's bias compensation")
     adapter, g = adapter_for(model), geometry_of(model)
     span = Span(context_of(progress), 0.0, 1.0)
     stats = collect_stats(model, calibration, span, ("attn_out", "mlp_out"))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch import geometry_of, get_path
+from ..arch import adapter_for, geometry_of, get_path
 from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
 from ..progress import Span
@@ -65,5 +65,6 @@ class Magnitude(Criterion):
             maps = aggregate_units(model, magnitude_features(options.norm), span=Span(ctx, 0.0, 0.9))
             if options.norm == "l2":
                 maps = {k: v.sqrt() for k, v in maps.items()}
-            blocks = block_scores(model, lambda l, n, p: p, options.norm_power, options.include_norms)
+            norm_weight = adapter_for(model).norm_weight  # a (1 + w) norm (Gemma) scores its scale 1 + w
+            blocks = block_scores(model, lambda l, n, p: norm_weight(n, p), options.norm_power, options.include_norms)
         return ImportanceMap(self.name, geometry_of(model), blocks=blocks, **maps)
