@@ -128,12 +128,14 @@ def _pruned(args, lm):
 # ---- commands -----------------------------------------------------------------------------------------------------
 
 def cmd_inspect(args) -> None:
-    from .arch import adapter_for, geometry_of, unit_params
+    from .arch import adapter_for, family_notes, geometry_of, unit_params
     from .plan import dense_params
 
     lm = _load(args)
     g, adapter = geometry_of(lm.model), adapter_for(lm.model)
     print(g.describe())
+    for note in family_notes(lm.model):  # generic llama-like, multi-query attention, post-norms, vocabulary share
+        print(f"note: {note}")
     print(f"parameters: {dense_params(lm.model):,} total, {dense_params(lm.model, True):,} non-embedding")
     for kind in ("head", "kv", "channel", "block"):
         print(f"  one {kind:8s} owns {unit_params(g, adapter, lm.model, kind):>12,} parameters")
