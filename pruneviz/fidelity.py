@@ -6,7 +6,7 @@ report (llama.cpp's ``perplexity --kl-divergence``; "KLD" in the GPTQ/AWQ evalua
 the dense distributions has KL 0 and top-1 agreement 1 on any text.
 
 The tokens scored are exactly those of :func:`pruneviz.evaluate.perplexity` under the same protocol (same
-windows from :func:`pruneviz.evaluate.ppl_windows`, same BOS handling, token 0 of each window not predicted), so
+windows from :func:`pruneviz.evaluate.eval_windows`, same BOS handling, token 0 of each window not predicted), so
 ``ppl_dense`` equals ``perplexity(dense, ...).ppl`` and the ratio is the one of the Evaluate page.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TextError, is_oom, oom_advice
-from .evaluate import PPLProtocol, get_protocol, ppl_windows
+from .evaluate import PPLProtocol, eval_windows, get_protocol
+from .limits import check_context
 from .offload import execution_device
 from .progress import Cancel, Progress
 
@@ -127,17 +128,12 @@ def fidelity(
     too-short text, or models with different vocabularies; out-of-memory becomes
     :class:`~pruneviz.errors.OutOfMemoryAdvice`.
     """
-    proto = get_protocol(protocol)
-    if not text or not text.strip():
-        raise TextError("The fidelity text is empty. Provide text or use the bundled default.")
-    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    windows, first = ppl_windows(ids, getattr(tokenizer, "bos_token_id", None), proto)  # [W, T]
+    window = get_protocol(protocol)
+    for model in (dense, pruned):  # learned positions (OPT, GPT-2) end at the context limit: refuse before any work
+        check_context(model, window.seq_len, f"a {window.name!r} fidelity window", "choose a protocol with shorter "
+                      "windows (quick or paper)")
+    windows, first, proto = eval_windows(tokenizer, text, window)  # [W, T], the windows perplexity() scores
     total = windows.shape[0]
-    if total == 0:
-        raise TextError(
-            f"The fidelity text has only {len(ids)} tokens, fewer than one {proto.seq_len}-token window of "
-            f"protocol '{proto.name}'. Use a longer text or the 'quick' protocol."
-        )
     device = execution_device(dense)
     start = time.perf_counter()
     kls: list[torch.Tensor] = []
