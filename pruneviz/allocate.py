@@ -723,9 +723,10 @@ def _land(fn: Callable[[Job], Allocation], job: Job, compensation: str | None) -
     if job.target is None:
         return alloc
     goal, raise_by = job.target.budget(job.model), 0.0
+    slack = 1e-9 * job.target.dense(job.model)  # float noise of ratio x count, far below one parameter
     for _ in range(MAX_LANDING_STEPS):
         missing = goal - _removed(job, alloc.plan)
-        if missing <= 0:
+        if missing <= slack:
             return alloc
         raise_by = max(raise_by * 2, missing + 1)
         trial = dataclasses.replace(job, extra=job.extra + raise_by)

@@ -69,10 +69,18 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-folder", help="with --offload disk: where the blocks are written (default: a temp dir)")
 
 
-def _calibration(args, tokenizer):
+def _calibration(args, tokenizer, model=None):
     from .data import calibration_windows, get_text, text_hash
     from .importance import Calibration
 
+    if args.text == "self":  # the model writes its own calibration text (cached per model and seed)
+        from .errors import PrunevizError
+        from .selfcal import SelfGenOptions, self_generated
+
+        if model is None:
+            raise PrunevizError("--text self needs the loaded model to write its calibration text")
+        return self_generated(model, tokenizer,
+                              SelfGenOptions(n_samples=args.samples, seq_len=args.seq_len, seed=args.seed))
     text = get_text(args.text, part="calib")
     tokens = calibration_windows(tokenizer, text, args.samples, args.seq_len, args.seed)
     return Calibration(tokens, text_name=args.text, text_sha256=text_hash(text), seed=args.seed)
@@ -117,7 +125,7 @@ def _pruned(args, lm):
     from .surgery import apply_plan
 
     plan = _read_plan(args.plan)
-    calib = _calibration(args, lm.tokenizer).tokens if plan.compensation else None
+    calib = _calibration(args, lm.tokenizer, lm.model).tokens if plan.compensation else None
     progress = _bar("applying plan")
     try:
         return apply_plan(lm.model, plan, calibration=calib, progress=progress), plan
@@ -152,7 +160,7 @@ def cmd_score(args) -> None:
     options = make_options(args.criterion, **_parse_options(args.option))
     check_file_target(args.out, what="the scores")  # before loading and scoring, not after
     lm = _load(args)
-    calib = _calibration(args, lm.tokenizer) if crit.needs_calibration else None
+    calib = _calibration(args, lm.tokenizer, lm.model) if crit.needs_calibration else None
     progress = _bar(args.criterion)
     try:
         imap = compute(lm.model, args.criterion, calib, options, progress=progress)
@@ -180,7 +188,8 @@ def cmd_plan(args) -> None:
 
 
 def cmd_slimgpt(args) -> None:
-    from .criteria.slimgpt import slimgpt_prune
+    from .allocate import Target
+    from .criteria.slimgpt import slimgpt_prune_to
     from .export import check_export_target, save_pruned, write_plan
     from .fsio import check_file_target
 
@@ -188,11 +197,12 @@ def cmd_slimgpt(args) -> None:
     if args.export:
         check_export_target(args.export)
     lm = _load(args)
-    calib = _calibration(args, lm.tokenizer)
+    calib = _calibration(args, lm.tokenizer, lm.model)
     progress = _bar("slimgpt")
     try:
-        plan, pruned = slimgpt_prune(lm.model, calib, args.ratio, schedule=args.schedule, attn_unit=args.attn_unit,
-                                     progress=progress)
+        plan, pruned = slimgpt_prune_to(lm.model, calib, Target(args.ratio, args.of), schedule=args.schedule,
+                                        attn_unit=args.attn_unit, update_scale=args.update_scale,
+                                        percdamp=args.percdamp, progress=progress)
     finally:
         progress.close()
     write_plan(plan, args.out)
@@ -274,6 +284,56 @@ def _print_zeroshot(args, tokenizer, models) -> None:
 def _pm(value, stderr, width: int) -> str:
     text = "-" if value is None else f"{100 * value:.2f}" + (f" ± {100 * stderr:.2f}" if stderr is not None else "")
     return f"{text:>{width}}"
+
+
+def parse_params(text: str) -> float:
+    """A parameter count: ``113.27M``, ``1.2B``, ``350k`` or a plain number."""
+    from .errors import PlanError
+
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
+    t = str(text).strip().upper()
+    try:
+        return float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
+    except ValueError:
+        raise PlanError(f"--params is a parameter count such as 113.27M or 1.2B, not {text!r}") from None
+
+
+def _recipe_target(args, model):
+    from .allocate import Target
+    from .errors import PlanError
+    from .plan import dense_params
+
+    if (args.params is None) == (args.ratio is None):
+        raise PlanError("give exactly one of --params (the pruned model's size, e.g. 113.27M) or --ratio")
+    if args.ratio is not None:
+        return Target(args.ratio, args.of)
+    want, dense, base = parse_params(args.params), dense_params(model), dense_params(model, args.of == "non_embedding")
+    if not 0 < want < dense:
+        raise PlanError(f"--params {args.params} must be below the dense model's {dense / 1e6:.2f}M parameters")
+    return Target((dense - want) / base, args.of)
+
+
+def cmd_prune(args) -> None:
+    from dataclasses import replace
+
+    from .export import check_export_target, save_pruned
+    from .plan import dense_params
+    from .recipe import RECOMMENDED, run_recipe
+
+    check_export_target(args.out, args.overwrite)  # refused before the model loads
+    lm = _load(args)
+    target = _recipe_target(args, lm.model)
+    recipe = RECOMMENDED if args.calibration == "self" else replace(RECOMMENDED, calibration="text", text=args.text)
+    print(f"recipe: {recipe.describe()}; target {target.describe()}")
+    progress = _bar("recommended recipe")
+    try:
+        result = run_recipe(lm.model, lm.tokenizer, target, recipe, progress=progress)
+    finally:
+        progress.close()
+    report = save_pruned(result.model, lm.tokenizer, args.out, plan=result.plan, overwrite=args.overwrite,
+                         protect=[lm.path] if lm.path else ())
+    print(f"{result.plan.summary()}; {dense_params(result.model) / 1e6:.2f}M parameters "
+          f"(dense {dense_params(lm.model) / 1e6:.2f}M) -> {report.folder}")
 
 
 def cmd_export(args) -> None:
@@ -474,7 +534,7 @@ def _sweep_maps(args, lm) -> dict:
     calib = None
     for name in args.criterion or []:
         if get(name).needs_calibration and calib is None:
-            calib = _calibration(args, lm.tokenizer)
+            calib = _calibration(args, lm.tokenizer, lm.model)
         progress = _bar(f"scoring {name}")
         try:
             maps[name] = compute(lm.model, name, calib, progress=progress)
@@ -598,7 +658,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("slimgpt", help="run the SlimGPT OBS solver (plan + compensated weights)")
     _common(p, calibration=True)
-    p.add_argument("--ratio", type=float, required=True)
+    p.add_argument("--ratio", type=float, required=True,
+                   help="share of parameters to remove, in (0, 1), as for `plan` (the layer ratio is solved for it)")
+    p.add_argument("--of", default="non_embedding", choices=["non_embedding", "total"])
+    p.add_argument("--update-scale", type=float, default=1.0,
+                   help="share of the OBS weight update applied, in [0, 1] (1 = the paper; lower fits the "
+                        "calibration text less)")
+    p.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping (official default 0.01)")
     p.add_argument("--schedule", default="log_increase")
     p.add_argument("--attn-unit", default="kv", choices=["kv", "head"])
     _offload_args(p)
@@ -628,6 +694,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=96)
             p.add_argument("--temperature", type=float, default=0.0)
         p.set_defaults(fn=fn)
+    p = sub.add_parser("prune", help="the recommended recipe end to end: calibrate, score, allocate, compensate, "
+                                     "export")
+    _common(p)
+    p.add_argument("--params", help="size of the pruned model, e.g. 113.27M (or give --ratio)")
+    p.add_argument("--ratio", type=float, help="share of parameters to remove, in (0, 1)")
+    p.add_argument("--of", default="non_embedding", choices=["non_embedding", "total"])
+    p.add_argument("--calibration", default="self", choices=["self", "text"],
+                   help="self: the model writes its own calibration text (default); text: windows of --text")
+    p.add_argument("--text", default="default", help="with --calibration text: default, file:PATH, hf:NAME")
+    p.add_argument("--out", required=True, help="folder for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous pruneviz export in --out")
+    p.set_defaults(fn=cmd_prune)
     p = sub.add_parser("sweep", help="perplexity (and latency) over pruning ratios for one or more criteria")
     _common(p, calibration=True)
     p.add_argument("--criterion", action="append", help="score with this criterion first (repeatable)")

@@ -200,12 +200,14 @@ def register(cls: type[Criterion]) -> type[Criterion]:
     return cls
 
 
-def _ensure_loaded() -> None:
+def load_builtin_criteria() -> None:
+    """Import :mod:`pruneviz.criteria`, which registers the built-in criteria and their compensators (at call
+    time: the criteria import this module)."""
     from . import criteria  # noqa: F401  (registers the built-in criteria)
 
 
 def available() -> dict[str, Criterion]:
-    _ensure_loaded()
+    load_builtin_criteria()
     return dict(REGISTRY)
 
 
@@ -217,7 +219,7 @@ def usable_criteria(model: nn.Module) -> dict[str, Criterion]:
 
 
 def get(name: str) -> Criterion:
-    _ensure_loaded()
+    load_builtin_criteria()
     if name not in REGISTRY:
         raise CriterionError(f"unknown criterion {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]

@@ -26,6 +26,7 @@ from torch import nn
 
 from .arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, is_conv1d, weight_axis
 from .errors import PlanError
+from .importance import load_builtin_criteria
 from .modeling_pruneviz import new_projection
 from .offload import clone_model, is_offloaded, resident_copy
 from .plan import Plan
@@ -150,9 +151,8 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = 
 
 
 def _load_compensators() -> None:
-    """Import the built-in criteria, which register their compensation solvers (at call time: they import this
-    module, so the registry is filled from above, like :func:`pruneviz.importance.available`)."""
-    from . import criteria  # noqa: F401
+    """The built-in criteria register their compensation solvers when :mod:`pruneviz.criteria` is imported."""
+    load_builtin_criteria()
 
 
 # ---- masked preview -----------------------------------------------------------------------------------------------

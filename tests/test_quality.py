@@ -190,3 +190,66 @@ def test_self_generated_options_are_checked():
 
     with pytest.raises(TextError, match="oversample"):
         SelfGenOptions(oversample=0.5)
+
+
+# ---- the recipe and the CLI ----------------------------------------------------------------------------------------
+
+def test_recipe_prunes_to_the_target_and_records_itself(tmp_path, monkeypatch):
+    from pruneviz.recipe import RECOMMENDED, run_recipe
+
+    monkeypatch.setenv("PRUNEVIZ_CACHE", str(tmp_path))
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    recipe = dataclasses.replace(RECOMMENDED, samples=6, seq_len=16)
+    seen = []
+    result = run_recipe(model, tok, Target(0.2), recipe, progress=lambda f, m: seen.append(f))
+    assert dense_params(result.model, True) <= 0.8 * dense_params(model, True)
+    assert dense_params(result.model) == result.plan.param_count(model)
+    assert result.plan.compensation == "affine" and result.plan.counts()["kv"] == 0  # MLP channels only
+    assert result.plan.provenance["recipe"]["calibration"] == "self" and seen[-1] == 1.0
+    assert "self-generated" in result.calibration.text_name
+
+
+@pytest.fixture
+def folder(tmp_path):
+    model = tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_prune_exports_the_recipe_at_the_stated_size(folder, tmp_path, monkeypatch, capsys):
+    from pruneviz.cli import main
+    from pruneviz.loading import load_model
+
+    monkeypatch.setenv("PRUNEVIZ_CACHE", str(tmp_path / "cache"))
+    dense = dense_params(load_model(str(folder)).model)
+    want = dense - 6000
+    code = main(["prune", "--model", str(folder), "--params", str(want), "--calibration", "text", "--text",
+                 "file:" + str(_text(tmp_path)), "--out", str(tmp_path / "out")])
+    assert code == 0
+    pruned = load_model(str(tmp_path / "out"))
+    assert dense_params(pruned.model) <= want
+    assert "recipe:" in capsys.readouterr().out
+    assert main(["prune", "--model", str(folder), "--params", "12M", "--out", str(tmp_path / "o2")]) == 2
+    assert "below the dense model" in capsys.readouterr().err
+
+
+def _text(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    return path
+
+
+def test_cli_slimgpt_ratio_means_a_share_of_parameters(folder, tmp_path, capsys):
+    from pruneviz.cli import main
+    from pruneviz.export import read_plan
+    from pruneviz.loading import load_model
+
+    model = load_model(str(folder)).model
+    code = main(["slimgpt", "--model", str(folder), "--ratio", "0.2", "--text", "file:" + str(_text(tmp_path)),
+                 "--samples", "4", "--seq-len", "16", "--out", str(tmp_path / "plan.json")])
+    assert code == 0
+    plan = read_plan(tmp_path / "plan.json")
+    assert dense_params(model, True) - plan.param_count(model, True) >= 0.2 * dense_params(model, True)
+    assert plan.provenance["target"] == {"ratio": 0.2, "of": "non_embedding"}

@@ -1,0 +1,109 @@
+"""The recommended pipeline: calibration source, criterion, allocation and compensation in one call.
+
+What ``bench/quality.py`` found best *out of domain* on the bundled model (the README's Benchmarks section has
+the tables; methods are ranked by perplexity on Penn Treebank, a text neither calibration nor development saw):
+
+1. **Calibration the model wrote itself** (:mod:`pruneviz.selfcal`, Ji et al. arXiv 2410.17711): statistics
+   of the model's own distribution instead of one narrow domain's.
+2. **FLAP's fluctuation scores, ranked once across layers** (``normalize="auto"``: FLAP already standardises
+   per layer) and **MLP channels only** (``attn_share=0``): on SmolLM2 every run that removes one of a layer's
+   three KV groups is far worse on other text than the same budget taken from MLP channels.
+3. **Compensation** of each output projection that loses units (``compensation``: SlimLLM's per-dimension
+   affine refit by default, FLAP's bias as the alternative); both are closed-form and fit only two numbers per
+   output dimension, so they do not overfit the calibration text the way SlimGPT's full OBS update does.
+
+Every choice is a field of :class:`Recipe`; :data:`RECOMMENDED` is the default and :func:`run_recipe` the call.
+The target is the same stated parameter target as everywhere (:class:`pruneviz.allocate.Target`): the pruned
+model lands at or under it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .allocate import Target, allocate, as_target
+from .data import calibration_windows, get_text, text_hash
+from .importance import Calibration, compute, make_options
+from .plan import Plan
+from .progress import Cancel, Progress, Span, context_of
+from .selfcal import SelfGenOptions, self_generated
+from .surgery import apply_plan
+
+CALIBRATION_SOURCES = ("self", "text")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One pruning pipeline. ``calibration``: "self" (the model writes its own, cached) or "text" (windows of
+    ``text``, a :func:`pruneviz.data.get_text` spec). ``criterion``/``criterion_options``: the importance
+    criterion; ``strategy`` and ``alloc``: :func:`pruneviz.allocate.allocate`'s strategy and options;
+    ``compensation``: a registered compensator (or None)."""
+
+    calibration: str = "self"
+    text: str = "default"
+    samples: int = 32
+    seq_len: int = 128
+    seed: int = 0
+    criterion: str = "flap"
+    criterion_options: tuple[tuple[str, object], ...] = ()
+    strategy: str = "global"
+    alloc: tuple[tuple[str, object], ...] = (("attn_share", 0.0),)
+    compensation: str | None = "affine"
+
+    def __post_init__(self):
+        if self.calibration not in CALIBRATION_SOURCES:
+            raise ValueError(f"calibration must be one of {CALIBRATION_SOURCES}, not {self.calibration!r}")
+
+    def describe(self) -> str:
+        cal = "self-generated" if self.calibration == "self" else f"text {self.text!r}"
+        alloc = ", ".join(f"{k}={v}" for k, v in self.alloc) or "defaults"
+        return (f"{cal} calibration ({self.samples} x {self.seq_len}), {self.criterion} scores, {self.strategy} "
+                f"allocation ({alloc}), {self.compensation or 'no'} compensation")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["criterion_options"], d["alloc"] = dict(self.criterion_options), dict(self.alloc)
+        return d
+
+
+RECOMMENDED = Recipe()
+
+
+@dataclass
+class RecipeResult:
+    plan: Plan
+    model: nn.Module
+    calibration: Calibration
+    recipe: Recipe
+
+
+def recipe_calibration(model: nn.Module, tokenizer, recipe: Recipe, progress: Progress | None = None,
+                       cancel: Cancel | None = None) -> Calibration:
+    """The calibration windows ``recipe`` asks for."""
+    if recipe.calibration == "self":
+        opts = SelfGenOptions(n_samples=recipe.samples, seq_len=recipe.seq_len, seed=recipe.seed)
+        return self_generated(model, tokenizer, opts, progress=progress, cancel=cancel)
+    text = get_text(recipe.text, part="calib")
+    tokens = calibration_windows(tokenizer, text, recipe.samples, recipe.seq_len, recipe.seed)
+    return Calibration(tokens, recipe.text, text_hash(text), recipe.seed)
+
+
+def run_recipe(model: nn.Module, tokenizer, target: Target | float, recipe: Recipe = RECOMMENDED,
+               progress: Progress | None = None, cancel: Cancel | None = None) -> RecipeResult:
+    """Prune ``model`` (never mutated) to ``target`` with ``recipe``: calibration, scores, plan, built model."""
+    target = as_target(target)
+    span = Span(context_of(progress, cancel))
+    calib = recipe_calibration(model, tokenizer, recipe, span.sub(0.0, 0.4).step, cancel)
+    options = make_options(recipe.criterion, **dict(recipe.criterion_options))
+    imap = compute(model, recipe.criterion, calib, options, progress=span.sub(0.4, 0.8).step, cancel=cancel)
+    plan = allocate(model, imap, target, strategy=recipe.strategy, compensation=recipe.compensation,
+                    **dict(recipe.alloc))
+    plan = plan.with_provenance(recipe=recipe.to_dict(), calibration=calib.describe())
+    span.step(0.85, "building the pruned model")
+    with torch.no_grad():
+        pruned = apply_plan(model, plan, calibration=calib.tokens if recipe.compensation else None)
+    span.step(1.0, "done")
+    return RecipeResult(plan, pruned, calib, recipe)
