@@ -334,3 +334,30 @@ def calibration_windows(
     if bos_id is not None:
         rows = [[bos_id] + row for row in rows]
     return torch.tensor(rows, dtype=torch.long)  # [N, T]
+
+
+# ------------------------------------------------------- what a number means
+
+def domain_note(calibration: str | None, evaluation: str) -> tuple[str, bool]:
+    """How an evaluation text relates to the calibration text: ``(note, same_domain)``.
+
+    A perplexity measured on the calibration's own domain flatters every method that fits the calibration
+    (SlimGPT's OBS update most): on SmolLM2 the default Python-docs calibration ranks methods differently on
+    held-out Python docs than on general English (``bench/results/quality.md``). ``calibration`` is a
+    :class:`~pruneviz.importance.Calibration` ``text_name`` (or None when unknown), ``evaluation`` a text spec
+    or name as the app and CLI show it.
+    """
+    cal, ev = (calibration or "").strip().lower(), (evaluation or "").strip().lower()
+    default = ("", "default", "bundled", "pydoc")
+    if not cal:
+        return f"{evaluation}: calibration text unknown", False
+    if cal.startswith("self-generated"):
+        return f"{evaluation}: not the calibration source (the model wrote its own calibration text)", False
+    cal_default = cal.split(" ")[0] in default or cal.startswith(("default", "pydoc"))
+    ev_default = ev.split(" ")[0] in default or ev.startswith(("default", "pydoc"))
+    if cal_default and ev_default:
+        return (f"{evaluation}: held-out part of the calibration's own domain (Python docs), so it flatters "
+                f"methods that fit the calibration; also evaluate on a text from elsewhere"), True
+    if cal.split(" ")[0] == ev.split(" ")[0]:
+        return f"{evaluation}: same source as the calibration text, so it flatters methods that fit it", True
+    return f"{evaluation}: a different source from the calibration text ({calibration})", False
