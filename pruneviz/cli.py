@@ -214,7 +214,7 @@ def cmd_slimgpt(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .data import get_text
+    from .data import domain_note, get_text
     from .evaluate import get_protocol, perplexity
     from .plan import dense_params
 
@@ -230,8 +230,13 @@ def cmd_evaluate(args) -> None:
     finally:
         progress.close()
     label = plan.summary() if plan else "dense"
+    calib_name = (plan.provenance.get("calibration") or {}).get("text") if plan else None
+    note, same = domain_note(calib_name, args.text)
     print(f"{label}\n  params {dense_params(model):,}\n  perplexity {res.ppl:.3f} on {res.n_tokens} tokens "
-          f"({res.n_windows} windows, {res.seconds:.1f} s)\n  protocol: {protocol.describe()}")
+          f"({res.n_windows} windows, {res.seconds:.1f} s)\n  protocol: {protocol.describe()}\n  text: {note}")
+    if same:
+        print("  note: evaluate on a text from another domain too (--text file:PATH): numbers on the calibration's "
+              "domain flatter methods that fit it", file=sys.stderr)
     if args.fidelity:
         _print_fidelity(args, lm, model, text, protocol)
     if args.tasks:
