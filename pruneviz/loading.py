@@ -356,35 +356,8 @@ def load_model(
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     source_str = "" if source is None else str(source)
-    path: pathlib.Path | None = None
     try:
-        if is_bundled(source_str):
-            path = bundled_folder(progress)
-            name = BUNDLED_NAME
-            model, tokenizer = _load_local_folder(path, dev, dt, False, False, progress)
-            model.config._name_or_path = BUNDLED_HUB_ID  # plans and model cards name the real base model
-        else:
-            local = pathlib.Path(source_str).expanduser()
-            if local.is_dir():
-                path = local.resolve()
-                name = path.name
-                model, tokenizer = _load_local_folder(
-                    path, dev, dt, trust_remote_code, allow_pickle, progress
-                )
-            elif local.is_file():
-                path = local.resolve()
-                name = path.stem
-                model, tokenizer = _load_local_file(path, dev, dt, progress)
-            elif _looks_like_path(source_str):
-                raise ModelLoadError(
-                    f"The folder {source_str!r} does not exist. Check the path, or use "
-                    "'bundled' for the built-in SmolLM2-135M-Instruct."
-                )
-            else:
-                name = source_str
-                model, tokenizer = _load_hub(
-                    source_str, dev, dt, trust_remote_code, allow_pickle, progress
-                )
+        model, tokenizer, name, path = _load_source(source_str, dev, dt, trust_remote_code, allow_pickle, progress)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -395,16 +368,28 @@ def load_model(
     _ensure_pad_token(tokenizer, model)
     seconds = time.perf_counter() - start
     _report(progress, 1.0, f"Loaded {name} in {seconds:.1f} s")
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        source=source_str,
-        name=name,
-        device=dev,
-        dtype=dt,
-        load_seconds=seconds,
-        path=path,
-    )
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source_str, name=name, device=dev, dtype=dt,
+                       load_seconds=seconds, path=path)
+
+
+def _load_source(source: str, dev, dt, trust_remote_code: bool, allow_pickle: bool, progress):
+    """Dispatch over the kinds of source: ``(model, tokenizer, display name, local path or None)``."""
+    if is_bundled(source):
+        path = bundled_folder(progress)
+        model, tokenizer = _load_local_folder(path, dev, dt, False, False, progress)
+        model.config._name_or_path = BUNDLED_HUB_ID  # plans and model cards name the real base model
+        return model, tokenizer, BUNDLED_NAME, path
+    local = pathlib.Path(source).expanduser()
+    if local.is_dir():
+        path = local.resolve()
+        return (*_load_local_folder(path, dev, dt, trust_remote_code, allow_pickle, progress), path.name, path)
+    if local.is_file():
+        path = local.resolve()
+        return (*_load_local_file(path, dev, dt, progress), path.stem, path)
+    if _looks_like_path(source):
+        raise ModelLoadError(f"The folder {source!r} does not exist. Check the path, or use 'bundled' for the "
+                             "built-in SmolLM2-135M-Instruct.")
+    return (*_load_hub(source, dev, dt, trust_remote_code, allow_pickle, progress), source, None)
 
 
 def _looks_like_path(text: str) -> bool:
