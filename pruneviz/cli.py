@@ -350,7 +350,13 @@ def cmd_export(args) -> None:
     lm = _load(args)
     model, plan = _pruned(args, lm)
     report = save_pruned(model, lm.tokenizer, args.out, plan=plan, overwrite=args.overwrite,
-                         protect=[lm.path] if lm.path else ())
+                         protect=[lm.path] if lm.path else (), format=args.format, weight_type=args.weight_type)
+    if report.gguf:
+        g, v = report.gguf, report.gguf["verification"]
+        print(f"gguf ({g['arch']}, {g['weight_type']}, {g['bytes'] / 2**20:.1f} MiB) -> {g['path']}; verified in "
+              f"{v['runtime']}: greedy {v['greedy_agreed']}/{v['greedy_total']} tokens agree, max |Δ log p| "
+              f"{v['max_abs_dlogprob_topk']:.3g} over the top {v['top_k']} (tolerance {v['tolerance']:g})")
+        return
     print(f"{report.format} checkpoint -> {report.folder} ({len(report.files)} files, {report.params:,} params); "
           f"reload max |Δlogit| {report.reload_max_abs_diff:g}"
           + (f", trust_remote_code {report.remote_code_max_abs_diff:g}"
@@ -694,6 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--out", required=True)
             p.add_argument("--overwrite", action="store_true")
+            p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                           help="hf: safetensors folder (default); gguf: one GGUF file for llama.cpp in --out, "
+                                "verified in llama.cpp when llama-cpp-python is installed")
+            p.add_argument("--weight-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
+                           help="with --format gguf: type of the 2-D weights (norms and biases stay f32)")
         if name == "chat":
             p.add_argument("prompt")
             p.add_argument("--max-new-tokens", type=int, default=96)

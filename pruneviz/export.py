@@ -12,6 +12,10 @@ Two checkpoint formats, chosen automatically:
 Whether a config is stock-expressible is decided by building the candidate stock model skeleton and comparing
 every parameter shape with the pruned model, so no family-specific guesswork decides it.
 
+A third format is asked for: ``format="gguf"`` writes one GGUF file for llama.cpp into the folder
+(:mod:`pruneviz.gguf_export`: the family's llama.cpp architecture, or ``deci`` for per-layer widths), verified by
+running it in llama.cpp where ``llama-cpp-python`` is installed (else by reading it back with ``gguf``).
+
 Every export is written to a temporary folder, reloaded and compared with the in-memory model (identical logits
 required), and only then renamed into place: a failed or interrupted export leaves nothing behind
 (:mod:`pruneviz.fsio`; a killed export's temporary folder is removed by the next export to the same target).
@@ -50,7 +54,7 @@ class ExportReport:
     """What an export wrote and how its reload check went."""
 
     folder: str
-    format: str  # "stock" | "pruneviz"
+    format: str  # "stock" | "pruneviz" | "gguf"
     reload_max_abs_diff: float
     remote_code_max_abs_diff: float | None
     ok: bool
@@ -58,6 +62,7 @@ class ExportReport:
     seconds: float = 0.0
     params: int = 0
     card: str = ""
+    gguf: dict | None = None  # format "gguf": pruneviz.gguf_export.GGUFReport.to_dict() with its verification
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -141,7 +146,9 @@ def stock_config(model: nn.Module):
 
 def _modeling_source(model: nn.Module) -> str:
     src = _MODELING.read_text(encoding="utf-8")
-    src = src.replace('BASE_MODEL_CLASS = "LlamaForCausalLM"', f'BASE_MODEL_CLASS = "{type(model).__name__}"')
+    # the transformers class (a reloaded pruneviz export is a modeling_pruneviz subclass of it)
+    base = next((c for c in type(model).__mro__ if c.__module__.startswith("transformers.")), type(model))
+    src = src.replace('BASE_MODEL_CLASS = "LlamaForCausalLM"', f'BASE_MODEL_CLASS = "{base.__name__}"')
     return src.replace('BASE_CONFIG_CLASS = "LlamaConfig"', f'BASE_CONFIG_CLASS = "{type(model.config).__name__}"')
 
 
@@ -184,7 +191,7 @@ def is_export(folder: str | os.PathLike) -> bool:
         report = json.loads(Path(folder, REPORT_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(report, dict) and report.get("format") in ("stock", "pruneviz")
+    return isinstance(report, dict) and report.get("format") in ("stock", "pruneviz", "gguf")
 
 
 def source_folders(model: nn.Module, plan: Plan | None = None, extra=()) -> list[Path]:
@@ -239,10 +246,21 @@ def export_bytes(model: nn.Module) -> int:
     return total + 4 * 1024 * 1024
 
 
+# Export formats (one registry): name -> what it writes. "hf" picks stock or pruneviz by the shapes.
+EXPORT_FORMATS = {"hf": "Hugging Face safetensors folder (stock classes, or pruneviz remote code for per-layer widths)",
+                  "gguf": "one GGUF file for llama.cpp (f32, f16, q8_0, q4_0), verified in llama.cpp"}
+
+
 def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Plan | None = None,
                 evaluation: dict | None = None, overwrite: bool = False, check_remote_code: bool = True,
-                tolerance: float = 0.0, protect=()) -> ExportReport:
+                tolerance: float = 0.0, protect=(), format: str = "hf", weight_type: str = "f16",
+                gguf_runtime: str = "auto") -> ExportReport:
     """Write ``model`` (pruned or dense) as a checkpoint folder, verified by reloading it.
+
+    ``format`` is a key of :data:`EXPORT_FORMATS`. ``"gguf"`` writes ``<folder name>.<weight_type>.gguf``
+    (:func:`pruneviz.gguf_export.write_gguf`; what llama.cpp cannot express is refused before writing) and verifies
+    it with :func:`pruneviz.gguf_export.verify_gguf` (``gguf_runtime``: auto, llama.cpp or python): greedy tokens and
+    next-token log-probabilities within the weight type's stated tolerance, else ExportError and nothing is left.
 
     The reloaded model must give logits within ``tolerance`` (default: identical) of ``model`` on fixed inputs;
     otherwise ExportError is raised and nothing is left at ``folder``. ``overwrite`` replaces only a previous
@@ -250,10 +268,18 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
     (:func:`check_export_target`). Target, name and free space are checked before anything is written.
     """
     t0 = time.perf_counter()
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {format!r}; one of {', '.join(EXPORT_FORMATS)}")
     if getattr(model.config, "pruneviz_masked_plan", None):
         raise ExportError("this is a masked preview (removed units are zeroed by hooks, the weights are still dense); "
                           "export the physically pruned model instead: apply_plan(base_model, plan)")
     plan = plan or plan_of(model)
+    if format == "gguf":
+        from .gguf_export import WEIGHT_TYPES, gguf_layout
+
+        if weight_type not in WEIGHT_TYPES:
+            raise ExportError(f"unknown GGUF weight type {weight_type!r}; one of {', '.join(WEIGHT_TYPES)}")
+        gguf_layout(model)  # refuses what llama.cpp cannot express before anything is written
     folder = check_export_target(folder, overwrite, source_folders(model, plan, protect))
     fsio.check_space(folder.parent, export_bytes(model), "the export")
     fsio.remove_stale_temporaries(folder)
@@ -262,14 +288,21 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
     except OSError as e:
         raise ExportError(fsio.os_error_message(e, folder, "the export")) from e
     try:
-        fmt = _write_model(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        if format == "gguf":
+            fmt, gguf_report = "gguf", _write_gguf(model, tokenizer, tmp / f"{folder.name}.{weight_type}.gguf",
+                                                   plan, weight_type)
+        else:
+            fmt = _write_model(model, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         if plan is not None:
             write_plan(plan, tmp / PLAN_FILE)
         card = model_card(model, plan, evaluation, fmt)
         _atomic_write_text(tmp / "README.md", card)
-        report = _verify(model, tmp, fmt, check_remote_code, tolerance)
+        if fmt == "gguf":
+            report = _verify_gguf(model, tokenizer, gguf_report, gguf_runtime)
+        else:
+            report = _verify(model, tmp, fmt, check_remote_code, tolerance)
         report.card, report.seconds = card, time.perf_counter() - t0
         report.params = dense_params(model)
         _atomic_write_text(tmp / REPORT_FILE, json.dumps(report.to_dict(), indent=1))
@@ -284,6 +317,27 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_gguf(model: nn.Module, tokenizer, path: Path, plan: Plan | None, weight_type: str):
+    from .gguf_export import write_gguf
+
+    return write_gguf(model, tokenizer, path, weight_type, plan=plan,
+                      name=Path(str(plan.base.name if plan else "") or "model").name)
+
+
+def _verify_gguf(model: nn.Module, tokenizer, gguf_report, runtime: str) -> ExportReport:
+    from .gguf_export import verify_gguf
+
+    check = verify_gguf(gguf_report.path, model, tokenizer, gguf_report.weight_type, runtime=runtime)
+    gguf_report.verification = check
+    if not check["ok"]:
+        raise ExportError(f"the GGUF does not reproduce the model in {check['runtime']} (max |Δ log p| "
+                          f"{check['max_abs_dlogprob_topk']:.3g} over the top {check['top_k']} tokens, tolerance "
+                          f"{check['tolerance']:g}; greedy {check['greedy_agreed']}/{check['greedy_total']} tokens "
+                          f"agree); nothing was written. Please report this as a bug.")
+    return ExportReport(str(Path(gguf_report.path).parent), "gguf", check["max_abs_dlogprob_topk"], None, True,
+                        gguf=gguf_report.to_dict())
 
 
 def _verify(model: nn.Module, tmp: Path, fmt: str, check_remote_code: bool, tolerance: float) -> ExportReport:
@@ -375,7 +429,8 @@ def model_card(model: nn.Module, plan: Plan | None, evaluation: dict | None, fmt
     or is quoted (the front matter), so it cannot inject YAML keys or Markdown."""
     base = str(plan.base.name if plan else getattr(model.config, "_name_or_path", "") or "unknown")
     lines = ["---", _front_matter_base(base),
-             "tags:", "- pruned", "- structured-pruning", "- pruneviz", "library_name: transformers", "---", "",
+             "tags:", "- pruned", "- structured-pruning", "- pruneviz", *(["- gguf"] if fmt == "gguf" else []),
+             f"library_name: {'gguf' if fmt == 'gguf' else 'transformers'}", "---", "",
              f"# {card_text(Path(base).name or base)} (structurally pruned with pruneviz {__version__})", ""]
     if plan is not None:
         prov = plan.provenance
@@ -394,6 +449,11 @@ def model_card(model: nn.Module, plan: Plan | None, evaluation: dict | None, fmt
         lines += [f"- {card_text(k)}: {card_text(v)}" for k, v in rec.items()] + [""]
     else:
         lines += ["No recovery fine-tuning was done.", ""]
+    if fmt == "gguf":
+        lines += ["## Loading", "", "A GGUF file for llama.cpp (`deci` architecture for per-layer widths):", "",
+                  "```bash", "llama-cli -m *.gguf -p \"Hello\"", "```", "", "```python",
+                  "from llama_cpp import Llama", "llm = Llama(model_path=path_to_gguf)", "```", ""]
+        return "\n".join(lines)
     lines += ["## Loading", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(folder)",

