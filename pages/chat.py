@@ -1,7 +1,7 @@
 """Chat page: the same prompt to the dense and the pruned model side by side, streamed, same seed, tokens/s."""
 import streamlit as st
 
-from pruneviz.chat import stream_reply
+from pruneviz.chat import check_lengths, context_window, prompt_tokens, stream_reply
 from pruneviz.ui import components as ui
 from pruneviz.ui import state
 from pruneviz.ui.compat import ScriptControlException
@@ -25,7 +25,11 @@ with st.sidebar:
                             help="Off: model output is shown exactly as generated (a line starting with # stays "
                                  "a # line). On: headings, lists and code are formatted.")
 
-st.caption(f"Right side: **{how}** · plan: {'nothing removed' if plan.is_empty() else plan.summary()}")
+if state.is_exported(loaded):
+    st.caption(f"**The exported model itself** (pruned with: {plan.summary()}); its dense base is not loaded, so "
+               "there is one column. Load the base with this plan (Prune page) to compare them.")
+else:
+    st.caption(f"Right side: **{how}** · plan: {'nothing removed' if plan.is_empty() else plan.summary()}")
 history = st.session_state["chat"]
 
 
@@ -38,10 +42,15 @@ def messages(side: str, upto: int) -> list[dict]:
 
 
 def stats_line(stats) -> str:
+    """Reply length and time, the prefill (prompt read, time to the first token) and the decoding speed after it."""
     if not stats:
         return ""
-    return f"{stats['tokens']} tokens · {stats['seconds']:.1f} s · **{stats['tps']:.1f} tokens/s**" + \
-        (" · stopped" if stats.get("stopped") else "")
+    parts = [f"{stats['tokens']} tokens", f"{stats['seconds']:.1f} s"]
+    if stats.get("prefill") is not None:
+        parts.append(f"prompt {stats.get('prompt', 0):,} tokens, first token after {stats['prefill']:.2f} s")
+    decode = stats.get("decode_tps")
+    parts.append(f"**{decode:.1f} tokens/s** decoding" if decode else f"**{stats['tps']:.1f} tokens/s**")
+    return " · ".join(parts) + (" · stopped" if stats.get("stopped") else "")
 
 
 def show_text(text: str, where=st) -> None:
@@ -64,54 +73,89 @@ def write_stream(stream) -> str:
     return text
 
 
-def stream_side(model, side: str, turn: dict, col) -> None:
-    """Stream one side's reply into ``col``; keeps the partial reply if the user interrupts."""
-    with col.chat_message("assistant", avatar=":material/deployed_code:" if side == "dense"
-                          else ":material/content_cut:"):
-        stream = stream_reply(model, loaded.tokenizer, messages(side, len(history) - 1) +
-                              [{"role": "user", "content": turn["prompt"]}], max_new_tokens=int(max_new),
+AVATARS = {"dense": ":material/deployed_code:", "pruned": ":material/content_cut:"}
+
+
+def stream_side(model, side: str, turn: dict, msgs: list[dict], col) -> None:
+    """Stream one side's reply into ``col``; keeps the partial reply when the user stops or interrupts."""
+    with col.chat_message("assistant", avatar=AVATARS[side]):
+        stream = stream_reply(model, loaded.tokenizer, msgs, max_new_tokens=int(max_new),
                               temperature=float(temperature), top_p=float(top_p), seed=int(seed))
         try:
             text = write_stream(stream)
-        except ScriptControlException:
+        except ScriptControlException:  # Stop (or any other click): keep what was generated
             stream.stop()
-            turn[side], turn[side + "_stats"] = stream.text + " …", None
+            turn[side] = stream.text
+            turn[side + "_stats"] = {"tokens": stream.n_generated, "seconds": 0.0, "tps": 0.0, "stopped": True}
+            turn["stopped"] = True
             raise
         turn[side] = text
         s = stream.stats
         turn[side + "_stats"] = {"tokens": s.n_tokens, "seconds": s.seconds, "tps": s.tokens_per_s,
-                                 "stopped": s.stopped} if s else None
+                                 "stopped": s.stopped, "prompt": s.prompt_tokens, "prefill": s.prefill_seconds,
+                                 "decode_tps": s.decode_tokens_per_s} if s else None
         st.caption(stats_line(turn[side + "_stats"]))
 
 
-left, right = st.columns(2, gap="large")
-left.markdown("#### Dense")
-right.markdown("#### Pruned")
-for turn in history:
-    for side, col in (("dense", left), ("pruned", right)):
-        show_text(turn["prompt"], col.chat_message("user"))
-        if turn.get(side) is not None:
-            with col.chat_message("assistant", avatar=":material/deployed_code:" if side == "dense"
-                                  else ":material/content_cut:"):
-                if turn[side]:
-                    show_text(turn[side])
-                else:
-                    st.caption("(empty reply)")
-                st.caption(stats_line(turn.get(side + "_stats")))
+exported = state.is_exported(loaded)
+SIDES = {"dense": (loaded.model, "Exported model" if exported else "Dense")}
+if not exported:  # an exported checkpoint is the only model here (its dense base is not loaded)
+    SIDES["pruned"] = (pruned_model, "Pruned")
+heads = st.columns(len(SIDES), gap="large")
+for (_, title), col in zip(SIDES.values(), heads):
+    col.markdown(f"#### {title}")
 
-prompt = st.chat_input("Ask both models…", key="chat_input")
+
+def replies(turn: dict) -> None:
+    """One turn: the prompt once, then each side's reply in its column."""
+    show_text(turn["prompt"], st.chat_message("user"))
+    cols = st.columns(len(SIDES), gap="large")
+    for side, col in zip(SIDES, cols):
+        if turn.get(side) is None:
+            if turn.get("stopped"):
+                col.caption("(stopped before this side started)")
+            continue
+        with col.chat_message("assistant", avatar=AVATARS[side]):
+            if turn[side]:
+                show_text(turn[side])
+            else:
+                st.caption("(empty reply)")
+            st.caption(stats_line(turn.get(side + "_stats")))
+
+
+for turn in history:
+    replies(turn)
+
+window = context_window(loaded.model)
+if window:
+    used = prompt_tokens(loaded.tokenizer, messages("dense", len(history)) + [{"role": "user", "content": ""}])
+    st.caption(f"Context: the conversation so far is {used:,} of {window:,} tokens; each reply adds up to "
+               f"{int(max_new):,}.")
+
+prompt = st.chat_input("Ask both models…" if not exported else "Ask the exported model…", key="chat_input")
 if prompt:
-    turn = {"prompt": prompt, "dense": None, "pruned": None}
-    history.append(turn)
-    for side, col in (("dense", left), ("pruned", right)):
-        show_text(prompt, col.chat_message("user"))
+    msgs = {side: messages(side, len(history)) + [{"role": "user", "content": prompt}] for side in SIDES}
     try:
-        stream_side(loaded.model, "dense", turn, left)
-        stream_side(pruned_model, "pruned", turn, right)
-    except ScriptControlException:
-        raise
-    except Exception as e:  # noqa: BLE001 - e.g. out of memory: advice, not a traceback
+        for side, (model, _) in SIDES.items():  # refuse before anything runs, not part-way
+            check_lengths(model, prompt_tokens(loaded.tokenizer, msgs[side]), int(max_new))
+    except Exception as e:  # noqa: BLE001 - TextError: says how long it is and what to do
         show_error(e)
+    else:
+        turn = {"prompt": prompt, "dense": None, "pruned": None}
+        history.append(turn)
+        show_text(prompt, st.chat_message("user"))
+        stop = st.empty()
+        stop.button("Stop", key="chat_stop", icon=":material/stop_circle:",
+                    help="Stop generating; what was generated so far is kept.")
+        cols = st.columns(len(SIDES), gap="large")
+        try:
+            for (side, (model, _)), col in zip(SIDES.items(), cols):
+                stream_side(model, side, turn, msgs[side], col)
+        except ScriptControlException:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: advice, not a traceback
+            show_error(e)
+        stop.empty()
 
 if history and st.button("Clear conversation", key="chat_clear", icon=":material/delete_sweep:"):
     st.session_state["chat"] = []

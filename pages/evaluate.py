@@ -31,6 +31,24 @@ with st.container(border=True):
         text = ui.text_picker("eval", "ev_text")
 
 # ==== 1. perplexity ==================================================================================================
+if state.is_exported(loaded):  # an exported checkpoint: its own perplexity; the comparisons need its base
+    st.subheader("Perplexity", anchor=False)
+    st.caption(f"**The exported model itself** (pruned with: {plan.summary()}).")
+    if st.button("Evaluate perplexity", type="primary", key="ev_run", icon=":material/play_arrow:",
+                 disabled=text is None):
+        services.evaluate_exported(loaded, plan, text.name, text.text, protocol)
+    last = state.latest_eval(plan)
+    if last is not None:
+        c1, c2, c3 = st.columns(3)
+        c1.metric("Perplexity", ui.fmt_ppl(last.pruned_ppl), border=True)
+        c2.metric("Scored tokens", f"{last.tokens:,}", border=True)
+        c3.metric("Fidelity to dense", "N/A", border=True, help="KL and top-1 agreement need the dense base.")
+        st.caption(("⚠️ PARTIAL (cancelled) · " if not last.complete else "") + f"{last.protocol_text} Text: "
+                   f"{last.text}.")
+    st.info("Fidelity to the dense model (KL, top-1 agreement), LoRA recovery, sweeps and per-token comparisons "
+            "need the dense base: load it with this plan on the Prune page.", icon=":material/info:")
+    st.stop()
+
 st.subheader("Perplexity", anchor=False)
 st.caption(f"Pruned side: **{how}** · plan: {'nothing removed' if plan.is_empty() else plan.summary()}")
 if st.button("Evaluate dense and pruned", type="primary", key="ev_run", icon=":material/play_arrow:",

@@ -36,7 +36,10 @@ with c2:
 
 # ==== checkpoint =====================================================================================================
 st.subheader("Pruned checkpoint", anchor=False)
-built, recovery = state.built_for(plan), state.recovery_for(plan)
+exported = state.is_exported(loaded)
+built, recovery = (loaded.model, None) if exported else (state.built_for(plan), state.recovery_for(plan))
+if exported:
+    st.caption("The loaded model is an exported checkpoint: it is exported as it is (with the plan it carries).")
 if plan.is_empty():
     st.info("The plan removes nothing; make one on the Prune page first.", icon=":material/content_cut:")
     st.stop()

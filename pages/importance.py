@@ -10,6 +10,7 @@ from pruneviz.ui.work import show_error
 
 loaded = ui.page("Importance", "How much each query head, KV group, MLP channel and block matters, by several "
                  "criteria. Higher = more important = kept longer.")
+ui.exported_gate(loaded, "score its units here", "imp")
 g = geometry_of(loaded.model)
 crits, offered = available(), usable_criteria(loaded.model)
 
@@ -57,11 +58,13 @@ for name in names:
         show_error(err)
         continue
     rows.append({"criterion": crits[name].title, "forward tokens": e["tokens"],
-                 "backward": "yes" if e["backward"] else "no", "≈ time": ui.human_seconds(e["seconds"]),
+                 "backward": "yes" if e["backward"] else "no",
+                 "≈ time": ui.human_seconds(e["seconds"]) + (" (from your last run)" if e["measured"] else ""),
                  "≈ extra memory": ui.human_bytes(e["extra_bytes"]) if e["extra_bytes"] else "small"})
 if rows:
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="imp_estimate")
-    st.caption("Estimates from a measured forward speed on this machine; repeated settings come from the cache.")
+    st.caption("Times come from your last run of each criterion on this model when there is one, else from a "
+               "forward pass timed here at this window length; repeated settings come from the cache.")
 
 run = st.button("Compute importance", type="primary", icon=":material/play_arrow:", key="imp_run",
                 disabled=not rows)

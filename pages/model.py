@@ -5,7 +5,7 @@ import streamlit as st
 from pruneviz.arch import UNITS, adapter_for, geometry_of, unit_count, unit_params
 from pruneviz.plan import dense_params
 from pruneviz.ui import components as ui
-from pruneviz.ui import services
+from pruneviz.ui import services, state
 
 loaded = ui.page("Model", "The dense base model every plan is made against. Choose another one in the sidebar.")
 model, g = loaded.model, geometry_of(loaded.model)
@@ -19,6 +19,37 @@ if offloaded:
     st.caption(f":material/storage: {offloaded}")
 
 total, non_emb = dense_params(model), dense_params(model, non_embedding=True)
+if state.is_exported(loaded):  # an already pruned checkpoint: what it carries, not the base's unit table
+    carried = state.exported_plan(loaded)
+    cols = st.columns(3)
+    cols[0].metric("Blocks", model.config.num_hidden_layers, border=True, help="Decoder blocks it kept.")
+    cols[1].metric("Parameters", ui.human(total), border=True)
+    cols[2].metric("Non-embedding", ui.human(non_emb), border=True)
+    st.subheader("The plan it carries", anchor=False)
+    if carried is None:
+        st.caption("This checkpoint is pruned but records no plan.")
+    else:
+        st.markdown(f"{carried.summary()}  \nbase `{carried.base.name}` · criterion "
+                    f"{carried.provenance.get('criterion', 'unknown')} · compensation {carried.compensation or 'none'}"
+                    f" · `sha256 {carried.sha256()[:16]}…`")
+        st.download_button("Download its plan JSON", carried.to_json(), file_name="pruneviz-plan.json",
+                           mime="application/json", key="model_plan_dl", icon=":material/download:",
+                           on_click="ignore")
+    st.caption("Its layers have their own widths, so it is explored through its base: Importance and Prune offer to "
+               "load the base with this plan. Chat, Evaluate and Export work on it as it is.")
+    card = state.model_card(loaded)
+    with st.expander("Model card (README.md)", icon=":material/description:", expanded=True):
+        if card is None:
+            st.caption("No README.md in its folder.")
+        else:
+            front, body = ui.split_front_matter(card)
+            if front:
+                st.code(front, language="yaml")
+            st.markdown(body)
+    with st.expander("Configuration", icon=":material/settings:"):
+        st.json(model.config.to_diff_dict(), expanded=False)
+    st.stop()
+
 cols = st.columns(6)
 cols[0].metric("Layers", g.n_layers, border=True, help="Decoder blocks.")
 cols[1].metric("Query heads", g.n_heads, border=True, help=f"Per layer; head dimension {g.head_dim}.")

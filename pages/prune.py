@@ -15,6 +15,7 @@ from pruneviz.ui.work import show_error
 
 loaded = ui.page("Prune", "Sliders set how much to remove; clicking or box-selecting cells adds or takes back single "
                  "units. The preview updates at once; Apply builds the smaller model.")
+ui.exported_gate(loaded, "edit the plan here", "pr")
 g = geometry_of(loaded.model)
 crits = available()
 imaps = st.session_state["imaps"]
@@ -43,6 +44,7 @@ left, right = st.columns([1, 2.6], gap="large")
 with left:
     with st.container(border=True):
         st.markdown("**Allocation**")
+        origin_note = st.empty()  # filled once the plan of this run is known
         crit = st.selectbox("Scores from", list(imaps), key="pr_criterion",
                             format_func=lambda n: crits[n].title if n in crits else n)
         imap = imaps[crit]
@@ -75,10 +77,16 @@ with left:
     c1.caption(f"{len(edits)} manual edit{'s' if len(edits) != 1 else ''} on top of the sliders")
     if c2.button("Clear", key="pr_clear_edits", disabled=not edits, help="Forget clicked/selected changes."):
         st.session_state["edits"] = []
-        st.session_state["prune_seen"] = None
+        origin = st.session_state.get("plan_origin")
+        if st.session_state.get("plan_settings") is None and origin is not None:
+            st.session_state["plan"] = origin  # a solver / file / history plan: back to it, not to the sliders
+        else:
+            st.session_state["prune_seen"] = None  # rebuilt from the sliders
         st.rerun()
 
 # ==== (re)build the plan when the sliders moved ======================================================================
+if st.session_state.get("prune_seen") == state.KEEP_PLAN:  # a plan from elsewhere: kept until a slider moves
+    st.session_state["prune_seen"] = settings
 if settings != st.session_state.get("prune_seen"):
     try:
         st.session_state["plan"] = services.build_plan(loaded, settings)
@@ -88,6 +96,13 @@ if settings != st.session_state.get("prune_seen"):
             show_error(e)
     st.session_state["prune_seen"] = settings
 plan = state.get_plan(loaded)
+ui.plan_line(loaded)  # the sidebar drew the plan before this page changed it
+if st.session_state.get("plan_settings") is None and not plan.is_empty():
+    made = plan.provenance
+    origin = ("the SlimGPT solver" if made.get("criterion") == "slimgpt" else
+              f"{made.get('strategy', 'elsewhere')} ({made.get('criterion', 'manual')})")
+    origin_note.info(f"The current plan comes from {origin}, not from these sliders. Moving one replaces it with "
+                     "an allocation from the sliders.", icon=":material/info:")
 
 
 def _on_select(kind: str, chart_key: str) -> None:
@@ -126,7 +141,8 @@ with right:
     scale = c2.segmented_control("Colour by", ["score", "rank", "log10"], key="pr_scale", required=True,
                                  default="rank") or "rank"
     kinds = [k for k in ("kv", "head", "channel", "block") if imap.get(k) is not None]
-    tabs = st.tabs([ui.unit_title(k) for k in kinds])
+    tabs = st.tabs([ui.unit_title(k) for k in kinds], key="pr_tabs", on_change="rerun")  # kept by key: a warning
+    # appearing above must not send the view back to the first tab
     for kind, tab in zip(kinds, tabs):
         with tab:
             view = ui.channel_view(g, f"pr_{kind}") if kind == "channel" else None

@@ -24,6 +24,9 @@ __all__ = [
     "ReplyResult",
     "ReplyStream",
     "build_inputs",
+    "check_lengths",
+    "context_window",
+    "prompt_tokens",
     "generate_reply",
     "stream_reply",
 ]
@@ -33,13 +36,17 @@ _ROLES = ("system", "user", "assistant")
 
 @dataclass
 class ReplyResult:
-    """A finished reply: text, number of generated tokens, wall time, speed."""
+    """A finished reply: text, number of generated tokens, wall time, overall speed, and (streamed replies) the
+    prefill (prompt tokens and time to the first new token) apart from the decoding speed after it."""
 
     text: str
     n_tokens: int
     seconds: float
     tokens_per_s: float
     stopped: bool = False  # True if stopped by the user before the end
+    prompt_tokens: int = 0
+    prefill_seconds: float | None = None  # from the start to the first generated token (reads the whole prompt)
+    decode_tokens_per_s: float | None = None  # tokens after the first one per second of decoding
 
 
 def _check_messages(messages) -> None:
@@ -110,12 +117,31 @@ def _generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p) -> 
     return {"generation_config": cfg}
 
 
+def context_window(model) -> int | None:
+    """The context length the model was trained for (``max_position_embeddings``, GPT-2's ``n_positions``), None
+    when its config states none."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def prompt_tokens(tokenizer, messages: list[dict]) -> int:
+    """How many tokens the prompt for ``messages`` has (what :func:`build_inputs` feeds the model)."""
+    return int(build_inputs(tokenizer, messages)["input_ids"].shape[-1])
+
+
 def check_lengths(model, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Refuse a prompt, or a prompt plus reply, longer than the model's learned positions (OPT, GPT-2) before
-    generation starts (it would fail with an index error part-way, or on a GPU with a device assert)."""
+    """Refuse a prompt, or a prompt plus reply, longer than the model's context before generation starts: learned
+    positions (OPT, GPT-2) would fail with an index error part-way (on a GPU a device assert), rotary models run
+    past what they were trained for and degrade silently."""
     check_context(model, prompt_tokens, "the prompt", "shorten the conversation")
     check_context(model, prompt_tokens + max_new_tokens, f"the prompt ({prompt_tokens:,} tokens) plus the reply "
                   f"(max_new_tokens {max_new_tokens:,})", "shorten the conversation or lower max_new_tokens")
+    window = context_window(model)
+    if window is not None and prompt_tokens + max_new_tokens > window:
+        raise TextError(f"the prompt ({prompt_tokens:,} tokens) plus the reply (max_new_tokens {max_new_tokens:,}) "
+                        f"is longer than this model's context of {window:,} tokens; clear or shorten the "
+                        f"conversation, or lower max_new_tokens (at most {window:,} tokens in all)")
 
 
 class _StopFlag:
@@ -123,8 +149,10 @@ class _StopFlag:
 
     def __init__(self):
         self.event = threading.Event()
+        self.times: list[float] = []  # perf_counter() after each generated token
 
     def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
         stop = self.event.is_set()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
@@ -180,6 +208,11 @@ class ReplyStream:
     def text(self) -> str:
         return "".join(self._pieces)
 
+    @property
+    def n_generated(self) -> int:
+        """Tokens generated so far (also while running, and after a stop)."""
+        return len(self._flag.times)
+
     def __iter__(self) -> Iterator[str]:
         import queue
 
@@ -200,12 +233,17 @@ class ReplyStream:
                 raise oom_advice(self._error, "generating a reply") from self._error
             raise self._error
         seconds = time.perf_counter() - self._start
+        times = self._flag.times
+        decode = times[-1] - times[0] if len(times) > 1 else 0.0
         self.stats = ReplyResult(
             text=self.text,
             n_tokens=self._n_tokens,
             seconds=seconds,
             tokens_per_s=self._n_tokens / seconds if seconds > 0 else 0.0,
             stopped=self._flag.event.is_set(),
+            prompt_tokens=int(self._inputs["input_ids"].shape[-1]),
+            prefill_seconds=times[0] - self._start if times else None,
+            decode_tokens_per_s=(len(times) - 1) / decode if decode > 0 else None,
         )
 
 

@@ -195,7 +195,7 @@ def test_chat_streams_both_sides():
     turn = at.session_state["chat"][-1]
     assert isinstance(turn["dense"], str) and isinstance(turn["pruned"], str)
     assert turn["dense_stats"]["tokens"] > 0 and turn["pruned_stats"]["tps"] > 0
-    assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
+    assert [m.name for m in at.chat_message] == ["user", "assistant", "assistant"]  # the prompt shown once
     assert "tokens/s" in at.chat_message[1].caption[0].value
 
 
@@ -621,3 +621,247 @@ def test_importance_shows_maps_computed_later():
     at.pills(key="imp_show").set_value(["wanda_sp"])  # a choice the user makes is kept
     clean(at.run())
     assert at.pills(key="imp_show").value == ["wanda_sp"]
+
+
+def export_per_layer(at: AppTest) -> Path:
+    """Prune 8 MLP channels of layer 0 only (per-layer widths), build and export; the folder written."""
+    with_magnitude(at)
+    at.selectbox(key="pr_list_kind").set_value("channel")
+    clean(at.run())
+    at.multiselect(key="pr_list_channel_0").set_value(list(range(8)))
+    clean(at.button(key="pr_list_apply").click().run())
+    clean(at.button(key="pr_apply").click().run())
+    clean(at.switch_page("pages/export.py").run())
+    clean(at.button(key="ex_run").click().run())
+    return Path(at.session_state["export"].report.folder)
+
+
+def load_folder(at: AppTest, folder) -> AppTest:
+    at.selectbox(key="model_source").set_value("folder")
+    clean(at.run())
+    at.text_input(key="model_folder").set_value(str(folder))
+    return clean(at.button(key="model_load").click().run())
+
+
+def test_exported_checkpoint_loads_and_is_explored_through_its_base():
+    """Bug 1: loading an exported per-layer checkpoint raised PlanError ("already pruned") on every page."""
+    at = open_app()
+    folder = export_per_layer(at)
+    made = at.session_state["plan"]
+    load_folder(at, folder)
+    assert at.session_state["model_spec"].source == str(folder)
+    clean(at.switch_page("pages/model.py").run())
+    assert any("structurally pruned with pruneviz" in m.value for m in at.markdown)  # the model card
+    assert any(made.summary() in m.value for m in at.markdown)  # the plan it carries
+    assert any("An exported, already pruned checkpoint" in c.value for c in at.sidebar.caption)
+    for page in ("importance", "prune"):
+        clean(at.switch_page(f"pages/{page}.py").run())
+        assert any("explored through its base" in i.value for i in at.info)
+        assert at.button(key=f"{page[:3] if page == 'importance' else 'pr'}_load_base").label == \
+            "Load its base with this plan"
+    clean(at.switch_page("pages/chat.py").run())
+    at.slider(key="chat_max_new").set_value(8)
+    clean(at.run())
+    clean(at.chat_input(key="chat_input").set_value("Hello").run())
+    turn = at.session_state["chat"][-1]
+    assert turn["dense"] is not None and turn["pruned"] is None  # one column: the export itself
+    clean(at.switch_page("pages/evaluate.py").run())
+    clean(at.button(key="ev_run").click().run())
+    ev = at.session_state["evals"][-1]
+    _, eval_text = state.default_texts()
+    exported = state.shared().models[at.session_state["model_spec"].key].model
+    assert math.isclose(ev.pruned_ppl, perplexity(exported, tiny_tokenizer(), eval_text, "quick").ppl, rel_tol=1e-6)
+    assert {m.label: m.value for m in at.metric}["Fidelity to dense"] == "N/A"
+    clean(at.switch_page("pages/export.py").run())
+    at.text_input(key="ex_name").set_value("again")
+    clean(at.run())
+    clean(at.button(key="ex_run").click().run())
+    again = at.session_state["export"].report
+    carried = Plan.from_json((Path(again.folder) / "pruneviz_plan.json").read_text())
+    assert again.ok and carried.sha256() == made.sha256()
+    # the base with the carried plan: the same plan, editable again; the export's work is kept aside
+    clean(at.switch_page("pages/prune.py").run())
+    clean(at.button(key="pr_load_base").click().run())
+    assert at.session_state["model_spec"].is_tiny and at.session_state["plan"].sha256() == made.sha256()
+    assert at.selectbox(key="model_source").value == "tiny"  # the picker follows
+    clean(at.switch_page("pages/prune.py").run())
+    assert at.session_state["plan"].sha256() == made.sha256()  # not rebuilt from the sliders
+    assert at.session_state["pruned"].sha == made.sha256()  # the tiny model's own work came back
+    assert any(made.summary() in c.value for c in at.sidebar.caption)
+
+
+def tab_container(at: AppTest, key: str):
+    """The proto of the tab container whose widget id ends with ``key`` (None if there is none)."""
+    def walk(node):
+        if getattr(node, "type", None) == "tab_container" and node.proto.tab_container.id.endswith(key):
+            return node.proto.tab_container
+        for child in getattr(node, "children", {}).values():
+            found = walk(child)
+            if found is not None:
+                return found
+        return None
+    return walk(at._tree)
+
+
+def test_query_head_tab_survives_the_gqa_warning():
+    """Bug 2: the warning appearing above the tabs sent the view back to KV groups (the next click hit a group).
+    The tabs are a keyed widget: the browser keeps the open tab by id, and the server reopens it."""
+    at = with_magnitude(open_app())
+    at.session_state["pr_tabs"] = "Query heads"  # what clicking the tab sets
+    clean(at.run())
+    labels = [t.label for t in at.tabs]
+    at.selectbox(key="pr_list_kind").set_value("head")
+    clean(at.run())
+    at.multiselect(key="pr_list_head_0").set_value([0])  # unequal heads per group: the warning appears
+    clean(at.button(key="pr_list_apply").click().run())
+    assert any("equal heads per KV group" in w.value for w in at.warning)
+    tabs = tab_container(at, "pr_tabs")
+    assert tabs is not None and labels[tabs.default_tab_index] == "Query heads"
+    at.multiselect(key="pr_list_head_0").set_value([])  # and disappears
+    clean(at.button(key="pr_list_apply").click().run())
+    assert not any("equal heads per KV group" in w.value for w in at.warning)
+    assert labels[tab_container(at, "pr_tabs").default_tab_index] == "Query heads"
+
+
+def test_importance_heatmaps_show_values_on_hover(llama):
+    """Bug 6: the Importance heatmaps (not selectable) had no hover at all."""
+    imap = compute(llama, "magnitude")
+    plan = Plan.empty(llama).with_units("head", 1, [2])
+    fig = figures.importance_figure(imap, "head", plan, "rank")
+    scores = fig.data[0]
+    assert scores.hoverinfo != "skip" and "score %{customdata[3]" in scores.hovertemplate
+    custom = np.asarray(scores.customdata)
+    assert custom.shape == (4, 6, 5) and custom[1, 2, 4] == 1.0
+    assert np.isclose(custom[1, 2, 3], float(imap.heads[1, 2]))  # the raw score, not the rank colour
+    at = open_app("importance")
+    clean(at.button(key="imp_run").click().run())
+    spec = next(c.proto.spec for c in at.get("plotly_chart") if c.proto.id.endswith("imp_fig_channel_magnitude"))
+    assert "customdata[3]" in spec
+
+
+def test_sidebar_plan_line_follows_the_sliders_in_the_same_run():
+    """Bug 7: the sidebar's plan line showed the plan before the slider move (one rerun behind)."""
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(30).run())
+    summary = at.session_state["plan"].summary()
+    assert [c.value for c in at.sidebar.caption if c.value.startswith("Plan:")] == [f"Plan: {summary}"]
+
+
+def test_clear_goes_back_to_the_solver_plan_and_allocation_says_where_it_came_from():
+    """Bug 7: "Clear" replaced a SlimGPT plan (and its model) with one rebuilt from stale sliders, and the
+    Allocation panel showed those sliders as if they had made the solver's plan."""
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(30).run())
+    clean(at.switch_page("pages/importance.py").run())
+    at.pills(key="imp_criteria").set_value(["wanda_sp"])
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(4)
+    at.selectbox(key="imp_cal_seq").set_value(32)
+    clean(at.button(key="imp_run").click().run())
+    clean(at.switch_page("pages/prune.py").run())
+    clean(at.button(key="pr_slim_run").click().run())
+    slim = at.session_state["plan"]
+    assert slim.compensation == "slimgpt"
+    assert any("comes from the SlimGPT solver" in i.value for i in at.info)
+    assert at.slider(key="pr_channel_pct").value == 30 and at.session_state["plan"].sha256() == slim.sha256()
+    at.selectbox(key="pr_list_kind").set_value("block")
+    clean(at.run())
+    at.multiselect(key="pr_list_block_None").set_value([3])
+    clean(at.button(key="pr_list_apply").click().run())
+    assert at.session_state["plan"].blocks == (3,)
+    clean(at.button(key="pr_clear_edits").click().run())
+    assert at.session_state["plan"].sha256() == slim.sha256() and at.session_state["edits"] == []
+    assert at.session_state["pruned"].sha == slim.sha256()  # its compensated model is the built one again
+    clean(at.slider(key="pr_channel_pct").set_value(20).run())  # a slider move does replace it
+    assert at.session_state["plan"].compensation is None
+    assert not any("comes from the SlimGPT solver" in i.value for i in at.info)
+
+
+def test_switching_model_keeps_each_models_work(tmp_path):
+    """Bug 8: switching model silently wiped maps, plans, evaluations, history and chat."""
+    folder = tmp_path / "tiny-opt"
+    tiny_model("opt").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(30).run())
+    clean(at.button(key="pr_apply").click().run())
+    plan = at.session_state["plan"]
+    load_folder(at, folder)
+    assert at.session_state["imaps"] == {} and at.session_state["history"] == []
+    assert any("set aside with its work" in t.value and "1 map" in t.value for t in at.toast)
+    at.selectbox(key="model_source").set_value("tiny")
+    clean(at.run())
+    clean(at.button(key="model_load").click().run())
+    assert at.session_state["model_spec"].is_tiny
+    assert "magnitude" in at.session_state["imaps"] and at.session_state["plan"].sha256() == plan.sha256()
+    assert at.session_state["pruned"].sha == plan.sha256() and at.session_state["history"][-1].sha == plan.sha256()
+    clean(at.switch_page("pages/prune.py").run())
+    assert at.slider(key="pr_channel_pct").value == 30 and at.session_state["plan"].sha256() == plan.sha256()
+
+
+def test_estimates_come_from_the_last_run_of_each_criterion():
+    """Bug 9: estimates came from one tiny timing (15-20x off); a finished run's seconds per token replace it."""
+    at = open_app("importance")
+    at.pills(key="imp_criteria").set_value(["wanda_sp"])
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(4)
+    at.selectbox(key="imp_cal_seq").set_value(32)
+    clean(at.run())
+    assert "from your last run" not in at.dataframe[0].value["≈ time"][0]
+    clean(at.button(key="imp_run").click().run())
+    imap = at.session_state["imaps"]["wanda_sp"]
+    rate = at.session_state["cost_rates"]["wanda_sp"]
+    tokens = at.dataframe[0].value["forward tokens"][0]
+    assert math.isclose(rate * tokens, imap.meta["seconds"], rel_tol=1e-9)
+    clean(at.run())  # the next estimate (e.g. for other settings) uses it
+    assert at.dataframe[0].value["≈ time"][0].endswith("(from your last run)")
+    at.number_input(key="imp_cal_n").set_value(8)
+    clean(at.run())
+    assert at.dataframe[0].value["forward tokens"][0] == 2 * tokens
+
+
+def test_chat_checks_the_context_and_times_decoding_apart_from_prefill():
+    """Bug 10: a prompt past the model's context ran silently; tokens/s mixed the prefill into decoding."""
+    at = open_app("chat")
+    at.slider(key="chat_max_new").set_value(16)
+    clean(at.run())
+    assert any("of 128 tokens" in c.value for c in at.caption)  # the context budget is shown
+    at.chat_input(key="chat_input").set_value("x" * 200).run()
+    assert not at.exception and at.session_state["chat"] == []  # refused before anything ran
+    assert any("longer than this model's context of 128 tokens" in e.value for e in at.error)
+    clean(at.chat_input(key="chat_input").set_value("Hello").run())
+    stats = at.session_state["chat"][-1]["dense_stats"]
+    assert stats["tokens"] == 16 and 0 < stats["prefill"] < stats["seconds"] and stats["decode_tps"] > 0
+    assert stats["prompt"] > 0
+    line = at.chat_message[1].caption[0].value
+    assert "first token after" in line and "tokens/s** decoding" in line
+
+
+def test_chat_stop_keeps_what_was_generated(monkeypatch):
+    """Bug 10: no Stop button. Stop reruns the page mid-stream: the partial reply is kept and marked stopped."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import RerunException
+    from streamlit.runtime.scriptrunner_utils.script_requests import RerunData
+
+    import pruneviz.chat
+
+    class Stopped:  # what a click on Stop does to the running stream: a rerun at its next element update
+        def __init__(self, *args, **kwargs):
+            self.text, self.n_generated, self.stopped = "", 0, False
+
+        def __iter__(self):
+            self.text, self.n_generated = "part of a rep", 3
+            yield self.text
+            raise RerunException(RerunData())
+
+        def stop(self):
+            self.stopped = True
+
+    at = open_app("chat")
+    monkeypatch.setattr(pruneviz.chat, "stream_reply", Stopped)
+    clean(at.chat_input(key="chat_input").set_value("Hello").run())
+    turn = at.session_state["chat"][-1]
+    assert turn["dense"] == "part of a rep" and turn["dense_stats"]["stopped"] and turn["pruned"] is None
+    clean(at.run())  # the run the click started
+    assert [t.value for t in at.chat_message[1].text] == ["part of a rep"]
+    assert "stopped" in at.chat_message[1].caption[0].value
+    assert any("stopped before this side started" in c.value for c in at.caption)

@@ -17,7 +17,7 @@ import torch
 
 from ..arch import UNITS
 from ..data import get_text
-from ..errors import TextError
+from ..errors import PlanError, TextError
 from ..importance import make_options
 from . import analysis, state
 from .compat import ScriptControlException
@@ -104,6 +104,9 @@ def frame_start() -> state.ModelSpec | None:
         st.logo(str(logo), icon_image=str(icon), size="large")
     state.init()
     state.drain()
+    if st.session_state.pop("picker_sync", False):  # the session switched model from a page: picker follows
+        for key in ("model_source", "model_folder", "model_hub_id"):
+            st.session_state.pop(key, None)
     for message, emoji in st.session_state.get("notices", []):
         st.toast(message, icon=emoji)
     st.session_state["notices"] = []
@@ -236,6 +239,15 @@ def offload_controls(kind: str, device: str) -> tuple[str, int]:
     return offload, int(resident)
 
 
+def switch_to(spec: state.ModelSpec) -> None:
+    """Make ``spec`` the session's model; say what of the previous one is kept (it comes back when loaded again)."""
+    old = st.session_state.get("model_spec")
+    state.use_model(spec)
+    kept = state.kept_work(old) if old is not None and old.key != spec.key else None
+    if kept:
+        st.toast(f"{old.source} is set aside with its work ({kept}); load it again to get it back.", icon="🗂️")
+
+
 def ensure_model(requested: state.ModelSpec | None):
     """Load the requested (or, on first run, the default) model with progress; returns the session's model.
 
@@ -243,7 +255,7 @@ def ensure_model(requested: state.ModelSpec | None):
     """
     spec = requested or state.session_spec()
     if state.is_loaded(spec):
-        state.use_model(spec)
+        switch_to(spec)
         return state.current()
     if requested is None and state.current() is not None:
         return state.current()
@@ -251,21 +263,81 @@ def ensure_model(requested: state.ModelSpec | None):
         loaded = state.load_base(spec, progress=job.progress)
         job.done_label = f"Loaded {loaded.name} in {loaded.load_seconds:.1f} s"
     if job.ok:
-        state.use_model(spec)
+        switch_to(spec)
     return state.current()
 
 
+_PLAN_SLOTS: dict[str, typing.Any] = {}  # session id -> the sidebar's plan line of its current run
+
+
 def sidebar_status(loaded) -> None:
-    """A compact card: loaded model and the session's plan."""
+    """A compact card: loaded model and the session's plan (the plan line is redrawn by :func:`plan_line` once a
+    page has changed the plan in the same run)."""
     if loaded is None:
         return
-    plan = state.get_plan(loaded)
     where = loaded.info.get("offload")
     st.caption(f"**{loaded.name}** · {loaded.device} · {str(loaded.dtype).replace('torch.', '')}"
                + (f" · blocks offloaded ({where})" if where else ""))
-    st.caption(f"Plan: {'nothing removed' if plan.is_empty() else plan.summary()}")
-    if state.pruned_for(plan) is not None:
-        st.caption(":material/check_circle: pruned model built for this plan")
+    _PLAN_SLOTS[state.session_id()] = st.empty()
+    plan_line(loaded)
+
+
+def plan_line(loaded) -> None:
+    """(Re)draw the sidebar's line on the session's plan; a page calls it after changing the plan."""
+    slot = _PLAN_SLOTS.get(state.session_id())
+    if slot is None or loaded is None:
+        return
+    with slot.container():
+        if state.is_exported(loaded):
+            plan = state.exported_plan(loaded)
+            st.caption(":material/inventory_2: An exported, already pruned checkpoint"
+                       + (f" ({plan.summary()}, base {plan.base.name})" if plan is not None else ""))
+            return
+        plan = state.get_plan(loaded)
+        st.caption(f"Plan: {'nothing removed' if plan.is_empty() else plan.summary()}")
+        if state.pruned_for(plan) is not None:
+            st.caption(":material/check_circle: pruned model built for this plan")
+
+
+def exported_gate(loaded, what: str, key_prefix: str) -> None:
+    """On pages that make plans (Importance, Prune): for an exported checkpoint, say that it is explored through its
+    base and offer to load the base with the plan the export carries; then stop the page. No-op for a dense model.
+
+    An export's layers have their own widths and its unit numbers are not its base's, so it is not a base for new
+    plans; loading its base with the carried plan shows the same model as a plan that can be edited."""
+    if not state.is_exported(loaded):
+        return
+    plan = state.exported_plan(loaded)
+    st.info(f"This is an exported, already pruned checkpoint{f' ({plan.summary()})' if plan else ''}. An exported "
+            f"model is explored through its base: load the dense base model with the plan it carries, then {what}. "
+            "Chat, Evaluate and Export work on the exported model as it is.", icon=":material/inventory_2:")
+    spec = state.base_spec(plan, state.session_spec()) if plan is not None else None
+    if plan is None:
+        st.caption("It records no plan: load its dense base model from the sidebar.")
+    elif spec is None:
+        st.caption(f"Its base `{plan.base.name}` is not the bundled model or a folder here: load it from the "
+                   "sidebar, then load the plan file (Export page).")
+    elif st.button("Load its base with this plan", key=f"{key_prefix}_load_base", type="primary",
+                   icon=":material/restore_page:", help=f"Loads {plan.base.name} and makes the export's plan the "
+                   "session's plan; this checkpoint's work is kept and comes back when you load it again."):
+        load_base_with_plan(spec, plan)
+    st.stop()
+
+
+def load_base_with_plan(spec: state.ModelSpec, plan) -> None:
+    """Load ``spec`` (a dense base) as the session's model and make ``plan`` (validated against it) its plan."""
+    loaded = ensure_model(spec)
+    if state.session_spec().key != spec.key or loaded is None:
+        return  # the load failed: its message is shown
+    try:
+        plan = plan.validate(loaded.model, physical=False)
+    except PlanError as e:
+        show_error(e)
+        return
+    state.set_plan(plan)
+    st.session_state["picker_sync"] = True
+    state.notify(f"Loaded {loaded.name} with the export's plan ({plan.summary()}).", "✅")
+    st.rerun()
 
 
 # ---- criterion options, calibration --------------------------------------------------------------------------------

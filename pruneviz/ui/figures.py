@@ -51,15 +51,18 @@ def unit_heatmap(values: np.ndarray, scores: np.ndarray, removed: np.ndarray | N
     ``values`` ``[l, u]`` are what is coloured (e.g. scores, log10 or per-layer rank), ``scores`` ``[l, u]`` the
     raw numbers shown on hover, ``removed`` ``[l, u]`` the removed share of each cell (0..1, or None),
     ``layers`` the layer numbers of the rows and ``cells`` the unit range ``(first, last + 1)`` of each column
-    (bins for channels). With ``selectable`` an invisible scatter overlay makes cells clickable.
+    (bins for channels). With ``selectable`` an invisible scatter overlay makes cells clickable (and carries the
+    hover text); without it the heatmap itself shows each cell's layer, units, score and removed share on hover.
     """
     values, scores = np.asarray(values, dtype=float), np.asarray(scores, dtype=float)
     n_l, n_u = values.shape
     xs, labels = np.arange(n_u), _col_labels(cells)
     gap = 1 if n_u <= 32 else 0
+    hover = {} if selectable else dict(customdata=_cell_custom(scores, removed, layers, cells),
+                                       hovertemplate=_cell_template(unit_label, cells))
     fig = go.Figure(go.Heatmap(z=values, x=xs, y=list(layers), colorscale=colorscale, zmid=zmid,
                                colorbar=dict(title=dict(text=colorbar, side="right"), thickness=12),
-                               xgap=gap, ygap=gap, hoverinfo="skip", name="scores"))
+                               xgap=gap, ygap=gap, name="scores", **(hover or dict(hoverinfo="skip"))))
     if removed is not None and np.any(removed > 0):
         _add_removed_layer(fig, np.asarray(removed, dtype=float), xs, layers, gap)
     if selectable:
@@ -87,18 +90,30 @@ def _add_removed_layer(fig: go.Figure, removed: np.ndarray, xs, layers, gap: int
                                  showlegend=False, name="removed marks"))
 
 
-def _add_cell_overlay(fig: go.Figure, scores: np.ndarray, removed, layers, cells, unit_label: str) -> None:
+def _cell_custom(scores: np.ndarray, removed, layers, cells) -> np.ndarray:
+    """Per cell ``[layer, first unit, last unit + 1, score, removed share]``, shape ``[l, u, 5]``."""
     n_l, n_u = scores.shape
     yy, xx = np.mgrid[0:n_l, 0:n_u]  # [l, u] each
     first = np.array([a for a, _ in cells])[xx]
     stop = np.array([b for _, b in cells])[xx]
     share = np.zeros_like(scores) if removed is None else np.asarray(removed, dtype=float)
-    custom = np.stack([np.asarray(layers)[yy], first, stop, scores, share], axis=-1).reshape(-1, 5)
+    return np.stack([np.asarray(layers)[yy], first, stop, scores, share], axis=-1)
+
+
+def _cell_template(unit_label: str, cells) -> str:
+    """Hover text of a cell from its :func:`_cell_custom` row."""
     many = any(b - a > 1 for a, b in cells)
     unit = f"{unit_label}s %{{customdata[1]}}–%{{customdata[2]}} (exclusive)" if many else \
         f"{unit_label} %{{customdata[1]}}"
-    template = (f"layer %{{customdata[0]}} · {unit}<br>score %{{customdata[3]:.4g}}"
-                f"<br>removed %{{customdata[4]:.0%}}<extra></extra>")
+    return (f"layer %{{customdata[0]}} · {unit}<br>score %{{customdata[3]:.4g}}"
+            f"<br>removed %{{customdata[4]:.0%}}<extra></extra>")
+
+
+def _add_cell_overlay(fig: go.Figure, scores: np.ndarray, removed, layers, cells, unit_label: str) -> None:
+    n_l, n_u = scores.shape
+    yy, xx = np.mgrid[0:n_l, 0:n_u]  # [l, u] each
+    custom = _cell_custom(scores, removed, layers, cells).reshape(-1, 5)
+    template = _cell_template(unit_label, cells)
     trace = go.Scattergl if n_l * n_u > GL_THRESHOLD else go.Scatter
     fig.add_trace(trace(x=xx.ravel(), y=np.asarray(layers)[yy].ravel(), mode="markers", customdata=custom,
                         hovertemplate=template, showlegend=False, name="cells",

@@ -34,35 +34,56 @@ from .work import Job
 
 # ---- speed and estimates ------------------------------------------------------------------------------------------
 
-def forward_speed(loaded) -> float:
-    """Forward tokens per second of the base model, measured once per process (one short batch)."""
-    key = f"speed|{state.session_spec().key}"
+SPEED_BATCH = 4  # windows per timed forward pass: what the criteria run at once
+
+
+def forward_speed(loaded, seq_len: int = 128) -> float:
+    """Forward tokens per second of the base model on a representative batch (``SPEED_BATCH`` windows of
+    ``seq_len`` tokens, after a warm-up pass; the faster of two timed passes), measured once per process and
+    window length."""
+    max_pos = getattr(loaded.model.config, "max_position_embeddings", None) or 128
+    T = int(max(8, min(seq_len, max_pos)))
+    key = f"speed|{state.session_spec().key}|{T}"
     hit = state.cached_result(key)
     if hit is not None:
         return hit
-    max_pos = getattr(loaded.model.config, "max_position_embeddings", None) or 128
-    T = int(min(64, max_pos))
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(execution_device(loaded.model))  # [2, T]
+    ids = torch.randint(0, vocab, (SPEED_BATCH, T), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(execution_device(loaded.model))  # [B, T]
+    offloaded = bool(loaded.info.get("offload"))  # reads every block from disk/CPU: one pass only
+    best = math.inf
     with torch.inference_mode():
-        if not loaded.info.get("offload"):  # an offloaded model reads every block from disk/CPU: one pass only
+        if not offloaded:
             loaded.model(input_ids=ids, use_cache=False)  # warm-up
-        t0 = time.perf_counter()
-        loaded.model(input_ids=ids, use_cache=False)
-        tps = ids.numel() / max(time.perf_counter() - t0, 1e-6)
+        for _ in range(1 if offloaded else 2):
+            t0 = time.perf_counter()
+            loaded.model(input_ids=ids, use_cache=False)
+            best = min(best, time.perf_counter() - t0)
+    tps = ids.numel() / max(best, 1e-6)
     state.store_result(key, tps)
     return tps
 
 
 def estimate(loaded, crit, options, n_samples: int, seq_len: int) -> dict:
-    """The criterion's own cost estimate turned into seconds and bytes for display."""
+    """The criterion's own cost estimate turned into seconds and bytes for display. The time comes from this
+    session's last run of the criterion on this model (seconds per forward token, see :func:`record_rate`) when
+    there is one (``measured`` True), else from :func:`forward_speed` (a backward pass counted as two forwards)."""
     est = crit.estimate(geometry_of(loaded.model), dense_params(loaded.model), n_samples, seq_len, options)
     tokens = est.get("forward_tokens", 0)
-    factor = 3.0 if est.get("backward") else 1.0
-    seconds = tokens * factor / forward_speed(loaded) if tokens else 0.0
+    rate = st.session_state.get("cost_rates", {}).get(crit.name)
+    if tokens and rate is not None:
+        seconds = tokens * rate
+    else:
+        factor = 3.0 if est.get("backward") else 1.0
+        seconds = tokens * factor / forward_speed(loaded, seq_len) if tokens else 0.0
     return {"tokens": tokens, "backward": bool(est.get("backward")), "seconds": seconds,
-            "extra_bytes": est.get("extra_bytes", 0)}
+            "extra_bytes": est.get("extra_bytes", 0), "measured": bool(tokens and rate is not None)}
+
+
+def record_rate(name: str, seconds: float, tokens: int) -> None:
+    """Keep ``seconds / tokens`` of a finished run (a criterion's, or "lora") for the session's next estimates."""
+    if tokens > 0 and seconds > 0:
+        state.save(lambda ss: ss.setdefault("cost_rates", {}).__setitem__(name, seconds / tokens))
 
 
 # ---- offloaded models ---------------------------------------------------------------------------------------------
@@ -109,6 +130,10 @@ def compute_importance(loaded, names: list[str], options: dict, calib) -> list[s
                 except Cancelled:
                     break
                 state.store_imap(key, imap)
+                if cal is not None and not job.cancelled():
+                    n, T = (int(x) for x in cal.tokens.shape)
+                    est = crit.estimate(geometry_of(loaded.model), dense_params(loaded.model), n, T, options[name])
+                    record_rate(name, float((imap.meta or {}).get("seconds") or 0.0), est.get("forward_tokens", 0))
             state.save(lambda ss, name=name, imap=imap: ss["imaps"].__setitem__(name, imap))
             done.append(name)
             if job.cancelled():
@@ -243,6 +268,21 @@ def _evaluate(loaded, plan, model, how: str, recovery: RecoveryRecord | None, te
     return out
 
 
+def evaluate_exported(loaded, plan, text_name: str, text: str, protocol: str) -> EvalRecord | None:
+    """Perplexity of an exported checkpoint as it is (the session's model; its dense base is not loaded, so the
+    dense perplexity is NaN: not measured), stored in ``session_state.evals`` under the plan it carries."""
+    out = None  # stays None when the job fails (its error is shown in the job's box)
+    with Job("Evaluating perplexity…", key="ev_job", done_label="Perplexity ready") as job:
+        res = dense_ppl(loaded, _dense_key(text, protocol), text, protocol, job)
+        if res.n_windows:
+            n = dense_params(loaded.model)
+            out = EvalRecord(plan.sha256(), plan.summary(), text_name, protocol, res.protocol.describe(),
+                             float("nan"), res.ppl, res.n_tokens, "the exported model itself", res.complete,
+                             res.seconds, n, n, time.strftime("%H:%M:%S"))
+            state.save(lambda ss: append_once(ss["evals"], out))
+    return out
+
+
 # ---- LoRA recovery ------------------------------------------------------------------------------------------------
 
 def lora_tag(record: dict) -> str:
@@ -252,9 +292,12 @@ def lora_tag(record: dict) -> str:
 
 
 def recovery_seconds(loaded, options) -> float:
-    """Rough time of a recovery run: forward + backward (about three forward passes) of every training token at
-    the base model's measured forward speed (the pruned model is a little faster)."""
-    return 3.0 * options.steps * options.batch_size * options.seq_len / forward_speed(loaded)
+    """Rough time of a recovery run: every training token at the seconds per token of this session's last LoRA
+    run when there is one, else forward + backward (about three forward passes) at the base model's measured
+    forward speed (the pruned model is a little faster)."""
+    tokens = options.steps * options.batch_size * options.seq_len
+    rate = st.session_state.get("cost_rates", {}).get("lora")
+    return tokens * rate if rate is not None else 3.0 * tokens / forward_speed(loaded, options.seq_len)
 
 
 def recover_pruned(loaded, plan, options, train_name: str, train_text: str, eval_name: str | None = None,
@@ -273,6 +316,7 @@ def recover_pruned(loaded, plan, options, train_name: str, train_text: str, eval
         res = recover(pruned, loaded.tokenizer, train_text, options,
                       progress=lambda f, msg: job.progress(share * f, msg), cancel=job.cancelled)
         if res.steps_done:
+            record_rate("lora", res.seconds, res.steps_done * options.batch_size * options.seq_len)
             rec = RecoveryRecord(res.model, tuple(res.losses), res.record, lora_tag(res.record), res.cancelled,
                                  res.seconds, train_name)
             state.save(lambda ss: _attach_recovery(ss, sha, rec))
@@ -374,7 +418,7 @@ def card_evaluation_for(plan) -> dict | None:
     """The model card's evaluation entries from the latest finished evaluation of ``plan`` (LoRA perplexity only
     when it was measured on the recovery being exported); None when there is none."""
     e, recovery = state.latest_eval(plan, complete_only=True), state.recovery_for(plan)
-    if e is None:
+    if e is None or not math.isfinite(e.dense_ppl):  # an exported model's own evaluation has no dense number
         return None
     lora = e.lora_ppl if recovery is not None and e.lora == recovery.tag else None
     return card_evaluation(e.pruned_ppl, e.dense_ppl, e.text, e.protocol_text, lora)
@@ -383,7 +427,7 @@ def card_evaluation_for(plan) -> dict | None:
 def export_checkpoint(loaded, plan, folder, overwrite: bool) -> bool:
     """Write and verify the plan's built (or recovered) model at ``folder`` (:func:`pruneviz.export.save_pruned`)
     into ``session_state.export``; True on success."""
-    model = state.built_for(plan)
+    model = loaded.model if state.is_exported(loaded) else state.built_for(plan)  # an export: as it is
     if model is None:
         raise PlanError("build the pruned model for this plan first (Prune page)")
     evaluation = card_evaluation_for(plan)

@@ -30,10 +30,11 @@ import torch
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from ..data import calibration_windows, load_text_file, split_default, text_hash
-from ..errors import TextError
+from ..errors import PlanError, TextError
 from ..evaluate import SweepPoint
+from ..export import plan_of
 from ..importance import Calibration, ImportanceMap
-from ..loading import LoadedModel, load_model, load_offloaded
+from ..loading import BUNDLED_HUB_ID, LoadedModel, load_model, load_offloaded
 from ..plan import BaseIdentity, Plan
 from ..progress import Progress
 from ..surgery import masked_model
@@ -43,6 +44,7 @@ from .compat import ScriptControlException
 ENV_MODEL = "PRUNEVIZ_MODEL"
 ENV_EXPORTS = "PRUNEVIZ_EXPORT_DIR"
 TINY = "tiny"
+TINY_BASE_NAME = "tiny-llama"  # the name plans of the tiny model record (pruneviz.testing.tiny_model("llama"))
 MAX_MODELS = 2  # base models kept in memory at once (least recently used is dropped)
 MAX_UPLOAD_MB = 20  # also server.maxUploadSize in .streamlit/config.toml
 
@@ -288,6 +290,7 @@ SESSION_DEFAULTS: dict[str, Any] = {
     "model_spec": None,  # ModelSpec of the session's base model
     "plan": None,  # Plan
     "plan_settings": None,  # dict: the slider settings that made the plan (None = solver / file / manual)
+    "plan_origin": None,  # Plan set from elsewhere (solver, file, history) that the manual edits start from
     "prune_ui": None,  # dict: the Prune page's slider values (persist while the page is not shown)
     "prune_seen": None,  # slider values at the last Prune render (a change rebuilds the plan)
     "edits": [],  # manual edits (kind, layer, indices, remove) applied on top of the allocation
@@ -302,11 +305,15 @@ SESSION_DEFAULTS: dict[str, Any] = {
     "sweep": [],  # [pruneviz.evaluate.SweepPoint] of the text (text_sha256) and protocol they were measured on
     "tokdiff": None,  # TokenDiff: per-token losses of dense and pruned on one text
     "export": None,  # ExportRecord of the last export
+    "cost_rates": {},  # criterion (or "lora") -> measured seconds per forward token of its last run here
     "notices": [],  # messages shown once on the next run
+    "per_model": {},  # spec key -> {PER_MODEL_KEYS: values} of the models this session switched away from
 }
 PAGE_WIDGET_PREFIXES = ("imp_", "pr_", "ev_", "ex_", "_costs")
-PER_MODEL_KEYS = ("plan", "plan_settings", "prune_ui", "prune_seen", "edits", "imaps", "calib", "pruned", "masked",
-                  "preview", "chat", "evals", "sweep", "tokdiff", "export")
+PER_MODEL_KEYS = ("plan", "plan_settings", "plan_origin", "prune_ui", "prune_seen", "edits", "imaps", "calib",
+                  "pruned", "masked", "preview", "history", "chat", "evals", "sweep", "tokdiff", "export",
+                  "cost_rates")
+KEEP_PLAN = "keep"  # prune_seen when a plan came from elsewhere: the Prune page adopts its sliders, no rebuild
 
 
 def init() -> None:
@@ -320,15 +327,36 @@ def session_spec() -> ModelSpec:
 
 
 def use_model(spec: ModelSpec) -> None:
-    """Switch this session to ``spec``; plans, maps and results of another model are dropped."""
-    old = st.session_state.get("model_spec")
+    """Switch this session to ``spec``. The maps, plans, evaluations, history and chat of the model left are kept
+    (per model, in this session) and come back when it is loaded again; a model never used starts empty."""
+    ss = st.session_state
+    old = ss.get("model_spec")
     if old is not None and old.key == spec.key:
         return
+    kept = ss.setdefault("per_model", {})
+    if old is not None:
+        kept[old.key] = {key: ss.get(key) for key in PER_MODEL_KEYS}
+        mine = kept[old.key]
+        mine["masked"] = mine["preview"] = None  # views of a base that may leave memory: rebuilt when needed
+    restored = kept.pop(spec.key, {})
     for key in PER_MODEL_KEYS:
-        st.session_state[key] = copy.deepcopy(SESSION_DEFAULTS[key])
+        ss[key] = restored[key] if key in restored else copy.deepcopy(SESSION_DEFAULTS[key])
     for key in [k for k in st.session_state if str(k).startswith(PAGE_WIDGET_PREFIXES)]:
         del st.session_state[key]  # page widgets sized for the old model (layer ranges, block counts)
     st.session_state["model_spec"] = spec
+
+
+def kept_work(spec: ModelSpec) -> str | None:
+    """What this session keeps of ``spec`` while another model is loaded ("2 maps, 1 evaluation, ..."), or None."""
+    rec = st.session_state.get("per_model", {}).get(spec.key)
+    if not rec:
+        return None
+    counts = [(len(rec.get("imaps") or {}), "map"), (len(rec.get("history") or []), "configuration"),
+              (len(rec.get("evals") or []), "evaluation"), (len(rec.get("chat") or []), "chat turn")]
+    parts = [f"{n} {what}{'s' if n != 1 else ''}" for n, what in counts if n]
+    if rec.get("plan") is not None and not rec["plan"].is_empty():
+        parts.insert(0, "a plan")
+    return ", ".join(parts) or None
 
 
 def current():
@@ -386,8 +414,56 @@ def base_identity(loaded) -> BaseIdentity:
     return BaseIdentity.of(loaded.model)
 
 
+def is_exported(loaded) -> bool:
+    """True when the loaded model is an already pruned checkpoint (a pruneviz export): its layers have their own
+    widths and its unit indices are not the dense base's, so it is explored through its base."""
+    cfg = loaded.model.config
+    return any(getattr(cfg, k, None) for k in ("pruneviz_base_geometry", "pruneviz_plan", "pruneviz_plan_sha256"))
+
+
+def exported_plan(loaded) -> Plan | None:
+    """The plan an exported checkpoint was pruned with (:func:`pruneviz.export.plan_of`), None for a dense model
+    or an export that records none."""
+    return plan_of(loaded.model) if is_exported(loaded) else None
+
+
+def model_card(loaded, limit: int = 200_000) -> str | None:
+    """The model card (README.md) of a model loaded from a folder, at most ``limit`` characters; None if absent."""
+    path = getattr(loaded, "path", None)
+    card = pathlib.Path(path) / "README.md" if path else None
+    if card is None or not card.is_file():
+        return None
+    try:
+        return card.read_text(encoding="utf-8", errors="replace")[:limit]
+    except OSError:
+        return None
+
+
+def base_spec(plan: Plan, like: ModelSpec) -> ModelSpec | None:
+    """A spec that loads the dense base ``plan`` was made for (``plan.base.name``), when it is loadable here: the
+    bundled model, the tiny test model or a local folder (device and dtype as in ``like``); None otherwise."""
+    name = plan.base.name.strip()
+    if name == BUNDLED_HUB_ID:
+        source = "bundled"
+    elif name == TINY_BASE_NAME:
+        source = TINY
+    elif name and pathlib.Path(name).expanduser().is_dir() and (pathlib.Path(name).expanduser() / "config.json"
+                                                                ).is_file():
+        source = str(pathlib.Path(name).expanduser())
+    else:
+        return None
+    return ModelSpec(source, like.device, like.dtype)
+
+
 def get_plan(loaded) -> Plan:
-    """The session's plan (an empty plan for the loaded model on first use)."""
+    """The session's plan (an empty plan for the loaded model on first use). For an exported checkpoint
+    (:func:`is_exported`): the plan it carries, which no page edits (new plans are made on its base)."""
+    if is_exported(loaded):
+        carried = exported_plan(loaded)
+        if carried is None:
+            raise PlanError("this checkpoint is already pruned but records no plan; load its dense base model to "
+                            "make plans")
+        return carried
     plan = st.session_state.get("plan")
     if plan is None or plan.geometry != base_identity(loaded).geometry:
         plan = Plan.empty(loaded.model)
@@ -407,11 +483,12 @@ def set_plan(plan: Plan, settings: dict | None = None, edits: list | None = None
     ss["plan"] = plan
     ss["plan_settings"] = settings
     ss["edits"] = [tuple(e) for e in (edits or [])]
+    ss["plan_origin"] = None if settings else plan  # "Clear" goes back to it (not to a plan from the sliders)
     if settings:
         ss["prune_ui"] = dict(settings)
         for k, v in settings.items():
             ss[SLIDER_PREFIX + k] = v
-    ss["prune_seen"] = ss.get("prune_ui")
+    ss["prune_seen"] = ss.get("prune_ui") if settings else KEEP_PLAN
 
 
 def pruned_record(plan: Plan) -> PrunedRecord | None:
@@ -479,6 +556,8 @@ def masked_for(loaded, plan: Plan):
 def compare_model(loaded, plan: Plan, lora: bool = True) -> tuple[Any, str]:
     """The model standing for "pruned" in chat and evaluation, and how it was made. With ``lora`` (default) the
     LoRA-recovered model when there is one; ``lora=False`` gives the model before recovery."""
+    if is_exported(loaded):
+        return loaded.model, "the exported model itself"
     if plan.is_empty():
         return loaded.model, "dense (the plan is empty)"
     recovery = recovery_for(plan) if lora else None
