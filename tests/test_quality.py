@@ -264,3 +264,33 @@ def test_every_perplexity_can_say_whether_it_shares_the_calibration_domain(cal, 
 
     note, is_same = domain_note(cal, ev)
     assert is_same is same and ev in note
+
+
+# ---- MINI-LLM with feature-map gates -------------------------------------------------------------------------------
+
+def test_minillm_gates_estimate_the_backprop_gate_gradients(llama):
+    from scipy.stats import spearmanr
+
+    from pruneviz.criteria.minillm import exact_gate_gradients, gate_estimate
+
+    calib = CALIB.tokens[:4, :16]
+    exact = exact_gate_gradients(llama, calib, "head", batch_size=4)  # [L, H]
+    zo = gate_estimate(llama, calib, "head", queries=128, epsilon=1e-3, seed=0, batch_size=4)
+    few = gate_estimate(llama, calib, "head", queries=2, epsilon=1e-3, seed=0, batch_size=4)
+    rho = spearmanr(zo.flatten().numpy(), exact.flatten().numpy()).statistic
+    rho_few = spearmanr(few.flatten().numpy(), exact.flatten().numpy()).statistic
+    assert rho > 0.8 and rho > rho_few  # 24 gates: a few hundred queries are plenty
+    assert torch.equal(gate_estimate(llama, calib, "head", 2, 1e-3, 0, 4), few)  # seeded
+
+
+def test_minillm_gates_reading_scores_and_leaves_the_model_alone(llama):
+    state = {k: v.clone() for k, v in llama.state_dict().items()}
+    from pruneviz.importance import make_options
+
+    options = make_options("minillm", queries=8, variables="gates")
+    imap = compute(llama, "minillm", Calibration(CALIB.tokens[:4, :16]), options)
+    g = imap.geometry
+    assert imap.heads.shape == (g.n_layers, g.n_heads) and imap.channels.shape == (g.n_layers, g.n_channels)
+    assert bool((imap.kv >= 0).all()) and imap.extras["variables"] == "gates"
+    assert all(torch.equal(v, llama.state_dict()[k]) for k, v in state.items())
+    assert not any(m._forward_pre_hooks for m in llama.modules())

@@ -72,16 +72,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import adapter_for, geometry_of, get_path, is_conv1d
+from ..arch import UNITS, adapter_for, geometry_of, get_path, is_conv1d
 from ..errors import CriterionError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
-from ..offload import execution_device
+from ..offload import clone_model, execution_device
 from ..progress import Span
 from .stats import DEFAULT_BATCH_SIZE, CalibrationStats, check_hookable, collect_stats, input_site, token_batches
 from .taylor import exact_gradients
 from .units import aggregate_units, feature_sums, scale_inputs
 
 READINGS = ("A", "B", "taylor_abs")
+VARIABLES = ("weights", "gates")
 PERTURB = ("scored", "attention", "mlp")
 _KEY_BITS, _QUERY_BITS = 12, 20  # seeds are 32 bits: up to 2**12 perturbed projections, 2**20 queries
 
@@ -333,6 +334,136 @@ def zo_vs_backprop(model: nn.Module, calib: Calibration | torch.Tensor, queries_
     return out
 
 
+# ---- feature-map gates: the perturbed variables are the units' outputs -------------------------------------------
+
+def gate_groups(model: nn.Module, kind: str) -> tuple[str, torch.Tensor]:
+    """Where a unit kind's gates act and which input columns of that output projection each gate scales:
+    ``(path, [n_units, w] column indices)`` (heads: head_dim columns; KV groups: their query heads'; channels: 1)."""
+    adapter, g = adapter_for(model), geometry_of(model)
+    if kind == "channel":
+        return adapter.mlp_out, torch.arange(g.n_channels).view(-1, 1)
+    cols = torch.arange(g.n_heads * g.head_dim).view(g.n_heads, g.head_dim)  # [H, hd]
+    return adapter.attn_out, cols if kind == "head" else cols.view(g.n_kv, -1)
+
+
+class GatePerturbation:
+    """Context manager: forward pre-hooks scaling each unit's feature map (its input columns of the output
+    projection) by ``1 + scale_s·z_{query_s}[unit]``, one slot per equal part of the batch, as
+    :class:`Perturbation` does for weights. ``z`` is a Gaussian vector over one layer's units, regenerated from
+    ``(seed, query, layer)``. The model is never written; hooks are removed on exit."""
+
+    def __init__(self, model: nn.Module, kind: str, seed: int):
+        self.path, self.groups = gate_groups(model, kind)
+        self.layers = adapter_for(model).layers(model)
+        self.seed, self.slots, self._handles = seed, [], []
+        self._template = torch.zeros(self.groups.shape[0])
+
+    def _hook(self, l: int):
+        def hook(module, args):
+            if not self.slots:
+                return None
+            x = args[0]
+            parts = x.reshape(len(self.slots), -1, x.shape[-1]).clone()  # [P, rows, in]
+            for s, (query, scale) in enumerate(self.slots):
+                z = direction(self._template, self.seed, query, l).to(x.device, x.dtype)  # [n_units]
+                gate = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+                gate[self.groups.flatten().to(x.device)] += scale * z.repeat_interleave(self.groups.shape[1])
+                parts[s] = parts[s] * gate
+            return (parts.reshape(x.shape),) + tuple(args[1:])
+        return hook
+
+    def __enter__(self) -> "GatePerturbation":
+        for l, layer in enumerate(self.layers):
+            self._handles.append(get_path(layer, self.path).register_forward_pre_hook(self._hook(l)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.slots = []
+
+
+def gate_estimate(model: nn.Module, calib: Calibration | torch.Tensor, kind: str, queries: int, epsilon: float,
+                  seed: int, batch_size: int = DEFAULT_BATCH_SIZE, span: Span | None = None) -> torch.Tensor:
+    """SPSA estimate of ``∂L/∂m_u`` for every unit gate ``m_u`` (all 1 in the model) of ``kind``: ``[L, n]``.
+
+    The perturbed dimension is the number of units (SmolLM2: 270 heads, 90 KV groups, 46,080 channels) instead
+    of the number of weights (10^8), so the estimator's signal-to-noise ratio ``≈ sqrt(q / d)`` is orders of
+    magnitude better at the same query count.
+    """
+    check_hookable(model)
+    span = span or Span(None)
+    view = clone_model(model, share_weights=True)  # the hooks live on this call's own view
+    batches = list(token_batches(calib, batch_size, execution_device(view)))
+    n_layers = len(adapter_for(view).layers(view))
+    with GatePerturbation(view, kind, seed) as pert, torch.inference_mode():
+        grad = torch.zeros(n_layers, pert.groups.shape[0], dtype=torch.float64)  # [L, n]
+        for j in range(queries):
+            pert.slots = [(j, epsilon), (j, -epsilon)]
+            plus, minus = slot_losses(view, batches, 2).tolist()
+            c = (plus - minus) / (2 * epsilon)
+            for l in range(n_layers):
+                grad[l] += c * direction(pert._template, seed, j, l).double()
+            span.step((j + 1) / queries, f"feature-map gates ({kind}): query {j + 1}/{queries}")
+    return (grad / max(queries, 1)).float()
+
+
+def exact_gate_gradients(model: nn.Module, calib: Calibration | torch.Tensor, kind: str,
+                         batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    """Backprop ``∂L/∂m_u`` of the same loss (the reference the ZO gates are compared with): ``[L, n]``.
+
+    ``∂L/∂m_u = Σ_tokens Σ_{columns of u} x · ∂L/∂x`` at the output projection's input (first-order Taylor of
+    scaling the unit's feature map), accumulated by hooks on a tensor-sharing view.
+    """
+    view = clone_model(model, share_weights=True)
+    path, groups = gate_groups(view, kind)
+    layers = adapter_for(view).layers(view)
+    grad = torch.zeros(len(layers), groups.shape[0], dtype=torch.float64)  # [L, n]
+    tokens = 0
+
+    def hook_for(l):
+        def hook(module, args):
+            x = args[0]
+            if not x.requires_grad:
+                return
+
+            def accumulate(g, x=x.detach()):  # g = ∂L/∂x [b, T, in]; returns None: the gradient is unchanged
+                grad[l].add_((x * g).reshape(-1, x.shape[-1])[:, groups].sum((0, 2)).double().cpu())
+            x.register_hook(accumulate)
+        return hook
+
+    handles = [get_path(layer, path).register_forward_pre_hook(hook_for(l)) for l, layer in enumerate(layers)]
+    params = [p for p in view.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        view.get_input_embeddings().weight.requires_grad_(True)  # something upstream must need a gradient
+        for batch in token_batches(calib, batch_size, execution_device(view)):
+            logits = view(input_ids=batch, use_cache=False).logits[:, :-1].float()  # [b, T-1, V]
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").backward()
+            tokens += batch[:, 1:].numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+    return (grad / max(tokens, 1)).float()
+
+
+def gate_maps(model: nn.Module, calib: Calibration | torch.Tensor, kinds: Iterable[str], queries: int,
+              epsilon: float, seed: int, batch_size: int, span: Span) -> dict[str, torch.Tensor]:
+    """Feature-map sensitivity taken literally: ``|∂L/∂m_u|`` per unit, one ZO estimate per unit kind."""
+    kinds = tuple(kinds)
+    out = {}
+    for i, kind in enumerate(kinds):
+        sub = span.sub(i / len(kinds), (i + 1) / len(kinds))
+        out[UNITS[kind].map] = gate_estimate(model, calib, kind, queries, epsilon, seed, batch_size, sub).abs()
+    return out
+
+
 # ---- the criterion ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -347,7 +478,8 @@ class MiniLLMOptions:
     queries sharing one forward (each pass holds 2·queries_per_pass·batch_size windows: speed versus activation
     memory; same result up to rounding). compare_backprop: also compute exact gradients and store the
     ZO-vs-backprop rank correlation in extras (needs backprop memory, so off by default; the recorded peak memory
-    then is that of backprop)."""
+    then is that of backprop). variables: "weights" (the per-weight reading above) or "gates" (one multiplicative
+    gate per head, KV group and channel on its feature map, score ``|∂L/∂m_u|``; ``reading`` is then unused)."""
 
     queries: int = 64
     epsilon: float = 1e-3
@@ -357,6 +489,7 @@ class MiniLLMOptions:
     batch_size: int = DEFAULT_BATCH_SIZE // 2  # + and − share a pass: as many windows as a plain forward
     queries_per_pass: int = 1
     compare_backprop: bool = False
+    variables: str = "weights"
 
 
 def _check(options: MiniLLMOptions) -> None:
@@ -366,6 +499,8 @@ def _check(options: MiniLLMOptions) -> None:
         raise CriterionError(f"minillm: perturb must be one of {PERTURB}, not {options.perturb!r}")
     if not options.epsilon > 0:
         raise CriterionError("minillm: epsilon must be positive")
+    if options.variables not in VARIABLES:
+        raise CriterionError(f"minillm: variables must be one of {VARIABLES}, not {options.variables!r}")
 
 
 @register
@@ -379,6 +514,12 @@ class MiniLLM(Criterion):
     def score(self, model: nn.Module, calib: Calibration, options: MiniLLMOptions, ctx: Context) -> ImportanceMap:
         _check(options)
         span = Span(ctx)
+        if options.variables == "gates":
+            maps = gate_maps(model, calib, kinds_for(options.perturb), options.queries, options.epsilon,
+                             options.seed, options.batch_size, span)
+            return ImportanceMap(self.name, geometry_of(model), **maps,
+                                 extras={"queries": options.queries, "variables": "gates",
+                                         "perturbed_gates": {k: int(v.numel()) for k, v in maps.items()}})
         modules, kinds = perturbed_modules(model, options.perturb), kinds_for(options.perturb)
         stats = _stats_for(model, calib, options.reading, options.batch_size, span.sub(0.0, 0.05))
         est = zo_estimate(model, calib, modules, options.queries, options.epsilon, options.seed,
