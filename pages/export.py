@@ -2,6 +2,7 @@
 import streamlit as st
 
 from pruneviz.export import default_folder_name, safe_folder_name, zip_folder
+from pruneviz.gguf_export import WEIGHT_TYPES
 from pruneviz.plan import Plan
 from pruneviz.ui import components as ui
 from pruneviz.ui import services, state
@@ -54,6 +55,14 @@ name = st.text_input("Folder name", value=default_folder_name(loaded.name, plan)
 name = safe_folder_name(name, f"pruned-{sha8}")
 folder = state.exports_root() / name
 overwrite = st.checkbox("Overwrite if it exists", key="ex_overwrite")
+fmt = st.radio("Format", ["hf", "gguf"], horizontal=True, key="ex_format",
+               format_func={"hf": "Hugging Face folder", "gguf": "GGUF for llama.cpp"}.get,
+               help="GGUF: one file for llama.cpp (llama, or deci for per-layer widths), run in llama.cpp to verify "
+                    "it where llama-cpp-python is installed, else read back")
+options = {"format": fmt}
+if fmt == "gguf":
+    options["weight_type"] = st.selectbox("GGUF weights", WEIGHT_TYPES, index=WEIGHT_TYPES.index("f16"),
+                                          key="ex_wtype", help="norms and biases stay f32")
 st.caption(f"Written to `{folder}`")
 if recovery is not None:
     st.caption(f"The LoRA-recovered model is exported ({recovery.tag}); the model card records the recovery.")
@@ -63,12 +72,18 @@ if evaluation is not None:
                f"(dense {ui.fmt_ppl(evaluation['perplexity (dense)'])}).")
 
 if st.button("Export checkpoint", type="primary", key="ex_run", icon=":material/save:"):
-    services.export_checkpoint(loaded, plan, folder, overwrite)
+    services.export_checkpoint(loaded, plan, folder, overwrite, **options)
 
 rec = state.export_for(plan)
 if rec is not None:
     report = rec.report
     ok = report.ok
+    if report.gguf:
+        g, v = report.gguf, report.gguf["verification"]
+        st.success(f"Verified in {v['runtime']}: {g['arch']} architecture, {g['weight_type']} weights, greedy "
+                   f"{v['greedy_agreed']}/{v['greedy_total']} tokens agree, max |Δ log p| "
+                   f"{v['max_abs_dlogprob_topk']:.3g} (tolerance {v['tolerance']:g}). {g['arch_reason']}.",
+                   icon=":material/verified:")
     (st.success if ok else st.error)(
         f"{'Verified' if ok else 'NOT verified'}: reloaded in {report.format} format, max |Δ logit| "
         f"{report.reload_max_abs_diff:.3g}" + (f", with trust_remote_code {report.remote_code_max_abs_diff:.3g}"

@@ -424,16 +424,17 @@ def card_evaluation_for(plan) -> dict | None:
     return card_evaluation(e.pruned_ppl, e.dense_ppl, e.text, e.protocol_text, lora)
 
 
-def export_checkpoint(loaded, plan, folder, overwrite: bool) -> bool:
-    """Write and verify the plan's built (or recovered) model at ``folder`` (:func:`pruneviz.export.save_pruned`)
-    into ``session_state.export``; True on success."""
+def export_checkpoint(loaded, plan, folder, overwrite: bool, **options) -> bool:
+    """Write and verify the plan's built (or recovered) model at ``folder`` (:func:`pruneviz.export.save_pruned`;
+    ``options``: its ``format`` and ``weight_type``) into ``session_state.export``; True on success."""
     model = loaded.model if state.is_exported(loaded) else state.built_for(plan)  # an export: as it is
     if model is None:
         raise PlanError("build the pruned model for this plan first (Prune page)")
     evaluation = card_evaluation_for(plan)
     with Job("Exporting and verifying…", key="ex_job", cancellable=False, done_label="Checkpoint exported") as job:
         job.progress(0.1, "writing weights, tokenizer, plan and model card")
-        report = save_pruned(model, loaded.tokenizer, folder, plan=plan, evaluation=evaluation, overwrite=overwrite)
+        report = save_pruned(model, loaded.tokenizer, folder, plan=plan, evaluation=evaluation, overwrite=overwrite,
+                             **options)
         state.save(lambda ss: ss.update(export=state.ExportRecord(plan.sha256(), report)))
         job.progress(1.0, "reloaded and compared")
     return job.ok
