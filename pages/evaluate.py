@@ -6,6 +6,7 @@ import math
 import pandas as pd
 import streamlit as st
 
+from pruneviz.data import domain_note
 from pruneviz.evaluate import PROTOCOLS, SWEEP_WHAT
 from pruneviz.importance import available
 from pruneviz.plan import Plan
@@ -51,6 +52,14 @@ if state.is_exported(loaded):  # an exported checkpoint: its own perplexity; the
 
 st.subheader("Perplexity", anchor=False)
 st.caption(f"Pruned side: **{how}** · plan: {'nothing removed' if plan.is_empty() else plan.summary()}")
+if text is not None:
+    calib = st.session_state.get("calib")
+    calib_name = (plan.provenance.get("calibration") or {}).get("text") or (calib.text_name if calib else None)
+    note, same_domain = domain_note(calib_name, text.name)
+    st.caption(f"Text: {note}.")
+    if same_domain:
+        st.warning("This text shares the calibration's domain; numbers here flatter methods that fit the "
+                   "calibration; also evaluate on a text from elsewhere.", icon=":material/warning:")
 if st.button("Evaluate dense and pruned", type="primary", key="ev_run", icon=":material/play_arrow:",
              disabled=text is None):
     services.evaluate_pair(loaded, plan, text.name, text.text, protocol)
@@ -77,6 +86,7 @@ if evals:
     with st.expander(f"All evaluations ({len(evals)})", icon=":material/table:"):
         frame = pd.DataFrame([state.asdict_shallow(e) for e in evals]).reindex(columns=[
             "time", "summary", "dense_ppl", "pruned_ppl", "lora_ppl", "lora", "protocol", "text", "how", "complete"])
+        frame = frame.dropna(axis="columns", how="all")  # no column of empty cells (no LoRA run yet)
         st.dataframe(frame, hide_index=True, key="ev_table", column_config={
             "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
             "pruned_ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g"),

@@ -95,9 +95,9 @@ shown = st.pills("Show", list(imaps), selection_mode="multi", key="imp_show",
                  default=None if "imp_show" in st.session_state else list(imaps)[-3:],
                  format_func=lambda n: crits[n].title if n in crits else n)  # its own row: pills wrap
 c2, c3 = st.columns([3, 1], vertical_alignment="bottom")
-scale = c2.segmented_control("Colour by", ["score", "rank", "log10"], default="score", key="imp_scale",
+scale = c2.segmented_control("Colour by", ["score", "rank", "log10"], default="rank", key="imp_scale",
                              help="rank: position inside its layer (0 = least important), good for comparing "
-                                  "criteria with different scales.") or "score"
+                                  "criteria with different scales (the Prune page's default too).") or "rank"
 plan = state.get_plan(loaded)
 overlay = c3.toggle("Show plan", value=not plan.is_empty(), key="imp_overlay",
                     help="Darken the units the current plan removes.")

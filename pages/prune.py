@@ -8,6 +8,7 @@ from pruneviz.allocate import WIDTH
 from pruneviz.arch import UNITS, geometry_of, unit_count
 from pruneviz.errors import PlanError
 from pruneviz.importance import available, make_options
+from pruneviz.recipe import RECOMMENDED
 from pruneviz.schedules import SCHEDULES
 from pruneviz.ui import analysis, figures, services, state
 from pruneviz.ui import components as ui
@@ -20,6 +21,21 @@ g = geometry_of(loaded.model)
 crits = available()
 imaps = st.session_state["imaps"]
 
+
+
+def recommended_panel() -> None:
+    """The recommended recipe (:data:`pruneviz.recipe.RECOMMENDED`) at a parameter target, in one click."""
+    with st.container(border=True):
+        st.markdown("**Recommended**")
+        st.caption(RECOMMENDED.describe() + ": what the quality benchmark found best on text outside the "
+                   "calibration's domain. It computes its own calibration and scores, so no map is needed.")
+        share = st.slider("Parameters removed", 5, 70, 20, 5, format="%d%%", key="pr_recipe_target",
+                          help="Share of the non-embedding parameters; the model lands at or under it.") / 100
+        if st.button("Run the recommended recipe", key="pr_recipe_run", icon=":material/auto_awesome:"):
+            if services.run_recipe(loaded, share):
+                st.rerun()
+
+
 # ==== quick start ====================================================================================================
 if not imaps:
     st.info("No importance maps yet. Compute some on the Importance page, or start with weight magnitude "
@@ -27,6 +43,7 @@ if not imaps:
     if st.button("Score by weight magnitude", key="pr_quick", icon=":material/bolt:", type="primary"):
         services.compute_importance(loaded, ["magnitude"], {"magnitude": make_options("magnitude")}, None)
         st.rerun()
+    recommended_panel()
     st.stop()
 
 # ==== controls =======================================================================================================
@@ -99,8 +116,8 @@ plan = state.get_plan(loaded)
 ui.plan_line(loaded)  # the sidebar drew the plan before this page changed it
 if st.session_state.get("plan_settings") is None and not plan.is_empty():
     made = plan.provenance
-    origin = ("the SlimGPT solver" if made.get("criterion") == "slimgpt" else
-              f"{made.get('strategy', 'elsewhere')} ({made.get('criterion', 'manual')})")
+    origin = ("the SlimGPT solver" if made.get("criterion") == "slimgpt" else "the recommended recipe"
+              if made.get("recipe") else f"{made.get('strategy', 'elsewhere')} ({made.get('criterion', 'manual')})")
     origin_note.info(f"The current plan comes from {origin}, not from these sliders. Moving one replaces it with "
                      "an allocation from the sliders.", icon=":material/info:")
 
@@ -217,6 +234,8 @@ with ap:
     if plan.compensation:
         st.caption(f"This plan re-runs the **{plan.compensation}** weight update when applied (it needs the "
                    "calibration windows it was made with).")
+
+    recommended_panel()
 
     solver = next((c for c in crits.values() if c.is_solver), None)
     if solver is not None:

@@ -62,7 +62,8 @@ class Geometry:
     def describe(self) -> str:
         gqa = f"{self.n_kv} KV groups of {self.group_size}" if self.n_kv != self.n_heads else "multi-head"
         gqa = "multi-query: one KV head" if self.n_kv == 1 < self.n_heads else gqa
-        return (f"{self.family}/{self.model_type}: {self.n_layers} blocks, {self.n_heads} query heads "
+        name = self.family if self.family == self.model_type else f"{self.family}/{self.model_type}"
+        return (f"{name}: {self.n_layers} blocks, {self.n_heads} query heads "
                 f"({gqa}), head_dim {self.head_dim}, MLP {self.n_channels}, hidden {self.hidden}")
 
 

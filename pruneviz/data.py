@@ -353,8 +353,9 @@ def domain_note(calibration: str | None, evaluation: str) -> tuple[str, bool]:
         return f"{evaluation}: calibration text unknown", False
     if cal.startswith("self-generated"):
         return f"{evaluation}: not the calibration source (the model wrote its own calibration text)", False
-    cal_default = cal.split(" ")[0] in default or cal.startswith(("default", "pydoc"))
-    ev_default = ev.split(" ")[0] in default or ev.startswith(("default", "pydoc"))
+    parts = ("default", "pydoc", "bundled:pydoc")  # the app names the bundled text's parts bundled:pydoc-calib/-eval
+    cal_default = cal.split(" ")[0] in default or cal.startswith(parts)
+    ev_default = ev.split(" ")[0] in default or ev.startswith(parts)
     if cal_default and ev_default:
         return (f"{evaluation}: held-out part of the calibration's own domain (Python docs), so it flatters "
                 f"methods that fit the calibration; also evaluate on a text from elsewhere"), True

@@ -865,3 +865,73 @@ def test_chat_stop_keeps_what_was_generated(monkeypatch):
     assert [t.value for t in at.chat_message[1].text] == ["part of a rep"]
     assert "stopped" in at.chat_message[1].caption[0].value
     assert any("stopped before this side started" in c.value for c in at.caption)
+
+
+def test_smaller_items_block_colour_loss_ticks_captions_and_empty_columns(llama):
+    """Bug 11: the blocks chart ignored "Colour by" (one outlier flattened the rest); fractional step ticks on the
+    LoRA loss chart; "llama/llama" captions; Importance coloured linearly while Prune ranks; empty table columns."""
+    from pruneviz.arch import geometry_of
+
+    imap = compute(llama, "magnitude")
+    raw = imap.blocks.numpy()
+    ranked = figures.importance_figure(imap, "block", scale="rank").data[1]
+    assert sorted(ranked.y) == pytest.approx(np.linspace(0, 1, len(raw)).tolist())
+    assert np.allclose(np.asarray(ranked.customdata)[:, 3], raw)  # hover keeps the raw score
+    logged = figures.importance_figure(imap, "block", scale="log10").data[1]
+    assert np.allclose(logged.y, np.log10(np.abs(raw)))
+    assert figures.loss_figure([3.0, 2.5, 2.2]).layout.xaxis.dtick == 1
+    assert geometry_of(llama).describe().startswith("llama: ")
+    at = open_app("importance")
+    clean(at.button(key="imp_run").click().run())
+    assert at.segmented_control(key="imp_scale").value == "rank"
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(20).run())
+    clean(at.switch_page("pages/evaluate.py").run())
+    clean(at.button(key="ev_run").click().run())
+    table = next(d.value for d in at.dataframe if "pruned_ppl" in d.value.columns)
+    assert "lora_ppl" not in table.columns and not table.isna().any().any()
+
+
+def test_evaluate_says_when_the_text_shares_the_calibration_domain():
+    """The Evaluate page names the text relative to the calibration and warns on the calibration's own domain."""
+    at = open_app("importance")
+    at.pills(key="imp_criteria").set_value(["wanda_sp"])
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(2)
+    at.selectbox(key="imp_cal_seq").set_value(32)
+    clean(at.button(key="imp_run").click().run())
+    clean(at.switch_page("pages/evaluate.py").run())
+    assert any("held-out part of the calibration's own domain" in c.value for c in at.caption)
+    assert any("shares the calibration's domain" in w.value for w in at.warning)
+    at.selectbox(key="ev_text_text_kind").set_value("paste")
+    clean(at.run())
+    at.text_area(key="ev_text_paste").set_value("some text from elsewhere " * 40)
+    clean(at.run())
+    assert any("a different source from the calibration text" in c.value for c in at.caption)
+    assert not any("shares the calibration's domain" in w.value for w in at.warning)
+
+
+def test_recommended_recipe_builds_its_plan_and_model(monkeypatch):
+    """Prune page: the recommended recipe (self-generated calibration, FLAP, MLP channels, affine compensation) to a
+    share of the non-embedding parameters, in one click (a smaller calibration here, to stay quick)."""
+    import dataclasses
+
+    import pruneviz.recipe
+    from pruneviz.plan import dense_params
+
+    small = dataclasses.replace(pruneviz.recipe.RECOMMENDED, samples=4, seq_len=32)
+    monkeypatch.setattr(pruneviz.recipe, "RECOMMENDED", small)
+    at = open_app("prune")  # no maps needed
+    assert any(small.describe() in c.value for c in at.caption)
+    assert at.slider(key="pr_recipe_target").value == 20
+    at.slider(key="pr_recipe_target").set_value(30)
+    clean(at.run())
+    clean(at.button(key="pr_recipe_run").click().run())
+    plan, rec = at.session_state["plan"], at.session_state["pruned"]
+    assert plan.compensation == "affine" and plan.provenance["recipe"]["samples"] == 4
+    assert rec.sha == plan.sha256() and at.session_state["calib"].tokens.shape == (4, 32)
+    base = base_model()
+    assert dense_params(rec.model, True) <= 0.7 * dense_params(base, True)
+    assert at.session_state["history"][-1].sha == plan.sha256()
+    clean(at.switch_page("pages/evaluate.py").run())
+    assert any("not the calibration source" in c.value for c in at.caption)

@@ -121,10 +121,26 @@ def _add_cell_overlay(fig: go.Figure, scores: np.ndarray, removed, layers, cells
                         selected=dict(marker=dict(opacity=0.01)), unselected=dict(marker=dict(opacity=0.01))))
 
 
-def block_chart(scores: np.ndarray, removed: np.ndarray | None, *, title: str, score_label: str = "score",
-                selectable: bool = True) -> go.Figure:
-    """Whole-block scores as a lollipop chart: one stem per layer, grey when removed; dots are clickable."""
+def block_values(scores: np.ndarray, scale: str = "score") -> tuple[np.ndarray, str]:
+    """What the block chart plots for "Colour by" ``scale``: the scores, their rank among the blocks (0 = least
+    important, 1 = most) or log10 of their magnitude (one outlier block no longer flattens the others), and the
+    axis label's prefix."""
     scores = np.asarray(scores, dtype=float)
+    if scale == "rank" and scores.size > 1:
+        return np.argsort(np.argsort(scores, kind="stable"), kind="stable") / (scores.size - 1), "rank of "
+    if scale == "log10":
+        tiny = np.finfo(float).tiny
+        return np.log10(np.maximum(np.abs(scores), tiny)), "log10 |"
+    return scores, ""
+
+
+def block_chart(scores: np.ndarray, removed: np.ndarray | None, *, title: str, score_label: str = "score",
+                selectable: bool = True, scale: str = "score") -> go.Figure:
+    """Whole-block scores as a lollipop chart: one stem per layer, grey when removed; dots are clickable.
+    ``scale`` (score, rank, log10) is what the stems show (:func:`block_values`); hover shows the raw score."""
+    raw = np.asarray(scores, dtype=float)
+    scores, prefix = block_values(raw, scale)
+    score_label = f"{prefix}{score_label}{'|' if prefix == 'log10 |' else ''}"
     L = scores.shape[0]
     gone = np.zeros(L, bool) if removed is None else np.asarray(removed, bool)
     colors = np.where(gone, MUTED, PRIMARY)
@@ -133,12 +149,13 @@ def block_chart(scores: np.ndarray, removed: np.ndarray | None, *, title: str, s
     floor = float(scores.min()) - 0.15 * (span or abs(float(scores.min())) or 1.0)  # stems start below the lowest
     fig = go.Figure(go.Bar(x=layers, y=scores - floor, base=floor, marker=dict(color=colors), width=0.18,
                            hoverinfo="skip", name="score", showlegend=False))
-    custom = np.stack([layers, layers, layers + 1, scores, gone.astype(float)], axis=-1)
+    custom = np.stack([layers, layers, layers + 1, raw, gone.astype(float)], axis=-1)
     fig.add_trace(go.Scatter(
         x=layers, y=scores, mode="markers", customdata=custom, name="blocks", showlegend=False,
         marker=dict(size=13, color=colors, line=dict(color="white", width=2),
                     symbol=np.where(gone, "x", "circle").tolist()),
-        hovertemplate=f"block %{{x}}<br>{score_label} %{{y:.4g}}<br>removed %{{customdata[4]:.0%}}<extra></extra>",
+        hovertemplate="block %{x}<br>score %{customdata[3]:.4g}" + (f"<br>{score_label} %{{y:.3g}}" if prefix else "")
+                      + "<br>removed %{customdata[4]:.0%}<extra></extra>",
         selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1))))
     fig.update_xaxes(title="block (layer)", dtick=1 if L <= 40 else None, showgrid=False, range=[-0.5, L - 0.5])
     fig.update_yaxes(title=score_label, zeroline=False)
@@ -223,7 +240,7 @@ def loss_figure(losses: Sequence[float], title: str = "LoRA training loss") -> g
         fig.add_trace(go.Scatter(x=steps[w - 1:], y=np.convolve(y, np.ones(w) / w, mode="valid"), mode="lines",
                                  name=f"mean of {w} steps", line=dict(color=PRIMARY, width=2.5),
                                  hovertemplate=f"steps %{{x}}: mean of {w}<br>loss %{{y:.4f}}<extra></extra>"))
-    fig.update_xaxes(title="step")
+    fig.update_xaxes(title="step", tickformat="d", dtick=1 if len(y) <= 12 else None)  # whole steps only
     fig.update_yaxes(title="cross-entropy (nats / token)")
     fig.update_layout(legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
     return _base_layout(fig, title, 300)
@@ -283,7 +300,8 @@ def importance_figure(imap, kind: str, plan=None, scale: str = "score", view=Non
     title = title or map_title(imap.criterion, imap.criterion, UNITS[kind].plural)
     if kind == "block":
         removed = removed_mask(plan, "block") if plan is not None else None
-        return block_chart(scores.numpy(), removed, title=title, score_label=label, selectable=selectable)
+        return block_chart(scores.numpy(), removed, title=title, score_label=label, selectable=selectable,
+                           scale=scale)
     values, raw, removed, layers, cells = heatmap_data(scores.numpy(), kind, plan, scale, view or View())
     bar = {"score": label, "rank": "rank in layer", "log10": f"log10 {label}"}[scale]
     return unit_heatmap(values, raw, removed, layers, cells, unit_label=UNITS[kind].label, title=title,

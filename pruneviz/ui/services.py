@@ -16,7 +16,8 @@ import time
 import streamlit as st
 import torch
 
-from ..allocate import plan_from_ratios
+from .. import recipe as recipes
+from ..allocate import Target, plan_from_ratios
 from ..arch import adapter_for, geometry_of
 from ..criteria.slimgpt import slimgpt_prune
 from ..data import text_hash
@@ -196,6 +197,25 @@ def run_slimgpt(loaded, calib, target: float, schedule: str, attn_unit: str) -> 
         def update(ss):
             state.set_plan(plan, None, [], ss)
             ss.update(pruned=rec, calib=calib)
+            state.add_history(entry, ss)
+        state.save(update)
+    return job.ok
+
+
+def run_recipe(loaded, target: float) -> bool:
+    """The recommended recipe (:func:`pruneviz.recipe.run_recipe` with :data:`pruneviz.recipe.RECOMMENDED`) to
+    ``target``, a share of the non-embedding parameters: its plan becomes the session's, its built (compensated)
+    model the pruned record, its calibration the session's. True on success."""
+    with Job("Running the recommended recipe…", key="recipe_job", done_label="Recommended plan and model ready") as job:
+        t0 = time.perf_counter()
+        res = recipes.run_recipe(loaded.model, loaded.tokenizer, Target(target, "non_embedding"),
+                                 recipe=recipes.RECOMMENDED, progress=job.progress, cancel=job.cancelled)
+        rec = PrunedRecord(res.plan.sha256(), res.model, res.plan, time.perf_counter() - t0)
+        entry = history_entry(res.plan, settings=None, edits=[])
+
+        def update(ss):
+            state.set_plan(res.plan, None, [], ss)
+            ss.update(pruned=rec, calib=res.calibration)
             state.add_history(entry, ss)
         state.save(update)
     return job.ok
