@@ -641,12 +641,15 @@ def _common(p: argparse.ArgumentParser, calibration: bool = False) -> None:
         p.add_argument("--seed", type=int, default=0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pruneviz", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+def _add_inspect(sub) -> None:
+    """The `inspect` subcommand."""
     p = sub.add_parser("inspect", help="geometry, unit sizes and criteria")
     _common(p)
     p.set_defaults(fn=cmd_inspect)
+
+
+def _add_score(sub) -> None:
+    """The `score` subcommand."""
     p = sub.add_parser("score", help="compute an importance map")
     _common(p, calibration=True)
     p.add_argument("--criterion", required=True)
@@ -654,6 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="criterion option (repeatable)")
     p.add_argument("--out", default="scores.json")
     p.set_defaults(fn=cmd_score)
+
+
+def _add_plan(sub) -> None:
+    """The `plan` subcommand."""
     p = sub.add_parser("plan", help="allocate a plan from an importance map and a target")
     _common(p)
     p.add_argument("--scores", required=True)
@@ -667,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-last", type=int, default=0, help="width: keep the last N layers whole (LLM-Pruner: 2)")
     p.add_argument("--out", default="plan.json")
     p.set_defaults(fn=cmd_plan)
+
+
+def _add_slimgpt(sub) -> None:
+    """The `slimgpt` subcommand."""
     p = sub.add_parser("slimgpt", help="run the SlimGPT OBS solver (plan + compensated weights)")
     _common(p, calibration=True)
     p.add_argument("--ratio", type=float, required=True,
@@ -682,6 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="plan.json")
     p.add_argument("--export", help="also export the pruned checkpoint to this folder")
     p.set_defaults(fn=cmd_slimgpt)
+
+
+def _add_evaluate_export_chat(sub) -> None:
+    """Evaluate, export and chat: a model or --plan, then what to do with it."""
     for name, fn, hlp in (("evaluate", cmd_evaluate, "perplexity of the dense model or of --plan"),
                           ("export", cmd_export, "write a verified checkpoint of --plan"),
                           ("chat", cmd_chat, "one reply from the dense model or --plan")):
@@ -710,6 +725,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=96)
             p.add_argument("--temperature", type=float, default=0.0)
         p.set_defaults(fn=fn)
+
+
+def _add_prune(sub) -> None:
+    """The `prune` subcommand."""
     p = sub.add_parser("prune", help="the recommended recipe end to end: calibrate, score, allocate, compensate, "
                                      "export")
     _common(p)
@@ -722,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous pruneviz export in --out")
     p.set_defaults(fn=cmd_prune)
+
+
+def _add_sweep(sub) -> None:
+    """The `sweep` subcommand."""
     p = sub.add_parser("sweep", help="perplexity (and latency) over pruning ratios for one or more criteria")
     _common(p, calibration=True)
     p.add_argument("--criterion", action="append", help="score with this criterion first (repeatable)")
@@ -735,6 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", action="store_true", help="also measure decoding ms/token (builds each model)")
     p.add_argument("--out", help="write the points: .csv (one row each) or .json (with the plans)")
     p.set_defaults(fn=cmd_sweep)
+
+
+def _add_recover(sub) -> None:
+    """The `recover` subcommand."""
     p = sub.add_parser("recover", help="LoRA fine-tuning of the pruned model; dense / pruned / + LoRA perplexity")
     _common(p)
     p.add_argument("--plan", help="plan JSON applied to --model (leave out when --model is an exported pruned folder)")
@@ -760,6 +787,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export the recovered model (verified checkpoint) to this folder")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_recover)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pruneviz", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_add_inspect, _add_score, _add_plan, _add_slimgpt, _add_evaluate_export_chat, _add_prune,
+                _add_sweep, _add_recover):
+        add(sub)
     return ap
 
 
