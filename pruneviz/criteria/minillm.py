@@ -147,19 +147,40 @@ def _runs(slots: list[tuple[int, float]]) -> list[tuple[int, int, int]]:
     return runs
 
 
-class Perturbation:
-    """Context manager: forward hooks computing ``(W + scale_s·z_{query_s}) x`` on each perturbed projection.
+class SlotHooks:
+    """Hooks of one perturbation context: installed on enter, removed on exit (also on errors and cancellation).
 
-    ``slots`` is a list of ``(query, scale)``: the batch seen by the hooked projections is split into
-    ``len(slots)`` equal parts along dimension 0 and part s gets ``scale_s · x z_{query_s}ᵀ`` added to its output,
-    so one forward pass evaluates several perturbations. Weights are never written; with no slots (the default)
-    the forward pass is untouched. Hooks are removed on exit (also on errors and cancellation).
+    ``slots`` is a list of ``(query, scale)``: the hooked batch is split into ``len(slots)`` equal parts along
+    dimension 0, one perturbation each; with no slots the forward pass is untouched.
     """
 
-    def __init__(self, modules: list[Perturbed], seed: int):
-        self.modules, self.seed = modules, seed
+    def __init__(self):
         self.slots: list[tuple[int, float]] = []
         self._handles: list = []
+
+    def install(self) -> list:
+        """Register this context's hooks; returns their handles."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.slots = []
+
+
+class Perturbation(SlotHooks):
+    """Forward hooks computing ``(W + scale_s·z_{query_s}) x`` on each perturbed projection: part s of the batch
+    gets ``scale_s · x z_{query_s}ᵀ`` added to its output, so one forward pass evaluates several perturbations.
+    Weights are never written."""
+
+    def __init__(self, modules: list[Perturbed], seed: int):
+        super().__init__()
+        self.modules, self.seed = modules, seed
 
     def _hook(self, item: Perturbed):
         def hook(module, args, kwargs, output):
@@ -179,16 +200,8 @@ class Perturbation:
             return output + torch.cat(deltas).reshape(output.shape)
         return hook
 
-    def __enter__(self) -> "Perturbation":
-        for item in self.modules:
-            self._handles.append(item.module.register_forward_hook(self._hook(item), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.slots = []
+    def install(self) -> list:
+        return [item.module.register_forward_hook(self._hook(item), with_kwargs=True) for item in self.modules]
 
 
 # ---- the zeroth-order estimate --------------------------------------------------------------------------------------
@@ -346,17 +359,18 @@ def gate_groups(model: nn.Module, kind: str) -> tuple[str, torch.Tensor]:
     return adapter.attn_out, cols if kind == "head" else cols.view(g.n_kv, -1)
 
 
-class GatePerturbation:
-    """Context manager: forward pre-hooks scaling each unit's feature map (its input columns of the output
-    projection) by ``1 + scale_s·z_{query_s}[unit]``, one slot per equal part of the batch, as
-    :class:`Perturbation` does for weights. ``z`` is a Gaussian vector over one layer's units, regenerated from
-    ``(seed, query, layer)``. The model is never written; hooks are removed on exit."""
+class GatePerturbation(SlotHooks):
+    """Forward pre-hooks scaling each unit's feature map (its input columns of the output projection) by
+    ``1 + scale_s·z_{query_s}[unit]`` in part s of the batch, as :class:`Perturbation` does for weights. ``z`` is
+    a Gaussian vector over one layer's units, regenerated from ``(seed, query, layer)``. The model is never
+    written."""
 
     def __init__(self, model: nn.Module, kind: str, seed: int):
+        super().__init__()
         self.path, self.groups = gate_groups(model, kind)
         self.layers = adapter_for(model).layers(model)
-        self.seed, self.slots, self._handles = seed, [], []
-        self._template = torch.zeros(self.groups.shape[0])
+        self.seed = seed
+        self.template = torch.zeros(self.groups.shape[0])
 
     def _hook(self, l: int):
         def hook(module, args):
@@ -365,23 +379,16 @@ class GatePerturbation:
             x = args[0]
             parts = x.reshape(len(self.slots), -1, x.shape[-1]).clone()  # [P, rows, in]
             for s, (query, scale) in enumerate(self.slots):
-                z = direction(self._template, self.seed, query, l).to(x.device, x.dtype)  # [n_units]
+                z = direction(self.template, self.seed, query, l).to(x.device, x.dtype)  # [n_units]
                 gate = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
                 gate[self.groups.flatten().to(x.device)] += scale * z.repeat_interleave(self.groups.shape[1])
                 parts[s] = parts[s] * gate
             return (parts.reshape(x.shape),) + tuple(args[1:])
         return hook
 
-    def __enter__(self) -> "GatePerturbation":
-        for l, layer in enumerate(self.layers):
-            self._handles.append(get_path(layer, self.path).register_forward_pre_hook(self._hook(l)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.slots = []
+    def install(self) -> list:
+        return [get_path(layer, self.path).register_forward_pre_hook(self._hook(l))
+                for l, layer in enumerate(self.layers)]
 
 
 def gate_estimate(model: nn.Module, calib: Calibration | torch.Tensor, kind: str, queries: int, epsilon: float,
@@ -404,7 +411,7 @@ def gate_estimate(model: nn.Module, calib: Calibration | torch.Tensor, kind: str
             plus, minus = slot_losses(view, batches, 2).tolist()
             c = (plus - minus) / (2 * epsilon)
             for l in range(n_layers):
-                grad[l] += c * direction(pert._template, seed, j, l).double()
+                grad[l] += c * direction(pert.template, seed, j, l).double()
             span.step((j + 1) / queries, f"feature-map gates ({kind}): query {j + 1}/{queries}")
     return (grad / max(queries, 1)).float()
 
