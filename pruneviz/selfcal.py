@@ -27,8 +27,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +34,8 @@ import torch
 from torch import nn
 
 from .data import text_hash
-from .errors import TextError
+from .errors import PrunevizError, TextError
+from .fsio import atomic_write_text
 from .importance import Calibration
 from .loading import cache_dir
 from .offload import execution_device
@@ -150,18 +149,9 @@ def _read_cache(path: Path, options: SelfGenOptions) -> torch.Tensor | None:
 
 
 def _write_cache(path: Path, tokens: torch.Tensor, describe: str) -> None:
-    """Atomic: a temporary file in the same folder, fsync, rename."""
+    """Atomic (temporary file in the same folder, fsync, rename), normal permissions: :mod:`pruneviz.fsio`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"tokens": tokens.tolist(), "describe": describe}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps({"tokens": tokens.tolist(), "describe": describe}), "the calibration cache")
 
 
 def self_generated(model: nn.Module, tokenizer, options: SelfGenOptions | None = None, use_cache: bool = True,
@@ -179,7 +169,7 @@ def self_generated(model: nn.Module, tokenizer, options: SelfGenOptions | None =
         if use_cache:
             try:
                 _write_cache(path, tokens, describe)
-            except OSError:
+            except (OSError, PrunevizError):
                 pass  # a read-only cache only costs the next call the generation
     if progress is not None:
         progress(1.0, "self-generated calibration ready")

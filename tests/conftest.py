@@ -49,3 +49,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def private_selfcal_cache(tmp_path_factory, monkeypatch):
+    """Self-generated calibration caches go to a per-session temporary folder, never the user's cache."""
+    import pruneviz.selfcal
+
+    folder = tmp_path_factory.getbasetemp() / "selfcal-cache"
+    monkeypatch.setattr(pruneviz.selfcal, "cache_dir", lambda: folder)

@@ -158,7 +158,9 @@ def test_affine_compensation_beats_plain_removal_on_calibration(family):
 # ---- self-generated calibration ------------------------------------------------------------------------------------
 
 def test_self_generated_calibration_is_seeded_filtered_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNEVIZ_CACHE", str(tmp_path))
+    import pruneviz.selfcal
+
+    monkeypatch.setattr(pruneviz.selfcal, "cache_dir", lambda: tmp_path)
     model, tok = tiny_model("llama"), tiny_tokenizer()
     opts = SelfGenOptions(n_samples=4, seq_len=12, oversample=2.0, batch_size=4)
     rng = torch.get_rng_state()
@@ -166,7 +168,7 @@ def test_self_generated_calibration_is_seeded_filtered_and_cached(tmp_path, monk
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is untouched
     assert calib.tokens.shape == (4, 12) and "self-generated" in calib.text_name
     files = list((tmp_path / "selfcal").glob("*.json"))
-    assert len(files) == 1
+    assert len(files) == 1 and files[0].stat().st_mode & 0o044  # readable like any file the user writes
     assert torch.equal(self_generated(model, tok, opts).tokens, calib.tokens)  # from the cache
     assert torch.equal(generate_windows(model, tok, opts), calib.tokens)  # and the same without it
     other = self_generated(model, tok, dataclasses.replace(opts, seed=1))
