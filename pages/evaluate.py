@@ -153,11 +153,13 @@ else:
     what = c3.selectbox("Prune", list(SWEEP_WHAT), key="ev_sweep_what",
                         help="width: attention and MLP at the same ratio · blocks: that share of whole layers.")
     latency = st.toggle("Also measure latency (builds each pruned model; slower)", key="ev_sweep_latency")
+    kl = st.toggle("Also measure KL to the dense model (fidelity on any text; one more pass per point)",
+                   key="ev_sweep_kl")
     n = len(sweep_crits) * len(ratios or [])
     if st.button(f"Run sweep ({n} configurations)", key="ev_sweep_run", disabled=not n or text is None,
                  icon=":material/stacked_line_chart:"):
         services.run_sweep(loaded, sweep_crits, [r / 100 for r in sorted(ratios)], what, text.name, text.text,
-                           protocol, latency)
+                           protocol, latency, kl)
     points = state.sweep_points(protocol, text.text if text is not None else None)
     if points:
         dense = next((p for p in points if p.criterion == "dense"), None)
@@ -165,6 +167,8 @@ else:
         st.plotly_chart(figures.sweep_figure(rest, "ppl", dense), key="ev_sweep_fig")
         if any(p.ms_per_token for p in rest):
             st.plotly_chart(figures.sweep_figure(rest, "ms_per_token", dense), key="ev_sweep_lat")
+        if any(p.kl_mean is not None for p in rest):
+            st.plotly_chart(figures.sweep_figure(rest, "kl_mean", dense), key="ev_sweep_kl_fig")
         st.caption(f"{len(rest)} points · masked models (identical outputs to physical ones) · "
                    f"{PROTOCOLS[protocol].describe()}")
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")

@@ -765,7 +765,8 @@ def allocate(model: nn.Module, imap: ImportanceMap, target: Target | float | Non
     _check_reached(job, alloc, params, strategy)
     of = job.target.of if job.target else "non_embedding"
     plan = alloc.plan.with_provenance(
-        criterion=imap.criterion, calibration=imap.meta.get("calibration"), strategy=strategy, target=job.target.to_dict() if job.target else None,
+        criterion=imap.criterion, calibration=imap.meta.get("calibration"), strategy=strategy,
+        target=job.target.to_dict() if job.target else None,
         options={**dataclasses.asdict(job.options), "normalize": resolved_normalize(imap, job.options.normalize)},
         achieved_ratio=_achieved(params, of), achieved_of=of,
         params=params)

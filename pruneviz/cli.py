@@ -570,11 +570,13 @@ def _ratios(text: str) -> list[float]:
 def sweep_table(points) -> str:
     """The sweep as a text table: criterion, ratio, parameters, perplexity (and ms/token when measured)."""
     latency = any(p.ms_per_token is not None for p in points)
+    kl = any(p.kl_mean is not None for p in points)
     lines = [f"{'criterion':<18}{'what':<10}{'ratio':>7}{'parameters':>14}{'perplexity':>13}"
-             + (f"{'ms/token':>10}" if latency else "")]
+             + (f"{'ms/token':>10}" if latency else "") + (f"{'KL':>9}{'top-1':>8}" if kl else "")]
     for p in points:
         ms = f"{p.ms_per_token:>10.2f}" if p.ms_per_token is not None else (f"{'-':>10}" if latency else "")
-        lines.append(f"{p.criterion:<18}{p.what:<10}{p.ratio:>7.0%}{p.params:>14,}{p.ppl:>13.3f}{ms}"
+        fid = (f"{p.kl_mean:>9.4f}{p.top1:>8.3f}" if p.kl_mean is not None else f"{'-':>9}{'-':>8}") if kl else ""
+        lines.append(f"{p.criterion:<18}{p.what:<10}{p.ratio:>7.0%}{p.params:>14,}{p.ppl:>13.3f}{ms}{fid}"
                      + ("  (partial)" if not p.complete else ""))
     return "\n".join(lines)
 
@@ -615,6 +617,10 @@ def cmd_sweep(args) -> None:
         with _StopOnCtrlC() as stop:
             points = sweep(lm.model, lm.tokenizer, maps, _ratios(args.ratios), args.what, text, args.protocol,
                            progress=progress, cancel=stop, latency=args.latency)
+            if args.kl and not stop.hit:
+                from .fidelity import with_fidelity
+
+                points = with_fidelity(lm.model, lm.tokenizer, points, text, args.protocol, progress, stop)
     finally:
         progress.close()
     print(sweep_table(points))
@@ -756,6 +762,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--eval-text", default="default",
                    help="held-out text: default (Python docs, evaluation part), file:PATH or hf:wikitext2")
     p.add_argument("--latency", action="store_true", help="also measure decoding ms/token (builds each model)")
+    p.add_argument("--kl", action="store_true", help="also measure KL(dense||pruned) and top-1 agreement per point")
     p.add_argument("--out", help="write the points: .csv (one row each) or .json (with the plans)")
     p.set_defaults(fn=cmd_sweep)
 

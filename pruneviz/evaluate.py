@@ -551,12 +551,15 @@ class SweepPoint:
     plan: Plan | None = None
     ms_per_token: float | None = None
     complete: bool = True
+    kl_mean: float | None = None  # KL(dense || this point) per token, when the sweep measured fidelity
+    top1: float | None = None  # top-1 agreement with the dense model, idem
 
     def row(self) -> dict:
         """A flat, JSON-able row (the plan as its sha256 and summary) for tables and CSV files."""
         plan = self.plan
         return {"criterion": self.criterion, "what": self.what, "ratio": self.ratio, "params": self.params,
-                "ppl": self.ppl, "ms_per_token": self.ms_per_token, "protocol": self.protocol,
+                "ppl": self.ppl, "ms_per_token": self.ms_per_token, "kl_mean": self.kl_mean, "top1": self.top1,
+                "protocol": self.protocol,
                 "tokens": self.n_tokens, "complete": self.complete, "text_sha256": self.text_sha256,
                 "plan_sha256": plan.sha256() if plan is not None else None,
                 "plan": (plan.summary() if not plan.is_empty() else "nothing removed") if plan is not None else None}

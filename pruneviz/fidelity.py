@@ -11,6 +11,7 @@ windows from :func:`pruneviz.evaluate.eval_windows`, same BOS handling, token 0 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from .evaluate import PPLProtocol, eval_windows, get_protocol
 from .limits import check_context
 from .offload import execution_device
 from .progress import Cancel, Progress
+from .surgery import masked_model
 
-__all__ = ["FidelityResult", "fidelity", "token_fidelity"]
+__all__ = ["FidelityResult", "fidelity", "token_fidelity", "with_fidelity"]
 
 
 @dataclass
@@ -193,3 +195,24 @@ def _result(kls, agree_n, nll_d_sum, nll_p_sum, done, total, proto, seconds) -> 
         complete=done == total,
         per_token_kl=per_token,
     )
+
+
+def with_fidelity(dense, tokenizer, points: list, text: str, protocol: str | PPLProtocol = "quick",
+                  progress: Progress | None = None, cancel: Cancel | None = None) -> list:
+    """Sweep points (:class:`pruneviz.evaluate.SweepPoint`) with ``kl_mean`` and ``top1`` filled in: each point's
+    plan on a masked view of ``dense`` against ``dense`` itself, on ``text`` under ``protocol`` (the dense point
+    gets 0 and 1). Cancelling returns the points measured so far followed by the others unchanged."""
+    out, todo = [], [p for p in points if p.plan is not None]
+    for i, p in enumerate(points):
+        if p.plan is None:
+            out.append(dataclasses.replace(p, kl_mean=0.0, top1=1.0) if p.criterion == "dense" else p)
+            continue
+        if cancel is not None and cancel():
+            return out + points[i:]
+        k = todo.index(p)
+        part = None if progress is None else (lambda f, m, k=k: progress((k + f) / len(todo), f"KL: {m}"))
+        f = fidelity(dense, masked_model(dense, p.plan), tokenizer, text, protocol, part, cancel)
+        if not f.complete:
+            return out + points[i:]
+        out.append(dataclasses.replace(p, kl_mean=f.kl_mean, top1=f.top1_agreement))
+    return out

@@ -296,3 +296,22 @@ def test_minillm_gates_reading_scores_and_leaves_the_model_alone(llama):
     assert bool((imap.kv >= 0).all()) and imap.extras["variables"] == "gates"
     assert all(torch.equal(v, llama.state_dict()[k]) for k, v in state.items())
     assert not any(m._forward_pre_hooks for m in llama.modules())
+
+
+def test_sweep_points_gain_kl_to_the_dense_model(llama):
+    from pruneviz.evaluate import PPLProtocol, sweep
+    from pruneviz.fidelity import fidelity, with_fidelity
+    from pruneviz.surgery import masked_model
+
+    tok = tiny_tokenizer()
+    text = "the quick brown fox jumps over the lazy dog. " * 30
+    proto = PPLProtocol("t", 32, 32, "once", 4, 2)
+    imap = compute(llama, "magnitude")
+    points = sweep(llama, tok, {"magnitude": imap}, [0.1, 0.3], "channels", text, proto)
+    measured = with_fidelity(llama, tok, points, text, proto)
+    dense, rest = measured[0], measured[1:]
+    assert dense.criterion == "dense" and dense.kl_mean == 0.0 and dense.top1 == 1.0
+    assert rest[0].kl_mean < rest[1].kl_mean  # more removed, further from the dense model
+    direct = fidelity(llama, masked_model(llama, rest[1].plan), tok, text, proto)
+    assert rest[1].kl_mean == pytest.approx(direct.kl_mean) and rest[1].row()["kl_mean"] == rest[1].kl_mean
+    assert with_fidelity(llama, tok, points, text, proto, cancel=lambda: True)[1].kl_mean is None

@@ -220,11 +220,13 @@ def sweep_figure(points: Sequence, y: str = "ppl", dense=None) -> go.Figure:
         fig.add_trace(go.Scatter(x=[dense.params / 1e6], y=[getattr(dense, y)], mode="markers", name="dense",
                                  marker=dict(symbol="star", size=15, color=INK),
                                  hovertemplate=f"dense<br>%{{x:.2f}} M params<br>{y} %{{y:.4g}}<extra></extra>"))
-    label = {"ppl": "perplexity (log scale)", "ms_per_token": "latency, ms / token"}.get(y, y)
+    label = {"ppl": "perplexity (log scale)", "ms_per_token": "latency, ms / token",
+             "kl_mean": "KL(dense || pruned) per token"}.get(y, y)
     fig.update_yaxes(title=label, type="log" if y == "ppl" else "linear")
     fig.update_xaxes(title="parameters (millions)")
     fig.update_layout(legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
-    title = "Perplexity vs parameters" if y == "ppl" else "Latency vs parameters"
+    title = {"ppl": "Perplexity vs parameters", "ms_per_token": "Latency vs parameters",
+             "kl_mean": "KL to the dense model vs parameters"}.get(y, y)
     return _base_layout(fig, title, 380)
 
 

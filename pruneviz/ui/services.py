@@ -24,6 +24,7 @@ from ..data import text_hash
 from ..errors import PlanError
 from ..evaluate import PPLResult, next_token_top_k, perplexity, sweep, token_losses
 from ..export import card_evaluation, save_pruned
+from ..fidelity import with_fidelity
 from ..importance import Cancelled, available, compute
 from ..offload import execution_device, is_offloaded
 from ..plan import Plan, dense_params
@@ -131,10 +132,10 @@ def compute_importance(loaded, names: list[str], options: dict, calib) -> list[s
                 except Cancelled:
                     break
                 state.store_imap(key, imap)
-                if cal is not None and not job.cancelled():
-                    n, T = (int(x) for x in cal.tokens.shape)
-                    est = crit.estimate(geometry_of(loaded.model), dense_params(loaded.model), n, T, options[name])
-                    record_rate(name, float((imap.meta or {}).get("seconds") or 0.0), est.get("forward_tokens", 0))
+            if cal is not None and not job.cancelled():  # its time (measured in this process, maybe cached)
+                n, T = (int(x) for x in cal.tokens.shape)
+                est = crit.estimate(geometry_of(loaded.model), dense_params(loaded.model), n, T, options[name])
+                record_rate(name, float((imap.meta or {}).get("seconds") or 0.0), est.get("forward_tokens", 0))
             state.save(lambda ss, name=name, imap=imap: ss["imaps"].__setitem__(name, imap))
             done.append(name)
             if job.cancelled():
@@ -363,7 +364,7 @@ def discard_recovery(plan) -> None:
 
 
 def run_sweep(loaded, criteria: list[str], ratios: list[float], what: str, text_name: str, text: str,
-              protocol: str, latency: bool) -> int:
+              protocol: str, latency: bool, kl: bool = False) -> int:
     """:func:`pruneviz.evaluate.sweep` over the session's maps of ``criteria`` into ``session_state.sweep``;
     returns how many points were added.
 
@@ -380,7 +381,10 @@ def run_sweep(loaded, criteria: list[str], ratios: list[float], what: str, text_
             dense = dense_ppl(loaded, _dense_key(text, protocol), text, protocol, job)
         points = sweep(loaded.model, loaded.tokenizer, imaps, ratios, what, text, protocol, progress=job.progress,
                        cancel=job.cancelled, latency=latency, dense=dense if dense and dense.complete else False)
-        done = [p for p in points if p.complete]
+        if kl and not job.cancelled():
+            points = with_fidelity(loaded.model, loaded.tokenizer, points, text, protocol, job.prefixed("KL: "),
+                                   job.cancelled)
+        done = [p for p in points if p.complete and (not kl or p.kl_mean is not None)]
         state.save(lambda ss: [append_once(ss["sweep"], p) for p in done])
     return sum(p.criterion != "dense" for p in done)
 
