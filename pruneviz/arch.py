@@ -158,6 +158,7 @@ class Adapter:
     proj_norms: ClassVar[dict[str, str]] = {}  # projection -> norm over its whole output (OLMo 2's q/k norms)
     layer_lists: ClassVar[tuple[str, ...]] = ("layer_types",)  # per-layer config lists that depth pruning re-indexes
     note: ClassVar[str] = ""  # said wherever the family is shown (the generic llama-like adapter says so)
+    bos_per_window: ClassVar[bool] = False  # perplexity windows need a BOS at position 0 (Gemma breaks down without)
 
     # ---- geometry -------------------------------------------------------------------------------------------
     def geometry(self, config) -> Geometry:
@@ -370,6 +371,7 @@ class GemmaAdapter(LlamaAdapter):
     model_types = ("gemma2", "gemma3_text")
     norm_offset = 1.0
     post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
+    bos_per_window = True  # Gemma scores windows without BOS at position 0 5-20x worse
 
 
 class Olmo2Adapter(LlamaAdapter):

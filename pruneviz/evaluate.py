@@ -14,6 +14,7 @@ stay correct after structured pruning changes per-layer widths:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import statistics
@@ -214,12 +215,27 @@ def _window_nll(model, batch: torch.LongTensor) -> torch.Tensor:
     return nll.view(targets.shape)  # [B, T-1]
 
 
-def eval_windows(tokenizer, text: str, protocol: str | PPLProtocol) -> tuple[torch.LongTensor, list[int], PPLProtocol]:
+def protocol_for(model: nn.Module | None, protocol: str | PPLProtocol) -> PPLProtocol:
+    """``protocol`` as ``model``'s family needs it: families whose adapter sets ``bos_per_window`` (Gemma) get a
+    BOS at the start of every window, and the protocol's name and description say so."""
+    proto = get_protocol(protocol)
+    try:
+        needs = model is not None and adapter_for(model).bos_per_window
+    except PlanError:  # no adapter: nothing family-specific to apply
+        needs = False
+    if not needs or proto.bos == "per_window":
+        return proto
+    return dataclasses.replace(proto, name=f"{proto.name}+bos", bos="per_window")
+
+
+def eval_windows(tokenizer, text: str, protocol: str | PPLProtocol,
+                 model: nn.Module | None = None) -> tuple[torch.LongTensor, list[int], PPLProtocol]:
     """The windows ``[N, T]`` a protocol scores on ``text`` and, per window, its first scored position.
 
-    Tokenised with ``add_special_tokens=False``; raises :class:`TextError` for empty or too-short text.
+    Tokenised with ``add_special_tokens=False``; with ``model`` the protocol is adapted to its family
+    (:func:`protocol_for`). Raises :class:`TextError` for empty or too-short text.
     """
-    proto = get_protocol(protocol)
+    proto = protocol_for(model, protocol)
     if not text or not text.strip():
         raise TextError("The evaluation text is empty. Provide text or use the bundled default.")
     ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
@@ -270,7 +286,7 @@ def perplexity(
     window = get_protocol(protocol)
     check_context(model, window.seq_len, f"a {window.name!r} perplexity window", "choose a protocol with shorter "
                   "windows (quick or paper)")  # at once, before tokenizing: OPT / GPT-2 positions end there
-    windows, first, proto = eval_windows(tokenizer, text, window)
+    windows, first, proto = eval_windows(tokenizer, text, window, model)
     total, device, start = windows.shape[0], execution_device(model), time.perf_counter()
     acc, done = _NLLSum(), 0
     try:

@@ -134,7 +134,7 @@ def fidelity(
     for model in (dense, pruned):  # learned positions (OPT, GPT-2) end at the context limit: refuse before any work
         check_context(model, window.seq_len, f"a {window.name!r} fidelity window", "choose a protocol with shorter "
                       "windows (quick or paper)")
-    windows, first, proto = eval_windows(tokenizer, text, window)  # [W, T], the windows perplexity() scores
+    windows, first, proto = eval_windows(tokenizer, text, window, dense)  # [W, T], the windows perplexity() scores
     total = windows.shape[0]
     device = execution_device(dense)
     start = time.perf_counter()

@@ -315,3 +315,15 @@ def test_sweep_points_gain_kl_to_the_dense_model(llama):
     direct = fidelity(llama, masked_model(llama, rest[1].plan), tok, text, proto)
     assert rest[1].kl_mean == pytest.approx(direct.kl_mean) and rest[1].row()["kl_mean"] == rest[1].kl_mean
     assert with_fidelity(llama, tok, points, text, proto, cancel=lambda: True)[1].kl_mean is None
+
+
+@pytest.mark.parametrize("family, bos", [("gemma2", True), ("gemma3_text", True), ("llama", False)])
+def test_families_that_need_bos_get_it_in_every_window_and_say_so(family, bos):
+    from pruneviz.evaluate import PPLProtocol, perplexity, protocol_for
+
+    model, tok = tiny_model(family), tiny_tokenizer()
+    proto = PPLProtocol("t", 16, 16, "none", 3, 3)
+    res = perplexity(model, tok, "the quick brown fox jumps over the lazy dog. " * 10, proto)
+    assert (res.protocol.bos == "per_window") is bos and res.protocol.name.endswith("+bos") is bos
+    assert ("BOS at the start of every window" in res.describe()) is bos
+    assert protocol_for(model, PPLProtocol("t", 16, 16, "per_window")).name == "t"  # already there: unchanged
