@@ -341,6 +341,19 @@ def cmd_prune(args) -> None:
           f"(dense {dense_params(lm.model) / 1e6:.2f}M) -> {report.folder}")
 
 
+def cmd_cache(args) -> None:
+    from .loading import cache_dir, cached_ggufs, clear_gguf_cache
+
+    entries = cached_ggufs()
+    if args.action == "clear":
+        print(f"removed {clear_gguf_cache()} cached GGUF conversion(s) from {cache_dir()}")
+        return
+    if not entries:
+        print(f"no cached GGUF conversions in {cache_dir()}")
+    for e in entries:
+        print(f"{e['bytes'] / 2**20:>9,.0f} MiB  {e['folder']}  <- {e['file']} (sha256 {str(e['sha256'])[:16]})")
+
+
 def cmd_export(args) -> None:
     from .export import check_export_target, save_pruned
 
@@ -767,6 +780,13 @@ def _add_sweep(sub) -> None:
     p.set_defaults(fn=cmd_sweep)
 
 
+def _add_cache(sub) -> None:
+    """The `cache` subcommand."""
+    p = sub.add_parser("cache", help="list or clear the de-quantised copies of user GGUF files")
+    p.add_argument("action", choices=["list", "clear"])
+    p.set_defaults(fn=cmd_cache)
+
+
 def _add_recover(sub) -> None:
     """The `recover` subcommand."""
     p = sub.add_parser("recover", help="LoRA fine-tuning of the pruned model; dense / pruned / + LoRA perplexity")
@@ -800,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pruneviz", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (_add_inspect, _add_score, _add_plan, _add_slimgpt, _add_evaluate_export_chat, _add_prune,
-                _add_sweep, _add_recover):
+                _add_sweep, _add_recover, _add_cache):
         add(sub)
     return ap
 

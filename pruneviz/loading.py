@@ -20,6 +20,7 @@ with ``fraction`` in [0, 1] (the same as Streamlit's ``st.progress(value, text)`
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -218,21 +219,26 @@ def bundled_folder(progress: Progress | None = None) -> pathlib.Path:
     interrupted conversion leaves no half-written folder. Later calls return
     the cached path immediately.
     """
-    final = cache_dir() / _BUNDLED_CACHE_NAME
+    return _converted(bundled_gguf(), cache_dir() / _BUNDLED_CACHE_NAME, "the bundled GGUF", progress)
+
+
+def _converted(gguf: pathlib.Path, final: pathlib.Path, label: str, progress: Progress | None,
+               source: dict | None = None) -> pathlib.Path:
+    """``final``: ``gguf`` de-quantised once into a safetensors folder (built in a temporary folder beside it and
+    moved into place, so an interrupted conversion leaves nothing half-written); later calls return it at once."""
     if _folder_complete(final):
-        _report(progress, 1.0, "Bundled model found in cache")
+        _report(progress, 1.0, f"{label} found in the cache")
         return final
-    gguf = bundled_gguf()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-convert-", dir=final.parent))
     try:
-        _report(progress, 0.05, "Reading the bundled GGUF (first run only, ~30 s)")
+        _report(progress, 0.05, f"Reading {label} (first run only)")
         model, tokenizer = _clean_model_from_gguf(gguf, progress)
         _report(progress, 0.8, "Writing the fp32 safetensors cache")
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
         (tmp / "pruneviz_source.json").write_text(
-            json.dumps({"gguf": gguf.name, "recipe": _BUNDLED_CACHE_NAME}, indent=2)
+            json.dumps({"gguf": gguf.name, "recipe": final.name, **(source or {})}, indent=2)
         )
         del model
         _make_readable(tmp)
@@ -240,8 +246,54 @@ def bundled_folder(progress: Progress | None = None) -> pathlib.Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _report(progress, 1.0, "Bundled model converted and cached")
+    _report(progress, 1.0, f"{label} converted and cached")
     return final
+
+
+GGUF_CACHE = "gguf"  # cache_dir()/gguf/<sha256[:16]>-<stem>: user GGUF files de-quantised once
+
+
+def file_sha256(path: pathlib.Path, progress: Progress | None = None, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file, read in 16 MiB chunks (a few seconds per GB)."""
+    h, size, done = hashlib.sha256(), max(path.stat().st_size, 1), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            done += len(block)
+            _report(progress, 0.05 * done / size, f"Hashing {path.name}")
+    return h.hexdigest()
+
+
+def gguf_folder(path: pathlib.Path, progress: Progress | None = None) -> pathlib.Path:
+    """The cached safetensors folder of a user's ``.gguf`` file, keyed by the file's SHA-256 (so a changed file
+    converts again and a renamed one does not), de-quantised on first use."""
+    digest = file_sha256(path, progress)
+    final = cache_dir() / GGUF_CACHE / f"{digest[:16]}-{path.stem[:80]}"
+    return _converted(path, final, path.name, progress, {"sha256": digest, "file": str(path)})
+
+
+def cached_ggufs() -> list[dict]:
+    """The user GGUF conversions in the cache: ``{"folder", "file", "sha256", "bytes"}`` each."""
+    root, out = cache_dir() / GGUF_CACHE, []
+    for folder in sorted(root.glob("*")) if root.is_dir() else []:
+        if not _folder_complete(folder):
+            continue
+        try:
+            meta = json.loads((folder / "pruneviz_source.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        out.append({"folder": str(folder), "file": meta.get("file"), "sha256": meta.get("sha256"), "bytes": size})
+    return out
+
+
+def clear_gguf_cache() -> int:
+    """Remove every cached user GGUF conversion (only folders pruneviz made: they carry its marker). Returns how
+    many were removed; the bundled model's cache is kept."""
+    entries = cached_ggufs()
+    for e in entries:
+        shutil.rmtree(e["folder"], ignore_errors=True)
+    return len(entries)
 
 
 def _folder_complete(path: pathlib.Path) -> bool:
@@ -577,8 +629,9 @@ def _load_local_file(path: pathlib.Path, dev, dt, progress):
             f"{path} is a single file. pruneviz loads model folders (config.json + "
             "*.safetensors), .gguf files, Hugging Face ids or 'bundled'. Pass the folder instead."
         )
-    model, tokenizer = _clean_model_from_gguf(path, progress)
-    return model.to(device=dev, dtype=dt), tokenizer
+    model, tokenizer = _load_local_folder(gguf_folder(path, progress), dev, dt, False, False, progress)
+    model.config._name_or_path = str(path)  # plans and model cards name the user's file, not the cache
+    return model, tokenizer
 
 
 def _hub_offline() -> bool:

@@ -327,3 +327,33 @@ def test_families_that_need_bos_get_it_in_every_window_and_say_so(family, bos):
     assert (res.protocol.bos == "per_window") is bos and res.protocol.name.endswith("+bos") is bos
     assert ("BOS at the start of every window" in res.describe()) is bos
     assert protocol_for(model, PPLProtocol("t", 16, 16, "per_window")).name == "t"  # already there: unchanged
+
+
+# ---- user GGUF files: de-quantised once, cached by hash ------------------------------------------------------------
+
+def test_user_gguf_is_converted_once_per_content_and_the_cache_can_be_listed_and_cleared(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from pruneviz import loading
+    from pruneviz.cli import main
+
+    monkeypatch.setenv("PRUNEVIZ_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def tiny_convert(gguf, progress=None):  # the real conversion is the bundled model's (tested with it)
+        calls.append(gguf)
+        return tiny_model("llama"), tiny_tokenizer()
+
+    monkeypatch.setattr(loading, "_clean_model_from_gguf", tiny_convert)
+    user = tmp_path / "my-model.gguf"
+    user.write_bytes(b"GGUF" + b"\0" * 100)
+    seen = []
+    first = loading.load_model(str(user), progress=lambda f, m: seen.append(f))
+    again = loading.load_model(str(user))
+    assert len(calls) == 1 and first.path == user.resolve() and again.model.config._name_or_path == str(user.resolve())
+    assert seen[-1] == 1.0 and all(0 <= f <= 1 for f in seen)
+    user.write_bytes(b"GGUF" + b"\1" * 100)  # new content, same name: converted again
+    loading.load_model(str(user))
+    assert len(calls) == 2 and len(loading.cached_ggufs()) == 2
+    assert main(["cache", "list"]) == 0 and "my-model" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0 and loading.cached_ggufs() == []
+    assert "removed 2" in capsys.readouterr().out
