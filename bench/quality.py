@@ -215,7 +215,8 @@ def parse_params(text: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--params", default="113.27M", help="target total parameters (20%% of non-embedding)")
+    ap.add_argument("--params", default="113274432",
+                    help="target total parameters: 113,274,432 = the dense model minus 6 blocks (the peers' size)")
     ap.add_argument("--calib", choices=["peers", "small"], default="peers")
     ap.add_argument("--windows", type=int, default=40, help="512-token windows per text (peers: 40)")
     ap.add_argument("--kl-windows", type=int, default=10)
@@ -291,7 +292,8 @@ def flush(args, rows, texts, dense, calib, protocol, want, results) -> None:
         f"Evaluation: {protocol.describe()}",
         "Texts: " + "; ".join(f"{t.name}: dense PPL {d['ppl']:.2f}" for t, d in zip(texts, dense))
         + ". Rows are sorted by the last (out-of-domain) text's perplexity.",
-        f"Target: {want / 1e6:.2f}M total parameters (20% of the non-embedding parameters); every method lands at "
+        f"Target: {want:,.0f} total parameters (113.27M: the dense model minus 6 blocks, 20.0% of the "
+        "non-embedding parameters, the peers' size); every method lands at "
         "or under it (params column: the built model).",
         f"KL: KL(dense || pruned) of next-token distributions, mean over the {texts[0].kl} first windows' tokens; "
         "top-1: share of tokens where both models' most likely next token agrees.",
