@@ -220,7 +220,7 @@ def protocol_for(model: nn.Module | None, protocol: str | PPLProtocol) -> PPLPro
     BOS at the start of every window, and the protocol's name and description say so."""
     proto = get_protocol(protocol)
     try:
-        needs = model is not None and adapter_for(model).bos_per_window
+        needs = getattr(model, "config", None) is not None and adapter_for(model).bos_per_window
     except PlanError:  # no adapter: nothing family-specific to apply
         needs = False
     if not needs or proto.bos == "per_window":
