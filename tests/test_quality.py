@@ -357,3 +357,13 @@ def test_user_gguf_is_converted_once_per_content_and_the_cache_can_be_listed_and
     assert main(["cache", "list"]) == 0 and "my-model" in capsys.readouterr().out
     assert main(["cache", "clear"]) == 0 and loading.cached_ggufs() == []
     assert "removed 2" in capsys.readouterr().out
+
+
+def test_slimllm_scores_do_not_depend_on_the_memory_chunking(llama, monkeypatch):
+    from pruneviz.criteria import slimllm
+
+    whole = compute(llama, "slimllm", CALIB)
+    monkeypatch.setattr(slimllm, "UNIT_CHUNK", 3)  # heads, groups and channels in several chunks
+    chunked = compute(llama, "slimllm", CALIB)
+    for m in ("heads", "kv", "channels"):
+        assert torch.allclose(whole.get(m), chunked.get(m), atol=1e-4)

@@ -38,6 +38,7 @@ from ..surgery import register_compensator
 from .stats import DEFAULT_BATCH_SIZE, token_batches
 
 PAPER = "SlimLLM, Guo et al., ICML 2025"
+UNIT_CHUNK = 64  # units whose contributions [tokens, units, hidden] are materialised at once
 
 
 # ---- streaming sums per output dimension ------------------------------------------------------------------------
@@ -53,16 +54,23 @@ class PairSums:
     sb: torch.Tensor | None = None  # [D]
     sbb: torch.Tensor | None = None
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """``a`` [N, k, D] and ``b`` [N, D] for N tokens."""
+    def add(self, a: torch.Tensor, b: torch.Tensor, offset: int = 0, units: int | None = None) -> None:
+        """``a`` [N, k, D] (units ``offset .. offset+k`` of ``units``, all by default) and ``b`` [N, D] for N
+        tokens; ``b``'s sums and the token count grow with the chunk at ``offset`` 0 only."""
         a, b = a.double(), b.double()
-        parts = (a.sum(0), (a * a).sum(0), (a * b[:, None]).sum(0), b.sum(0), (b * b).sum(0))
+        k, units = a.shape[1], units or a.shape[1]
         if self.sa is None:
-            self.sa, self.saa, self.sab, self.sb, self.sbb = parts
-        else:
-            for name, v in zip(("sa", "saa", "sab", "sb", "sbb"), parts):
-                setattr(self, name, getattr(self, name) + v)
-        self.n += a.shape[0]
+            shape = (units, a.shape[2])
+            self.sa, self.saa, self.sab = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
+            self.sb, self.sbb = torch.zeros(a.shape[2], dtype=torch.float64), torch.zeros(a.shape[2],
+                                                                                          dtype=torch.float64)
+        self.sa[offset:offset + k] += a.sum(0).cpu()
+        self.saa[offset:offset + k] += (a * a).sum(0).cpu()
+        self.sab[offset:offset + k] += (a * b[:, None]).sum(0).cpu()
+        if offset == 0:
+            self.sb += b.sum(0).cpu()
+            self.sbb += (b * b).sum(0).cpu()
+            self.n += a.shape[0]
 
     def corr(self) -> torch.Tensor:
         """Pearson correlation of ``a_k`` with ``b`` per output dimension: [k, D] (0 where a variance is 0)."""
@@ -112,8 +120,10 @@ def removal_correlations(model: nn.Module, calib: Calibration, batch_size: int, 
             x = args[0].reshape(-1, args[0].shape[-1])  # [N, in]
             total = nn.functional.linear(x.float(), module.weight.float())  # [N, D] (bias cancels in corr)
             for m in maps:
-                contrib = _unit_contributions(module, x, groups[m])  # [N, k, D]
-                sums[(l, m)].add(total[:, None] - contrib, total)
+                for chunk in groups[m].split(UNIT_CHUNK):  # bounded memory: [N, chunk, D] at a time
+                    contrib = _unit_contributions(module, x, chunk)  # [N, k, D]
+                    sums[(l, m)].add(total[:, None] - contrib, total, offset=int(chunk[0, 0]) // chunk.shape[1],
+                                     units=groups[m].shape[0])
         return hook
 
     handles = []
