@@ -15,6 +15,7 @@ PAGES = [
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/chat.py", title="Chat", icon=":material/forum:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/speed:"),
+    st.Page("pages/inspect.py", title="Inspect", icon=":material/biotech:"),
     st.Page("pages/export.py", title="Export", icon=":material/ios_share:"),
 ]
 
