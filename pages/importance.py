@@ -4,7 +4,7 @@ import streamlit as st
 
 from pruneviz.arch import UNITS, geometry_of
 from pruneviz.importance import available, usable_criteria
-from pruneviz.ui import analysis, figures, services, state
+from pruneviz.ui import analysis, figures, services, state, unit_views
 from pruneviz.ui import components as ui
 from pruneviz.ui.work import show_error
 
@@ -103,6 +103,12 @@ overlay = c3.toggle("Show plan", value=not plan.is_empty(), key="imp_overlay",
                     help="Darken the units the current plan removes.")
 plan_for_fig = plan if overlay else None
 shown = shown or list(imaps)[-1:]
+c1, c2 = st.columns([1, 1])
+linked_on = c1.toggle("Linked maps", key="imp_linked", help="The shown maps of a kind in one figure: zoom or pan "
+                      "one and all follow.")
+shared_colour = c2.toggle("One colour scale", value=True, key="imp_shared_colour", disabled=not linked_on,
+                          help="Colour every linked map on the range of all of them (with Colour by: score, "
+                               "criteria on different scales wash each other out; rank is comparable as it is).")
 
 KINDS = list(UNITS)  # head, kv, channel, block
 tabs = st.tabs([ui.unit_title(kind) for kind in KINDS] + ["Compare"])
@@ -113,14 +119,8 @@ for kind, tab in zip(KINDS, tabs):
             st.caption(f"None of the shown criteria scores {UNITS[kind].plural}.")
             continue
         view = ui.channel_view(g, f"imp_{kind}") if kind == "channel" else None
-        for start in range(0, len(have), 2):
-            cols = st.columns(2 if len(have) > 1 else 1)
-            for col, name in zip(cols, have[start:start + 2]):
-                title = crits[name].title if name in crits else name
-                fig = figures.importance_figure(imaps[name], kind, plan_for_fig, scale, view,
-                                                title=figures.map_title(name, title, UNITS[kind].plural))
-                col.plotly_chart(fig, key=f"imp_fig_{kind}_{name}", config={"displaylogo": False})
-                col.caption(ui.map_caption(imaps[name]))
+        unit_views.kind_maps(imaps, have, kind, plan_for_fig, scale, view, linked_on, shared_colour)
+        unit_views.selected_unit(imaps, kind, g, scale)
 
 with tabs[-1]:
     if len(imaps) < 2:

@@ -277,3 +277,46 @@ def test_inspect_page_says_what_to_do_with_an_empty_prompt(tiny_app):
     at.text_area(key="ins_prompt").set_value("  ")
     at.run()
     assert not at.exception and "empty" in at.error[0].value
+
+
+def test_importance_linked_views_rank_the_selected_unit_under_every_criterion(tiny_app):
+    at = open_page("importance")
+    at.pills(key="imp_criteria").set_value(["magnitude", "wanda_sp"])
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(4)
+    at.selectbox(key="imp_cal_seq").set_value(64)
+    clean(at.button(key="imp_run").click().run())
+    imaps = at.session_state["imaps"]
+    assert {"imp_fig_head_magnitude", "imp_fig_head_wanda_sp", "imp_hist_fig_head"} <= chart_keys(at)
+    at.number_input(key="imp_sel_head_layer").set_value(2)
+    at.number_input(key="imp_sel_head_index").set_value(5)
+    clean(at.run())
+    table = at.dataframe[1].value  # after the estimate table: the query-head tab's selected unit
+    want = unit_scores(imaps, 2, "head", 5)
+    assert list(table["rank"]) == [r["rank"] for r in want] and len(table) == 2
+    at.toggle(key="imp_linked").set_value(True)
+    clean(at.run())
+    assert {"imp_linked_head", "imp_linked_kv", "imp_linked_channel"} <= chart_keys(at)
+    assert "imp_fig_head_magnitude" not in chart_keys(at)
+
+
+def test_linked_maps_share_axes_colour_and_clickable_cells():
+    from pruneviz.ui import analysis, linked
+
+    model = tiny_model("llama")
+    g = geometry_of(model)
+    panels = []
+    for j in range(2):
+        values, raw, removed, layers, cells = analysis.heatmap_data(torch.rand(4, 6).numpy() * (j + 1), "head",
+                                                                    None, "score")
+        panels.append(dict(title=f"m{j}", values=values, raw=raw, removed=removed, layers=layers, cells=cells))
+    fig = linked.linked_maps_figure(panels, unit_label="query head", colorbar="score")
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert [t.coloraxis for t in heat] == ["coloraxis", "coloraxis"]
+    assert fig.layout.coloraxis.cmax == pytest.approx(max(float(p["values"].max()) for p in panels))
+    assert fig.layout.xaxis2.matches == "x" and fig.layout.yaxis2.matches == "y"
+    cells = [t for t in fig.data if t.name == "cells"]
+    assert len(cells) == 2 and cells[1].xaxis == "x2" and len(cells[1].customdata) == g.n_layers * g.n_heads
+    own = linked.linked_maps_figure(panels, unit_label="query head", colorbar="score", shared_colour=False)
+    assert all(t.coloraxis is None and t.showscale is False for t in own.data if t.type == "heatmap"
+               and t.name == "scores")
