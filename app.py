@@ -2,12 +2,19 @@
 
 Run with ``make app`` (or ``streamlit run app.py``). ``PRUNEVIZ_MODEL`` picks the model a new session opens
 ("bundled" by default, "tiny" for a random test model). Widgets here stay stateful on every page; the pages in
-``pages/`` only compose widgets and call :mod:`pruneviz`.
+``pages/`` only compose widgets and call :mod:`pruneviz`. The threading policy (:mod:`pruneviz.threads`) is set
+first, before anything imports torch.
 """
-import streamlit as st
+from pruneviz.threads import apply_env, configure
 
-from pruneviz.ui import components
-from pruneviz.ui.work import ScriptControlException, show_error
+apply_env()
+
+import streamlit as st  # noqa: E402
+
+from pruneviz.ui import components  # noqa: E402
+from pruneviz.ui.work import ScriptControlException, show_error  # noqa: E402
+
+configure()
 
 PAGES = [
     st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),

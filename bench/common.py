@@ -18,7 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pruneviz import threads  # noqa: E402  (the threading policy, before torch loads)
+
+threads.apply_env()
+
 import torch  # noqa: E402
+
+threads.configure()
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

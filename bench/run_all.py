@@ -24,8 +24,9 @@ SCRIPTS = {  # name -> (script, results files it writes)
     "cost": ("cost.py", ["cost", "cost_gpu"]),
     "layerwise_memory": ("layerwise_memory.py", ["layerwise_memory"]),
     "zo_agreement": ("zo_agreement.py", ["zo_agreement"]),
+    "deploy_speed": ("deploy_speed.py", ["deploy_speed"]),
 }
-ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement"]
+ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement", "deploy_speed"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 

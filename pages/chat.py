@@ -53,6 +53,11 @@ def stats_line(stats) -> str:
     return " · ".join(parts) + (" · stopped" if stats.get("stopped") else "")
 
 
+def timing_help(stats) -> str | None:
+    """The threading policy the timing ran under (``pruneviz.threads``), for the caption's tooltip."""
+    return f"Timed with {stats['threading']}." if stats and stats.get("threading") else None
+
+
 def show_text(text: str, where=st) -> None:
     """Model or user text: verbatim by default, formatted when "Render replies as Markdown" is on."""
     if as_markdown:
@@ -93,8 +98,8 @@ def stream_side(model, side: str, turn: dict, msgs: list[dict], col) -> None:
         s = stream.stats
         turn[side + "_stats"] = {"tokens": s.n_tokens, "seconds": s.seconds, "tps": s.tokens_per_s,
                                  "stopped": s.stopped, "prompt": s.prompt_tokens, "prefill": s.prefill_seconds,
-                                 "decode_tps": s.decode_tokens_per_s} if s else None
-        st.caption(stats_line(turn[side + "_stats"]))
+                                 "decode_tps": s.decode_tokens_per_s, "threading": s.threading} if s else None
+        st.caption(stats_line(turn[side + "_stats"]), help=timing_help(turn[side + "_stats"]))
 
 
 exported = state.is_exported(loaded)
@@ -120,7 +125,7 @@ def replies(turn: dict) -> None:
                 show_text(turn[side])
             else:
                 st.caption("(empty reply)")
-            st.caption(stats_line(turn.get(side + "_stats")))
+            st.caption(stats_line(turn.get(side + "_stats")), help=timing_help(turn.get(side + "_stats")))
 
 
 for turn in history:

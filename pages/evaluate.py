@@ -11,6 +11,7 @@ from pruneviz.evaluate import PROTOCOLS, SWEEP_WHAT
 from pruneviz.importance import available
 from pruneviz.plan import Plan
 from pruneviz.recovery import SCHEDULES, LoRAOptions
+from pruneviz.threads import describe as threading_policy
 from pruneviz.ui import analysis, figures, services, state
 from pruneviz.ui import components as ui
 from pruneviz.ui.work import show_error
@@ -152,7 +153,8 @@ else:
                       format_func=lambda r: f"{r}%", key="ev_sweep_ratios")  # its own row: pills wrap
     what = c3.selectbox("Prune", list(SWEEP_WHAT), key="ev_sweep_what",
                         help="width: attention and MLP at the same ratio · blocks: that share of whole layers.")
-    latency = st.toggle("Also measure latency (builds each pruned model; slower)", key="ev_sweep_latency")
+    latency = st.toggle("Also measure latency (builds each pruned model; slower)", key="ev_sweep_latency",
+                        help=f"Greedy decoding at batch 1, timed with {threading_policy()}.")
     kl = st.toggle("Also measure KL to the dense model (fidelity on any text; one more pass per point)",
                    key="ev_sweep_kl")
     n = len(sweep_crits) * len(ratios or [])

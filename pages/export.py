@@ -6,6 +6,7 @@ from pruneviz.gguf_export import WEIGHT_TYPES
 from pruneviz.plan import Plan
 from pruneviz.ui import components as ui
 from pruneviz.ui import services, state
+from pruneviz.ui.speed_panel import gguf_speed_panel
 from pruneviz.ui.work import show_error
 
 loaded = ui.page("Export", "Take the plan or the pruned model with you. Checkpoints are written atomically and "
@@ -84,6 +85,7 @@ if rec is not None:
                    f"{v['greedy_agreed']}/{v['greedy_total']} tokens agree, max |Δ log p| "
                    f"{v['max_abs_dlogprob_topk']:.3g} (tolerance {v['tolerance']:g}). {g['arch_reason']}.",
                    icon=":material/verified:")
+        gguf_speed_panel(loaded, g)
     (st.success if ok else st.error)(
         f"{'Verified' if ok else 'NOT verified'}: reloaded in {report.format} format, max |Δ logit| "
         f"{report.reload_max_abs_diff:.3g}" + (f", with trust_remote_code {report.remote_code_max_abs_diff:.3g}"

@@ -1,5 +1,8 @@
 """Chatting with a (dense or pruned) model: prompt building, streaming, timing.
 
+Timings (:class:`ReplyResult`) state the CPU threading policy they ran under (:mod:`pruneviz.threads`:
+``OMP_WAIT_POLICY=PASSIVE`` set by the entry points before torch loads, a deliberate torch thread count).
+
 Generation always uses the KV cache and an explicit generation config built
 from the arguments (the model's own sampling defaults are not used), and
 ``torch.manual_seed(seed)`` runs right before ``generate``, so the same
@@ -19,6 +22,7 @@ import torch
 from .errors import PrunevizError, TextError, is_oom, oom_advice
 from .limits import check_context
 from .offload import execution_device
+from .threads import describe as threading_policy
 
 __all__ = [
     "ReplyResult",
@@ -47,6 +51,7 @@ class ReplyResult:
     prompt_tokens: int = 0
     prefill_seconds: float | None = None  # from the start to the first generated token (reads the whole prompt)
     decode_tokens_per_s: float | None = None  # tokens after the first one per second of decoding
+    threading: str = ""  # the CPU threading policy the timing ran under (pruneviz.threads.describe)
 
 
 def _check_messages(messages) -> None:
@@ -244,6 +249,7 @@ class ReplyStream:
             prompt_tokens=int(self._inputs["input_ids"].shape[-1]),
             prefill_seconds=times[0] - self._start if times else None,
             decode_tokens_per_s=(len(times) - 1) / decode if decode > 0 else None,
+            threading=threading_policy(),
         )
 
 
@@ -294,4 +300,5 @@ def generate_reply(
     seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:]  # [n]
     text = tokenizer.decode(new, skip_special_tokens=True)
-    return ReplyResult(text, int(new.numel()), seconds, new.numel() / seconds if seconds > 0 else 0.0)
+    return ReplyResult(text, int(new.numel()), seconds, new.numel() / seconds if seconds > 0 else 0.0,
+                       threading=threading_policy())

@@ -1,0 +1,158 @@
+"""The speed-up users get: prefill and decode tokens/s of dense and pruned SmolLM2-135M in PyTorch and llama.cpp.
+
+    .venv/bin/python bench/deploy_speed.py [--repeats 5] [--batches 1,8] [--no-llama-cpp]
+
+Models (20% of non-embedding parameters removed, no compensation: speed does not depend on the weights' values):
+width (FLAP scores, MLP channels only, the same width in every layer: llama.cpp ``llama``), width per layer (FLAP,
+global ranking, MLP channels only: ``deci``), depth (6 of 30 blocks by block influence: ``llama``), combined
+(3 blocks by block influence, the rest as uniform MLP width: ``llama``). Each is exported to GGUF f16 and kept in
+memory as PyTorch fp32. Every model on both engines is timed interleaved in one run (:mod:`pruneviz.speed`:
+warm-up round, then rounds that call every model/engine once in rotating order; medians), so the ratios to the
+dense model compare measurements taken side by side. Writes bench/results/deploy_speed.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+from pathlib import Path
+
+from common import calibration, load_bundled, write_table
+
+from pruneviz import threads
+from pruneviz.allocate import Target, allocate
+from pruneviz.gguf_export import llama_cpp_version, write_gguf
+from pruneviz.importance import compute
+from pruneviz.plan import dense_params
+from pruneviz.speed import (
+    LlamaCppRunner,
+    SpeedProtocol,
+    interleaved,
+    param_bytes,
+    prompt_ids,
+    ratios,
+    summarise,
+    torch_sample,
+)
+from pruneviz.surgery import apply_plan
+
+RATIO = 0.2
+GOAL = 1.2  # llama.cpp decode tokens/s of depth and combined plans vs dense at 20% removed
+
+
+def make_plans(model, calib) -> dict:
+    """label -> (plan or None, description)."""
+    flap = compute(model, "flap", calib)
+    bi = compute(model, "block_influence", calib)
+    both = dataclasses.replace(flap, criterion="flap+block_influence", blocks=bi.blocks)
+    target = Target(RATIO)
+    return {
+        "dense": (None, "nothing removed"),
+        "width": (allocate(model, flap, target, strategy="uniform", attn_share=0.0),
+                  "FLAP, MLP channels, same width in every layer"),
+        "width per layer": (allocate(model, flap, target, strategy="global", attn_share=0.0),
+                            "FLAP, MLP channels, global ranking (per-layer widths)"),
+        "depth": (allocate(model, bi, target, strategy="depth"), "block influence, whole blocks"),
+        "combined": (allocate(model, both, target, strategy="combined", attn_share=0.0),
+                     "half the budget as blocks (block influence), half as uniform MLP width (FLAP)"),
+    }
+
+
+def mb(n) -> float:
+    return float("nan") if n is None else n / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="PyTorch only")
+    args = ap.parse_args()
+    protocol = SpeedProtocol(args.prompt, args.decode, tuple(int(b) for b in args.batches.split(",")), args.warmup,
+                             args.repeats)
+    use_llama = not args.no_llama_cpp and llama_cpp_version() is not None
+    lm = load_bundled(device="cpu", dtype="float32")
+    base, tok = lm.model.eval(), lm.tokenizer
+    calib = calibration(tok, 16, 128)
+    plans = make_plans(base, calib)
+    models = {k: (base if p is None else apply_plan(base, p).eval()) for k, (p, _) in plans.items()}
+    ids = prompt_ids(tok, protocol.prompt_tokens)
+    runners, sizes, arch = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="pruneviz-deploy-") as td:
+        try:
+            for k, m in models.items():
+                path = Path(td) / f"{k.replace(' ', '_')}.f16.gguf"
+                rep = write_gguf(m, tok, path, "f16", plan=plans[k][0])
+                sizes[k], arch[k] = rep.bytes, rep.arch
+                if use_llama:
+                    runners[k] = LlamaCppRunner(path, ids, protocol)
+            samplers = {("torch", k): (lambda m=m: torch_sample(m, ids, protocol)) for k, m in models.items()}
+            samplers.update({("llama.cpp", k): r.sample for k, r in runners.items()})
+            samples = interleaved(samplers, protocol, lambda f, t: print(f"  {f:4.0%} {t}", flush=True))
+        finally:
+            for r in runners.values():
+                r.close()
+    summ = {key: summarise(key[1], key[0], s, protocol) for key, s in samples.items()}
+    rows, records = [], []
+    b_lo = min(protocol.batch_sizes)
+    for engine in ("torch", "llama.cpp"):
+        for k in models:
+            if (engine, k) not in summ:
+                continue
+            s, d = summ[(engine, k)], summ[(engine, "dense")]
+            r = ratios(s, d)
+            params = dense_params(models[k])
+            rows.append([engine, k, f"{params / 1e6:.2f}M",
+                         arch[k] if engine == "llama.cpp" else "fp32",
+                         round(mb(sizes[k] if engine == "llama.cpp" else param_bytes(models[k])), 1),
+                         *[round(s.prefill_tps[b]) for b in protocol.batch_sizes],
+                         *[round(s.decode_tps[b], 1) for b in protocol.batch_sizes],
+                         *[f"{r['prefill'][b]:.2f}x" for b in protocol.batch_sizes],
+                         *[f"{r['decode'][b]:.2f}x" for b in protocol.batch_sizes],
+                         round(mb(s.peak_bytes), 0)])
+            records.append({**s.to_dict(), "plan": plans[k][1], "ratio_vs_dense": r, "arch": arch[k],
+                            "gguf_bytes": sizes[k], "params": params,
+                            "plan_summary": plans[k][0].summary() if plans[k][0] is not None else None})
+    bs = protocol.batch_sizes
+    columns = ["engine", "model", "params", "format", "size MB",
+               *[f"prefill tok/s b{b}" for b in bs], *[f"decode tok/s b{b}" for b in bs],
+               *[f"prefill ×dense b{b}" for b in bs], *[f"decode ×dense b{b}" for b in bs], "peak MB"]
+    pol = threads.policy()
+    goal = _goal(summ, b_lo) if use_llama else "llama.cpp not installed: PyTorch only"
+    proto = [
+        "Model: SmolLM2-135M-Instruct (bundled), PyTorch fp32 on CPU and GGUF f16 in llama.cpp "
+        f"(llama-cpp-python {llama_cpp_version() or 'not installed'}).",
+        f"Plans: {RATIO:.0%} of non-embedding parameters removed, no compensation. "
+        + "; ".join(f"{k}: {d}" + (f" ({p.summary()})" if p is not None else "") for k, (p, d) in plans.items())
+        + ".",
+        f"Timing: {protocol.describe()}. Same token ids for every model and engine (a fixed English text). Every "
+        f"model on both engines is timed once per round, interleaved, rotating the order; medians over rounds.",
+        f"Threading: {threads.describe(pol)}; torch.set_num_threads and llama.cpp n_threads = n_threads_batch are "
+        f"the same count (pruneviz.threads).",
+        "Sizes: the GGUF f16 file for llama.cpp, the parameter bytes for PyTorch fp32 (in memory). Peak MB: "
+        "llama.cpp: the runner process's peak resident set minus its resident set before loading (mapped weights, "
+        "KV cache, compute buffers); PyTorch: parameter bytes plus the peak resident growth during a round "
+        "(VmHWM after resetting it).",
+        f"Ratios (×dense) are against the dense model on the same engine in the same run. Goal: llama.cpp decode "
+        f"b{b_lo} >= {GOAL}x dense for depth and combined. Result: {goal}",
+    ]
+    write_table("deploy_speed", "Deploy speed: dense vs 20% pruned, PyTorch and llama.cpp (bundled model, CPU)",
+                proto, columns, rows,
+                extra={"policy": pol, "protocol_fields": protocol.to_dict(), "models": records, "goal": goal})
+
+
+def _goal(summ: dict, b: int) -> str:
+    parts, ok = [], True
+    for k in ("depth", "combined", "width", "width per layer"):
+        r = summ[("llama.cpp", k)].decode_tps[b] / summ[("llama.cpp", "dense")].decode_tps[b]
+        if k in ("depth", "combined"):
+            ok &= r >= GOAL
+        parts.append(f"{k} {r:.2f}x")
+    return ("met" if ok else "NOT met") + f" (llama.cpp decode b{b} vs dense: " + ", ".join(parts) + ")."
+
+
+if __name__ == "__main__":
+    main()
