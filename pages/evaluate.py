@@ -14,6 +14,7 @@ from pruneviz.recovery import SCHEDULES, LoRAOptions
 from pruneviz.threads import describe as threading_policy
 from pruneviz.ui import analysis, figures, services, state
 from pruneviz.ui import components as ui
+from pruneviz.ui.pareto_panel import pareto_panel
 from pruneviz.ui.work import show_error
 from pruneviz.ui.zeroshot_panel import zeroshot_panel
 
@@ -173,6 +174,7 @@ else:
             st.plotly_chart(figures.sweep_figure(rest, "kl_mean", dense), key="ev_sweep_kl_fig")
         st.caption(f"{len(rest)} points · masked models (identical outputs to physical ones) · "
                    f"{PROTOCOLS[protocol].describe()}")
+        pareto_panel(rest, dense, plan, protocol, text)
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
         labels = {i: f"{p.criterion} · {p.what} {p.ratio:.0%} · PPL {ui.fmt_ppl(p.ppl)}" for i, p in enumerate(rest)}
         pick = c1.selectbox("Use a sweep point as the plan", list(labels), format_func=labels.get, key="ev_sweep_pick")

@@ -17,7 +17,7 @@ from pruneviz.arch import geometry_of, get_path
 from pruneviz.compare import layer_histograms, pareto_front, tokens_per_s, unit_scores
 from pruneviz.errors import PlanError, TextError
 from pruneviz.evaluate import SweepPoint
-from pruneviz.importance import ImportanceMap
+from pruneviz.importance import ImportanceMap, compute
 from pruneviz.inspection import inspect_prompt, plan_effect, prompt_ids, removal_effects
 from pruneviz.offload import clone_model
 from pruneviz.plan import Plan
@@ -320,3 +320,42 @@ def test_linked_maps_share_axes_colour_and_clickable_cells():
     own = linked.linked_maps_figure(panels, unit_label="query head", colorbar="score", shared_colour=False)
     assert all(t.coloraxis is None and t.showscale is False for t in own.data if t.type == "heatmap"
                and t.name == "scores")
+
+
+def test_evaluate_pareto_view_marks_the_front_and_the_current_plan(tiny_app):
+    from pruneviz.data import text_hash
+    from pruneviz.ui import pareto_panel
+
+    at = open_page("evaluate")
+    model = state.shared().models[state.ModelSpec(state.TINY).key].model
+    sha = text_hash(state.default_texts()[1])
+    plans = [Plan.empty(model).with_units("kv", 0, [1]), Plan.empty(model).with_units("head", 1, [0, 3]),
+             Plan.empty(model).with_units("channel", 2, range(10))]
+    points = [SweepPoint(c, r, "width", p.param_count(model), ppl, "quick", sha, 100, p, ms_per_token=ms, kl_mean=kl)
+              for (c, r, ppl, ms, kl), p in zip([("magnitude", 0.1, 20.0, 4.0, 0.1), ("magnitude", 0.2, 30.0, 3.0, 0.2),
+                                                 ("wanda_sp", 0.1, 25.0, 5.0, 0.3)], plans)]
+    at.session_state["imaps"] = {"magnitude": compute(model, "magnitude")}  # the sweep section needs a map
+    at.session_state["sweep"] = points
+    at.session_state["plan"] = plans[1]
+    clean(at.run())
+    assert "ev_pareto_fig" in chart_keys(at)
+    assert at.segmented_control(key="ev_pareto_x").options == ["parameters", "tokens/s"]
+    at.segmented_control(key="ev_pareto_x").set_value("tokens/s")
+    at.segmented_control(key="ev_pareto_y").set_value("KL to dense")
+    clean(at.run())
+    assert pareto_panel.current_points(points, plans[1], "quick", None) == [points[1]]
+    front = pareto_front(points, tokens_per_s, "kl_mean", x_better="high")
+    assert front == [0, 1]  # 250 tokens/s at KL 0.1 and 333 at 0.2; 200 at KL 0.3 is dominated
+    caption = next(c.value for c in at.caption if c.value.startswith("On the front"))
+    assert "magnitude · width 10%, magnitude · width 20%" in caption and "wanda_sp" not in caption
+
+
+def test_pareto_figure_draws_the_front_and_rings_the_current_plan():
+    from pruneviz.ui import linked
+
+    pts = [sweep_point("a", 100e6, 10.0), sweep_point("a", 80e6, 12.0), sweep_point("b", 80e6, 11.0)]
+    fig = linked.pareto_figure(pts, "params", "ppl", x_label="M", y_label="ppl", current=[pts[1]], x_scale=1e6)
+    by_name = {t.name: t for t in fig.data}
+    assert set(by_name) == {"a · width", "b · width", "Pareto front", "current plan"}
+    assert list(by_name["Pareto front"].x) == [80.0, 100.0] and list(by_name["Pareto front"].y) == [11.0, 10.0]
+    assert list(by_name["current plan"].x) == [80.0] and list(by_name["current plan"].y) == [12.0]
