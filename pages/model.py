@@ -2,10 +2,11 @@
 import pandas as pd
 import streamlit as st
 
-from pruneviz.arch import UNITS, adapter_for, geometry_of, unit_count, unit_params
+from pruneviz.arch import UNITS, adapter_for, family_notes, geometry_of, unit_count, unit_params
 from pruneviz.plan import dense_params
 from pruneviz.ui import components as ui
 from pruneviz.ui import services, state
+from pruneviz.ui.analysis import MISSING
 
 loaded = ui.page("Model", "The dense base model every plan is made against. Choose another one in the sidebar.")
 model, g = loaded.model, geometry_of(loaded.model)
@@ -60,6 +61,9 @@ cols[3].metric("MLP channels", g.n_channels, border=True, help="Per layer (inter
 cols[4].metric("Parameters", ui.human(total), border=True)
 cols[5].metric("Non-embedding", ui.human(non_emb), border=True, help=f"{non_emb / total:.0%} of all parameters")
 
+for note in family_notes(model):  # generic llama-like, multi-query attention, post-norms, (1 + w), vocabulary share
+    st.info(note, icon=":material/info:")
+
 st.subheader("Prunable units", anchor=False)
 adapter = adapter_for(model)
 OWNS = {"block": "whole layer", "kv": "k/v rows + its heads"}
@@ -69,7 +73,7 @@ for kind in ("block", "kv", "head", "channel"):
     count = unit_count(g, kind) * (g.n_layers if UNITS[kind].width else 1)
     label = UNITS[kind].label + (f" ({OWNS[kind]})" if kind in OWNS else "")
     rows.append({"unit": label, "count": count, "parameters each": per, "% of non-embedding": 100 * per / non_emb})
-st.dataframe(pd.DataFrame(rows), hide_index=True, key="model_units", column_config={
+st.dataframe(pd.DataFrame(rows), hide_index=True, key="model_units", placeholder=MISSING, column_config={
     "% of non-embedding": st.column_config.NumberColumn(format="%.4f %%"),
     "parameters each": st.column_config.NumberColumn(format="localized"),
     "count": st.column_config.NumberColumn(format="localized")})

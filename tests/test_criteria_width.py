@@ -251,6 +251,19 @@ def test_taylor_equals_manual_weight_times_gradient(calib):
     assert torch.allclose(imap.blocks[2], block, rtol=1e-4)
 
 
+def test_taylor_block_score_of_a_one_plus_w_norm_reads_its_scale(calib):
+    """Gemma's norms multiply by (1 + w): a norm's saliency is |(1 + w)·G|, projections keep |W·G|."""
+    model, ref = tiny_model("gemma2"), tiny_model("gemma2")
+    ref.zero_grad()
+    ref(calib.tokens, labels=calib.tokens).loss.backward()
+    imap = importance.compute(model, "taylor", calib, make_options("taylor", batch_size=4))
+    layer = ref.model.layers[1]
+    scale = lambda n, p: p + 1.0 if p.ndim == 1 else p  # noqa: E731
+    want = sum((scale(n, p) * p.grad).abs().sum() for n, p in layer.named_parameters() if n.endswith("weight"))
+    raw = sum((p * p.grad).abs().sum() for n, p in layer.named_parameters() if n.endswith("weight"))
+    assert torch.allclose(imap.blocks[1], want, rtol=1e-4) and not torch.allclose(want, raw, rtol=1e-2)
+
+
 def test_taylor_batches_accumulate_to_the_full_gradient_and_model_is_left_clean(calib):
     model = tiny_model("opt")
     for p in model.parameters():

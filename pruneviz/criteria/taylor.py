@@ -123,13 +123,23 @@ def exact_gradients(model: nn.Module, calib: Calibration | torch.Tensor, params_
 
 def taylor_saliency(model: nn.Module, calib: Calibration | torch.Tensor, signed_accumulation: bool,
                     batch_size: int, span: Span | None = None) -> dict[str, torch.Tensor]:
-    """``|Σ_b W⊙G_b|`` (signed accumulation) or ``Σ_b |W⊙G_b|`` per decoder parameter, fp32, by full name."""
+    """``|Σ_b W⊙G_b|`` (signed accumulation) or ``Σ_b |W⊙G_b|`` per decoder parameter, fp32, by full name.
+
+    ``W`` is the value whose removal the score estimates: the weight itself, except for norm scales of a family
+    whose norms multiply by ``(1 + w)`` (Gemma, :attr:`pruneviz.arch.Adapter.norm_offset`). Removing such a
+    norm's scale takes ``1 + w`` to zero, not ``w``, so its first-order loss change is ``(1 + w)·G``; with
+    ``w`` the near-zero stored parameter would score a norm that still scales by about 1 as almost free."""
+    adapter = adapter_for(model)
     model = clone_model(model, share_weights=True, own_parameters=True)  # flags and grads of this call only
     params = decoder_parameters(model)
     acc = _accumulators(params)
 
+    def value(name: str) -> torch.Tensor:
+        w = params[name].detach().float()
+        return adapter.norm_weight(name, w) if name.endswith("weight") else w
+
     def consume(name: str, g: torch.Tensor, w: float) -> None:
-        s = params[name].detach().float() * g.float()
+        s = value(name) * g.float()
         acc[name].add_(s if signed_accumulation else s.abs(), alpha=w)
     for_each_gradient(model, calib, params, consume, batch_size, span)
     return {n: a.abs_() for n, a in acc.items()}
