@@ -11,7 +11,7 @@ apply_env()
 
 import streamlit as st  # noqa: E402
 
-from pruneviz.ui import components  # noqa: E402
+from pruneviz.ui import components, urlstate  # noqa: E402
 from pruneviz.ui.work import ScriptControlException, show_error  # noqa: E402
 
 configure()
@@ -24,10 +24,12 @@ PAGES = [
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/speed:"),
     st.Page("pages/inspect.py", title="Inspect", icon=":material/biotech:"),
     st.Page("pages/export.py", title="Export", icon=":material/ios_share:"),
+    st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
 ]
 
 requested = components.frame_start()
 page = st.navigation(PAGES, position="top")
+urlstate.follow_page(page, PAGES)  # a shared link's page; the present page into the URL
 components.frame_model(requested)
 try:
     page.run()

@@ -12,7 +12,7 @@ from pruneviz.importance import available
 from pruneviz.plan import Plan
 from pruneviz.recovery import SCHEDULES, LoRAOptions
 from pruneviz.threads import describe as threading_policy
-from pruneviz.ui import analysis, figures, services, state
+from pruneviz.ui import analysis, background, figures, jobs_panel, services, state
 from pruneviz.ui import components as ui
 from pruneviz.ui.pareto_panel import pareto_panel
 from pruneviz.ui.work import show_error
@@ -62,9 +62,14 @@ if text is not None:
     if same_domain:
         st.warning("This text shares the calibration's domain; numbers here flatter methods that fit the "
                    "calibration; also evaluate on a text from elsewhere.", icon=":material/warning:")
+ev_busy = jobs_panel.running("evaluation")
 if st.button("Evaluate dense and pruned", type="primary", key="ev_run", icon=":material/play_arrow:",
-             disabled=text is None):
-    services.evaluate_pair(loaded, plan, text.name, text.text, protocol)
+             disabled=text is None or ev_busy is not None,
+             help="Runs in the background (Jobs in the sidebar): other pages stay usable, a reload keeps it."):
+    background.start_evaluation(loaded, plan, text.name, text.text, protocol)
+if ev_busy is not None:
+    st.caption(f":material/hourglass_top: {ev_busy.label}: {ev_busy.fraction:.0%} (progress and Cancel: Jobs in "
+               "the sidebar).")
 
 evals = st.session_state["evals"]
 last = state.latest_eval(plan)
@@ -159,10 +164,15 @@ else:
     kl = st.toggle("Also measure KL to the dense model (fidelity on any text; one more pass per point)",
                    key="ev_sweep_kl")
     n = len(sweep_crits) * len(ratios or [])
-    if st.button(f"Run sweep ({n} configurations)", key="ev_sweep_run", disabled=not n or text is None,
-                 icon=":material/stacked_line_chart:"):
-        services.run_sweep(loaded, sweep_crits, [r / 100 for r in sorted(ratios)], what, text.name, text.text,
-                           protocol, latency, kl)
+    sweep_busy = jobs_panel.running("sweep")
+    if st.button(f"Run sweep ({n} configurations)", key="ev_sweep_run", icon=":material/stacked_line_chart:",
+                 disabled=not n or text is None or sweep_busy is not None,
+                 help="Runs in the background (Jobs in the sidebar); finished points are kept if you cancel."):
+        background.start_sweep(loaded, sweep_crits, [r / 100 for r in sorted(ratios)], what, text.text, protocol,
+                               latency, kl)
+    if sweep_busy is not None:
+        st.caption(f":material/hourglass_top: {sweep_busy.label}: {sweep_busy.fraction:.0%} (see Jobs in the "
+                   "sidebar).")
     points = state.sweep_points(protocol, text.text if text is not None else None)
     if points:
         dense = next((p for p in points if p.criterion == "dense"), None)

@@ -4,7 +4,7 @@ import streamlit as st
 
 from pruneviz.arch import UNITS, geometry_of
 from pruneviz.importance import available, usable_criteria
-from pruneviz.ui import analysis, figures, services, state, unit_views
+from pruneviz.ui import analysis, background, figures, jobs_panel, services, state, unit_views
 from pruneviz.ui import components as ui
 from pruneviz.ui.work import show_error
 
@@ -62,21 +62,27 @@ for name in names:
                  "≈ time": ui.human_seconds(e["seconds"]) + (" (from your last run)" if e["measured"] else ""),
                  "≈ extra memory": ui.human_bytes(e["extra_bytes"]) if e["extra_bytes"] else "small"})
 if rows:
-    st.dataframe(pd.DataFrame(rows), hide_index=True, key="imp_estimate")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="imp_estimate", placeholder=analysis.MISSING)
     st.caption("Times come from your last run of each criterion on this model when there is one, else from a "
                "forward pass timed here at this window length; repeated settings come from the cache.")
 
+busy = jobs_panel.running("scoring")
 run = st.button("Compute importance", type="primary", icon=":material/play_arrow:", key="imp_run",
-                disabled=not rows)
+                disabled=not rows or busy is not None,
+                help="Runs in the background (Jobs in the sidebar): other pages stay usable, a reload keeps it.")
+if busy is not None:
+    st.caption(f":material/hourglass_top: {busy.label}: {busy.fraction:.0%} (progress and Cancel: Jobs in the "
+               "sidebar).")
 if run:
     try:
         calib = ui.build_calibration(loaded, cfg) if needs_cal else None
     except Exception as e:  # noqa: BLE001 - TextError: says what to do
         show_error(e)
     else:
-        done = services.compute_importance(loaded, [n for n in names if n in options], options, calib)
-        if done:
-            st.toast(f"Maps ready: {', '.join(done)}", icon=":material/check:")
+        job = background.start_importance(loaded, [n for n in names if n in options], options, calib)
+        if job is not None and job.snapshot().status == "done":
+            st.toast(f"Maps ready: {', '.join(n for n in names if n in st.session_state['imaps'])}",
+                     icon=":material/check:")
 
 # ==== 4. maps ========================================================================================================
 imaps = st.session_state["imaps"]

@@ -354,6 +354,46 @@ def cmd_cache(args) -> None:
         print(f"{e['bytes'] / 2**20:>9,.0f} MiB  {e['folder']}  <- {e['file']} (sha256 {str(e['sha256'])[:16]})")
 
 
+def cmd_runs(args) -> None:
+    import json
+
+    from .runs import RunStore
+
+    store = RunStore(args.db)
+    if args.action == "list":
+        runs = store.list(kind=args.kind)
+        runs = [r for r in runs if args.model is None or args.model in r.model_key]
+        if not runs:
+            print(f"no stored runs in {store.path}" + (" matching the filters" if args.model or args.kind else ""))
+        for r in runs:
+            ppl = r.metrics.get("ppl", r.metrics.get("pruned_ppl"))
+            print(f"#{r.id:<5} {r.when}  {r.kind:<10} {r.model_name[:32]:<32} "
+                  f"{('PPL %.4g' % ppl) if isinstance(ppl, (int, float)) else '':<12} {r.label[:60]}")
+        return
+    if args.action == "compare":
+        rows = store.compare(args.ids)
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        for k in keys:
+            print(f"{k:<24} " + "  ".join(f"{str(row.get(k, '')):<28}"[:28] for row in rows))
+        return
+    if not args.ids:
+        from .runs import RunStoreError
+
+        raise RunStoreError(f"runs {args.action} needs at least one run id (see `python -m pruneviz runs list`)")
+    for rid in args.ids:
+        if args.action == "show":
+            run = store.get(rid)
+            print(json.dumps(run.to_dict(), indent=1, sort_keys=True))
+            if args.plan_out:
+                from .export import write_plan
+                from .runs import plan_of_run
+
+                print(f"plan written to {write_plan(plan_of_run(run), args.plan_out)}")
+        else:
+            run = store.delete(rid)
+            print(f"deleted run #{run.id} ({run.kind}, {run.label or run.summary()}) from {store.path}")
+
+
 def cmd_export(args) -> None:
     from .export import check_export_target, save_pruned
 
@@ -787,6 +827,19 @@ def _add_cache(sub) -> None:
     p.set_defaults(fn=cmd_cache)
 
 
+def _add_runs(sub) -> None:
+    """The `runs` subcommand."""
+    p = sub.add_parser("runs", help="list, show, compare or delete the stored runs (plans, evaluations, exports, "
+                                    "sweeps) the app and library recorded")
+    p.add_argument("action", choices=["list", "show", "compare", "delete"])
+    p.add_argument("ids", nargs="*", help="run ids (show, compare, delete)")
+    p.add_argument("--db", help="the run store file (default: $PRUNEVIZ_RUNS or <cache>/runs.sqlite)")
+    p.add_argument("--kind", choices=["plan", "evaluation", "export", "sweep"], help="list: only this kind")
+    p.add_argument("--model", help="list: only models whose key contains this text")
+    p.add_argument("--plan-out", help="show: also write the run's plan JSON to this file")
+    p.set_defaults(fn=cmd_runs)
+
+
 def _add_recover(sub) -> None:
     """The `recover` subcommand."""
     p = sub.add_parser("recover", help="LoRA fine-tuning of the pruned model; dense / pruned / + LoRA perplexity")
@@ -820,7 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pruneviz", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (_add_inspect, _add_score, _add_plan, _add_slimgpt, _add_evaluate_export_chat, _add_prune,
-                _add_sweep, _add_recover, _add_cache):
+                _add_sweep, _add_recover, _add_cache, _add_runs):
         add(sub)
     return ap
 

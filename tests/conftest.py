@@ -58,3 +58,11 @@ def private_selfcal_cache(tmp_path_factory, monkeypatch):
 
     folder = tmp_path_factory.getbasetemp() / "selfcal-cache"
     monkeypatch.setattr(pruneviz.selfcal, "cache_dir", lambda: folder)
+
+
+@pytest.fixture(autouse=True)
+def private_run_store(tmp_path, monkeypatch):
+    """Runs go to a per-test store, never the user's; AppTest runs wait for the background jobs they start (a test
+    of the jobs panel itself sets ``PRUNEVIZ_JOB_WAIT=0``)."""
+    monkeypatch.setenv("PRUNEVIZ_RUNS", str(tmp_path / "runs.sqlite"))
+    monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "300")

@@ -19,7 +19,8 @@ from ..arch import UNITS
 from ..data import get_text
 from ..errors import PlanError, TextError
 from ..importance import make_options
-from . import analysis, state
+from . import analysis, jobs_panel, state, urlstate
+from .analysis import MISSING  # noqa: F401 - for the pages' tables: st.dataframe(placeholder=ui.MISSING)
 from .compat import ScriptControlException
 from .work import Job, show_error
 
@@ -103,10 +104,15 @@ def frame_start() -> state.ModelSpec | None:
     if logo.exists():
         st.logo(str(logo), icon_image=str(icon), size="large")
     state.init()
+    restored = state.restore_work()  # the page before a reload: its work comes back (pruneviz.ui.state)
+    state.keep_work()
     state.drain()
+    if restored:
+        state.notify(f"Your work from before the page was reloaded is back: {restored}.", "🗂️")
     if st.session_state.pop("picker_sync", False):  # the session switched model from a page: picker follows
         for key in ("model_source", "model_folder", "model_hub_id"):
             st.session_state.pop(key, None)
+    url_request = urlstate.start()  # a shared link's model and plan (pruneviz.ui.urlstate)
     for message, emoji in st.session_state.get("notices", []):
         st.toast(message, icon=emoji)
     st.session_state["notices"] = []
@@ -114,7 +120,7 @@ def frame_start() -> state.ModelSpec | None:
         if state.finishing_job():
             finishing_note()
         st.subheader("Model", anchor=False)
-        return model_picker()
+        return model_picker() or url_request
 
 
 @st.fragment(run_every=1.0)
@@ -139,6 +145,8 @@ def frame_model(requested: state.ModelSpec | None):
         loaded = state.current()
     with st.sidebar:
         sidebar_status(loaded)
+        urlstate.finish(loaded)  # persisted runs of this model, the link's plan, the URL
+        jobs_panel.panel()  # background jobs of this session: progress, ETA, Cancel; results collected
     return loaded
 
 

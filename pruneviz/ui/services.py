@@ -30,7 +30,7 @@ from ..offload import execution_device, is_offloaded
 from ..plan import Plan, dense_params
 from ..recovery import recover
 from ..surgery import apply_plan
-from . import analysis, state
+from . import analysis, persist, state
 from .state import EvalRecord, HistoryEntry, Preview, PrunedRecord, RecoveryRecord, TokenDiff
 from .work import Job
 
@@ -285,7 +285,7 @@ def _evaluate(loaded, plan, model, how: str, recovery: RecoveryRecord | None, te
                      recovery.tag if has_lora else None)
     measured = dataclasses.replace(entry, params=out.params, dense_ppl=out.dense_ppl, ppl=out.pruned_ppl,
                                    lora_ppl=out.lora_ppl, protocol=protocol)
-    state.save(lambda ss: (append_once(ss["evals"], out), state.add_history(measured, ss)))
+    state.save(lambda ss: (persist.add_eval(ss, out, entry.plan_json), state.add_history(measured, ss)))
     return out
 
 
@@ -300,7 +300,7 @@ def evaluate_exported(loaded, plan, text_name: str, text: str, protocol: str) ->
             out = EvalRecord(plan.sha256(), plan.summary(), text_name, protocol, res.protocol.describe(),
                              float("nan"), res.ppl, res.n_tokens, "the exported model itself", res.complete,
                              res.seconds, n, n, time.strftime("%H:%M:%S"))
-            state.save(lambda ss: append_once(ss["evals"], out))
+            state.save(lambda ss: persist.add_eval(ss, out, plan.to_dict()))
     return out
 
 
@@ -459,6 +459,7 @@ def export_checkpoint(loaded, plan, folder, overwrite: bool, **options) -> bool:
         job.progress(0.1, "writing weights, tokenizer, plan and model card")
         report = save_pruned(model, loaded.tokenizer, folder, plan=plan, evaluation=evaluation, overwrite=overwrite,
                              **options)
-        state.save(lambda ss: ss.update(export=state.ExportRecord(plan.sha256(), report)))
+        state.save(lambda ss: (ss.update(export=state.ExportRecord(plan.sha256(), report)),
+                               persist.record_export(plan, report, ss)))
         job.progress(1.0, "reloaded and compared")
     return job.ok

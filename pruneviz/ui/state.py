@@ -570,13 +570,22 @@ def compare_model(loaded, plan: Plan, lora: bool = True) -> tuple[Any, str]:
 
 
 def add_history(entry: HistoryEntry, ss=None) -> None:
-    """Record a configuration that was tried (plan JSON, settings, metrics); the same plan updates its entry."""
-    hist = (st.session_state if ss is None else ss).setdefault("history", [])
+    """Record a configuration that was tried (plan JSON, settings, metrics); the same plan updates its entry.
+    Each :data:`HISTORY_SINKS` function gets the new or updated entry (the run store: :mod:`pruneviz.ui.persist`)."""
+    ss = st.session_state if ss is None else ss
+    hist = ss.setdefault("history", [])
     for i, old in enumerate(hist):
         if old.sha == entry.sha:
             hist[i] = old.updated(entry)
-            return
-    hist.append(replace(entry, n=len(hist) + 1, time=time.strftime("%H:%M:%S")))
+            break
+    else:
+        hist.append(replace(entry, n=len(hist) + 1, time=time.strftime("%H:%M:%S")))
+        i = len(hist) - 1
+    for sink in HISTORY_SINKS:
+        sink(hist[i], ss)
+
+
+HISTORY_SINKS: list[Callable[[HistoryEntry, Any], None]] = []  # filled by pruneviz.ui.persist when imported
 
 
 # ---- importance maps, texts, calibration --------------------------------------------------------------------------
