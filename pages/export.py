@@ -1,7 +1,8 @@
 """Export page: the plan as JSON, the pruned checkpoint (verified by reloading it) and its model card."""
 import streamlit as st
 
-from pruneviz.export import default_folder_name, safe_folder_name, zip_folder
+from pruneviz.deploy import runtimes
+from pruneviz.export import EXPORT_FORMATS, default_folder_name, safe_folder_name, zip_folder
 from pruneviz.gguf_export import WEIGHT_TYPES
 from pruneviz.plan import Plan
 from pruneviz.ui import components as ui
@@ -45,6 +46,13 @@ if exported:
 if plan.is_empty():
     st.info("The plan removes nothing; make one on the Prune page first.", icon=":material/content_cut:")
     st.stop()
+st.markdown("**Which runtimes load this plan**")
+try:  # judged on the built model, or on the plan's shapes alone (no weights) before it is built
+    support = runtimes(built) if built is not None else runtimes(loaded.model, plan)
+    st.dataframe([{"Runtime": r.name, "Loads": "yes" if r.ok else "no", "Export format": r.format, "Why": r.reason}
+                  for r in support], hide_index=True, key="ex_runtimes", placeholder=ui.MISSING)
+except Exception as e:  # noqa: BLE001 - PlanError: the plan does not fit this model
+    show_error(e)
 if built is None:
     st.warning("The pruned model for this plan is not built yet.", icon=":material/construction:")
     if st.button("Build it now", key="ex_build", type="primary"):
@@ -56,10 +64,12 @@ name = st.text_input("Folder name", value=default_folder_name(loaded.name, plan)
 name = safe_folder_name(name, f"pruned-{sha8}")
 folder = state.exports_root() / name
 overwrite = st.checkbox("Overwrite if it exists", key="ex_overwrite")
-fmt = st.radio("Format", ["hf", "gguf"], horizontal=True, key="ex_format",
-               format_func={"hf": "Hugging Face folder", "gguf": "GGUF for llama.cpp"}.get,
+fmt = st.radio("Format", list(EXPORT_FORMATS), horizontal=True, key="ex_format",
+               format_func={"hf": "Hugging Face folder", "gguf": "GGUF for llama.cpp",
+                            "decilm": "DeciLM for vLLM"}.get,
                help="GGUF: one file for llama.cpp (llama, or deci for per-layer widths), run in llama.cpp to verify "
-                    "it where llama-cpp-python is installed, else read back")
+                    "it where llama-cpp-python is installed, else read back. DeciLM: block_configs folder for "
+                    "vLLM (vllm serve --trust-remote-code); the table above says whether the plan fits")
 options = {"format": fmt}
 if fmt == "gguf":
     options["weight_type"] = st.selectbox("GGUF weights", WEIGHT_TYPES, index=WEIGHT_TYPES.index("f16"),
@@ -94,7 +104,7 @@ if rec is not None:
     c1, c2, c3 = st.columns(3)
     c1.metric("Format", report.format, border=True,
               help="stock: loads with plain transformers · pruneviz: per-layer widths, loads with "
-                   "trust_remote_code=True or pruneviz")
+                   "trust_remote_code=True or pruneviz · decilm: vLLM's DeciLMForCausalLM (and pruneviz)")
     c2.metric("Parameters", ui.human(report.params), border=True)
     c3.metric("Export time", ui.human_seconds(report.seconds), border=True)
     st.caption("Files: " + ", ".join(f"`{f}`" for f in report.files))

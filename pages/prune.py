@@ -4,7 +4,7 @@ from functools import partial
 import pandas as pd
 import streamlit as st
 
-from pruneviz.allocate import WIDTH
+from pruneviz.allocate import DEPLOYABLE, WIDTH, deployable_refusal
 from pruneviz.arch import UNITS, geometry_of, unit_count
 from pruneviz.errors import PlanError
 from pruneviz.importance import available, make_options
@@ -48,7 +48,7 @@ if not imaps:
 
 # ==== controls =======================================================================================================
 DEFAULTS = {"criterion": list(imaps)[-1], "head_pct": 0, "channel_pct": 0, "block_count": 0, "attn_unit": "kv",
-            "strategy": "uniform", "plus_rule": False, "width_layers": (0, g.n_layers - 1)}
+            "strategy": "uniform", "plus_rule": False, "width_layers": (0, g.n_layers - 1), "deployable": None}
 saved = st.session_state.get("prune_ui") or DEFAULTS
 if saved.get("criterion") not in imaps:
     saved = {**saved, "criterion": DEFAULTS["criterion"]}
@@ -80,6 +80,12 @@ with left:
         st.selectbox("Strategy", list(WIDTH), key="pr_strategy",
                      help="uniform: same share per layer · global: lowest normalised scores across layers (FLAP) "
                           "· incremental: more in later layers (SlimGPT schedule).")
+        st.selectbox("Deployable in", [None, *DEPLOYABLE], key="pr_deployable",
+                     format_func={None: "any runtime (pruneviz loads every plan)", "stock": "stock transformers",
+                                  "vllm": "vLLM (DeciLM)"}.get,
+                     help="Only plans that runtime loads. stock: the same widths in every layer (strategy uniform, "
+                          "every layer). vLLM: attention cut alike in every layer, MLP channels per the strategy; "
+                          "export as decilm. The Export page shows which runtimes load the plan.")
         st.checkbox("Protect first 4 and last 2 blocks", key="pr_plus_rule", disabled=not has_blocks,
                     help="Shortened LLaMA's + rule for block removal.")
         st.slider("Layers pruned in width", 0, g.n_layers - 1, key="pr_width_layers",
@@ -114,6 +120,10 @@ if settings != st.session_state.get("prune_seen"):
     st.session_state["prune_seen"] = settings
 plan = state.get_plan(loaded)
 ui.plan_line(loaded)  # the sidebar drew the plan before this page changed it
+if st.session_state.get("plan_settings") is not None and deployable_refusal(loaded.model, plan,
+                                                                            settings["deployable"]):
+    with left:  # manual edits on top of a deployable allocation can leave the runtime's space
+        st.warning(deployable_refusal(loaded.model, plan, settings["deployable"]), icon=":material/warning:")
 if st.session_state.get("plan_settings") is None and not plan.is_empty():
     made = plan.provenance
     origin = ("the SlimGPT solver" if made.get("criterion") == "slimgpt" else "the recommended recipe"

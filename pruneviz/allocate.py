@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .arch import geometry_of
+from .decilm import family_refusal
 from .errors import CriterionError, PlanError
 from .importance import ImportanceMap
 from .plan import Plan, dense_params
@@ -52,6 +53,7 @@ TARGET_OF = ("total", "non_embedding")
 ATTN_UNITS = ("kv", "head")
 NORMALIZE = ("auto", "layer", "map", "none")
 WIDTH_STRATEGIES = ("uniform", "incremental", "global")
+DEPLOYABLE = ("stock", "vllm")  # runtimes a plan can be restricted to (AllocOptions.deployable)
 MAX_LAYER_RATIO = 0.9  # SlimGPT layer_ratios' default ceiling on any one layer's ratio
 
 
@@ -154,6 +156,11 @@ class AllocOptions:
       they lose more each. On SmolLM2-135M the first and last layers are by far the most sensitive to width
       pruning (see ``bench/results/quality.md``).
     - ``n_blocks`` (depth): remove this many blocks instead of deriving the count from the target.
+    - ``deployable``: ``None`` (any plan), ``"stock"`` or ``"vllm"``: only plans that runtime expresses (see
+      :func:`deployable_refusal`). ``"stock"``: the same widths in every layer (strategies uniform, depth, combined
+      with ``width="uniform"``; no ``skip_first``/``skip_last``). ``"vllm"``: attention cut alike in every kept
+      layer (one query-head count, vLLM's DeciLM), as many attention parameters as the strategy would cut; MLP
+      channels per layer as the strategy chooses.
     - ``depth_share`` (combined): share of the budget removed as whole blocks, in [0, 1]; ``width`` the width
       strategy for the rest.
     """
@@ -169,11 +176,14 @@ class AllocOptions:
     n_blocks: int | None = None
     depth_share: float = 0.5
     width: str = "uniform"
+    deployable: str | None = None
 
     def __post_init__(self):
         _one_of("attn_unit", self.attn_unit, ATTN_UNITS)
         _one_of("normalize", self.normalize, NORMALIZE)
         _one_of("width", self.width, WIDTH_STRATEGIES)
+        if self.deployable is not None:
+            _one_of("deployable", self.deployable, DEPLOYABLE)
         for name in ("attn_share", "depth_share"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= float(v) <= 1.0:
@@ -590,22 +600,101 @@ def width_layers(n_layers: int, options: AllocOptions, kept: Sequence[int] | Non
 WIDTH = {"uniform": uniform_width, "global": global_width, "incremental": incremental_width}
 
 
+# ---- deployable plans ------------------------------------------------------------------------------------------------
+
+def width_for(job: Job, name: str) -> Callable[[Job, Sequence[int], float, Plan], Allocation]:
+    """Width strategy ``name`` as :attr:`AllocOptions.deployable` allows it: as is, wrapped so attention is cut
+    alike in every layer (``"vllm"``), or PlanError naming what to use instead (``"stock"``)."""
+    o, fn = job.options, WIDTH[name]
+    if o.deployable == "stock":
+        if name != "uniform":
+            raise PlanError(f"deployable='stock' needs the same widths in every layer, which {name} allocation does "
+                            f"not give; use strategy uniform, depth or combined (width uniform), or "
+                            f"deployable='vllm' for per-layer MLP widths")
+        if o.skip_first or o.skip_last:
+            raise PlanError("deployable='stock' needs the same widths in every layer; skip_first/skip_last keep some "
+                            "layers whole. Set them to 0, or use deployable='vllm' with attn_share=0")
+        return fn
+    if o.deployable == "vllm":
+        return lambda job_, layers, budget, plan: vllm_width(fn, job_, layers, budget, plan)
+    return fn
+
+
+def vllm_width(fn: Callable, job: Job, layers: Sequence[int], budget: float, plan: Plan) -> Allocation:
+    """Width strategy ``fn`` under vLLM's DeciLM rule (one query-head count for every layer): the attention
+    parameters ``fn`` would cut are cut alike in every layer (same number of KV groups, or of heads per group,
+    least important first within each layer), then ``fn`` spends the rest of the budget on MLP channels."""
+    o = job.options
+    lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
+    free = fn(job, layers, budget, plan).plan  # what the strategy would do unconstrained
+    channels = sum(len(free.removed("channel", l)) - len(plan.removed("channel", l)) for l in layers)
+    attn_spent = plan.param_count(job.model) - free.param_count(job.model) - channels * job.costs.channel
+    taken, spent = {}, 0
+    if lads["attn"] and attn_spent > 0:
+        step = sum(ld.cost for ld in lads["attn"])  # one unit in every layer
+        k = min(round_half_up(attn_spent / step), min(ld.room for ld in lads["attn"]))
+        if k and len(layers) < len(plan.kept_blocks()):
+            raise PlanError("deployable='vllm' keeps one query-head count in every layer, but skip_first/skip_last "
+                            "keep some layers' attention whole; set attn_share=0 (MLP channels only) or prune "
+                            "every layer")
+        taken, spent = {(ld.layer, "attn"): k for ld in lads["attn"]}, k * step
+    plan = plan_with(plan, taken, lads)
+    if not lads["mlp"]:
+        return Allocation(plan, sum(ld.cost for ld in lads["attn"]), _width_limit(job))
+    mlp_only = dataclasses.replace(job, options=dataclasses.replace(o, attn_share=0.0, deployable=None))
+    return fn(mlp_only, layers, budget - spent, plan)
+
+
+def deployable_refusal(model: nn.Module, plan: Plan, runtime: str | None) -> str | None:
+    """Why ``plan`` is not of the shape ``runtime`` (``"stock"`` or ``"vllm"``) expresses; None if it is (or
+    ``runtime`` is None). Structural rules only: :func:`pruneviz.deploy.runtimes` runs the exporters' full checks.
+
+    - ``"stock"``: every kept layer has the same widths, and no compensation adds biases the base lacks;
+    - ``"vllm"``: a LLaMA-graph family and the same number of query heads in every kept layer."""
+    if runtime is None:
+        return None
+    _one_of("deployable", runtime, DEPLOYABLE)
+    if runtime == "stock":
+        if not plan.is_uniform():
+            return "deployable='stock' needs the same widths in every kept layer; this plan's layers differ"
+        if dataclasses.replace(plan, compensation=None).param_count(model) != plan.param_count(model):
+            return (f"the {plan.compensation} compensation adds output-projection biases that a stock config "
+                    f"cannot state; export with deployable='vllm' (format decilm) or without that compensation")
+        return None
+    why = family_refusal(model.config)
+    if why:
+        return f"deployable='vllm': {why}"
+    heads = sorted({len(plan.kept("head", l)) for l in plan.kept_blocks()})
+    if len(heads) > 1:
+        return (f"deployable='vllm' needs the same number of query heads in every kept layer (vLLM's DeciLM reads "
+                f"one num_attention_heads); this plan keeps {heads}")
+    return None
+
+
+def _check_deployable(model: nn.Module, plan: Plan, runtime: str | None) -> Plan:
+    why = deployable_refusal(model, plan, runtime)
+    if why:
+        raise PlanError(why)
+    return plan
+
+
 @register_allocator("uniform")
 def _uniform(job: Job) -> Allocation:
     """The same ratio in every layer, units ranked within each layer (MINI-LLM, LLM-Pruner, Wanda-sp)."""
-    return uniform_width(job, width_layers(job.geometry.n_layers, job.options), job.budget, job.empty)
+    return width_for(job, "uniform")(job, width_layers(job.geometry.n_layers, job.options), job.budget, job.empty)
 
 
 @register_allocator("incremental")
 def _incremental(job: Job) -> Allocation:
     """Per-layer ratios growing with depth (SlimGPT Eq. 6, log-increase by default)."""
-    return incremental_width(job, width_layers(job.geometry.n_layers, job.options), job.budget, job.empty)
+    return width_for(job, "incremental")(job, width_layers(job.geometry.n_layers, job.options), job.budget,
+                                         job.empty)
 
 
 @register_allocator("global")
 def _global(job: Job) -> Allocation:
     """Scores standardised per layer, ranked across all layers (FLAP AL-AM): adaptive widths."""
-    return global_width(job, width_layers(job.geometry.n_layers, job.options), job.budget, job.empty)
+    return width_for(job, "global")(job, width_layers(job.geometry.n_layers, job.options), job.budget, job.empty)
 
 
 # ---- depth -----------------------------------------------------------------------------------------------------------
@@ -668,7 +757,7 @@ def _combined(job: Job) -> Allocation:
     rest = job.budget - len(blocks) * job.costs.block
     if rest <= 0:  # the blocks alone reach the target
         return Allocation(plan, job.costs.block, "whole blocks overshoot it")
-    alloc = WIDTH[o.width](job, width_layers(job.geometry.n_layers, o, kept), rest, plan)
+    alloc = width_for(job, o.width)(job, width_layers(job.geometry.n_layers, o, kept), rest, plan)
     return dataclasses.replace(alloc, plan=alloc.plan.with_provenance(width_strategy=o.width))
 
 
@@ -770,7 +859,7 @@ def allocate(model: nn.Module, imap: ImportanceMap, target: Target | float | Non
         options={**dataclasses.asdict(job.options), "normalize": resolved_normalize(imap, job.options.normalize)},
         achieved_ratio=_achieved(params, of), achieved_of=of,
         params=params)
-    return plan.validate(model, physical=True)
+    return _check_deployable(model, plan, job.options.deployable).validate(model, physical=True)
 
 
 # ---- sliders ---------------------------------------------------------------------------------------------------------
@@ -807,7 +896,8 @@ def _slider_counts(lads: list[Ladder], ratio: float, strategy: str, options: All
 def plan_from_ratios(model: nn.Module, imap: ImportanceMap, head_ratio: float = 0.0, channel_ratio: float = 0.0,
                      block_count: int = 0, attn_unit: str = "kv", strategy: str = "uniform",
                      plus_rule: bool = False, normalize: str = "auto", schedule: str = "log_increase",
-                     r0: float | None = None, skip_first: int = 0, skip_last: int = 0) -> Plan:
+                     r0: float | None = None, skip_first: int = 0, skip_last: int = 0,
+                     deployable: str | None = None) -> Plan:
     """The app's sliders: remove ``head_ratio`` of attention units (KV groups or per-group query heads, see
     ``attn_unit``), ``channel_ratio`` of MLP channels and ``block_count`` whole blocks.
 
@@ -816,14 +906,18 @@ def plan_from_ratios(model: nn.Module, imap: ImportanceMap, head_ratio: float = 
     across layers) or incremental (SlimGPT schedule), skipping the first ``skip_first`` and last ``skip_last``
     layers (LLM-Pruner's layer range). Ratios are in [0, 1) of the units of the layers pruned in width; a layer
     always keeps one unit of each kind, and units that this rule holds back are recorded as ``shortfall`` in the
-    provenance.
+    provenance. ``deployable`` (``"stock"``, ``"vllm"``) restricts the plan as in :class:`AllocOptions`: attention
+    counts are then uniform over the kept layers whatever the strategy, and ``"stock"`` needs strategy uniform
+    over every layer when widths are cut; PlanError says what to change.
     """
     _check_map(model, imap)
     if strategy not in WIDTH:
         raise PlanError(f"slider strategy must be one of {', '.join(WIDTH)}; got {strategy!r}")
     ratios = {"attn": _slider(head_ratio, "head"), "mlp": _slider(channel_ratio, "channel")}
     opts = AllocOptions(attn_unit=attn_unit, normalize=normalize, schedule=schedule, r0=r0, plus_rule=plus_rule,
-                        skip_first=skip_first, skip_last=skip_last)
+                        skip_first=skip_first, skip_last=skip_last, deployable=deployable)
+    if deployable == "stock" and (head_ratio or channel_ratio):
+        width_for(Job(model, imap, None, opts, unit_costs(model), Plan.empty(model)), strategy)  # PlanError if not
     blocks = pick_blocks(imap, int(block_count), plus_rule) if block_count else []
     plan = Plan.empty(model).with_units("block", None, blocks)
     kept = [l for l in range(imap.geometry.n_layers) if l not in set(blocks)]
@@ -839,7 +933,7 @@ def plan_from_ratios(model: nn.Module, imap: ImportanceMap, head_ratio: float = 
                  "skip_first": skip_first, "skip_last": skip_last},
         options=dataclasses.asdict(opts), achieved_ratio=_achieved(params, "non_embedding"),
         achieved_of="non_embedding", params=params, shortfall=shortfall)
-    return plan.validate(model, physical=True)
+    return _check_deployable(model, plan, deployable).validate(model, physical=True)
 
 
 def _slider_width(imap: ImportanceMap, kept: list[int], costs: Costs, ratios: dict[str, float], strategy: str,
@@ -851,6 +945,7 @@ def _slider_width(imap: ImportanceMap, kept: list[int], costs: Costs, ratios: di
         if r > 0 and not lads[part]:
             raise PlanError(f"the {imap.criterion} map has no {'attention' if part == 'attn' else 'channel'} "
                             f"scores; set that slider to 0 or use a criterion that scores them")
-        t, shortfall[part] = _slider_counts(lads[part], r, strategy, opts)
+        alike = part == "attn" and opts.deployable is not None  # one query-head count in every layer
+        t, shortfall[part] = _slider_counts(lads[part], r, "uniform" if alike else strategy, opts)
         taken.update(t)
     return taken, shortfall, lads

@@ -181,7 +181,7 @@ def cmd_plan(args) -> None:
     lm = _load(args)
     plan = allocate(lm.model, imap, Target(args.ratio, args.of), strategy=args.strategy,
                     attn_unit=args.attn_unit, plus_rule=args.plus_rule, skip_first=args.skip_first,
-                    skip_last=args.skip_last)
+                    skip_last=args.skip_last, deployable=args.deployable)
     write_plan(plan, args.out)
     prov = plan.provenance
     print(f"{plan.summary()}; removes {prov.get('achieved_ratio', 0):.1%} of {args.of} parameters -> {args.out}")
@@ -731,6 +731,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--plus-rule", action="store_true", help="depth: keep the first four and last two blocks")
     p.add_argument("--skip-first", type=int, default=0, help="width: keep the first N layers whole (LLM-Pruner: 4)")
     p.add_argument("--skip-last", type=int, default=0, help="width: keep the last N layers whole (LLM-Pruner: 2)")
+    p.add_argument("--deployable", choices=["stock", "vllm"],
+                   help="only plans this runtime loads: stock (same widths in every layer: plain transformers) or "
+                        "vllm (one query-head count, per-layer MLP widths: export --format decilm)")
     p.add_argument("--out", default="plan.json")
     p.set_defaults(fn=cmd_plan)
 
@@ -774,9 +777,10 @@ def _add_evaluate_export_chat(sub) -> None:
         if name == "export":
             p.add_argument("--out", required=True)
             p.add_argument("--overwrite", action="store_true")
-            p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+            p.add_argument("--format", default="hf", choices=["hf", "gguf", "decilm"],
                            help="hf: safetensors folder (default); gguf: one GGUF file for llama.cpp in --out, "
-                                "verified in llama.cpp when llama-cpp-python is installed")
+                                "verified in llama.cpp when llama-cpp-python is installed; decilm: DeciLM "
+                                "block_configs folder for vLLM (vllm serve --trust-remote-code)")
             p.add_argument("--weight-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
                            help="with --format gguf: type of the 2-D weights (norms and biases stay f32)")
         if name == "chat":

@@ -16,6 +16,11 @@ A third format is asked for: ``format="gguf"`` writes one GGUF file for llama.cp
 (:mod:`pruneviz.gguf_export`: the family's llama.cpp architecture, or ``deci`` for per-layer widths), verified by
 running it in llama.cpp where ``llama-cpp-python`` is installed (else by reading it back with ``gguf``).
 
+``format="decilm"`` writes DeciLM ``block_configs`` for vLLM's ``DeciLMForCausalLM`` (:mod:`pruneviz.decilm`:
+per-layer KV heads and MLP widths, one query-head count), verified by reloading it in pruneviz from ``block_configs``
+alone and by checking every tensor against the shapes vLLM builds from the config. :mod:`pruneviz.deploy` says which
+of these formats (and so which runtimes) can hold a plan.
+
 Every export is written to a temporary folder, reloaded and compared with the in-memory model (identical logits
 required), and only then renamed into place: a failed or interrupted export leaves nothing behind
 (:mod:`pruneviz.fsio`; a killed export's temporary folder is removed by the next export to the same target).
@@ -37,7 +42,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from . import __version__, fsio
+from . import __version__, decilm, fsio
 from .arch import Geometry, adapter_for
 from .errors import ExportError
 from .loading import cache_dir, load_pruned_folder
@@ -54,7 +59,7 @@ class ExportReport:
     """What an export wrote and how its reload check went."""
 
     folder: str
-    format: str  # "stock" | "pruneviz" | "gguf"
+    format: str  # "stock" | "pruneviz" | "gguf" | "decilm"
     reload_max_abs_diff: float
     remote_code_max_abs_diff: float | None
     ok: bool
@@ -168,6 +173,15 @@ def _write_model(model: nn.Module, tmp: Path) -> str:
     return "pruneviz"
 
 
+def _write_decilm(model: nn.Module, tmp: Path) -> str:
+    """The DeciLM folder (:func:`pruneviz.decilm.write_decilm`) over the model's clean config; it keeps the dense
+    geometry, so the reloaded model is known to be pruned."""
+    base = _clean_config_dict(model.config)
+    geometry = getattr(model.config, "pruneviz_base_geometry", None)
+    decilm.write_decilm(model, {**base, **({"pruneviz_base_geometry": geometry} if geometry else {})}, tmp)
+    return "decilm"
+
+
 def probe_inputs(model: nn.Module, n: int = 2, length: int = 24) -> torch.Tensor:
     """Fixed token ids for reload checks (deterministic, inside the vocabulary)."""
     gen = torch.Generator().manual_seed(1234)
@@ -191,7 +205,7 @@ def is_export(folder: str | os.PathLike) -> bool:
         report = json.loads(Path(folder, REPORT_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(report, dict) and report.get("format") in ("stock", "pruneviz", "gguf")
+    return isinstance(report, dict) and report.get("format") in ("stock", "pruneviz", "gguf", "decilm")
 
 
 def source_folders(model: nn.Module, plan: Plan | None = None, extra=()) -> list[Path]:
@@ -248,7 +262,9 @@ def export_bytes(model: nn.Module) -> int:
 
 # Export formats (one registry): name -> what it writes. "hf" picks stock or pruneviz by the shapes.
 EXPORT_FORMATS = {"hf": "Hugging Face safetensors folder (stock classes, or pruneviz remote code for per-layer widths)",
-                  "gguf": "one GGUF file for llama.cpp (f32, f16, q8_0, q4_0), verified in llama.cpp"}
+                  "gguf": "one GGUF file for llama.cpp (f32, f16, q8_0, q4_0), verified in llama.cpp",
+                  "decilm": "DeciLM block_configs folder for vLLM's DeciLMForCausalLM (per-layer KV heads and MLP "
+                            "widths, one query-head count), see pruneviz.decilm"}
 
 
 def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Plan | None = None,
@@ -261,6 +277,8 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
     (:func:`pruneviz.gguf_export.write_gguf`; what llama.cpp cannot express is refused before writing) and verifies
     it with :func:`pruneviz.gguf_export.verify_gguf` (``gguf_runtime``: auto, llama.cpp or python): greedy tokens and
     next-token log-probabilities within the weight type's stated tolerance, else ExportError and nothing is left.
+    ``"decilm"`` writes vLLM's DeciLM folder (:func:`pruneviz.decilm.write_decilm`); a model it cannot express is
+    refused before anything is written.
 
     The reloaded model must give logits within ``tolerance`` (default: identical) of ``model`` on fixed inputs;
     otherwise ExportError is raised and nothing is left at ``folder``. ``overwrite`` replaces only a previous
@@ -280,6 +298,8 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
         if weight_type not in WEIGHT_TYPES:
             raise ExportError(f"unknown GGUF weight type {weight_type!r}; one of {', '.join(WEIGHT_TYPES)}")
         gguf_layout(model)  # refuses what llama.cpp cannot express before anything is written
+    if format == "decilm":
+        decilm.check(model)  # refuses what vLLM's DeciLM class cannot express before anything is written
     folder = check_export_target(folder, overwrite, source_folders(model, plan, protect))
     fsio.check_space(folder.parent, export_bytes(model), "the export")
     fsio.remove_stale_temporaries(folder)
@@ -292,7 +312,7 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
             fmt, gguf_report = "gguf", _write_gguf(model, tokenizer, tmp / f"{folder.name}.{weight_type}.gguf",
                                                    plan, weight_type)
         else:
-            fmt = _write_model(model, tmp)
+            fmt = _write_decilm(model, tmp) if format == "decilm" else _write_model(model, tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         if plan is not None:
@@ -348,6 +368,10 @@ def _verify(model: nn.Module, tmp: Path, fmt: str, check_remote_code: bool, tole
     else:
         reloaded = load_pruned_folder(tmp, dtype=dtype)
     reloaded.to(execution_device(model))
+    mismatch = decilm.schema_mismatch(tmp) if fmt == "decilm" else None
+    if mismatch:
+        raise ExportError(f"the DeciLM weights do not match what vLLM builds from the written config ({mismatch}); "
+                          f"nothing was written. Please report this as a bug.")
     diff = _max_diff(model, reloaded, ids)
     remote = None
     if fmt == "pruneviz" and check_remote_code:
@@ -378,6 +402,7 @@ def zip_folder(folder: str | os.PathLike) -> bytes:
 
 # ---- model card ---------------------------------------------------------------------------------------------------
 
+LIBRARY = {"gguf": "gguf", "decilm": "vllm"}  # the model card's library_name per format
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 _MD_SPECIAL = re.compile(r"([\\`*\[\]|~])")  # inline Markdown; HTML brackets become entities
 
@@ -430,7 +455,7 @@ def model_card(model: nn.Module, plan: Plan | None, evaluation: dict | None, fmt
     base = str(plan.base.name if plan else getattr(model.config, "_name_or_path", "") or "unknown")
     lines = ["---", _front_matter_base(base),
              "tags:", "- pruned", "- structured-pruning", "- pruneviz", *(["- gguf"] if fmt == "gguf" else []),
-             f"library_name: {'gguf' if fmt == 'gguf' else 'transformers'}", "---", "",
+             f"library_name: {LIBRARY.get(fmt, 'transformers')}", "---", "",
              f"# {card_text(Path(base).name or base)} (structurally pruned with pruneviz {__version__})", ""]
     if plan is not None:
         prov = plan.provenance
@@ -453,6 +478,14 @@ def model_card(model: nn.Module, plan: Plan | None, evaluation: dict | None, fmt
         lines += ["## Loading", "", "A GGUF file for llama.cpp (`deci` architecture for per-layer widths):", "",
                   "```bash", "llama-cli -m *.gguf -p \"Hello\"", "```", "", "```python",
                   "from llama_cpp import Llama", "llm = Llama(model_path=path_to_gguf)", "```", ""]
+        return "\n".join(lines)
+    if fmt == "decilm":
+        lines += ["## Loading", "", "DeciLM `block_configs` (per-layer KV heads and MLP widths) for vLLM's own "
+                  "`DeciLMForCausalLM`; `configuration_decilm.py` is the config class only (no model code):", "",
+                  "```bash", "vllm serve <folder> --trust-remote-code", "```", "",
+                  "Stock transformers has no DeciLM model class; pruneviz loads the folder without running its code:",
+                  "", "```python", "from pruneviz.loading import load_pruned_folder",
+                  "model = load_pruned_folder(folder)", "```", ""]
         return "\n".join(lines)
     lines += ["## Loading", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",

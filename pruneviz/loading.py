@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .decilm import is_decilm, llama_config_dict
 from .errors import ExportError, ModelLoadError, PrunevizError, is_oom, oom_advice
 from .limits import check_config_sizes
 from .offload import offload_device_map, return_freed_blocks_to_os
@@ -513,7 +514,7 @@ def _check_weights(path: pathlib.Path, allow_pickle: bool) -> None:
 def _load_local_folder(path, dev, dt, trust_remote_code, allow_pickle, progress):
     """Load a local HF folder (or delegate pruneviz exports to pruneviz.export)."""
     config = _read_config(path)
-    if "pruneviz_layout" in config:
+    if "pruneviz_layout" in config or is_decilm(config):
         _check_weights(path, allow_pickle=False)  # a pruneviz folder is read from safetensors only, always
         _report(progress, 0.3, f"Loading pruned model from {path.name}")
         return _load_pruneviz_export(path, dev, dt)
@@ -564,6 +565,8 @@ def _load_pruneviz_export(path: pathlib.Path, dev, dt):
 def load_pruned_folder(path: str | os.PathLike, device="cpu", dtype=None):
     """Load a pruneviz-format folder without remote code: the base family's class plus ``apply_layout``.
 
+    A DeciLM ``block_configs`` folder (``format="decilm"``, :mod:`pruneviz.decilm`) is read the same way, as a
+    LLaMA model with the per-layer shapes its config states; its ``configuration_decilm.py`` is not run.
     Returns the model (eval mode). Use :func:`load_model` to get the tokenizer as well.
     """
     import transformers as tf
@@ -580,6 +583,8 @@ def load_pruned_folder(path: str | os.PathLike, device="cpu", dtype=None):
         raw = _read_config(path)
     except ModelLoadError as e:
         raise ExportError(e.message) from e
+    if is_decilm(raw):  # DeciLM block_configs (vLLM): rebuilt as LLaMA with per-layer shapes, no folder code run
+        raw = llama_config_dict(raw, str(path))
     if "pruneviz_layout" not in raw:
         raise ExportError(f"{path} is not a pruneviz-format checkpoint (no pruneviz_layout in config.json)")
     raw.pop("auto_map", None)
