@@ -664,7 +664,7 @@ def deployable_refusal(model: nn.Module, plan: Plan, runtime: str | None) -> str
     why = family_refusal(model.config)
     if why:
         return f"deployable='vllm': {why}"
-    heads = sorted({len(plan.kept("head", l)) for l in plan.kept_blocks()})
+    heads = sorted({len(plan.kept("head", l)) for l in plan.kept_blocks()} - {0})  # 0: no attention sub-layer
     if len(heads) > 1:
         return (f"deployable='vllm' needs the same number of query heads in every kept layer (vLLM's DeciLM reads "
                 f"one num_attention_heads); this plan keeps {heads}")

@@ -82,14 +82,6 @@ def test_added_biases_of_a_compensation_are_seen_without_running_it():
     assert "bias" in deployable_refusal(model, plan, "stock")
 
 
-def test_a_layer_cannot_lose_its_whole_attention():
-    """Attention-only removal is not a pruneviz plan (a layer keeps one KV group); the refusal says what to do."""
-    model = tiny_model("llama")
-    with pytest.raises(PlanError, match="remove the whole block"):
-        Plan.empty(model).with_units("kv", 1, [0, 1]).validate(model)
-    assert all(supported(model, Plan.empty(model).with_units("block", None, [1])).values())
-
-
 def test_other_families_are_judged_by_their_exporters():
     gemma = tiny_model("gemma2")  # sliding window, GeGLU: neither DeciLM nor llama.cpp
     got = {r.name: r for r in runtimes(gemma, Plan.empty(gemma).with_units("channel", 0, [1]))}
