@@ -180,8 +180,8 @@ def cmd_plan(args) -> None:
     check_file_target(args.out, what="the plan")
     lm = _load(args)
     plan = allocate(lm.model, imap, Target(args.ratio, args.of), strategy=args.strategy,
-                    attn_unit=args.attn_unit, plus_rule=args.plus_rule, skip_first=args.skip_first,
-                    skip_last=args.skip_last, deployable=args.deployable)
+                    attn_unit=args.attn_unit, attn_rounding=args.attn_rounding, plus_rule=args.plus_rule,
+                    skip_first=args.skip_first, skip_last=args.skip_last, deployable=args.deployable)
     write_plan(plan, args.out)
     prov = plan.provenance
     print(f"{plan.summary()}; removes {prov.get('achieved_ratio', 0):.1%} of {args.of} parameters -> {args.out}")
@@ -201,7 +201,8 @@ def cmd_slimgpt(args) -> None:
     progress = _bar("slimgpt")
     try:
         plan, pruned = slimgpt_prune_to(lm.model, calib, Target(args.ratio, args.of), schedule=args.schedule,
-                                        attn_unit=args.attn_unit, update_scale=args.update_scale,
+                                        attn_unit=args.attn_unit, attn_rounding=args.attn_rounding,
+                                        update_scale=args.update_scale,
                                         percdamp=args.percdamp, progress=progress)
     finally:
         progress.close()
@@ -728,6 +729,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--strategy", default="uniform",
                    help="uniform, incremental (SlimGPT schedule), global (FLAP), depth, combined")
     p.add_argument("--attn-unit", default="kv", choices=["kv", "head"])
+    _attn_rounding_arg(p)
     p.add_argument("--plus-rule", action="store_true", help="depth: keep the first four and last two blocks")
     p.add_argument("--skip-first", type=int, default=0, help="width: keep the first N layers whole (LLM-Pruner: 4)")
     p.add_argument("--skip-last", type=int, default=0, help="width: keep the last N layers whole (LLM-Pruner: 2)")
@@ -736,6 +738,12 @@ def _add_plan(sub) -> None:
                         "vllm (one query-head count, per-layer MLP widths: export --format decilm)")
     p.add_argument("--out", default="plan.json")
     p.set_defaults(fn=cmd_plan)
+
+
+def _attn_rounding_arg(p) -> None:
+    p.add_argument("--attn-rounding", default="down", choices=["down", "nearest"],
+                   help="whole attention units from the attention budget: down (default: never more than its "
+                        "share; a KV group is a coarse step) or nearest (the papers' rounding)")
 
 
 def _add_slimgpt(sub) -> None:
@@ -751,6 +759,7 @@ def _add_slimgpt(sub) -> None:
     p.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping (official default 0.01)")
     p.add_argument("--schedule", default="log_increase")
     p.add_argument("--attn-unit", default="kv", choices=["kv", "head"])
+    _attn_rounding_arg(p)
     _offload_args(p)
     p.add_argument("--out", default="plan.json")
     p.add_argument("--export", help="also export the pruned checkpoint to this folder")

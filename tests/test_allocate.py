@@ -145,6 +145,25 @@ def test_uniform_proportional_split_and_precision():
     assert abs(removed_params(LLAMA, plan) - target) <= G.n_layers * COSTS.channel  # one channel per layer
 
 
+@pytest.mark.parametrize("strategy", ["uniform"])
+def test_attention_rounds_down_unless_nearest_is_asked(strategy):
+    """Attention's proportional share here is 0.75 of a KV group in every layer: "down" (default) removes none
+    and takes the budget from channels; "nearest" removes one per layer. Both land at or under the target."""
+    width = 4 * (2 * COSTS.kv + 40 * COSTS.channel)
+    share = 2 * COSTS.kv / (2 * COSTS.kv + 40 * COSTS.channel)
+    ratio = ratio_for(LLAMA, 0.75 * 4 * COSTS.kv / share)
+    assert 0 < ratio * dense_params(LLAMA, True) < width
+    down = allocate(LLAMA, toy_map(), ratio, strategy)
+    nearest = allocate(LLAMA, toy_map(), ratio, strategy, attn_rounding="nearest")
+    assert down.counts()["kv"] == 0 < nearest.counts()["kv"]
+    assert down.counts()["channel"] > nearest.counts()["channel"]
+    target = ratio * dense_params(LLAMA, True)
+    for plan in (down, nearest):
+        assert target <= removed_params(LLAMA, plan) < target + 4 * COSTS.channel
+    with pytest.raises(PlanError, match="attn_rounding"):
+        allocate(LLAMA, toy_map(), ratio, strategy, attn_rounding="up")
+
+
 # ---- global ----------------------------------------------------------------------------------------------------------
 
 def test_global_raw_scores_take_the_weakest_layer_first():
@@ -409,3 +428,27 @@ def test_skip_layers_that_leave_nothing_say_so():
     assert _touched(plan) == {1, 2}
     assert dict(plan.channels)[1] == lowest_channels(1, 20)
     assert plan.provenance["sliders"]["skip_first"] == 1
+
+
+def test_cli_plan_attn_rounding(tmp_path):
+    """``plan --attn-rounding nearest`` removes the KV group the default ("down") leaves to MLP channels."""
+    from pruneviz import importance
+    from pruneviz.cli import main
+    from pruneviz.plan import Plan
+    from pruneviz.testing import tiny_tokenizer
+
+    LLAMA.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    (tmp_path / "scores.json").write_text(importance.compute(LLAMA, "magnitude").to_json())
+    share = 2 * COSTS.kv / (2 * COSTS.kv + 40 * COSTS.channel)
+    ratio = f"{ratio_for(LLAMA, 0.75 * 4 * COSTS.kv / share):.6f}"
+    counts = {}
+    for rounding in ("down", "nearest"):
+        out = tmp_path / f"{rounding}.json"
+        assert main(["plan", "--model", str(tmp_path / "base"), "--device", "cpu", "--scores",
+                     str(tmp_path / "scores.json"), "--ratio", ratio, "--attn-rounding", rounding,
+                     "--out", str(out)]) == 0
+        plan = Plan.from_json(out.read_text())
+        assert plan.provenance["options"]["attn_rounding"] == rounding
+        counts[rounding] = plan.counts()["kv"]
+    assert counts == {"down": 0, "nearest": 4}

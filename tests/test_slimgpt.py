@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pruneviz import obs, schedules
-from pruneviz.arch import adapter_for, get_path
+from pruneviz.arch import adapter_for, geometry_of, get_path
 from pruneviz.criteria import slimgpt as sg
 from pruneviz.criteria.capture import advance, capture_stream
+from pruneviz.errors import CriterionError
 from pruneviz.importance import Calibration, compute
 from pruneviz.plan import Plan
 from pruneviz.surgery import apply_plan, masked_model
@@ -165,7 +166,7 @@ def _logits(model, tokens):
 def llama_runs():
     model, calib = tiny_model("llama"), _calib()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    runs = {unit: sg.slimgpt_prune(model, calib, 0.4, schedule="uniform", attn_unit=unit)
+    runs = {unit: sg.slimgpt_prune(model, calib, 0.4, schedule="uniform", attn_unit=unit, attn_rounding="nearest")
             for unit in ("kv", "head")}
     return model, calib, state, runs
 
@@ -203,7 +204,7 @@ def test_solver_does_not_mutate_the_model(llama_runs):
 
 def test_solver_is_deterministic(llama_runs):
     model, calib, _, runs = llama_runs
-    plan, pruned = sg.slimgpt_prune(model, calib, 0.4, schedule="uniform", attn_unit="kv")
+    plan, pruned = sg.slimgpt_prune(model, calib, 0.4, schedule="uniform", attn_unit="kv", attn_rounding="nearest")
     assert plan == runs["kv"][0] and plan.sha256() == runs["kv"][0].sha256()
     for a, b in zip(pruned.state_dict().values(), runs["kv"][1].state_dict().values()):
         assert torch.equal(a, b)
@@ -222,8 +223,21 @@ def test_first_pick_matches_dense_scores():
     """Layer 0 sees dense inputs, so the solver's first KV group is the dense criterion's least important one."""
     model, calib = tiny_model("llama"), _calib()
     scores = compute(model, "slimgpt", calib)
-    plan, _ = sg.slimgpt_prune(model, calib, 0.3, schedule="uniform", attn_unit="kv")
+    plan, _ = sg.slimgpt_prune(model, calib, 0.3, schedule="uniform", attn_unit="kv", attn_rounding="nearest")
     assert plan.removed("kv", 0) == (int(scores.kv[0].argmin()),)
+
+
+@pytest.mark.parametrize("ratio, down, nearest", [(0.3, 0, 1), (0.49, 0, 1), (0.5, 1, 1), (0.74, 1, 1)])
+def test_attention_rounds_down_by_default(ratio, down, nearest):
+    """2 KV groups: a group goes only where the layer ratio pays for a whole one (0.5); channels are unchanged."""
+    g = geometry_of(tiny_model("llama"))
+    assert g.n_kv == 2
+    default, paper = sg.solver_task(g, ratio, "kv"), sg.solver_task(g, ratio, "kv", "nearest")
+    assert (default.kv, paper.kv) == (down, nearest) and default.channels == paper.channels
+    heads = sg.solver_task(g, ratio, "head")
+    assert heads.head_quota == int(g.group_size * ratio + 1e-9)
+    with pytest.raises(CriterionError, match="attn_rounding"):
+        sg.slimgpt_prune(tiny_model("llama"), _calib(n=2, t=8), 0.2, attn_rounding="up")
 
 
 @pytest.mark.parametrize("family", ["opt", "gpt2", "bloom", "qwen2"])
