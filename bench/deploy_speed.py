@@ -21,13 +21,14 @@ from common import calibration, load_bundled, write_table
 
 from pruneviz import threads
 from pruneviz.allocate import Target, allocate
-from pruneviz.gguf_export import llama_cpp_version, write_gguf
+from pruneviz.gguf_export import write_gguf
 from pruneviz.importance import compute
 from pruneviz.plan import dense_params
 from pruneviz.speed import (
     LlamaCppRunner,
     SpeedProtocol,
     interleaved,
+    llama_cpp_available,
     param_bytes,
     prompt_ids,
     ratios,
@@ -70,10 +71,11 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-llama-cpp", action="store_true", help="PyTorch only")
+    ap.add_argument("--llama-threads", type=int, default=None, help="default: pruneviz.threads.llama_threads()")
     args = ap.parse_args()
     protocol = SpeedProtocol(args.prompt, args.decode, tuple(int(b) for b in args.batches.split(",")), args.warmup,
                              args.repeats)
-    use_llama = not args.no_llama_cpp and llama_cpp_version() is not None
+    use_llama = not args.no_llama_cpp and llama_cpp_available()
     lm = load_bundled(device="cpu", dtype="float32")
     base, tok = lm.model.eval(), lm.tokenizer
     calib = calibration(tok, 16, 128)
@@ -81,6 +83,8 @@ def main() -> None:
     models = {k: (base if p is None else apply_plan(base, p).eval()) for k, (p, _) in plans.items()}
     ids = prompt_ids(tok, protocol.prompt_tokens)
     runners, sizes, arch = {}, {}, {}
+    n_llama = args.llama_threads or threads.llama_threads()  # chosen once, for every file
+    pol = threads.policy()
     with tempfile.TemporaryDirectory(prefix="pruneviz-deploy-") as td:
         try:
             for k, m in models.items():
@@ -88,7 +92,7 @@ def main() -> None:
                 rep = write_gguf(m, tok, path, "f16", plan=plans[k][0])
                 sizes[k], arch[k] = rep.bytes, rep.arch
                 if use_llama:
-                    runners[k] = LlamaCppRunner(path, ids, protocol)
+                    runners[k] = LlamaCppRunner(path, ids, protocol, threads=n_llama)
             samplers = {("torch", k): (lambda m=m: torch_sample(m, ids, protocol)) for k, m in models.items()}
             samplers.update({("llama.cpp", k): r.sample for k, r in runners.items()})
             samples = interleaved(samplers, protocol, lambda f, t: print(f"  {f:4.0%} {t}", flush=True))
@@ -107,12 +111,12 @@ def main() -> None:
             params = dense_params(models[k])
             rows.append([engine, k, f"{params / 1e6:.2f}M",
                          arch[k] if engine == "llama.cpp" else "fp32",
-                         round(mb(sizes[k] if engine == "llama.cpp" else param_bytes(models[k])), 1),
-                         *[round(s.prefill_tps[b]) for b in protocol.batch_sizes],
-                         *[round(s.decode_tps[b], 1) for b in protocol.batch_sizes],
+                         f"{mb(sizes[k] if engine == 'llama.cpp' else param_bytes(models[k])):.1f}",
+                         *[f"{s.prefill_tps[b]:,.0f}" for b in protocol.batch_sizes],
+                         *[f"{s.decode_tps[b]:,.1f}" for b in protocol.batch_sizes],
                          *[f"{r['prefill'][b]:.2f}x" for b in protocol.batch_sizes],
                          *[f"{r['decode'][b]:.2f}x" for b in protocol.batch_sizes],
-                         round(mb(s.peak_bytes), 0)])
+                         f"{mb(s.peak_bytes):,.0f}"])
             records.append({**s.to_dict(), "plan": plans[k][1], "ratio_vs_dense": r, "arch": arch[k],
                             "gguf_bytes": sizes[k], "params": params,
                             "plan_summary": plans[k][0].summary() if plans[k][0] is not None else None})
@@ -120,18 +124,20 @@ def main() -> None:
     columns = ["engine", "model", "params", "format", "size MB",
                *[f"prefill tok/s b{b}" for b in bs], *[f"decode tok/s b{b}" for b in bs],
                *[f"prefill ×dense b{b}" for b in bs], *[f"decode ×dense b{b}" for b in bs], "peak MB"]
-    pol = threads.policy()
+    version = next(iter(runners.values())).info.get("version", "?") if runners else "not installed"
     goal = _goal(summ, b_lo) if use_llama else "llama.cpp not installed: PyTorch only"
     proto = [
         "Model: SmolLM2-135M-Instruct (bundled), PyTorch fp32 on CPU and GGUF f16 in llama.cpp "
-        f"(llama-cpp-python {llama_cpp_version() or 'not installed'}).",
+        f"(llama-cpp-python {version}).",
         f"Plans: {RATIO:.0%} of non-embedding parameters removed, no compensation. "
         + "; ".join(f"{k}: {d}" + (f" ({p.summary()})" if p is not None else "") for k, (p, d) in plans.items())
         + ".",
         f"Timing: {protocol.describe()}. Same token ids for every model and engine (a fixed English text). Every "
         f"model on both engines is timed once per round, interleaved, rotating the order; medians over rounds.",
-        f"Threading: {threads.describe(pol)}; torch.set_num_threads and llama.cpp n_threads = n_threads_batch are "
-        f"the same count (pruneviz.threads).",
+        f"Threading (pruneviz.threads, when the timing started): {threads.describe(pol)}; llama.cpp n_threads = "
+        f"n_threads_batch = {n_llama} for every file (the idle cores: ggml's threads spin at every op's barrier, so "
+        f"a thread beyond the free cores slows it several-fold); torch keeps every core (its passive OpenMP threads "
+        f"sleep).",
         "Sizes: the GGUF f16 file for llama.cpp, the parameter bytes for PyTorch fp32 (in memory). Peak MB: "
         "llama.cpp: the runner process's peak resident set minus its resident set before loading (mapped weights, "
         "KV cache, compute buffers); PyTorch: parameter bytes plus the peak resident growth during a round "
@@ -141,7 +147,8 @@ def main() -> None:
     ]
     write_table("deploy_speed", "Deploy speed: dense vs 20% pruned, PyTorch and llama.cpp (bundled model, CPU)",
                 proto, columns, rows,
-                extra={"policy": pol, "protocol_fields": protocol.to_dict(), "models": records, "goal": goal})
+                extra={"policy": pol, "llama_threads": n_llama, "llama_cpp_python": version,
+                       "protocol_fields": protocol.to_dict(), "models": records, "goal": goal})
 
 
 def _goal(summ: dict, b: int) -> str:

@@ -238,7 +238,9 @@ def one(b):
     t3 = time.perf_counter()
     return {"prefill_s": t1 - t0, "decode_s": t3 - t2}
 
-print(json.dumps({"ready": True, "base_rss": base, "loaded_rss": rss("VmRSS"), "n_vocab": n_vocab}), flush=True)
+print(json.dumps({"ready": True, "base_rss": base, "loaded_rss": rss("VmRSS"), "n_vocab": n_vocab,
+                  "version": getattr(L, "__version__", "?"), "library": getattr(L, "_lib_base_name", None)}),
+      flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
     if cmd.get("op") != "run":
@@ -369,8 +371,10 @@ def ratios(of: SpeedSummary, base: SpeedSummary) -> dict:
 
 def compare_ggufs(paths: dict[str, str | os.PathLike], ids: list[int], protocol: SpeedProtocol,
                   threads: int | None = None, progress=None) -> dict[str, SpeedSummary]:
-    """Every GGUF in ``paths`` (label -> file) loaded in its own llama.cpp subprocess, timed interleaved."""
+    """Every GGUF in ``paths`` (label -> file) loaded in its own llama.cpp subprocess, timed interleaved with
+    the same thread count (``threads``, else :func:`pruneviz.threads.llama_threads` once)."""
     runners: dict[str, LlamaCppRunner] = {}
+    threads = threads or llama_threads()  # one count for every file, chosen once
     try:
         for label, path in paths.items():
             runners[label] = LlamaCppRunner(path, ids, protocol, threads)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", threads.THREADS_ENV)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", threads.THREADS_ENV, threads.LLAMA_THREADS_ENV)}
     return {**env, "HF_HUB_OFFLINE": "1", **extra}
 
 
@@ -30,6 +31,7 @@ REPORT = "import json; from pruneviz import threads; print(json.dumps(threads.po
 def test_policy_reports_what_is_set(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setenv(threads.THREADS_ENV, "3")
+    monkeypatch.delenv(threads.LLAMA_THREADS_ENV, raising=False)
     p = threads.policy()
     assert p["omp_wait_policy"] == "PASSIVE" and p["llama_threads"] == 3 and p["requested"] == "3"
     assert p["cores"] == threads.available_cores()
@@ -47,6 +49,22 @@ def test_default_threads_and_bad_values(monkeypatch):
         monkeypatch.setenv(threads.THREADS_ENV, bad)
         with pytest.raises(ValueError, match=threads.THREADS_ENV):
             threads.default_threads()
+
+
+def test_llama_threads_follow_the_idle_cores_unless_set(monkeypatch):
+    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
+    monkeypatch.delenv(threads.LLAMA_THREADS_ENV, raising=False)
+    monkeypatch.setattr(threads, "default_threads", lambda: 4)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert threads.llama_threads() == 1 and "load average 2.6" in threads.llama_threads_rule()
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert threads.llama_threads() == 1
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads.llama_threads() == 4
+    monkeypatch.setenv(threads.THREADS_ENV, "3")
+    assert threads.llama_threads() == 3 and threads.llama_threads_rule() == threads.THREADS_ENV
+    monkeypatch.setenv(threads.LLAMA_THREADS_ENV, "2")
+    assert threads.llama_threads() == 2 and threads.llama_threads_rule() == threads.LLAMA_THREADS_ENV
 
 
 def test_subprocess_env_carries_the_wait_policy(monkeypatch):
