@@ -20,6 +20,7 @@ down projection's input column for channel ``c`` is ``c``: zeroing those columns
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterable
 
@@ -28,7 +29,7 @@ import transformers as tf
 from torch import nn
 
 from .errors import CriterionError, PlanError
-from .modeling_pruneviz import install_alibi_hook, install_layer_config
+from .modeling_pruneviz import AbsentAttention, install_alibi_hook, install_layer_config
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,13 @@ class Adapter:
     layer_lists: ClassVar[tuple[str, ...]] = ("layer_types",)  # per-layer config lists that depth pruning re-indexes
     note: ClassVar[str] = ""  # said wherever the family is shown (the generic llama-like adapter says so)
     bos_per_window: ClassVar[bool] = False  # perplexity windows need a BOS at position 0 (Gemma breaks down without)
+    # residual sub-blocks (BlockPruner): the modules a removed sub-block's stand-in replaces (the last one must return
+    # the residual update) and the norms only that sub-block reads (its pre-norm, and its post-norm where the family
+    # normalises outputs); None: the family's sub-blocks cannot be removed alone
+    attn_block: ClassVar[tuple[str, ...] | None] = ("self_attn",)
+    attn_block_norms: ClassVar[tuple[str, ...]] = ("input_layernorm",)
+    mlp_block: ClassVar[tuple[str, ...] | None] = ("mlp",)
+    mlp_block_norms: ClassVar[tuple[str, ...]] = ("post_attention_layernorm",)
 
     # ---- geometry -------------------------------------------------------------------------------------------
     def geometry(self, config) -> Geometry:
@@ -224,6 +232,19 @@ class Adapter:
         """Family-specific entries of a pruned layer's recorded layout (e.g. BLOOM's ALiBi slopes of kept heads)."""
         return {}
 
+    def sub_block(self, part: str, config) -> SubBlock | None:
+        """The residual sub-block ``part`` (``"attn"`` or ``"mlp"``) of a decoder layer: the modules that a removed
+        sub-block's stand-in replaces and the norms that only it reads, or None where the family cannot drop it
+        alone (its forward adds the residual inside the sub-block, as BLOOM's does)."""
+        modules = self.attn_block if part == "attn" else self.mlp_block
+        if modules is None:
+            return None
+        return SubBlock(part, modules, self.attn_block_norms if part == "attn" else self.mlp_block_norms)
+
+    def has_attention(self, layer: nn.Module) -> bool:
+        """False for a (pruned) layer whose attention sub-block was removed: it has no projections, no KV cache."""
+        return self.attn_block is None or not isinstance(get_path(layer, self.attn_block[0]), AbsentAttention)
+
     def block_hidden(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The hidden-state input of a decoder layer call (used to skip a block as the identity)."""
         return args[0] if args else kwargs["hidden_states"]
@@ -254,6 +275,28 @@ class Adapter:
     def norm_weight(self, name: str, p: torch.Tensor) -> torch.Tensor:
         """The scale a block parameter ``name`` applies: ``norm_offset + w`` for 1-D norm weights, else ``p``."""
         return p + self.norm_offset if p.ndim == 1 and self.norm_offset else p
+
+
+@dataclass(frozen=True)
+class SubBlock:
+    """One residual sub-block of a decoder layer (``h + f(norm(h))``): ``part`` is ``"attn"`` or ``"mlp"``,
+    ``modules`` the paths its stand-in replaces (the last returns the residual update ``f``; earlier ones feed it),
+    ``norms`` the norms only it reads (pre-norm, and post-norm where the family normalises outputs). Removing the
+    sub-block (BlockPruner) makes ``f`` zero: the norms' outputs are then unused (pre) or zero (post, an RMSNorm
+    of zeros), so surgery drops them with the sub-block and :meth:`pruneviz.plan.Plan.param_count` counts them."""
+
+    part: str
+    modules: tuple[str, ...]
+    norms: tuple[str, ...]
+
+
+def sub_block_params(adapter: Adapter, model: nn.Module, part: str) -> int:
+    """Parameters a removed sub-block ``part`` takes with it in one (dense) layer: its modules and norms."""
+    sub = adapter.sub_block(part, model.config)
+    if sub is None:
+        return 0
+    layer = adapter.layers(model)[0]
+    return sum(p.numel() for path in sub.modules + sub.norms for p in get_path(layer, path).parameters())
 
 
 def get_path(root: nn.Module, path: str):
@@ -372,6 +415,8 @@ class GemmaAdapter(LlamaAdapter):
     norm_offset = 1.0
     post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
     bos_per_window = True  # Gemma scores windows without BOS at position 0 5-20x worse
+    attn_block_norms = ("input_layernorm", "post_attention_layernorm")
+    mlp_block_norms = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 class Olmo2Adapter(LlamaAdapter):
@@ -388,6 +433,8 @@ class Olmo2Adapter(LlamaAdapter):
     family = "olmo2"
     model_types = ("olmo2",)
     post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
+    attn_block_norms = ("post_attention_layernorm",)  # no pre-norms: the post-norm of each output only
+    mlp_block_norms = ("post_feedforward_layernorm",)
     proj_norms = {"self_attn.q_proj": "self_attn.q_norm", "self_attn.k_proj": "self_attn.k_norm"}
 
 
@@ -451,6 +498,14 @@ class OPTAdapter(Adapter):
     mlp_out = "fc2"
     attn_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
     mlp_modules = ("fc1", "fc2")
+    mlp_block = ("fc1", "fc2")  # no MLP module: fc1 gives [N, 0], fc2 the zero update
+    attn_block_norms = ("self_attn_layer_norm",)
+    mlp_block_norms = ("final_layer_norm",)
+
+    def sub_block(self, part, config):
+        sub = super().sub_block(part, config)
+        # post-LN OPT (opt-350m) normalises the residual sum: that norm is not the sub-block's to drop
+        return sub if getattr(config, "do_layer_norm_before", True) else dataclasses.replace(sub, norms=())
 
     def geometry(self, c) -> Geometry:
         d = c.hidden_size // c.num_attention_heads
@@ -488,6 +543,9 @@ class GPT2Adapter(Adapter):
     mlp_out = "mlp.c_proj"
     attn_modules = ("attn.c_attn", "attn.c_proj")
     mlp_modules = ("mlp.c_fc", "mlp.c_proj")
+    attn_block = ("attn",)
+    attn_block_norms = ("ln_1",)
+    mlp_block_norms = ("ln_2",)
 
     def geometry(self, c) -> Geometry:
         d = c.n_embd // c.n_head
@@ -530,6 +588,7 @@ class BloomAdapter(Adapter):
     mlp_out = "mlp.dense_4h_to_h"
     attn_modules = ("self_attention.query_key_value", "self_attention.dense")
     mlp_modules = ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    attn_block = mlp_block = None  # its attention and MLP add the residual themselves (dropout_add)
 
     def geometry(self, c) -> Geometry:
         d = c.hidden_size // c.n_head
@@ -690,7 +749,13 @@ def detect_llama_like(model: nn.Module) -> GenericLlamaAdapter | None:
     offset = (norm_offset_of(norm) if norm is not None else 0.0) or 0.0
     lists = tuple(k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == len(layers)
                   and "layer" in k)
-    return GenericLlamaAdapter(config.model_type, post, proj_norms, offset, lists)
+    found = GenericLlamaAdapter(config.model_type, post, proj_norms, offset, lists)
+    names = {n for n, _ in layer.named_children()}
+    if post:  # Gemma / OLMo 2 naming: post_attention_layernorm normalises the attention output
+        found.attn_block_norms = tuple(n for n in ("input_layernorm", "post_attention_layernorm") if n in names)
+        found.mlp_block_norms = tuple(n for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+                                      if n in names)
+    return found
 
 
 DETECTED: dict[tuple[str, str], Adapter] = {}  # (model_type, model class) -> detected adapter

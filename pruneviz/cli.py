@@ -5,6 +5,7 @@
     python -m pruneviz score --criterion wanda_sp --samples 16 --seq-len 128 --out scores.json
     python -m pruneviz score --criterion wanda_sp --model path/to/llama-70b --offload disk   # block by block
     python -m pruneviz plan --scores scores.json --ratio 0.2 --strategy global --out plan.json
+    python -m pruneviz plan --criterion blockpruner --ratio 0.2 --samples 8 --out plan.json   # iterative search
     python -m pruneviz slimgpt --ratio 0.2 --out plan.json --export out/smol-slimgpt
     python -m pruneviz evaluate --plan plan.json --protocol paper
     python -m pruneviz sweep --criterion magnitude --criterion wanda_sp --ratios 0.1,0.3,0.5 --out sweep.csv
@@ -170,18 +171,51 @@ def cmd_score(args) -> None:
     print(f"{args.criterion}: maps {', '.join(imap.available())} in {imap.meta['seconds']:.1f} s -> {args.out}")
 
 
+# searches that re-score after every removal (criterion -> its strategy), run by `plan --criterion`
+SEARCHES = {"blockpruner": "sub_blocks"}
+
+
+def _search_plan(args, lm):
+    """The plan of an iterative search (``plan --criterion blockpruner``): it scores as it removes."""
+    from .allocate import Target
+    from .criteria.blockpruner import BlockPrunerOptions, blockpruner_search
+
+    calib = _calibration(args, lm.tokenizer, lm.model)
+    progress = _bar(f"{args.criterion} search")
+    try:
+        plan, _ = blockpruner_search(lm.model, calib, Target(args.ratio, args.of),
+                                     BlockPrunerOptions(score_blocks=False), progress=progress)
+    finally:
+        progress.close()
+    return plan
+
+
 def cmd_plan(args) -> None:
     from .allocate import Target, allocate
+    from .errors import PlanError
     from .export import write_plan
     from .fsio import check_file_target
     from .importance import ImportanceMap
 
-    imap = _read_scores(args.scores, ImportanceMap)  # a bad scores file or --out fails before the model loads
+    if bool(args.scores) == bool(args.criterion):
+        raise PlanError("plan needs --scores (allocate a stored map) or --criterion (an iterative search: "
+                        f"{', '.join(SEARCHES)}), one of them")
+    if args.criterion and args.criterion not in SEARCHES:
+        raise PlanError(f"--criterion runs an iterative search, which {args.criterion!r} has not; one of "
+                        f"{', '.join(SEARCHES)}, or score it first and pass --scores")
+    strategy = args.strategy or (SEARCHES[args.criterion] if args.criterion else "uniform")
+    if args.criterion and strategy != SEARCHES[args.criterion]:
+        raise PlanError(f"the {args.criterion} search allocates with --strategy {SEARCHES[args.criterion]}; "
+                        f"for {strategy}, score first and pass --scores")
+    imap = _read_scores(args.scores, ImportanceMap) if args.scores else None  # fails before the model loads
     check_file_target(args.out, what="the plan")
     lm = _load(args)
-    plan = allocate(lm.model, imap, Target(args.ratio, args.of), strategy=args.strategy,
-                    attn_unit=args.attn_unit, attn_rounding=args.attn_rounding, plus_rule=args.plus_rule,
-                    skip_first=args.skip_first, skip_last=args.skip_last, deployable=args.deployable)
+    if args.criterion:
+        plan = _search_plan(args, lm)
+    else:
+        plan = allocate(lm.model, imap, Target(args.ratio, args.of), strategy=strategy,
+                        attn_unit=args.attn_unit, attn_rounding=args.attn_rounding, plus_rule=args.plus_rule,
+                        skip_first=args.skip_first, skip_last=args.skip_last, deployable=args.deployable)
     write_plan(plan, args.out)
     prov = plan.provenance
     print(f"{plan.summary()}; removes {prov.get('achieved_ratio', 0):.1%} of {args.of} parameters -> {args.out}")
@@ -722,12 +756,16 @@ def _add_score(sub) -> None:
 def _add_plan(sub) -> None:
     """The `plan` subcommand."""
     p = sub.add_parser("plan", help="allocate a plan from an importance map and a target")
-    _common(p)
-    p.add_argument("--scores", required=True)
+    _common(p, calibration=True)
+    p.add_argument("--scores", help="importance map written by `score`")
+    p.add_argument("--criterion", help="instead of --scores: an iterative search that re-scores after every "
+                                       "removal (blockpruner: sub-blocks by calibration perplexity)")
     p.add_argument("--ratio", type=float, required=True, help="share of parameters to remove, in (0, 1)")
     p.add_argument("--of", default="non_embedding", choices=["non_embedding", "total"])
-    p.add_argument("--strategy", default="uniform",
-                   help="uniform, incremental (SlimGPT schedule), global (FLAP), depth, combined")
+    p.add_argument("--strategy", default=None,
+                   help="uniform (default), incremental (SlimGPT schedule), global (FLAP), depth, combined, "
+                        "sub_blocks (BlockPruner: attention / MLP sub-blocks; the default with --criterion "
+                        "blockpruner)")
     p.add_argument("--attn-unit", default="kv", choices=["kv", "head"])
     _attn_rounding_arg(p)
     p.add_argument("--plus-rule", action="store_true", help="depth: keep the first four and last two blocks")

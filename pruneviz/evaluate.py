@@ -343,13 +343,16 @@ def token_losses(model, tokenizer, text: str, max_tokens: int = 256) -> tuple[li
 def attention_widths(model: nn.Module) -> list[dict]:
     """Per decoder block, the actual attention widths, as the family's adapter declares them (:mod:`pruneviz.arch`).
 
-    Widths are read from weight shapes, so pruned layers are measured as they are (also after depth pruning).
-    Returns dicts ``{layer, q, k, v, o_in, dtype}``: query, key and value features, the output projection's
-    input width, and the dtype of the attention weights (the activation dtype).
+    Widths are read from weight shapes, so pruned layers are measured as they are (also after depth pruning);
+    layers whose attention sub-block was removed have none and are left out. Returns dicts
+    ``{layer, q, k, v, o_in, dtype}``: query, key and value features, the output projection's input width, and the
+    dtype of the attention weights (the activation dtype).
     """
     adapter, g = adapter_for(model), geometry_of(model)
     found = []
     for i, layer in enumerate(adapter.layers(model)):
+        if not adapter.has_attention(layer):  # a removed attention sub-block: no widths, no KV cache
+            continue
         dtype = get_path(layer, adapter.attn_out).weight.dtype
         found.append({"layer": i, **adapter.attention_widths(layer, g), "dtype": dtype})
     return found

@@ -114,6 +114,8 @@ def _stock_updates(model: nn.Module) -> dict | None:
     n_layers = model.config.num_hidden_layers
     if len(specs) != n_layers or any(s["shapes"] != specs[0]["shapes"] for s in specs):
         return None
+    if any(s.get("absent") for s in specs):  # removed sub-blocks: no stock config expresses a layer without them
+        return None
     return adapter_for(model).stock_fields(specs[0], Geometry(**model.config.pruneviz_base_geometry))
 
 

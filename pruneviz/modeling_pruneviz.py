@@ -62,6 +62,54 @@ def install_alibi_hook(attention: nn.Module, kept_heads: list[int], n_heads_tota
     attention._pruneviz_alibi_handles = [attention.register_forward_pre_hook(hook, with_kwargs=True)]
 
 
+class AbsentAttention(nn.Module):
+    """Stands in for a removed attention sub-block (BlockPruner): adds nothing to the residual stream.
+
+    Returns zeros shaped like ``hidden_states`` [B, T, D] and no attention weights, as every decoder layer reading
+    ``out, _ = self_attn(...)`` expects. It still writes a one-feature zero entry ([B, 1, T, 1]) per token to the KV
+    cache under its ``layer_idx``, so the cache's token count (read from layer 0 for positions and masks; an empty
+    entry would read as 0) stays right while the layer stores next to nothing. ``layer_idx`` is renumbered with the
+    other layers when blocks are dropped.
+    """
+
+    def __init__(self, layer_idx: int | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states=None, *args, past_key_values=None, **kwargs):
+        if hidden_states is None:
+            hidden_states = args[0]
+        cache = getattr(past_key_values, "self_attention_cache", past_key_values)  # GPT-2's EncoderDecoderCache
+        if cache is not None and self.layer_idx is not None:
+            b, t = hidden_states.shape[0], hidden_states.shape[1]
+            marker = hidden_states.new_zeros(b, 1, t, 1)  # [B, 1, T, 1]
+            cache.update(marker, marker, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class AbsentMLP(nn.Module):
+    """Stands in for a module of a removed MLP sub-block: zeros of ``width`` features, [..., width]. The last module
+    of the sub-block has ``width`` = hidden size (the zero residual update); earlier ones (OPT's ``fc1``) width 0."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = int(width)
+
+    def forward(self, x, *args, **kwargs):
+        return x.new_zeros(*x.shape[:-1], self.width)
+
+
+def absent_module(spec: list, old: nn.Module | None = None) -> nn.Module:
+    """The stand-in a layout's ``absent`` entry names: ``["attention"]``, ``["mlp", width]`` or
+    ``["norm"]`` (an unused pre-norm, or a post-norm of zeros: the identity)."""
+    kind = spec[0]
+    if kind == "attention":
+        return AbsentAttention(getattr(old, "layer_idx", None))
+    if kind == "mlp":
+        return AbsentMLP(spec[1])
+    return nn.Identity()
+
+
 class LayerConfig:
     """One layer's view of the model config: ``overrides`` win, every other attribute is the shared config's (so a
     later change of the model config, e.g. the attention implementation, still reaches the layer).
@@ -101,7 +149,8 @@ def resize_norm(norm: nn.Module, size: int, eps_attr: str, eps: float) -> None:
 def apply_layout(model: nn.Module, layout: dict, layers_path: str | None = None) -> None:
     """Resize the projections of ``model``'s layers in place to the shapes recorded in ``layout``.
 
-    Also replays, per layer: attribute values (``attrs``), whole-projection norms resized with their epsilon
+    Also replays, per layer: removed sub-blocks (``absent``: path -> stand-in spec, :func:`absent_module`),
+    attribute values (``attrs``), whole-projection norms resized with their epsilon
     (``norms``: path -> [size, epsilon attribute, epsilon]), per-layer config views (``config``: module path ->
     overrides) and ALiBi head lists. The new modules are uninitialised: this is for building a skeleton whose
     weights are loaded afterwards.
@@ -109,6 +158,8 @@ def apply_layout(model: nn.Module, layout: dict, layers_path: str | None = None)
     layers = _get(model, layers_path or layout["layers_path"])
     for idx, spec in layout.get("layers", {}).items():
         layer = layers[int(idx)]
+        for path, absent in spec.get("absent", {}).items():  # removed sub-blocks (BlockPruner)
+            _set(layer, path, absent_module(absent, _get(layer, path)))
         for path, (n_out, n_in, bias) in spec["shapes"].items():
             _set(layer, path, new_projection(_get(layer, path), n_out, n_in, bool(bias)))
         for path, value in spec.get("attrs", {}).items():

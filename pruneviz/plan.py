@@ -10,7 +10,14 @@ Normal form (applied on construction, so equal plans compare and hash equal):
 - indices sorted and unique, layers with nothing removed dropped;
 - units inside a removed block are dropped (the block subsumes them);
 - query heads inside a removed KV group are dropped (the group subsumes them);
-- a KV group whose every query head is removed becomes a removed KV group (its key/value rows are dead).
+- a KV group whose every query head is removed becomes a removed KV group (its key/value rows are dead);
+- a layer whose every KV group is removed has its **attention sub-block removed**, and a layer whose every MLP
+  channel is removed has its **MLP sub-block removed** (BlockPruner's units, :meth:`Plan.without_attention`,
+  :meth:`Plan.without_mlp`): the sub-block then adds nothing to the residual stream, and surgery drops it whole,
+  with its output bias and the norms only it reads (:class:`pruneviz.arch.SubBlock`, counted by
+  :meth:`Plan.param_count`); under multi-query attention removing the one KV group (or every query head) is
+  removing the attention;
+- a layer with both sub-blocks removed is a removed block (the two are the same function).
 
 ``compensation`` names a weight-update solver (e.g. ``"slimgpt"``) that must re-run when the plan is applied:
 such a plan is not a pure unit toggle, see :func:`pruneviz.surgery.apply_plan`.
@@ -35,6 +42,7 @@ from .arch import (
     geometry_of,
     get_path,
     owned_params,
+    sub_block_params,
     unit_count,
     weight_axis,
 )
@@ -192,12 +200,15 @@ class Plan:
                 kv[layer] = tuple(sorted(set(kv.get(layer, ())) | set(full)))
         for layer, hs in list(heads.items()):  # heads in removed groups are implied
             heads[layer] = tuple(h for h in hs if g.kv_of(h) not in kv.get(layer, ()))
+        chans = dict(_norm_map(self.channels))
+        blocks = tuple(sorted(set(blocks) | {l for l, grp in kv.items() if len(set(grp)) >= g.n_kv
+                                             and len(set(chans.get(l, ()))) >= g.n_channels}))
         drop = set(blocks)
         clean = lambda m: tuple((l, i) for l, i in sorted(m.items()) if i and l not in drop)  # noqa: E731
         object.__setattr__(self, "blocks", blocks)
         object.__setattr__(self, "kv", clean(kv))
         object.__setattr__(self, "heads", clean(heads))
-        object.__setattr__(self, "channels", clean(dict(_norm_map(self.channels))))
+        object.__setattr__(self, "channels", clean(chans))
 
     @classmethod
     def empty(cls, model_or_base, **provenance) -> "Plan":
@@ -240,6 +251,33 @@ class Plan:
         gone = set(self.removed(kind, layer))
         return tuple(i for i in range(unit_count(g, kind)) if i not in gone)
 
+    def attention_removed(self, layer: int) -> bool:
+        """True if ``layer`` (kept) has lost its whole attention sub-block: every KV group is removed."""
+        return layer not in self.blocks and len(self.removed("kv", layer)) == self.geometry.n_kv
+
+    def mlp_removed(self, layer: int) -> bool:
+        """True if ``layer`` (kept) has lost its whole MLP sub-block: every MLP channel is removed."""
+        return layer not in self.blocks and len(self.removed("channel", layer)) == self.geometry.n_channels
+
+    def removed_sub_blocks(self) -> tuple[tuple[int, str], ...]:
+        """``(layer, "attn" | "mlp")`` of every removed sub-block of a kept layer, in layer order."""
+        return tuple((l, part) for l in self.kept_blocks() for part, gone in
+                     (("attn", self.attention_removed(l)), ("mlp", self.mlp_removed(l))) if gone)
+
+    def without_attention(self, layer: int) -> "Plan":
+        """This plan with ``layer``'s attention sub-block removed (every KV group; the block if its MLP is gone)."""
+        return self.with_units("kv", layer, range(self.geometry.n_kv))
+
+    def without_mlp(self, layer: int) -> "Plan":
+        """This plan with ``layer``'s MLP sub-block removed (every channel; the block if its attention is gone)."""
+        return self.with_units("channel", layer, range(self.geometry.n_channels))
+
+    def without_sub_block(self, layer: int, part: str) -> "Plan":
+        """:meth:`without_attention` (``part="attn"``) or :meth:`without_mlp` (``"mlp"``)."""
+        if part not in ("attn", "mlp"):
+            raise PlanError(f"a sub-block is 'attn' or 'mlp', not {part!r}")
+        return self.without_attention(layer) if part == "attn" else self.without_mlp(layer)
+
     def kept_blocks(self) -> tuple[int, ...]:
         return tuple(b for b in range(self.geometry.n_layers) if b not in self.blocks)
 
@@ -264,8 +302,12 @@ class Plan:
         c = self.counts()
         g = self.geometry
         kept = max(len(self.kept_blocks()), 1)
+        subs = [part for _, part in self.removed_sub_blocks()]
+        sub = (f" ({subs.count('attn')} attention and {subs.count('mlp')} MLP sub-blocks removed)"
+               if subs else "")
         return (f"{c['block']}/{g.n_layers} blocks, {c['kv']}/{kept * g.n_kv} KV groups, "
-                f"{c['head']}/{kept * g.n_heads} query heads, {c['channel']}/{kept * g.n_channels} MLP channels")
+                f"{c['head']}/{kept * g.n_heads} query heads, {c['channel']}/{kept * g.n_channels} MLP channels"
+                + sub)
 
     # ---- edits (each returns a new plan) --------------------------------------------------------------------------
     def with_units(self, kind: str, layer: int | None, indices, remove: bool = True) -> "Plan":
@@ -312,7 +354,9 @@ class Plan:
 
     # ---- validation -----------------------------------------------------------------------------------------------
     def check_indices(self) -> None:
-        """Raise PlanError if an index is out of range or a layer would lose all heads or channels."""
+        """Raise PlanError if an index is out of range or the plan removes every block. A kept layer may lose all
+        of its attention or all of its MLP (a removed sub-block, see the module docstring), not both (that is a
+        removed block, which the normal form makes it)."""
         g = self.geometry
         bad = [b for b in self.blocks if not 0 <= b < g.n_layers]
         if bad:
@@ -326,11 +370,6 @@ class Plan:
                 out = [i for i in idx if not 0 <= i < n]
                 if out:
                     raise PlanError(f"{kind} indices {out} in layer {layer} are out of range (0..{n - 1})")
-        for layer in self.kept_blocks():
-            if not self.kept("head", layer):
-                raise PlanError(f"layer {layer} would lose every attention head; remove the whole block instead")
-            if not self.kept("channel", layer):
-                raise PlanError(f"layer {layer} would lose every MLP channel; remove the whole block instead")
 
     def check_gqa(self) -> None:
         """Raise PlanError unless every kept KV group of a layer keeps the same number of query heads.
@@ -371,9 +410,21 @@ class Plan:
                                 f"different weights. Load that model, or pass allow_other_weights=True to apply it "
                                 f"anyway (indices will be honoured, scores no longer mean the same).")
         self.check_indices()
+        self.check_sub_blocks(model)
         if physical:
             self.check_gqa()
         return self
+
+    def check_sub_blocks(self, model: nn.Module) -> None:
+        """Raise PlanError if the plan removes a whole attention or MLP sub-block and ``model``'s family cannot
+        drop one alone (:meth:`pruneviz.arch.Adapter.sub_block` is None, e.g. BLOOM)."""
+        adapter = adapter_for(model)
+        for layer, part in self.removed_sub_blocks():
+            if adapter.sub_block(part, model.config) is None:
+                what = "attention" if part == "attn" else "MLP"
+                raise PlanError(f"layer {layer} would lose its whole {what}; {adapter.family} blocks cannot drop "
+                                f"the {what} alone (its forward adds the residual inside it). Keep one "
+                                f"{'KV group' if part == 'attn' else 'MLP channel'} or remove the whole block")
 
     # ---- arithmetic -----------------------------------------------------------------------------------------------
     def param_count(self, model: nn.Module, non_embedding: bool = False) -> int:
@@ -385,14 +436,17 @@ class Plan:
             size(adapter.channel_slices(g, 0))
         block = sum(p.numel() for p in layer0.parameters())
         removed = block * len(self.blocks)
-        for layer in self.kept_blocks():
-            removed += head * len(self.removed_heads_all(layer)) + kv_rows * len(self.removed("kv", layer))
-            removed += chan * len(self.removed("channel", layer))
+        for layer in self.kept_blocks():  # a removed sub-block takes all of its parameters (and its norms)
+            removed += sub_block_params(adapter, model, "attn") if self.attention_removed(layer) else \
+                head * len(self.removed_heads_all(layer)) + kv_rows * len(self.removed("kv", layer))
+            removed += sub_block_params(adapter, model, "mlp") if self.mlp_removed(layer) else \
+                chan * len(self.removed("channel", layer))
         return dense_params(model, non_embedding) - removed + self._added_biases(model)
 
     def _added_biases(self, model: nn.Module) -> int:
         """Parameters a compensation in :data:`ADDS_OUTPUT_BIAS` creates: a bias on each output projection
-        (attention, MLP) of a kept layer that loses units there and had no bias before."""
+        (attention, MLP) of a kept layer that loses units there and had no bias before (a removed sub-block has
+        no projection left to hold one)."""
         if self.compensation not in ADDS_OUTPUT_BIAS:
             return 0
         adapter = adapter_for(model)
@@ -401,7 +455,8 @@ class Plan:
             for path, lost in ((adapter.attn_out, self.removed_heads_all(l)), (adapter.mlp_out,
                                                                                self.removed("channel", l))):
                 mod = get_path(layer, path)
-                if lost and getattr(mod, "bias", None) is None:
+                whole = len(lost) == (self.geometry.n_heads if path == adapter.attn_out else self.geometry.n_channels)
+                if lost and not whole and getattr(mod, "bias", None) is None:
                     added += mod.weight.shape[weight_axis(mod, "out")]
         return added
 

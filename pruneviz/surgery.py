@@ -6,11 +6,16 @@ Both start from a *copy* of the base model: the shared base is never mutated.
   drops removed blocks and re-indexes the survivors (``layer_idx``, ``config.num_hidden_layers``,
   ``config.layer_types``) so ``generate`` with a KV cache works, and records the per-layer shapes in
   ``config.pruneviz_layout`` for export.
+- a removed attention or MLP *sub-block* (every KV group, or every channel, of a kept layer: BlockPruner's units)
+  is replaced by a stand-in that adds zero to the residual stream and drops the norms only it reads
+  (:class:`pruneviz.modeling_pruneviz.AbsentAttention` keeps the KV cache's token count with one zero feature
+  per token); the layout records it under ``absent`` so exports rebuild it.
 - :func:`masked_model` returns a clone that shares the base's tensors (no memory cost) in which the output
   projections read only the kept heads' and channels' input features (:class:`InputSelect`) and removed blocks
   are skipped (identity on the residual stream). Excluding those input columns is exactly removing the unit
   (biases of those projections stay in both); it equals zeroing the columns (tests check that in float64) and is
   computed with the same reduction as the sliced projection, so masked and pruned logits agree bit for bit.
+  A removed sub-block's output is replaced by zeros (a forward hook), which is what its stand-in returns.
 
 Plans with a ``compensation`` (SlimGPT OBS, FLAP bias) re-run their solver on the copy before slicing; the
 solver is looked up in :data:`COMPENSATORS` and needs calibration data.
@@ -24,10 +29,20 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, is_conv1d, weight_axis
+from .arch import (
+    Adapter,
+    Geometry,
+    SubBlock,
+    adapter_for,
+    feature_count,
+    geometry_of,
+    get_path,
+    is_conv1d,
+    weight_axis,
+)
 from .errors import PlanError
 from .importance import load_builtin_criteria
-from .modeling_pruneviz import new_projection
+from .modeling_pruneviz import absent_module, new_projection
 from .offload import clone_model, is_offloaded, resident_copy
 from .plan import Plan
 
@@ -77,11 +92,47 @@ def _slice_module(mod: nn.Module, drop_out: set[int], drop_in: set[int]) -> nn.M
     return new
 
 
-def prune_layer(layer: nn.Module, adapter: Adapter, g: Geometry, plan: Plan, index: int) -> dict | None:
-    """Physically remove ``plan``'s units of base layer ``index`` from ``layer`` (a copy). Returns its layout."""
-    drops = removed_features(adapter, g, plan, index)
+def removed_sub_blocks(adapter: Adapter, plan: Plan, layer: int, config) -> list[SubBlock]:
+    """The sub-blocks (:class:`pruneviz.arch.SubBlock`) that ``plan`` removes whole from base layer ``layer``."""
+    parts = [part for part, gone in (("attn", plan.attention_removed(layer)), ("mlp", plan.mlp_removed(layer)))
+             if gone]
+    subs = [adapter.sub_block(part, config) for part in parts]
+    if any(s is None for s in subs):
+        raise PlanError(f"{adapter.family} blocks cannot drop a whole attention or MLP sub-block (layer {layer})")
+    return subs
+
+
+def drop_sub_blocks(layer: nn.Module, subs: list[SubBlock], g: Geometry) -> dict[str, list]:
+    """Replace each removed sub-block's modules by stand-ins and its norms by the identity, in ``layer`` (a copy).
+    Returns the layout's ``absent`` entries (path -> :func:`pruneviz.modeling_pruneviz.absent_module` spec)."""
+    absent: dict[str, list] = {}
+    for sub in subs:
+        for k, path in enumerate(sub.modules):
+            last = k == len(sub.modules) - 1
+            absent[path] = ["attention"] if sub.part == "attn" else ["mlp", g.hidden if last else 0]
+        for path in sub.norms:
+            absent[path] = ["norm"]
+    for path, spec in absent.items():
+        parent, _, name = path.rpartition(".")
+        setattr(get_path(layer, parent) if parent else layer, name, absent_module(spec, get_path(layer, path)))
+    return absent
+
+
+def _inside(path: str, roots) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+def prune_layer(layer: nn.Module, adapter: Adapter, g: Geometry, plan: Plan, index: int,
+                config=None) -> dict | None:
+    """Physically remove ``plan``'s units of base layer ``index`` from ``layer`` (a copy). Returns its layout.
+
+    ``config`` (the model's) is needed when the plan removes a whole sub-block of this layer."""
+    subs = removed_sub_blocks(adapter, plan, index, config) if plan.removed_sub_blocks() else []
+    gone = [m for sub in subs for m in sub.modules]
+    drops = {k: v for k, v in removed_features(adapter, g, plan, index).items() if not _inside(k[0], gone)}
+    absent = drop_sub_blocks(layer, subs, g)
     if not drops:
-        return None
+        return {"shapes": {}, "absent": absent} if absent else None
     shapes = {}
     for path in adapter.attn_modules + adapter.mlp_modules:
         drop_out, drop_in = drops.get((path, "out"), set()), drops.get((path, "in"), set())
@@ -91,11 +142,14 @@ def prune_layer(layer: nn.Module, adapter: Adapter, g: Geometry, plan: Plan, ind
         new = _slice_module(get_path(layer, path), drop_out, drop_in)
         setattr(get_path(layer, parent) if parent else layer, name, new)
         shapes[path] = [feature_count(new, "out"), feature_count(new, "in"), new.bias is not None]
+    extra = {"absent": absent} if absent else {}
+    if plan.attention_removed(index):
+        return {"shapes": shapes, **extra}
     kept_heads = list(plan.kept("head", index))
     n_kv = len(plan.kept("kv", index)) if g.n_kv != g.n_heads else len(kept_heads)
     adapter.set_attention_widths(layer, len(kept_heads), n_kv, kept_heads, g)
     return {"shapes": shapes, "attrs": adapter.attention_attrs(len(kept_heads), n_kv, g),
-            **adapter.layout_extras(kept_heads), **adapter.resize_norms(layer, drops)}
+            **adapter.layout_extras(kept_heads), **adapter.resize_norms(layer, drops), **extra}
 
 
 def drop_blocks(model: nn.Module, adapter: Adapter, keep: tuple[int, ...]) -> None:
@@ -138,7 +192,7 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = 
     layout_layers = {}
     kept = plan.kept_blocks()
     for new_idx, base_idx in enumerate(kept):
-        spec = prune_layer(layers[base_idx], adapter, g, plan, base_idx)
+        spec = prune_layer(layers[base_idx], adapter, g, plan, base_idx, pruned.config)
         if spec:
             layout_layers[str(new_idx)] = spec
     drop_blocks(pruned, adapter, kept)
@@ -201,6 +255,13 @@ def _skip_block_hook(adapter: Adapter):
     return hook
 
 
+def _zero_output_hook(module, args, output):
+    """A removed sub-block's module: its output becomes zeros (the attention's weights stay as they are)."""
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]),) + tuple(output[1:])
+    return torch.zeros_like(output)
+
+
 def kept_inputs(g: Geometry, plan: Plan, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept input features of the attention output projection [k_a] and of the MLP down projection [k_m]."""
     gone = set(plan.removed_heads_all(layer))
@@ -217,9 +278,14 @@ def install_masks(model: nn.Module, plan: Plan) -> Callable[[], None]:
         if i in plan.blocks:
             undo.append(layer.register_forward_hook(_skip_block_hook(adapter), with_kwargs=True).remove)
             continue
+        subs = removed_sub_blocks(adapter, plan, i, model.config) if plan.removed_sub_blocks() else []
+        for sub in subs:  # the sub-block's update (its last module's output) reads zero
+            undo.append(get_path(layer, sub.modules[-1]).register_forward_hook(_zero_output_hook).remove)
+        whole = {"attn": adapter.attn_out, "mlp": adapter.mlp_out}
+        gone = {whole[sub.part] for sub in subs}
         for path, keep, full in zip((adapter.attn_out, adapter.mlp_out), kept_inputs(g, plan, i),
                                     (g.n_heads * g.head_dim, g.n_channels)):
-            if len(keep) == full:
+            if len(keep) == full or path in gone:
                 continue
             parent, _, name = path.rpartition(".")
             owner, original = get_path(layer, parent) if parent else layer, get_path(layer, path)

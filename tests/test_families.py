@@ -203,8 +203,26 @@ def test_multi_query_attention_prunes_query_heads_and_keeps_the_kv_cache():
     assert flops_per_token(pruned, 64) < flops_per_token(model, 64)
     assert unit_params(g, adapter_for(model), model, "head") == 2 * g.head_dim * g.hidden
     assert any("not the KV cache" in n for n in family_notes(model))
-    with pytest.raises(PlanError, match="remove the whole block"):
-        apply_plan(model, Plan.empty(model).with_units("kv", 0, [0]))
+    gone = Plan.empty(model).with_units("kv", 0, [0])  # the one KV head: the whole attention sub-block (BlockPruner)
+    assert gone.attention_removed(0)
+    assert kv_cache_bytes(apply_plan(model, gone), 64) * g.n_layers == kv_cache_bytes(model, 64) * (g.n_layers - 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removed_sub_blocks_are_exact_and_keep_the_kv_cache_working(family):
+    """A layer without attention and one without MLP (BlockPruner): pruned = masked, exact parameter count, the same
+    greedy tokens with and without the KV cache; refused where the family adds the residual inside the sub-block."""
+    model = tiny_model(family)
+    plan = Plan.empty(model).without_attention(0).without_mlp(1)
+    if adapter_for(model).sub_block("attn", model.config) is None:
+        with pytest.raises(PlanError, match="alone"):
+            apply_plan(model, plan)
+        return
+    pruned = apply_plan(model, plan)
+    assert (logits(pruned) - logits(masked_model(model, plan))).abs().max() < 1e-5
+    assert dense_params(pruned) == plan.param_count(model)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(pruned.generate(IDS[:, :4], **kw), pruned.generate(IDS[:, :4], use_cache=False, **kw))
 
 
 def test_gemma_sliding_window_and_soft_capping_survive_depth_removal():
@@ -285,7 +303,7 @@ def test_every_criterion_scores_the_new_families(family):
     want = {"heads": (g.n_layers, g.n_heads), "kv": (g.n_layers, g.n_kv), "channels": (g.n_layers, g.n_channels),
             "blocks": (g.n_layers,)}
     fast = {"minillm": dict(queries=2, queries_per_pass=2)}
-    for name in ("magnitude", "wanda_sp", "flap", "taylor", "minillm", "slimgpt", "block_influence"):
+    for name in ("magnitude", "wanda_sp", "flap", "taylor", "minillm", "slimgpt", "block_influence", "blockpruner"):
         imap = importance.compute(model, name, CALIB, make_options(name, **fast.get(name, {})))
         for m in imap.available():
             assert tuple(imap.get(m).shape) == want[m] and torch.isfinite(imap.get(m)).all(), (name, m)

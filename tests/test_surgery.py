@@ -113,11 +113,17 @@ def test_masking_context_removes_hooks(tiny, ids):
     assert torch.equal(tiny(ids).logits, ref)
 
 
-def test_removing_every_head_is_refused(tiny):
+def test_removing_every_head_removes_the_attention_or_is_refused(tiny, ids):
+    """Every KV group of a kept layer gone = its attention sub-block removed (BlockPruner); refused where the family
+    cannot drop a sub-block alone (BLOOM)."""
     g = geometry_of(tiny)
     plan = Plan.empty(tiny).with_units("kv", 0, range(g.n_kv))
-    with pytest.raises(PlanError, match="remove the whole block"):
-        apply_plan(tiny, plan)
+    assert plan.attention_removed(0) and not plan.blocks
+    if adapter_for(tiny).sub_block("attn", tiny.config) is None:
+        with pytest.raises(PlanError, match="remove the whole block"):
+            apply_plan(tiny, plan)
+    else:
+        assert torch.equal(apply_plan(tiny, plan)(ids).logits, masked_model(tiny, plan)(ids).logits)
 
 
 def test_masking_means_zeroing_the_units_columns(tiny, ids):
@@ -157,7 +163,8 @@ IDS = torch.randint(4, 90, (2, 11), generator=torch.Generator().manual_seed(5))
 
 @st.composite
 def random_plans(draw):
-    """A family and a plan on it: some blocks, KV groups, equal-per-group query heads and channels per layer."""
+    """A family and a plan on it: some blocks, KV groups, equal-per-group query heads and channels per layer, and
+    now and then a whole attention or MLP sub-block."""
     family = draw(st.sampled_from(FAMILIES))
     model = FAMILY_MODELS[family]
     g = geometry_of(model)
@@ -178,6 +185,10 @@ def random_plans(draw):
         else:
             heads = sorted(draw(st.sets(st.integers(0, g.n_heads - 1), max_size=g.n_heads - 1)))
         plan = plan.with_units("head", layer, heads)
+        parts = [p for p in ("attn", "mlp") if adapter_for(model).sub_block(p, model.config) is not None]
+        sub = draw(st.sampled_from([None, None] + parts))  # a whole sub-block (BlockPruner) now and then
+        if sub:
+            plan = plan.without_sub_block(layer, sub)
     return family, plan
 
 
