@@ -83,7 +83,8 @@ if last is not None:
         cols[2].metric("Pruned + LoRA PPL", ui.fmt_ppl(lora_ppl), border=True, delta_color="inverse",
                        delta=ui.ppl_delta(lora_ppl, last.dense_ppl), help=f"LoRA: {last.lora}")
     cols[-1].metric("Scored tokens", f"{last.tokens:,}", border=True)
-    st.dataframe(pd.DataFrame(analysis.ppl_rows(last)), hide_index=True, key="ev_ppl_table", column_config={
+    st.dataframe(pd.DataFrame(analysis.ppl_rows(last)), hide_index=True, key="ev_ppl_table",
+                 placeholder=analysis.MISSING, column_config={
         "parameters": st.column_config.NumberColumn(format="compact"),
         "perplexity": st.column_config.NumberColumn(format="%.4g"),
         "vs dense": st.column_config.NumberColumn(format="percent")})
@@ -94,7 +95,7 @@ if evals:
         frame = pd.DataFrame([state.asdict_shallow(e) for e in evals]).reindex(columns=[
             "time", "summary", "dense_ppl", "pruned_ppl", "lora_ppl", "lora", "protocol", "text", "how", "complete"])
         frame = frame.dropna(axis="columns", how="all")  # no column of empty cells (no LoRA run yet)
-        st.dataframe(frame, hide_index=True, key="ev_table", column_config={
+        st.dataframe(frame, hide_index=True, key="ev_table", placeholder=analysis.MISSING, column_config={
             "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
             "pruned_ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g"),
             "lora_ppl": st.column_config.NumberColumn("pruned + LoRA PPL", format="%.4g")})
@@ -226,7 +227,8 @@ else:
     rows = [h.row() for h in hist]
     cols = [c for c in ("n", "time", "summary", "criterion", "strategy", "params", "dense_ppl", "ppl", "lora_ppl",
                         "protocol") if any(r[c] is not None for r in rows)]
-    st.dataframe(pd.DataFrame(rows)[cols], hide_index=True, key="ev_history", column_config={
+    st.dataframe(pd.DataFrame(rows)[cols], hide_index=True, key="ev_history", placeholder=analysis.MISSING,
+                 column_config={
         "params": st.column_config.NumberColumn("parameters", format="compact"),
         "dense_ppl": st.column_config.NumberColumn("dense PPL", format="%.3f"),
         "ppl": st.column_config.NumberColumn("pruned PPL", format="%.4g"),

@@ -223,7 +223,7 @@ with pv:
                       delta_color="inverse")
             st.dataframe(pd.DataFrame({"dense next token": [f"{t!r} {p:.0%}" for t, p in dense.next],
                                        "pruned next token": [f"{t!r} {p:.0%}" for t, p in masked.next]}),
-                         hide_index=True, key="pr_next")
+                         hide_index=True, key="pr_next", placeholder=analysis.MISSING)
         except Exception as e:  # noqa: BLE001
             show_error(e)
 

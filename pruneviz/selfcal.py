@@ -93,10 +93,24 @@ def cache_key(model: nn.Module, options: SelfGenOptions) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+class CancelStopping:
+    """A ``transformers`` stopping criterion that ends ``generate`` at the next token once ``cancel()`` answers True
+    (so a cancel is honoured within one decoding step, not after a whole batch of windows)."""
+
+    def __init__(self, cancel: Cancel):
+        self.cancel = cancel
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.cancel()), dtype=torch.bool, device=input_ids.device)
+
+
 def sample_windows(model: nn.Module, start: int, options: SelfGenOptions, progress: Progress | None,
               cancel: Cancel | None) -> torch.Tensor:
     """``options.n_generated`` sampled windows ``[n, seq_len]`` after the start token."""
+    from transformers import StoppingCriteriaList
+
     device, rows = execution_device(model), []
+    stopping = StoppingCriteriaList([CancelStopping(cancel)]) if cancel is not None else None
     n, done = options.n_generated, 0
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(options.seed)
@@ -108,7 +122,9 @@ def sample_windows(model: nn.Module, start: int, options: SelfGenOptions, progre
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                  temperature=options.temperature, top_p=options.top_p, top_k=0,
                                  max_new_tokens=options.seq_len, min_new_tokens=options.seq_len,
-                                 pad_token_id=start)  # [b, 1 + seq_len]
+                                 pad_token_id=start, stopping_criteria=stopping)  # [b, 1 + seq_len]
+            if cancel is not None and cancel():
+                raise Cancelled("self-generated calibration cancelled")
             rows.append(out[:, 1:].cpu())
             done += b
             if progress is not None:

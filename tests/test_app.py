@@ -935,3 +935,99 @@ def test_recommended_recipe_builds_its_plan_and_model(monkeypatch):
     assert at.session_state["history"][-1].sha == plan.sha256()
     clean(at.switch_page("pages/evaluate.py").run())
     assert any("not the calibration source" in c.value for c in at.caption)
+
+
+# ---- issue 11: bug 8 (reload mid-computation), bug 11 (None in tables) ---------------------------------------------
+
+def test_tables_show_missing_values_as_a_dash_never_none():
+    """Bug 11: tables showed the literal "None" (the dense row's "vs dense", history rows not yet evaluated, LoRA
+    columns before a LoRA run). Every table passes ``placeholder`` (checked in the source, so new tables do too),
+    and the perplexity table's missing cell is shown with it."""
+    import ast
+
+    root = Path(APP).parent
+    bare = []
+    for path in sorted([*root.glob("pages/*.py"), *root.glob("pruneviz/ui/*.py"), Path(APP)]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("dataframe", "table"):
+                if "placeholder" not in {k.arg for k in node.keywords}:
+                    bare.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not bare, f"tables without placeholder=ui.MISSING (they would show 'None'): {bare}"
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(20).run())
+    clean(at.switch_page("pages/evaluate.py").run())
+    clean(at.button(key="ev_run").click().run())
+    table = next(d for d in at.dataframe if "vs dense" in d.value.columns)
+    assert table.value["vs dense"].isna().any()  # the dense row has no change against itself
+    assert table.proto.placeholder == analysis.MISSING == "–"
+    assert all(d.proto.placeholder == analysis.MISSING for d in at.dataframe)
+
+
+def test_job_stops_when_the_page_that_started_it_is_gone(monkeypatch):
+    """Bug 8: a reload (or a closed tab) ends the browser session; its job answers cancel() at once instead of
+    keeping a core busy, and says why on the page that comes back."""
+    from pruneviz.ui import work
+    from pruneviz.ui.compat import StopException
+
+    alive = {"now": True}
+    monkeypatch.setattr(state, "session_alive", lambda sid: alive["now"])
+    monkeypatch.setattr(work, "ALIVE_EVERY", 0.0)
+    notes = []
+    monkeypatch.setattr(state, "notify", lambda message, icon="": notes.append(message))
+    done = []
+    with pytest.raises(StopException):
+        with work.Job("Work…", key="gone") as job:
+            for i in range(10):
+                if job.cancelled():
+                    break
+                if i == 3:
+                    alive["now"] = False  # the websocket closed
+                done.append(i)
+    assert done == [0, 1, 2, 3] and job.gone and not job.ok
+    assert notes and "page was reloaded or closed" in notes[0]
+
+
+def test_a_reloaded_page_gets_its_work_back(monkeypatch):
+    """Bug 8: after a reload the page is a new session; it takes over the maps, plan and history of the session
+    that is gone (same owner token in the URL), and the results that session's job still queues. A page of another
+    token (a new tab) starts empty."""
+    page = {"sid": "page-1"}
+    gone = set()
+    monkeypatch.setattr(state, "session_id", lambda: page["sid"])
+    monkeypatch.setattr(state, "session_alive", lambda sid: sid not in gone)
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(20).run())
+    plan, token = at.session_state["plan"], at.session_state[state.OWNER_KEY]
+    assert not plan.is_empty()
+
+    other = AppTest.from_file(APP, default_timeout=60)  # a new tab while the first is open: its own, empty work
+    page["sid"] = "tab-2"
+    clean(other.run())
+    assert not other.session_state["imaps"] and other.session_state[state.OWNER_KEY] != token
+
+    gone.add("page-1")  # the reload: the old session disconnects, a new one opens the same URL
+    state.shared().mailbox["page-1"] = [lambda ss: ss["notices"].append(("late result of the old page", "ℹ️"))]
+    page["sid"] = "page-2"
+    again = AppTest.from_file(APP, default_timeout=60)
+    again.query_params[state.OWNER_PARAM] = token
+    clean(again.run())
+    assert "magnitude" in again.session_state["imaps"]
+    assert again.session_state["plan"].sha256() == plan.sha256()
+    assert any("from before the page was reloaded" in t.value for t in again.toast)
+    assert any("late result of the old page" in t.value for t in again.toast)  # its job's queued result
+    assert state.heir("page-1") == "page-2" and "page-1" not in state.shared().mailbox
+    clean(again.switch_page("pages/prune.py").run())
+    assert again.session_state["plan"].sha256() == plan.sha256()
+
+
+def test_model_page_states_what_the_family_changes(tmp_path):
+    """Issue 12: the Model page says what a family changes (multi-query attention, post-norms, (1 + w) norms)."""
+    folder = tmp_path / "gemma3"
+    tiny_model("gemma3_text").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    at = open_app()
+    load_folder(at, folder)
+    clean(at.switch_page("pages/model.py").run())
+    notes = " ".join(i.value for i in at.info)
+    assert "multi-query attention" in notes and "not the KV cache" in notes
+    assert "norms after the output projections" in notes and "(1 + w)" in notes

@@ -187,6 +187,24 @@ def test_self_generated_keeps_the_lowest_perplexity_windows(tmp_path, monkeypatc
     assert float(kept_nll.max()) <= float(nll.sort().values[2]) + 1e-6
 
 
+def test_self_generated_calibration_stops_within_a_decoding_step():
+    """Bug 8: a cancel (e.g. the page that started the job was reloaded) stops ``generate`` at the next token, not
+    after the whole batch of windows."""
+    from pruneviz.progress import Cancelled
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    opts = SelfGenOptions(n_samples=2, seq_len=40, oversample=1.0, batch_size=2)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3  # the loop's own check, then two decoding steps, then stop
+
+    with pytest.raises(Cancelled):
+        sample_windows(model, start_token(tok), opts, None, cancel)
+    assert 3 < len(calls) < 10  # asked during decoding, and not once per token to the end (41)
+
+
 def test_self_generated_options_are_checked():
     from pruneviz.errors import TextError
 

@@ -27,6 +27,7 @@ from ..arch import WIDTH_KINDS, Geometry, adapter_for, unit_count
 from ..evaluate import attention_widths, flops_per_token, kv_cache_bytes
 from ..plan import Plan, dense_params
 
+MISSING = "–"  # what tables show for a missing value (st.dataframe(placeholder=...)); never "None"/"nan"
 Cell = tuple[int, int, int]  # (layer, first unit, last unit + 1)
 Edit = tuple[str, "int | None", tuple[int, ...], bool]  # (kind, layer, indices, remove?)
 

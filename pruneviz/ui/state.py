@@ -16,6 +16,8 @@ import copy
 import json
 import os
 import pathlib
+import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -97,6 +99,8 @@ class SharedStore:
         self.results: OrderedDict[str, dict] = OrderedDict()  # dense PPL, throughput, costs
         self.mailbox: dict[str, list[Callable]] = {}  # session id -> session-state updates for its next run
         self.busy: dict[str, str] = {}  # session id -> label of a job still finishing in a superseded run
+        self.workspaces: dict[str, dict[str, Workspace]] = {}  # owner token -> session id -> its live state
+        self.heirs: dict[str, str] = {}  # session id of a reloaded page -> the session that took its work
 
     def lock_for(self, key: str) -> threading.Lock:
         with self.lock:
@@ -390,7 +394,7 @@ def save(update: Callable[[Any], None]) -> None:
         update(st.session_state)
     except ScriptControlException:
         with shared().lock:
-            shared().mailbox.setdefault(session_id(), []).append(update)
+            shared().mailbox.setdefault(heir(session_id()), []).append(update)
 
 
 def drain() -> int:
@@ -403,8 +407,142 @@ def drain() -> int:
 
 
 def finishing_job() -> str | None:
-    """Label of a job of this session that is still finishing in a superseded run (None if there is none)."""
-    return shared().busy.get(session_id())
+    """Label of a job of this session that is still finishing in a superseded run, or in the session of the page
+    before a reload (:func:`restore_work`); None if there is none."""
+    store, me = shared(), session_id()
+    with store.lock:
+        return store.busy.get(me) or next((label for sid, label in store.busy.items() if heir(sid) == me), None)
+
+
+# ---- sessions that are gone, pages that were reloaded ---------------------------------------------------------------
+#
+# A reload (or a closed tab) ends the browser session: Streamlit asks its script run to stop, and a new session
+# starts with empty ``st.session_state``. Jobs notice through :func:`session_alive` (``work.Job.cancelled``) and stop
+# after the current step; their last results are queued for the session that takes over. Every run registers its
+# live session state under the page's owner token (``?owner=`` in the URL, which a reload keeps; the jobs panel uses
+# the same token), and the first run of a new session with that token takes over the work of a session that is gone.
+
+OWNER_PARAM = "owner"
+OWNER_KEY = "job_owner"  # session key of the token (shared with pruneviz.ui.jobs_panel)
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+WORK_KEYS = tuple(k for k in SESSION_DEFAULTS if k != "notices") + ("fidelity", "zeroshot")
+WORK_TTL = 30 * 60  # seconds a gone session's work waits for its page to come back
+MAX_WORKSPACES = 32  # owner tokens remembered at once
+
+
+@dataclass
+class Workspace:
+    """A session's live state (Streamlit's session state object, read when its page comes back) and when it last
+    ran."""
+
+    session_id: str
+    state: Any
+    seen: float
+
+
+def session_alive(sid: str) -> bool:
+    """False once the browser session ``sid`` has disconnected (its tab was closed or reloaded). True while it is
+    connected, and outside a running Streamlit server (AppTest, scripts), where no session ends."""
+    try:
+        from streamlit import runtime
+
+        if sid == "bare" or not runtime.exists():
+            return True
+        return bool(runtime.get_instance().is_active_session(sid))
+    except Exception:  # noqa: BLE001 - a runtime layout we do not know: never cancel work because of it
+        return True
+
+
+def heir(sid: str) -> str:
+    """The session that now holds the work of ``sid`` (``sid`` itself unless its page was reloaded)."""
+    store = shared()
+    for _ in range(64):  # a chain of reloads; bounded against a cycle
+        nxt = store.heirs.get(sid)
+        if nxt is None or nxt == sid:
+            break
+        sid = nxt
+    return sid
+
+
+def owner_token() -> str:
+    """The page's owner token: the session's, else the URL's (a reloaded page), else a new one; kept in the URL."""
+    ss = st.session_state
+    tok = ss.get(OWNER_KEY)
+    if not (isinstance(tok, str) and _TOKEN.match(tok)):
+        given = st.query_params.get(OWNER_PARAM)
+        tok = given if isinstance(given, str) and _TOKEN.match(given) else secrets.token_urlsafe(16)
+        ss[OWNER_KEY] = tok
+    if st.query_params.get(OWNER_PARAM) != tok:
+        st.query_params[OWNER_PARAM] = tok
+    return tok
+
+
+def keep_work() -> None:
+    """Register this session's live state under its owner token (every run), and forget the work of sessions that
+    have been gone longer than :data:`WORK_TTL`."""
+    ctx = get_script_run_ctx(suppress_warning=True)
+    if ctx is None:
+        return
+    tok, sid, now, store = owner_token(), session_id(), time.time(), shared()
+    with store.lock:
+        store.workspaces.setdefault(tok, {})[sid] = Workspace(sid, ctx.session_state, now)
+        for t, mine in list(store.workspaces.items()):
+            for s, w in list(mine.items()):
+                if now - w.seen > WORK_TTL and not session_alive(s):
+                    del mine[s]
+            if not mine:
+                del store.workspaces[t]
+        while len(store.workspaces) > MAX_WORKSPACES:
+            oldest = min(store.workspaces, key=lambda t: max(w.seen for w in store.workspaces[t].values()))
+            del store.workspaces[oldest]
+
+
+def restore_work(wait: float = 1.0) -> str | None:
+    """At the first run of a session: take over the work (maps, plan, built model, evaluations, history, chat, the
+    model in use) of the most recent session of the same owner token that is gone (the page before a reload), and
+    the results its jobs still queue. Returns what was restored ("1 map, a plan, ...") or None."""
+    ss = st.session_state
+    if ss.get("work_checked"):
+        return None
+    ss["work_checked"] = True
+    tok, me, store = owner_token(), session_id(), shared()
+    deadline = time.monotonic() + wait
+    while True:  # the old page's disconnect may reach the server just after the new page's first run starts
+        with store.lock:
+            others = [w for s, w in store.workspaces.get(tok, {}).items() if s != me]
+        gone = [w for w in others if not session_alive(w.session_id)]
+        if gone or not others or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if not gone:
+        return None
+    prev = max(gone, key=lambda w: w.seen)
+    try:
+        old = dict(prev.state.filtered_state)
+    except Exception:  # noqa: BLE001 - a state Streamlit has torn down: nothing to take
+        old = {}
+    for key in WORK_KEYS:
+        if old.get(key) is not None:
+            value = old[key]
+            ss[key] = copy.copy(value) if isinstance(value, (list, dict)) else value
+    with store.lock:
+        store.workspaces.get(tok, {}).pop(prev.session_id, None)
+        store.heirs[prev.session_id] = me
+        queued = store.mailbox.pop(prev.session_id, [])
+        if queued:
+            store.mailbox.setdefault(me, []).extend(queued)
+    return work_summary(ss) if old else None
+
+
+def work_summary(ss) -> str | None:
+    """What a session holds, in words ("a plan, 2 maps, 1 evaluation"), or None when it holds nothing."""
+    counts = [(len(ss.get("imaps") or {}), "map"), (len(ss.get("history") or []), "configuration"),
+              (len(ss.get("evals") or []), "evaluation"), (len(ss.get("chat") or []), "chat turn")]
+    parts = [f"{n} {what}{'s' if n != 1 else ''}" for n, what in counts if n]
+    plan = ss.get("plan")
+    if plan is not None and not plan.is_empty():
+        parts.insert(0, "a plan" + (" and its built model" if ss.get("pruned") is not None else ""))
+    return ", ".join(parts) or None
 
 
 # ---- plan ---------------------------------------------------------------------------------------------------------

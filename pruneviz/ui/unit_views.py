@@ -89,7 +89,8 @@ def selected_unit(imaps: dict, kind: str, g: Geometry, scale: str) -> None:
         rows = unit_scores(imaps, layer, kind, index)
         for r in rows:
             r["criterion"] = _title(r["criterion"])
-        st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"imp_sel_table_{kind}", column_config={
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"imp_sel_table_{kind}",
+                     placeholder=analysis.MISSING, column_config={
             "score": st.column_config.NumberColumn(format="%.4g"),
             "rank": st.column_config.NumberColumn("rank in layer", help="1 = most important (highest score)"),
             "of": st.column_config.NumberColumn("of"),

@@ -10,19 +10,26 @@ session's next run when this run may no longer touch ``st.session_state``; the n
 and refreshes when the old thread is done (:func:`pruneviz.ui.components.finishing_note`). Library errors are
 shown with ``st.error`` (their text says what to do); anything unexpected is logged and shown as a one-line
 message, never as a traceback.
+
+When the page is closed or reloaded, the session is gone: :meth:`Job.cancelled` answers ``True`` as soon as
+:func:`pruneviz.ui.state.session_alive` says so (checked at most every :data:`ALIVE_EVERY` seconds), so the work
+stops after its current step instead of keeping a core busy for nobody; what it finished reaches the reloaded
+page (:func:`pruneviz.ui.state.restore_work`).
 """
 from __future__ import annotations
 
 import logging
+import time
 
 import streamlit as st
 
 from ..errors import PrunevizError, is_oom, oom_advice
 from ..progress import Cancelled
 from . import state
-from .compat import ScriptControlException
+from .compat import ScriptControlException, StopException
 
 log = logging.getLogger("pruneviz.app")
+ALIVE_EVERY = 0.25  # seconds between two checks that the browser session is still there
 
 
 def error_text(exc: BaseException) -> str:
@@ -58,6 +65,8 @@ class Job:
         self.interrupt: BaseException | None = None
         self.error: BaseException | None = None
         self.ok = False
+        self.gone = False  # the browser session ended (page closed or reloaded) while the job ran
+        self._checked = 0.0
 
     def __enter__(self) -> "Job":
         self.sid = state.session_id()
@@ -85,8 +94,18 @@ class Job:
         return lambda fraction, message="": self.progress(fraction, f"{prefix}{message}")
 
     def cancelled(self) -> bool:
-        """Cancel callback for pruneviz functions: True once the user interrupted."""
+        """Cancel callback for pruneviz functions: True once the user interrupted, or once the page that started
+        the job was closed or reloaded."""
+        if self.interrupt is None and self._session_gone():
+            self.gone, self.interrupt = True, StopException()
         return self.interrupt is not None
+
+    def _session_gone(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked < ALIVE_EVERY:
+            return False
+        self._checked = now
+        return not state.session_alive(self.sid)
 
     def note(self, text: str) -> None:
         """Update the status label (between steps)."""
@@ -106,7 +125,11 @@ class Job:
         if isinstance(exc, ScriptControlException):
             return False
         if self.interrupt is not None:
-            state.notify(self.cancel_note, "⏹️")
+            if self.gone or not state.session_alive(self.sid):
+                state.notify(f"{self.label.rstrip('…. ')}: stopped because the page was reloaded or closed. Results "
+                             "finished before were kept.", "⏹️")
+            else:
+                state.notify(self.cancel_note, "⏹️")
             raise self.interrupt
         self._cancel_slot.empty()
         if exc is None:

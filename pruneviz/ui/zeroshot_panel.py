@@ -30,6 +30,7 @@ from ..zeroshot import (
     write_mc_task,
 )
 from . import state
+from .analysis import MISSING
 from .work import Job, show_error
 
 TASK_DIR_ENV = "PRUNEVIZ_TASK_DIR"  # default folder of local lm-eval task YAMLs
@@ -129,7 +130,8 @@ def _fidelity_section(loaded, plan, text, protocol: str) -> None:
                    f"{r.label}: {r.how} · {res.n_tokens:,} tokens · {res.protocol_text}")
     if records:
         with st.expander(f"All fidelity measurements ({len(records)})", icon=":material/table:"):
-            st.dataframe(pd.DataFrame(fidelity_rows(records)), hide_index=True, key="ev_fid_table", column_config={
+            st.dataframe(pd.DataFrame(fidelity_rows(records)), hide_index=True, key="ev_fid_table", placeholder=MISSING,
+                         column_config={
                 "KL mean": st.column_config.NumberColumn(format="%.4f"),
                 "KL p99": st.column_config.NumberColumn(format="%.4f"),
                 "top-1": st.column_config.NumberColumn(format="percent"),
@@ -237,12 +239,13 @@ def _zeroshot_section(loaded, plan) -> None:
     records = _mine("zeroshot")
     current = [r for r in records if r.sha == plan.sha256()]
     if current:
-        st.dataframe(comparison_table(current), hide_index=True, key="ev_zs_compare")
+        st.dataframe(comparison_table(current), hide_index=True, key="ev_zs_compare", placeholder=MISSING)
         last = current[-1].result
         st.caption(("⚠️ PARTIAL (cancelled) · " if not last.complete else "") + last.protocol())
     if records:
         with st.expander(f"All zero-shot runs ({len(records)})", icon=":material/table:"):
-            st.dataframe(pd.DataFrame(zeroshot_rows(records)), hide_index=True, key="ev_zs_table", column_config={
+            st.dataframe(pd.DataFrame(zeroshot_rows(records)), hide_index=True, key="ev_zs_table", placeholder=MISSING,
+                         column_config={
                 "acc": st.column_config.NumberColumn(format="percent"),
                 "acc_norm": st.column_config.NumberColumn(format="percent"),
                 "acc_stderr": st.column_config.NumberColumn("± acc", format="percent"),

@@ -39,7 +39,9 @@ def server(tmp_path_factory):
         pytest.skip("Debian's chromium is not installed (make test installs it with apt-get)")
     port = _free_port()
     env = {**os.environ, "PRUNEVIZ_MODEL": "bundled", "HF_HUB_OFFLINE": "1",
-           "PRUNEVIZ_EXPORT_DIR": str(tmp_path_factory.mktemp("exports"))}
+           "PRUNEVIZ_EXPORT_DIR": str(tmp_path_factory.mktemp("exports")),
+           "PRUNEVIZ_CACHE": str(tmp_path_factory.mktemp("cache")),  # selfcal and GGUF caches: not the user's
+           "PRUNEVIZ_RUNS": str(tmp_path_factory.mktemp("runs") / "runs.sqlite")}
     log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true"],
@@ -101,54 +103,223 @@ def plan_text(page) -> str:
     return page.get_by_text(re.compile(r"^Plan:")).first.inner_text()
 
 
+CHECK = {"width": 1400, "height": 900}  # the issue's screen: what must be visible without scrolling
+SHOOT = {"width": 1400, "height": 1800}  # screenshots: tall enough for each page's main content
+
+
+def keyed(page, key: str):
+    """The element of the widget with ``key`` (Streamlit gives its container the class ``st-key-<key>``)."""
+    return page.locator(f".st-key-{key}")
+
+
+def choose(page, key: str, option: str) -> None:
+    keyed(page, key).get_by_role("combobox").click()
+    page.get_by_role("option", name=option, exact=True).click()
+    idle(page)
+
+
+def body(page) -> str:
+    return page.locator("body").inner_text()
+
+
+def truncated_metric_labels(page) -> list[str]:
+    """Metric labels cut off with an ellipsis (their text is wider than their box)."""
+    return page.evaluate("""() => [...document.querySelectorAll("[data-testid='stMetricLabel']")]
+        .filter(e => e.offsetParent !== null)
+        .filter(e => [e, ...e.querySelectorAll('*')].some(x => x.scrollWidth > x.clientWidth + 1))
+        .map(e => e.innerText)""")
+
+
+def overlap(a, b) -> bool:
+    return not (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"] or
+                a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"])
+
+
+def pills_clear(page, pills_key: str, other_keys: list[str], widths=(1400, 1920)) -> None:
+    """Bug 5: a pill row wraps inside its own row and never sits under the controls next to it."""
+    for w in widths:
+        page.set_viewport_size({"width": w, "height": CHECK["height"]})
+        page.wait_for_timeout(400)
+        pills = keyed(page, pills_key).bounding_box()
+        for k in other_keys:
+            box = keyed(page, k).bounding_box()
+            assert box is not None and not overlap(pills, box), (w, pills_key, k, pills, box)
+    page.set_viewport_size(SHOOT)
+
+
+def heatmap(page):
+    """The drag layer of the first visible heatmap (the active tab's)."""
+    return page.locator("[data-testid='stPlotlyChart']:visible").first.locator(".nsewdrag").first
+
+
+def click_cell(page, fx: float, fy: float) -> None:
+    box = heatmap(page).bounding_box()
+    page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+    idle(page)
+
+
+def selected_tab(page) -> str:
+    return page.locator("[role='tab'][aria-selected='true']:visible").first.inner_text().strip()
+
+
 def test_user_journey(page):
+    """The journey, with the checks of issue 11's bugs 1-6, 8 and 11 (each says which bug it guards)."""
+    t0 = time.time()
     page.get_by_text("Prunable units").first.wait_for(timeout=LONG)  # the model page shows the unit summary
-    body = page.locator("body").inner_text()
-    assert "SmolLM2" in body and "30 blocks, 9 query heads (3 KV groups of 3)" in body
+    text = body(page)
+    assert "SmolLM2" in text and "30 blocks, 9 query heads (3 KV groups of 3)" in text
+    assert "llama/llama" not in text  # bug 11: the geometry caption
+    page.set_viewport_size(CHECK)
+    assert truncated_metric_labels(page) == []  # bug 11: metric labels at 1400 px
+    page.set_viewport_size(SHOOT)
     shot(page, "1-model")
     no_exceptions(page)
 
+    # ---- Importance: bugs 5, 6 and the default colour scale -------------------------------------------------------
     nav(page, "Importance")
-    page.get_by_role("button", name="Compute importance").click()  # the default criterion
+    page.get_by_role("button", name="Compute importance").click()  # the default criterion (magnitude)
     idle(page)
     page.locator("[data-testid='stPlotlyChart']").first.wait_for()
-    shot(page, "2-importance")
     no_exceptions(page)
-
-    nav(page, "Prune")
-    before = plan_text(page)
-    plot = page.locator("[data-testid='stPlotlyChart']").first
-    box = plot.locator(".nsewdrag").first.bounding_box()
-    page.mouse.click(box["x"] + box["width"] * (5 / 6), box["y"] + box["height"] * (10.5 / 30))  # a KV-group cell
+    assert "rank" in keyed(page, "imp_scale").locator("[aria-checked='true'], [aria-pressed='true'], "
+                                                     "[data-testid*='Active']").first.inner_text()  # bug 11
+    box = heatmap(page).bounding_box()  # bug 6: hover values on the Importance heatmaps
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    hover = page.locator("[data-testid='stPlotlyChart'] .hovertext").first
+    hover.wait_for(timeout=10_000)
+    tip = hover.text_content() or ""
+    assert re.search(r"layer \d+", tip) and re.search(r"\d\.\d", tip), tip
+    page.mouse.move(5, 5)
+    keyed(page, "imp_criteria").get_by_role("button", name="Wanda-sp").click()  # bug 5: a second criterion
     idle(page)
+    keyed(page, "imp_cal_n").locator("input").fill("4")
+    page.keyboard.press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Compute importance").click()
+    idle(page)
+    show = keyed(page, "imp_show")
+    show.get_by_role("button", name="Wanda-sp").wait_for(timeout=LONG)  # the job ran (inline or in the background)
+    idle(page)
+    assert show.locator("[aria-pressed='true'], [aria-checked='true'], [data-testid*='Active']").filter(
+        has_text="Wanda-sp").count() == 1, show.inner_html()[:1500]  # the new map is shown, not hidden
+    assert page.locator("[data-testid='stPlotlyChart']:visible").count() >= 2  # both maps side by side
+    pills_clear(page, "imp_show", ["imp_scale", "imp_overlay"])
+    no_exceptions(page)
+    shot(page, "2-importance")
+
+    # ---- Prune: a KV-group click, bug 2 (query-head clicks and the GQA warning), bug 8 (reload) --------------------
+    nav(page, "Prune")
+    choose(page, "pr_criterion", "Weight magnitude")
+    before = plan_text(page)
+    click_cell(page, 5 / 6, 10.5 / 30)  # a KV-group cell (layer 10, group 2)
     after = plan_text(page)
     assert after != before, (before, after)
+    page.get_by_role("tab", name="Query heads").click()
+    idle(page)
+    click_cell(page, 4.5 / 9, 12.5 / 30)  # one query head of layer 12: unequal heads per group
+    assert "equal heads per KV group" in body(page)  # the GQA warning appeared above the tabs
+    assert selected_tab(page) == "Query heads"  # ... and the view stayed on the query heads
+    with_head = plan_text(page)
+    assert with_head != after
+    click_cell(page, 4.5 / 9, 12.5 / 30)  # the same cell again: the head comes back (not a KV group toggled)
+    assert plan_text(page) == after and selected_tab(page) == "Query heads"
+    assert "equal heads per KV group" not in body(page)
+    page.reload()  # bug 8: a reload keeps the maps and the plan
+    idle(page)
+    page.get_by_text(re.compile(r"^Plan:")).first.wait_for()
+    assert plan_text(page) == after, body(page)[:1500]
+    no_exceptions(page)
+    page.set_viewport_size(CHECK)  # bug 11: a long job's progress shows next to its button, without scrolling
+    page.get_by_role("button", name="Run the recommended recipe").click()
+    status = page.get_by_text(re.compile(r"Running the recommended recipe")).first
+    status.wait_for(timeout=30_000)
+    box = status.bounding_box()
+    assert box is not None and 0 <= box["y"] < CHECK["height"] - 40, box
+    page.wait_for_timeout(2000)
+    assert truncated_metric_labels(page) == []
+    page.set_viewport_size(SHOOT)
+    t_reload = time.time()
+    page.reload()  # bug 8: mid-computation; the orphaned job stops at once and says so on the page that came back
+    page.get_by_text("stopped because the page was reloaded").first.wait_for(timeout=120_000)
+    stop_seconds = time.time() - t_reload
+    idle(page)
+    assert plan_text(page) == after
+    assert stop_seconds < 60, stop_seconds
+    no_exceptions(page)
     shot(page, "3-prune")
     page.get_by_role("button", name="Build the pruned model").click()
     idle(page)
     no_exceptions(page)
 
+    # ---- Chat: bug 3 (text shown as text) ---------------------------------------------------------------------------
     nav(page, "Chat")
-    page.get_by_placeholder("Ask both models…").fill("What is a Python list?")
+    page.get_by_placeholder("Ask both models…").fill("# What is a Python list?")
     page.keyboard.press("Enter")
     idle(page)
     replies = page.locator("[data-testid='stChatMessage']")
-    assert replies.count() >= 2
-    assert "tokens/s" in page.locator("body").inner_text()
+    assert replies.count() >= 3
+    assert page.locator("[data-testid='stChatMessage'] h1").count() == 0  # a '#' line is not a heading
+    assert "# What is a Python list?" in replies.first.inner_text()
+    assert "tokens/s" in body(page)
+    page.set_viewport_size(CHECK)
+    assert truncated_metric_labels(page) == []
+    page.set_viewport_size(SHOOT)
     shot(page, "4-chat")
     no_exceptions(page)
 
+    # ---- Evaluate: bug 4 (a very short text), bug 5 (Ratios pills), bug 11 (no None in tables) -------------------
     nav(page, "Evaluate")
+    choose(page, "ev_text_text_kind", "Paste text")
+    keyed(page, "ev_text_paste").locator("textarea").fill("only a few words here")
+    page.keyboard.press("Control+Enter")
+    idle(page)
     page.get_by_role("button", name="Evaluate dense and pruned").click()
     idle(page)
-    assert "PPL protocol" in page.locator("body").inner_text()
+    page.wait_for_timeout(1500)
+    idle(page)
+    text = body(page)
+    assert "UnboundLocalError" not in text and "Unexpected error" not in text, text[:2000]
+    assert len(re.findall(r"at least 128 tokens", text)) == 1, text[:3000]
+    assert "'quick' protocol" not in text
+    no_exceptions(page)
+    choose(page, "ev_text_text_kind", "Bundled (Python docs, held-out split)")
+    page.get_by_role("button", name="Evaluate dense and pruned").click()
+    idle(page)
+    page.get_by_text("Scored tokens").first.wait_for()
+    assert "PPL protocol" in body(page)
+    pills_clear(page, "ev_sweep_ratios", ["ev_sweep_crits", "ev_sweep_what"])
+    page.set_viewport_size(CHECK)
+    assert truncated_metric_labels(page) == []
+    page.set_viewport_size(SHOOT)
     shot(page, "5-evaluate")
     no_exceptions(page)
 
+    # ---- Export, then bug 1: the exported per-layer checkpoint loads and every page works --------------------------
     nav(page, "Export")
     page.get_by_role("button", name="Export checkpoint").click()
     idle(page)
-    body = page.locator("body").inner_text()
-    assert re.search(r"Verified: reloaded in \w+ format, max \|Δ logit\| 0\b", body), body[:2000]
+    text = body(page)
+    assert re.search(r"Verified: reloaded in \w+ format, max \|Δ logit\| 0\b", text), text[:2000]
+    folder = re.search(r"Written to (/\S+)", text).group(1).strip("`")
+    page.set_viewport_size(CHECK)
+    assert truncated_metric_labels(page) == []
+    page.set_viewport_size(SHOOT)
     shot(page, "6-export")
     no_exceptions(page)
+
+    choose(page, "model_source", "Local folder")
+    keyed(page, "model_folder").locator("input").fill(folder)
+    page.keyboard.press("Enter")
+    idle(page)
+    keyed(page, "model_load").get_by_role("button").click()
+    idle(page)
+    for name in ("Model", "Importance", "Prune", "Chat", "Evaluate", "Export"):
+        nav(page, name)
+        text = body(page)
+        assert "PlanError" not in text and "this model is already pruned" not in text, (name, text[:1500])
+        no_exceptions(page)
+    nav(page, "Model")
+    text = body(page)
+    assert "The plan it carries" in text and "Model card" in text, text[:2000]
+    assert "1 KV group" in text or "KV group" in text
+    print(f"journey: {time.time() - t0:.0f} s; the job orphaned by a reload stopped after {stop_seconds:.1f} s")
