@@ -157,6 +157,15 @@ def slimgpt(calib="peers", **options):
     return run
 
 
+def slimllm(calib="peers", **options):
+    """SlimLLM end to end (pruneviz.criteria.slimllm.slimllm_prune_to): map, strategy, swaps, compensation."""
+    def run(model, calibs, target):
+        from pruneviz.criteria.slimllm import slimllm_prune_to
+
+        return slimllm_prune_to(model, calibs(calib), target, **options)
+    return run
+
+
 def recipe(**changes):
     """The library's recommended recipe (pruneviz.recipe), optionally with fields changed."""
     def run(model, calibs, target):
@@ -192,6 +201,11 @@ METHODS = {
     "minillm": allocated("minillm", "uniform"),
     "slimllm": allocated("slimllm", "uniform"),
     "slimllm (MLP only; affine)": allocated("slimllm", "uniform", "affine", **MLP),
+    "slimllm (paper: PCA channels, swaps, cosine ratios; affine)": slimllm(),
+    "slimllm (paper; query heads)": slimllm(attn_unit="head"),
+    "slimllm (paper, no swaps)": slimllm(swaps=False),
+    "slimllm (paper; correlation channels)": slimllm(criterion_options={"channel_score": "correlation"}),
+    "slimllm (paper's ratios, MLP only; affine)": slimllm(attn_share=0.0),
     "recipe (recommended)": recipe(),
     "recipe (Python-docs calibration)": recipe(calibration="text"),
     "flap (MLP only; affine)": allocated("flap", "global", "affine", **MLP),

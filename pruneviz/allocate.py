@@ -594,8 +594,21 @@ def incremental_width(job: Job, layers: Sequence[int], budget: float, plan: Plan
     o = job.options
     lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
     _need_parts(lads, o.attn_share, job.imap)
-    width = sum(ld.cost * len(ld.steps) for part in lads.values() for ld in part)
-    weights = schedule_weights(len(layers), min(budget / width, 1.0), o.schedule, o.r0)
+    weights = schedule_weights(len(layers), min(budget / width_params(lads), 1.0), o.schedule, o.r0)
+    return ratio_width(job, lads, layers, budget, plan, weights, schedule=o.schedule)
+
+
+def width_params(lads: dict[str, list[Ladder]]) -> int:
+    """Parameters the ladders can prune at most (every unit of every layer)."""
+    return sum(ld.cost * len(ld.steps) for part in lads.values() for ld in part)
+
+
+def ratio_width(job: Job, lads: dict[str, list[Ladder]], layers: Sequence[int], budget: float, plan: Plan,
+                weights: Sequence[float], **extras) -> Allocation:
+    """Unit totals from the budget (attention first by ``attn_rounding``, channels fill the rest), split over
+    ``layers`` in proportion to ``weights`` (per-layer ratios: SlimGPT's schedule, SlimLLM's cosine ratios) and
+    capped at each ladder's room; ``weights`` and ``extras`` go to the plan's provenance."""
+    o = job.options
     taken, left = {}, budget
     for part, part_budget in (("attn", _attn_budget(lads, o.attn_share, budget)), ("mlp", None)):
         if not lads[part]:
@@ -606,7 +619,7 @@ def incremental_width(job: Job, layers: Sequence[int], budget: float, plan: Plan
         taken.update({(ld.layer, part): k for ld, k in zip(lads[part], counts)})
         left -= sum(counts) * cost
     fill = lads["mlp"] or lads["attn"]
-    extras = {"layer_ratios": dict(zip(map(int, layers), weights)), "schedule": o.schedule}
+    extras = {"layer_ratios": dict(zip(map(int, layers), weights)), **extras}
     alloc = Allocation(plan_with(plan, taken, lads), fill[0].cost, _width_limit(job))
     return dataclasses.replace(alloc, plan=alloc.plan.with_provenance(**extras))
 

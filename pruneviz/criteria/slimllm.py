@@ -1,17 +1,40 @@
-"""SlimLLM (Guo et al., ICML 2025, code ``guojialong1/Slimllm``): head removal by output correlation, and the
-per-dimension affine compensation, for any plan.
+"""SlimLLM (Guo et al., ICML 2025, arXiv 2505.22689, code ``guojialong1/Slimllm``): the whole method as pieces
+that compose with the rest of pruneviz; :func:`slimllm_prune_to` runs them in the paper's order.
 
-**Head score.** Per layer, the attention output is the sum of its heads' contributions,
+**Head score** (criterion ``slimllm``). Per layer, the attention output is the sum of its heads' contributions,
 ``S = Σ_h o_h`` with ``o_h = x_h · W_o[:, h]`` (``x_h`` the head's ``head_dim`` inputs of the output
 projection). Removing head ``h`` leaves ``S − o_h``; SlimLLM keeps the heads whose removal would change the
 *direction* of the output most, measured per output dimension ``d`` by the Pearson correlation over calibration
 tokens, ``ρ_d(h) = corr(S_d − o_{h,d}, S_d)``, summed as ``Σ_d |ρ_d(h)|``: a head whose removal leaves the
 output highly correlated with the dense one is safe to remove. The importance here is ``Σ_d (1 − |ρ_d(h)|)``
-(higher = keep). GQA (the paper has none): a KV group's contribution is the sum of its query heads'
-(``o_g = Σ_{h∈g} o_h``) and is scored the same way. MLP channels are scored by the same correlation of the down
-projection's output with and without the channel (``o_c = act_c · W_d[:, c]``): SlimLLM's PCA-weighted channel
-norm is not reproduced (choice; the correlation score keeps one reading for both structures). SlimLLM's greedy
-head swaps are not run: allocation ranks the scores.
+(higher = keep). GQA (the paper has none; its code slices k/v rows like q rows): a KV group's contribution is
+the sum of its query heads' (``o_g = Σ_{h∈g} o_h``) and is scored the same way.
+
+**Channel score** (option ``channel_score``). ``"pca"`` (default, the paper's MLP score, official
+``LlamaMLP.compress``): with ``X`` the MLP input, ``A`` the down projection's input (the channels) and ``Y`` its
+output over the calibration tokens, the principal components of ``Y`` (eigenvalues ``λ``, eigenvectors ``V`` of
+the centred scatter ``Σ(Y−Ȳ)(Y−Ȳ)ᵀ``) weigh each channel's write direction:
+``I(c) = Σ_rows ‖W_in[r, :] ⊙ ‖X‖‖₂ + ‖A_c‖₂ · ‖ |W_d[:, c]ᵀ V| ⊙ σ(|λ| / mean|λ|) ‖₂``, the first sum over the
+channel's rows of the input projections (gate and up; one fc row for non-gated MLPs; both halves of a fused
+gate_up), norms over tokens. ``Y`` is taken without the projection's bias (the centred scatter does not see it).
+``"correlation"`` scores channels by the head score's removal correlation (``o_c = A_c · W_d[:, c]``), pruneviz's
+earlier default. ``spare_lowest`` reproduces the official code's quirk of keeping each layer's lowest 1% of
+channels (not in the paper's text; default off).
+
+**Greedy swaps** (:func:`refine_heads`, a solver step: it depends on how many units a layer loses). The initial
+removal set of a layer is the allocation's (the units of highest single-removal correlation, as in the paper);
+then each removed unit in turn is swapped with the kept unit that most raises the *set* objective
+``Σ_d |corr(Σ_{u kept} o_{u,d}, S_d)|`` (joint removal, not a sum of singles), if any does. The official code
+makes one such pass; here passes repeat until none makes a swap (a local optimum under single swaps) or
+``swap_rounds`` passes. The objective for any set comes from per-unit moments ``Σ o_u`` and ``Σ o_u ⊙ o_v``
+(:class:`UnitMoments`, one layer at a time). GQA: with ``attn_unit="kv"`` swaps exchange whole KV groups; with
+``"head"`` a removed query head swaps only with a kept head of its own KV group, so every group keeps its count.
+
+**Layer ratios** (allocation strategy ``slimllm``): the mean token cosine between each block's input and output
+(``extras["layer_cosine"]``, dense model); the most redundant blocks are pruned most,
+``r_l = r · n · softmax(α·cos)_l`` over the ``n`` blocks of highest cosine (see
+:func:`pruneviz.schedules.cosine_ratios` for the normalisation to the target, the bounds and the choices), unit
+totals from the parameter target as for every strategy (so plans land at or under it).
 
 **Affine compensation** (compensator ``"affine"``, usable with a plan from any criterion): for each output
 projection of a kept layer that loses units, every output dimension ``d`` is refitted by least squares over the
@@ -21,24 +44,49 @@ projection's weight rows and bias. FLAP's bias compensation is the special case 
 one pass of the dense model (every layer sees dense inputs, as in FLAP); the projection gains a bias where it had
 none (counted by :meth:`pruneviz.plan.Plan.param_count`). ``shrink`` (default 0) pulls ``a_d`` toward 1 as a
 ridge penalty ``λ = shrink · var(z_d)`` on ``a_d − 1``.
+
+**Dense statistics** (choice): every statistic (scores, cosines, swap moments, affine fits) is taken on the
+dense model's activations, block by block through the capture engine (offloaded models work). The official
+code prunes block by block, each block calibrated on the outputs of the already pruned ones; pruneviz keeps one
+dense pass so that scores are a map like every criterion's and plans can be edited before they are built.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
+from ..allocate import (
+    MAX_LAYER_RATIO,
+    Allocation,
+    Job,
+    Target,
+    _need_parts,
+    allocate,
+    ladders,
+    ratio_width,
+    register_allocator,
+    round_half_up,
+    vllm_width,
+    width_layers,
+    width_params,
+)
 from ..arch import adapter_for, geometry_of, get_path, weight_axis
+from ..errors import CriterionError, PlanError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
-from ..offload import clone_model, execution_device
+from ..offload import clone_model, execution_device, materialized
 from ..plan import Plan
 from ..progress import Span, context_of
+from ..schedules import cosine_ratios
 from ..surgery import register_compensator
-from .stats import DEFAULT_BATCH_SIZE, token_batches
+from .capture import LayerStream, capture_inputs
+from .stats import DEFAULT_BATCH_SIZE, check_hookable
 
 PAPER = "SlimLLM, Guo et al., ICML 2025"
 UNIT_CHUNK = 64  # units whose contributions [tokens, units, hidden] are materialised at once
+TOKEN_CHUNK = 1024  # tokens whose per-head contributions [tokens, heads, hidden] the swap moments take at once
 
 
 # ---- streaming sums per output dimension ------------------------------------------------------------------------
@@ -82,20 +130,144 @@ class PairSums:
         return torch.where(den > 0, cov / den.clamp_min(1e-300), torch.zeros_like(cov))
 
 
-def _unit_contributions(module: nn.Module, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Per-unit contributions ``[N, k, D]`` to ``module``'s output of input columns grouped by ``groups`` [k, w]."""
-    w = module.weight.detach().float()  # Linear [D, in]
+def _rows(module: nn.Module) -> torch.Tensor:
+    """``module``'s weight as ``[out, in]`` in its dtype (transposes GPT-2 ``Conv1D``)."""
+    w = module.weight.detach()
+    return w.T if weight_axis(module, "out") == 1 else w
+
+
+def weight_rows(module: nn.Module) -> torch.Tensor:
+    """fp32 ``[out, in]`` copy of ``module``'s weight, also inside a forward pre-hook of an offloaded module (whose
+    weight is materialised only by its own forward)."""
+    with materialized(module):
+        return _rows(module).float().clone()
+
+
+def _unit_contributions(w: torch.Tensor, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per-unit contributions ``[N, k, D]`` to the output of a projection of weight ``w`` [D, in] (fp32) of input
+    columns grouped by ``groups`` [k, w]."""
     xs = x.float()[:, groups]  # [N, k, w]
     return torch.einsum("nkw,dkw->nkd", xs, w[:, groups])
 
 
+# ---- the PCA-weighted MLP channel score --------------------------------------------------------------------------
+
+@dataclass
+class PcaSums:
+    """Per layer, sums over tokens for SlimLLM's channel score (fp64): ``Σ X_j²`` of the MLP input [D],
+    ``Σ A_c²`` of the down projection's input [C], ``Σ Y`` [D] and ``Σ Y Yᵀ`` [D, D] of its bias-free output."""
+
+    n: int = 0
+    x_sq: torch.Tensor | float = 0.0
+    a_sq: torch.Tensor | float = 0.0
+    y: torch.Tensor | float = 0.0
+    yy: torch.Tensor | float = 0.0
+
+    def add_input(self, x: torch.Tensor) -> None:  # [N, D]
+        self.x_sq = self.x_sq + x.double().pow(2).sum(0).cpu()
+
+    def add_output(self, a: torch.Tensor, y: torch.Tensor) -> None:  # [N, C], [N, D]
+        a, y = a.double(), y.double()
+        self.n += a.shape[0]
+        self.a_sq = self.a_sq + a.pow(2).sum(0).cpu()
+        self.y, self.yy = self.y + y.sum(0).cpu(), self.yy + (y.T @ y).cpu()
+
+    def scatter(self) -> torch.Tensor:
+        """Centred scatter matrix ``Σ (Y − Ȳ)(Y − Ȳ)ᵀ`` [D, D] (the paper's ``cov``, not divided by N)."""
+        return self.yy - torch.outer(self.y, self.y) / max(self.n, 1)
+
+
+def pca_down_score(w_down: torch.Tensor, act_sq: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+    """SlimLLM's output-side channel term ``I_d(c) = ‖A_c‖ · ‖ |W_d[:, c]ᵀ V| ⊙ σ(|λ| / mean|λ|) ‖₂`` [C].
+
+    ``w_down`` [D, C] (Linear layout), ``act_sq`` [C] = ``Σ A_c²``, ``scatter`` [D, D] of the MLP output; ``λ``, ``V``
+    its eigenvalues and eigenvectors (principal components; the score does not depend on their order or signs)."""
+    lam, vec = torch.linalg.eigh(scatter.double())  # [D], [D, D]
+    lam = lam.abs()
+    weight = torch.sigmoid(lam / lam.mean().clamp_min(1e-300))  # [D]
+    proj = (w_down.double().T @ vec).abs() * weight  # [C, D]: each channel's write direction in the PCA basis
+    return act_sq.double().sqrt() * proj.norm(dim=-1)
+
+
+def input_side_score(layer: nn.Module, rows: dict[str, torch.Tensor], g, x_sq: torch.Tensor) -> torch.Tensor:
+    """``Σ`` over the channel's rows ``r`` of the MLP input projections of ``‖W[r, :] ⊙ ‖X‖‖₂`` [C]: SlimLLM's
+    ``I_g + I_u`` (gate and up rows; one fc row for non-gated MLPs, both halves of a fused gate_up)."""
+    score = torch.zeros(g.n_channels, dtype=torch.float64)
+    xn = x_sq.double().sqrt()  # [D] ‖X_j‖ over tokens
+    for path, idx in rows.items():
+        norms = (_rows(get_path(layer, path)).double().cpu() * xn).norm(dim=-1)  # [out]
+        score += norms[idx].sum(-1)  # idx [C, k]
+    return score
+
+
+def channel_rows(adapter, g) -> dict[str, torch.Tensor]:
+    """Output rows [C, k] of each MLP input projection that channel ``c`` owns (from the adapter's slices)."""
+    rows: dict[str, list] = {}
+    for c in range(g.n_channels):
+        per: dict[str, list] = {}
+        for s in adapter.channel_slices(g, c):
+            if s.axis == "out" and s.module != adapter.mlp_out:
+                per.setdefault(s.module, []).extend(s.index)
+        for path, idx in per.items():
+            rows.setdefault(path, []).append(idx)
+    return {p: torch.tensor(r, dtype=torch.long) for p, r in rows.items()}
+
+
+def pca_channel_score(layer: nn.Module, adapter, g, sums: PcaSums, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SlimLLM's channel importance ``I_g + I_u + I_d`` [C] of one layer (higher = keep; ``rows`` from
+    :func:`channel_rows`); see the module docstring."""
+    with materialized(layer):  # an offloaded block's weights, read after its forward passes
+        down = _rows(get_path(layer, adapter.mlp_out)).double().cpu()  # [D, C]
+        inputs = input_side_score(layer, rows, g, sums.x_sq)
+    return inputs + pca_down_score(down, sums.a_sq, sums.scatter())
+
+
+def spare_lowest(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """The official code's quirk (``pruned_m``): the ``round(share·C)`` lowest-scored channels of each layer are
+    kept, by lifting their scores above the layer's maximum (in their order). ``scores`` [L, C]."""
+    k = int(round(share * scores.shape[-1]))
+    if k <= 0:
+        return scores
+    out = scores.clone()
+    low = torch.argsort(scores, dim=-1, stable=True)[:, :k]  # [L, k]
+    top = scores.max(-1, keepdim=True).values  # [L, 1]
+    out.scatter_(1, low, top + 1 + torch.arange(k, dtype=scores.dtype).expand_as(low))
+    return out
+
+
 # ---- the criterion ----------------------------------------------------------------------------------------------
+
+CHANNEL_SCORES = ("pca", "correlation")
+
 
 @dataclass
 class SlimLLMOptions:
-    """batch_size: calibration windows per forward pass."""
+    """SlimLLM's options (stored in the map's meta; ``alpha``/``pruned_layers`` also in its extras for allocation).
 
+    - ``channel_score``: ``"pca"`` (default, the paper's MLP score, see the module docstring) or ``"correlation"``
+      (the head score applied to channels, pruneviz's earlier default).
+    - ``spare_lowest``: share of each layer's lowest-scored channels kept anyway, as the official code does (1%;
+      not in the paper's text); default 0.
+    - ``alpha``: sharpness of the cosine layer ratios (paper's ``--alpha``, 10); ``pruned_layers``: share of the
+      layers the ``slimllm`` strategy prunes (most redundant first; 26/32, the README's LLaMA-7B 20% command).
+      See :func:`pruneviz.schedules.cosine_ratios`.
+    - ``batch_size``: calibration windows per block call.
+    """
+
+    channel_score: str = "pca"
+    spare_lowest: float = 0.0
+    alpha: float = 10.0
+    pruned_layers: float = 26 / 32
     batch_size: int = DEFAULT_BATCH_SIZE
+
+    def check(self) -> "SlimLLMOptions":
+        if self.channel_score not in CHANNEL_SCORES:
+            raise CriterionError(f"channel_score must be one of {CHANNEL_SCORES}, got {self.channel_score!r}")
+        if not 0.0 <= self.spare_lowest < 1.0 or not 0.0 < self.pruned_layers <= 1.0:
+            raise CriterionError("spare_lowest must be in [0, 1) and pruned_layers (a share of layers) in (0, 1]")
+        if self.batch_size < 1:
+            raise CriterionError("batch_size must be at least 1")
+        return self
 
 
 def _groups(g, kind: str) -> torch.Tensor:
@@ -106,58 +278,119 @@ def _groups(g, kind: str) -> torch.Tensor:
     return cols if kind == "heads" else cols.view(g.n_kv, -1)
 
 
-def removal_correlations(model: nn.Module, calib: Calibration, batch_size: int, span: Span) -> dict:
-    """``Σ_d |corr(S_d − o_{u,d}, S_d)|`` per unit: {"heads": [L, H], "kv": [L, G], "channels": [L, C]}."""
-    adapter, g = adapter_for(model), geometry_of(model)
-    view = clone_model(model, share_weights=True)  # hooks live on this call's own clone
-    layers = adapter.layers(view)
-    plan = {"heads": adapter.attn_out, "kv": adapter.attn_out, "channels": adapter.mlp_out}
-    sums = {(l, m): PairSums() for l in range(g.n_layers) for m in plan}
-    groups = {m: _groups(g, m) for m in plan}
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])  # [N, features]
 
-    def hook_for(l, maps):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])  # [N, in]
-            total = nn.functional.linear(x.float(), module.weight.float())  # [N, D] (bias cancels in corr)
-            for m in maps:
-                for chunk in groups[m].split(UNIT_CHUNK):  # bounded memory: [N, chunk, D] at a time
-                    contrib = _unit_contributions(module, x, chunk)  # [N, k, D]
-                    sums[(l, m)].add(total[:, None] - contrib, total, offset=int(chunk[0, 0]) // chunk.shape[1],
-                                     units=groups[m].shape[0])
-        return hook
 
-    handles = []
-    for l, layer in enumerate(layers):
-        handles.append(get_path(layer, adapter.attn_out).register_forward_pre_hook(hook_for(l, ("heads", "kv"))))
-        handles.append(get_path(layer, adapter.mlp_out).register_forward_pre_hook(hook_for(l, ("channels",))))
+def _correlation_hook(sums: dict, maps: tuple[str, ...], groups: dict):
+    """Pre-hook on an output projection: removal-correlation sums of each unit kind in ``maps``."""
+    def hook(module, args):
+        x = _flat(args[0])  # [N, in]
+        w = weight_rows(module)  # [D, in]
+        total = nn.functional.linear(x.float(), w)  # [N, D] (bias cancels in corr)
+        for m in maps:
+            for chunk in groups[m].split(UNIT_CHUNK):  # bounded memory: [N, chunk, D] at a time
+                contrib = _unit_contributions(w, x, chunk)  # [N, k, D]
+                sums[m].add(total[:, None] - contrib, total, offset=int(chunk[0, 0]) // chunk.shape[1],
+                            units=groups[m].shape[0])
+    return hook
+
+
+def _pca_hooks(acc: PcaSums):
+    def on_input(module, args):
+        acc.add_input(_flat(args[0]).float())
+
+    def on_down(module, args):
+        a = _flat(args[0]).float()  # [N, C]
+        acc.add_output(a, nn.functional.linear(a, weight_rows(module)))  # Y without the bias: [N, D]
+    return on_input, on_down
+
+
+def run_block(layer: nn.Module, i: int, stream: LayerStream, hooks: list[tuple[str, Callable]]) -> list[torch.Tensor]:
+    """Block ``i``'s outputs per batch of ``stream`` (its inputs stay), with forward pre-hooks ``(path, fn)``."""
+    handles = [get_path(layer, p).register_forward_pre_hook(fn) for p, fn in hooks]
     try:
-        device = execution_device(view)
-        batches = list(token_batches(calib, batch_size, device))
-        with torch.inference_mode():
-            for i, batch in enumerate(batches):
-                view(input_ids=batch, use_cache=False)
-                span.step((i + 1) / len(batches), f"SlimLLM correlations: batch {i + 1}/{len(batches)}")
+        return [stream.call(layer, i, b) for b in range(len(stream.hidden))]
     finally:
         for h in handles:
             h.remove()
-    return {m: torch.stack([sums[(l, m)].corr().abs().sum(-1) for l in range(g.n_layers)]).float()
-            for m in plan}
+
+
+def layer_cosine(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """Mean over tokens of ``cos(h_in, h_out)`` of one block (the paper's layer redundancy)."""
+    total, count = 0.0, 0
+    for x, y in zip(inputs, outputs):
+        c = torch.cosine_similarity(y.float(), x.float(), dim=-1)  # [b, T]
+        total, count = total + float(c.double().sum()), count + c.numel()
+    return total / max(count, 1)
+
+
+def blocks_stream(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> tuple[nn.Module, LayerStream]:
+    """A tensor-sharing view of ``model`` (per-call hooks) and its block-0 calibration inputs (capture engine;
+    works on offloaded models)."""
+    check_hookable(model)
+    view = clone_model(model, share_weights=True)
+    return view, capture_inputs(view, tokens, batch_size)
+
+
+def slimllm_statistics(model: nn.Module, calib: Calibration, options: SlimLLMOptions, span: Span) -> dict:
+    """One dense pass, block by block: ``Σ_d |corr(S_d − o_{u,d}, S_d)|`` per head [L, H] and KV group [L, G], the
+    channel score [L, C] (removal correlation, or the PCA score) and the mean input/output cosine per block [L]."""
+    adapter, g = adapter_for(model), geometry_of(model)
+    groups = {m: _groups(g, m) for m in ("heads", "kv", "channels")}
+    rows = channel_rows(adapter, g) if options.channel_score == "pca" else {}
+    out: dict[str, list] = {"heads": [], "kv": [], "channels": [], "cosine": []}
+    with torch.inference_mode():
+        view, stream = blocks_stream(model, calib.tokens, options.batch_size)
+        layers = adapter.layers(view)
+        for i, layer in enumerate(layers):
+            sums = {m: PairSums() for m in groups}
+            hooks = [(adapter.attn_out, _correlation_hook(sums, ("heads", "kv"), groups))]
+            pca = PcaSums()
+            if options.channel_score == "pca":
+                on_input, on_down = _pca_hooks(pca)
+                hooks += [(adapter.mlp_modules[0], on_input), (adapter.mlp_out, on_down)]
+            else:
+                hooks.append((adapter.mlp_out, _correlation_hook(sums, ("channels",), groups)))
+            outputs = run_block(layer, i, stream, hooks)
+            out["cosine"].append(layer_cosine(stream.hidden, outputs))
+            stream.hidden = outputs
+            for m in ("heads", "kv"):
+                out[m].append(sums[m].corr().abs().sum(-1))
+            out["channels"].append(pca_channel_score(layer, adapter, g, pca, rows) if options.channel_score == "pca"
+                                   else g.hidden - sums["channels"].corr().abs().sum(-1))
+            span.step((i + 1) / len(layers), f"SlimLLM statistics: block {i + 1}/{len(layers)}")
+    return {m: torch.stack(v).float() if m != "cosine" else v for m, v in out.items()}
+
+
+def removal_correlations(model: nn.Module, calib: Calibration, batch_size: int, span: Span) -> dict:
+    """``Σ_d |corr(S_d − o_{u,d}, S_d)|`` per unit: {"heads": [L, H], "kv": [L, G], "channels": [L, C]}."""
+    stats = slimllm_statistics(model, calib, SlimLLMOptions(channel_score="correlation", batch_size=batch_size), span)
+    g = geometry_of(model)
+    return {"heads": stats["heads"], "kv": stats["kv"], "channels": g.hidden - stats["channels"]}
 
 
 @register
 class SlimLLM(Criterion):
     name = "slimllm"
-    title = "SlimLLM removal correlation"
+    title = "SlimLLM (removal correlation, PCA channels)"
     paper = PAPER
     produces = ("heads", "kv", "channels")
+    layerwise = True
     Options = SlimLLMOptions
 
     def score(self, model: nn.Module, calib: Calibration, options: SlimLLMOptions, ctx: Context) -> ImportanceMap:
+        options.check()
         g = geometry_of(model)
-        corr = removal_correlations(model, calib, options.batch_size, Span(ctx, 0.0, 1.0))
-        maps = {m: g.hidden - c for m, c in corr.items()}  # Σ_d (1 − |ρ_d|): higher = keep
-        return ImportanceMap(self.name, g, **maps,
-                             extras={"higher_is": "more change of the output's direction when removed"})
+        stats = slimllm_statistics(model, calib, options, Span(ctx, 0.0, 1.0))
+        channels = spare_lowest(stats["channels"], options.spare_lowest)
+        extras = {"higher_is": "more change of the output's direction when removed (heads, KV groups); "
+                               + ("the PCA-weighted channel norm" if options.channel_score == "pca"
+                                  else "the same correlation (channels)"),
+                  "layer_cosine": [round(c, 8) for c in stats["cosine"]], "alpha": options.alpha,
+                  "pruned_layers": options.pruned_layers, "channel_score": options.channel_score}
+        return ImportanceMap(self.name, g, heads=g.hidden - stats["heads"], kv=g.hidden - stats["kv"],
+                             channels=channels, extras=extras)
 
 
 # ---- the affine compensator -------------------------------------------------------------------------------------
@@ -231,7 +464,7 @@ def affine(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=Non
     def hook_for(key):
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()  # [N, in]
-            w = module.weight.detach().float()
+            w = weight_rows(module)  # [D, in]
             y = nn.functional.linear(x, w)  # [N, D]
             z = nn.functional.linear(x[:, keep[key]], w[:, keep[key]])  # [N, D]
             sums[key].add(z, y)
@@ -252,3 +485,220 @@ def affine(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=Non
         a, b = acc.fit(float(plan.provenance.get("affine_shrink", shrink)))
         _fold(get_path(layers[l], sites[s]), a, b)
     span.step(1.0, "affine compensation done")
+
+
+# ---- layer ratios from the input/output cosine: the ``slimllm`` allocation strategy --------------------------------
+
+def cosine_width(job: Job, layers: list[int], budget: float, plan: Plan) -> Allocation:
+    """Per-layer ratios from the map's block cosines (:func:`pruneviz.schedules.cosine_ratios` with the map's
+    ``alpha`` and ``pruned_layers``), unit totals from the budget as in the incremental strategy."""
+    o, extras = job.options, job.imap.extras
+    cos = extras.get("layer_cosine")
+    if not isinstance(cos, list) or len(cos) != job.geometry.n_layers:
+        raise PlanError(f"the slimllm strategy needs each block's input/output cosine, which the {job.imap.criterion} "
+                        f"map lacks; score with the slimllm criterion")
+    lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
+    _need_parts(lads, o.attn_share, job.imap)
+    mean = min(budget / width_params(lads), MAX_LAYER_RATIO)
+    n = max(1, round_half_up(float(extras.get("pruned_layers", 1.0)) * len(layers)))
+    weights = cosine_ratios([cos[l] for l in layers], mean, float(extras.get("alpha", 10.0)), n, MAX_LAYER_RATIO)
+    return ratio_width(job, lads, layers, budget, plan, weights, schedule="slimllm_cosine",
+                       cosine_alpha=extras.get("alpha", 10.0), cosine_pruned_layers=n)
+
+
+@register_allocator("slimllm")
+def _slimllm_strategy(job: Job) -> Allocation:
+    """SlimLLM: blocks whose output is most like their input lose the most (ratios from the cosine)."""
+    if job.options.deployable == "stock":
+        raise PlanError("deployable='stock' needs the same widths in every layer, which slimllm allocation does not "
+                        "give; use strategy uniform, or deployable='vllm'")
+    layers = width_layers(job.geometry.n_layers, job.options)
+    if job.options.deployable == "vllm":
+        return vllm_width(cosine_width, job, layers, job.budget, job.empty)
+    return cosine_width(job, layers, job.budget, job.empty)
+
+
+# ---- greedy swaps of the removed attention units -----------------------------------------------------------------
+
+@dataclass
+class UnitMoments:
+    """Sums over calibration tokens of each unit's contribution ``o_u`` [D] to an output projection (fp64):
+    ``m1`` [U, D] = ``Σ o_u`` and ``m2`` [U, U, D] = ``Σ o_u ⊙ o_v``, enough for ``corr(Σ_{u∈K} o_u, S)`` per
+    output dimension for any kept set ``K`` (``S`` the sum over every unit)."""
+
+    n: int
+    m1: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def empty(cls, units: int, dim: int) -> "UnitMoments":
+        z = torch.zeros
+        return cls(0, z(units, dim, dtype=torch.float64), z(units, units, dim, dtype=torch.float64))
+
+    def add(self, o: torch.Tensor) -> None:  # [N, U, D]
+        o = o.double()
+        self.n += o.shape[0]
+        self.m1 += o.sum(0).cpu()
+        self.m2 += torch.einsum("nud,nvd->uvd", o, o).cpu()
+
+    def grouped(self, groups: torch.Tensor) -> "UnitMoments":
+        """Moments of unit groups ``groups`` [G, k] (KV groups from query heads)."""
+        p = torch.zeros(groups.shape[0], self.m1.shape[0], dtype=torch.float64)  # [G, U]
+        p.scatter_(1, groups, 1.0)
+        return UnitMoments(self.n, p @ self.m1, torch.einsum("gu,uvd,hv->ghd", p, self.m2, p))
+
+    def _objective(self, ek: torch.Tensor, ekk: torch.Tensor, eks: torch.Tensor) -> torch.Tensor:
+        """``Σ_d |corr(K_d, S_d)|`` from sums of ``K``, ``K²``, ``K·S`` ([..., D]): [...] (0 where a variance is 0)."""
+        n = max(self.n, 1)
+        es, ess = self.m1.sum(0) / n, self.m2.sum((0, 1)) / n  # [D]
+        ek, ekk, eks = ek / n, ekk / n, eks / n
+        cov = eks - ek * es
+        den = ((ekk - ek * ek).clamp_min(0) * (ess - es * es).clamp_min(0)).sqrt()
+        return torch.where(den > 0, cov / den.clamp_min(1e-300), torch.zeros_like(cov)).abs().sum(-1)
+
+    def objective(self, kept: torch.Tensor) -> float:
+        """SlimLLM's set objective (higher = better set to keep) for the kept mask ``kept`` [U] (bool)."""
+        k = kept.double()
+        mk = torch.einsum("uvd,v->ud", self.m2, k)  # [U, D]
+        return float(self._objective(k @ self.m1, k @ mk, k @ self.m2.sum(1)))
+
+    def swap_objectives(self, kept: torch.Tensor, i: int, js: list[int]) -> torch.Tensor:
+        """The objective after keeping removed unit ``i`` instead of each kept unit ``j`` of ``js``: [len(js)].
+        With ``k' = k + e_i − e_j``: ``k'ᵀMk' = kᵀMk + 2(Mk)_i − 2(Mk)_j + M_ii + M_jj − 2M_ij``."""
+        k = kept.double()
+        mk = torch.einsum("uvd,v->ud", self.m2, k)  # [U, D]
+        ms = self.m2.sum(1)  # [U, D] Σ o_u S
+        j = torch.tensor(js, dtype=torch.long)
+        ek = (k @ self.m1 + self.m1[i]) - self.m1[j]  # [J, D]
+        ekk = (k @ mk + 2 * mk[i] + self.m2[i, i]) - 2 * mk[j] + self.m2[j, j] - 2 * self.m2[i, j]
+        eks = (k @ ms + ms[i]) - ms[j]
+        return self._objective(ek, ekk, eks)
+
+
+@dataclass
+class SwapResult:
+    """Removed units after the search, the objective before and after, swaps made, and whether it converged (no
+    single swap improves the objective)."""
+
+    removed: tuple[int, ...]
+    before: float
+    after: float
+    swaps: int
+    converged: bool
+
+
+def swap_search(mom: UnitMoments, removed: list[int], partners: Callable[[int], list[int]] | None = None,
+                fixed: frozenset[int] = frozenset(), max_rounds: int = 100) -> SwapResult:
+    """SlimLLM's greedy search: for each removed unit in turn, the best swap with a kept unit (``partners(i)``,
+    default all) is made when it raises the objective of the *kept set*; passes repeat until one makes no swap
+    (a local optimum under single swaps) or ``max_rounds`` passes (the official code makes one). ``fixed`` units
+    are removed and never swapped (heads of removed KV groups). Ties go to the lower unit index."""
+    units = mom.m1.shape[0]
+    kept = torch.ones(units, dtype=torch.bool)
+    kept[list(removed) + list(fixed)] = False
+    cur = before = mom.objective(kept)
+    order, swaps = list(removed), 0
+    partners = partners or (lambda i: list(range(units)))
+    for _ in range(max_rounds):
+        changed = False
+        for pos, i in enumerate(order):
+            js = [j for j in partners(i) if kept[j] and j not in fixed]
+            if not js:
+                continue
+            vals = mom.swap_objectives(kept, i, js)
+            best = int(torch.argmax(vals))  # first maximum: the lowest index
+            if float(vals[best]) > cur + 1e-12 * max(1.0, abs(cur)):
+                j = js[best]
+                kept[i], kept[j], order[pos] = True, False, j
+                cur, swaps, changed = float(vals[best]), swaps + 1, True
+        if not changed:
+            return SwapResult(tuple(sorted(order)), before, cur, swaps, True)
+    return SwapResult(tuple(sorted(order)), before, cur, swaps, False)
+
+
+def _attention_moments(layer: nn.Module, i: int, stream: LayerStream, adapter, g) -> tuple[UnitMoments, list]:
+    """Per-head moments of layer ``i``'s attention output on the stream, and the block's outputs."""
+    mom = UnitMoments.empty(g.n_heads, g.hidden)
+    heads = _groups(g, "heads")
+
+    def hook(module, args):
+        x, w = _flat(args[0]), weight_rows(module)  # [N, H·hd], [D, H·hd]
+        for rows in x.split(TOKEN_CHUNK):
+            mom.add(_unit_contributions(w, rows, heads))  # [n, H, D]
+    return mom, run_block(layer, i, stream, [(adapter.attn_out, hook)])
+
+
+def refine_layer(mom: UnitMoments, plan: Plan, l: int, max_rounds: int) -> tuple[Plan, dict]:
+    """Swaps in layer ``l``: between removed and kept KV groups (if the plan removes groups there), then between
+    removed and kept query heads of the same KV group (if it removes heads; counts per group stay equal)."""
+    g, record = plan.geometry, {}
+    kv = list(plan.removed("kv", l))
+    if kv and len(kv) < g.n_kv:
+        res = swap_search(mom.grouped(torch.arange(g.n_heads).view(g.n_kv, g.group_size)), kv,
+                          max_rounds=max_rounds)
+        plan = plan.with_units("kv", l, kv, remove=False).with_units("kv", l, res.removed)
+        record["kv"] = _record(res)
+    heads = list(plan.removed("head", l))
+    if heads:
+        gone = frozenset(h for grp in plan.removed("kv", l) for h in g.heads_of(grp))
+        res = swap_search(mom, heads, lambda h: list(g.heads_of(g.kv_of(h))), gone, max_rounds)
+        plan = plan.with_units("head", l, heads, remove=False).with_units("head", l, res.removed)
+        record["head"] = _record(res)
+    return plan, record
+
+
+def _record(res: SwapResult) -> dict:
+    return {"before": round(res.before, 6), "after": round(res.after, 6), "swaps": res.swaps,
+            "converged": res.converged}
+
+
+def refine_heads(model: nn.Module, calib: Calibration, plan: Plan, max_rounds: int = 100,
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: Callable | None = None) -> Plan:
+    """``plan`` with each kept layer's removed attention units improved by SlimLLM's greedy swaps
+    (:func:`swap_search` on the set objective ``Σ_d |corr(Σ_{kept} o_u,d, S_d)|``, dense calibration activations
+    through the capture engine, so offloaded models work). Unit counts per layer (and per KV group) do not change,
+    so the parameter count does not either; what each layer's search did goes to ``provenance["slimllm_swaps"]``."""
+    adapter, g = adapter_for(model), geometry_of(model)
+    todo = [l for l in plan.kept_blocks() if plan.removed("head", l)
+            or 0 < len(plan.removed("kv", l)) < g.n_kv]
+    if not todo:
+        return plan.with_provenance(slimllm_swaps={})
+    span, records = Span(context_of(progress), 0.0, 1.0), {}
+    with torch.inference_mode():
+        view, stream = blocks_stream(model, calib.tokens, batch_size)
+        layers = adapter.layers(view)
+        for i in range(max(todo) + 1):
+            if i in todo:
+                mom, outputs = _attention_moments(layers[i], i, stream, adapter, g)
+                plan, records[i] = refine_layer(mom, plan, i, max_rounds)
+            else:
+                outputs = run_block(layers[i], i, stream, [])
+            stream.hidden = outputs
+            span.step((i + 1) / (max(todo) + 1), f"SlimLLM swaps: block {i + 1}/{max(todo) + 1}")
+    return plan.with_provenance(slimllm_swaps=records)
+
+
+# ---- the whole method ------------------------------------------------------------------------------------------------
+
+def slimllm_prune_to(model: nn.Module, calib: Calibration, target: Target | float, strategy: str = "slimllm",
+                     attn_unit: str = "kv", compensation: str | None = "affine", swaps: bool = True,
+                     swap_rounds: int = 100, criterion_options: dict | None = None, progress: Callable | None = None,
+                     **alloc_options) -> tuple[Plan, nn.Module]:
+    """SlimLLM end to end: score (:class:`SlimLLM`, PCA channels by default), allocate ``target`` with
+    ``strategy`` (default the cosine ratios), refine the removed heads/KV groups by greedy swaps
+    (:func:`refine_heads`), build with ``compensation`` (default the affine refit). Returns ``(plan, pruned)``;
+    the plan lands at or under the target like every allocation (swaps keep the counts) and passes
+    ``validate(model, physical=True)``. ``alloc_options`` are :class:`pruneviz.allocate.AllocOptions` fields,
+    ``criterion_options`` :class:`SlimLLMOptions` fields."""
+    from ..importance import compute, make_options
+    from ..surgery import apply_plan
+
+    opts = make_options("slimllm", **(criterion_options or {}))
+    imap = compute(model, "slimllm", calib, opts)
+    plan = allocate(model, imap, target, strategy=strategy, compensation=compensation, attn_unit=attn_unit,
+                    **alloc_options)
+    if swaps:
+        plan = refine_heads(model, calib, plan, swap_rounds, opts.batch_size, progress)
+    plan = plan.with_provenance(solver="slimllm", paper=PAPER, swaps=swaps, swap_rounds=swap_rounds).validate(model)
+    pruned = apply_plan(model, plan, calibration=calib.tokens if compensation else None)
+    return plan, pruned
