@@ -1,6 +1,6 @@
 """The speed-up users get: prefill and decode tokens/s of dense and pruned SmolLM2-135M in PyTorch and llama.cpp.
 
-    .venv/bin/python bench/deploy_speed.py [--repeats 5] [--batches 1,8] [--no-llama-cpp]
+    .venv/bin/python bench/deploy_speed.py [--repeats 3] [--prompt 64] [--decode 32] [--batches 1,8] [--no-llama-cpp]
 
 Models (20% of non-embedding parameters removed, no compensation: speed does not depend on the weights' values):
 width (FLAP scores, MLP channels only, the same width in every layer: llama.cpp ``llama``), width per layer (FLAP,
@@ -65,9 +65,9 @@ def mb(n) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-llama-cpp", action="store_true", help="PyTorch only")
@@ -116,6 +116,7 @@ def main() -> None:
                          *[f"{s.decode_tps[b]:,.1f}" for b in protocol.batch_sizes],
                          *[f"{r['prefill'][b]:.2f}x" for b in protocol.batch_sizes],
                          *[f"{r['decode'][b]:.2f}x" for b in protocol.batch_sizes],
+                         *[f"{r['decode_cpu'][b]:.2f}x" if "decode_cpu" in r else "–" for b in protocol.batch_sizes],
                          f"{mb(s.peak_bytes):,.0f}"])
             records.append({**s.to_dict(), "plan": plans[k][1], "ratio_vs_dense": r, "arch": arch[k],
                             "gguf_bytes": sizes[k], "params": params,
@@ -123,8 +124,11 @@ def main() -> None:
     bs = protocol.batch_sizes
     columns = ["engine", "model", "params", "format", "size MB",
                *[f"prefill tok/s b{b}" for b in bs], *[f"decode tok/s b{b}" for b in bs],
-               *[f"prefill ×dense b{b}" for b in bs], *[f"decode ×dense b{b}" for b in bs], "peak MB"]
-    version = next(iter(runners.values())).info.get("version", "?") if runners else "not installed"
+               *[f"prefill ×dense b{b}" for b in bs], *[f"decode ×dense b{b}" for b in bs],
+               *[f"decode ×dense b{b}, CPU time" for b in bs], "peak MB"]
+    info = next(iter(runners.values())).info if runners else {}
+    version = info.get("version", "?") + (f", library {info['library']}" if "site-packages" not in
+                                          str(info.get("library")) else "") if runners else "not installed"
     goal = _goal(summ, b_lo) if use_llama else "llama.cpp not installed: PyTorch only"
     proto = [
         "Model: SmolLM2-135M-Instruct (bundled), PyTorch fp32 on CPU and GGUF f16 in llama.cpp "
@@ -142,8 +146,10 @@ def main() -> None:
         "llama.cpp: the runner process's peak resident set minus its resident set before loading (mapped weights, "
         "KV cache, compute buffers); PyTorch: parameter bytes plus the peak resident growth during a round "
         "(VmHWM after resetting it).",
-        f"Ratios (×dense) are against the dense model on the same engine in the same run. Goal: llama.cpp decode "
-        f"b{b_lo} >= {GOAL}x dense for depth and combined. Result: {goal}",
+        f"Ratios (×dense) are against the dense model on the same engine in the same run: tokens/s in wall-clock "
+        f"time, and (\"CPU time\") tokens per CPU-second of the process (all its threads), which leaves out the "
+        f"waiting for a core on a shared machine. Goal: llama.cpp decode b{b_lo} >= {GOAL}x dense for depth and "
+        f"combined. Result: {goal}",
     ]
     write_table("deploy_speed", "Deploy speed: dense vs 20% pruned, PyTorch and llama.cpp (bundled model, CPU)",
                 proto, columns, rows,
@@ -152,13 +158,17 @@ def main() -> None:
 
 
 def _goal(summ: dict, b: int) -> str:
-    parts, ok = [], True
+    parts, ok, cpu_ok = [], True, True
+    dense = summ[("llama.cpp", "dense")]
     for k in ("depth", "combined", "width", "width per layer"):
-        r = summ[("llama.cpp", k)].decode_tps[b] / summ[("llama.cpp", "dense")].decode_tps[b]
+        s = summ[("llama.cpp", k)]
+        r, c = s.decode_tps[b] / dense.decode_tps[b], s.decode_cpu_tps[b] / dense.decode_cpu_tps[b]
         if k in ("depth", "combined"):
             ok &= r >= GOAL
-        parts.append(f"{k} {r:.2f}x")
-    return ("met" if ok else "NOT met") + f" (llama.cpp decode b{b} vs dense: " + ", ".join(parts) + ")."
+            cpu_ok &= c >= GOAL
+        parts.append(f"{k} {r:.2f}x ({c:.2f}x in CPU time)")
+    return (f"{'met' if ok else 'NOT met'} in wall-clock tokens/s, {'met' if cpu_ok else 'NOT met'} in CPU time "
+            f"(llama.cpp decode b{b} vs dense: " + ", ".join(parts) + ").")
 
 
 if __name__ == "__main__":

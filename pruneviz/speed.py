@@ -13,11 +13,13 @@ copied into ``B`` sequences and
 PyTorch (:func:`torch_sample`) runs in this process (``model(input_ids, past_key_values=...)``, inference mode,
 device synchronised); llama.cpp (:class:`LlamaCppRunner`) in a subprocess that keeps the file loaded and answers
 one timed sample per request, so a native crash cannot take the caller down and several files can be measured
-interleaved. Both use the thread count of :mod:`pruneviz.threads` (``OMP_WAIT_POLICY=PASSIVE``, the same ``n``
-for torch and llama.cpp's ``n_threads``/``n_threads_batch``). :func:`interleaved` takes one sample of every
-engine per round (after ``warmup`` untimed rounds), so slow phases of a shared machine hit every model alike, and
-:func:`summarise` reports medians over the rounds. Peak memory: llama.cpp's is the subprocess's peak resident
-set (VmHWM) minus its resident set before the model was loaded (so: mapped weights, KV cache and compute
+interleaved. Each phase is timed in wall-clock seconds and in the process's CPU seconds (all threads), so a
+shared machine's waiting for a core can be told apart from the work itself. Threads follow
+:mod:`pruneviz.threads` (``OMP_WAIT_POLICY=PASSIVE`` and every core for torch; llama.cpp's ``n_threads`` /
+``n_threads_batch`` the idle cores, one count for every file of a comparison). :func:`interleaved` takes one
+sample of every engine per round (after ``warmup`` untimed rounds), so slow phases of a shared machine hit every
+model alike, and :func:`summarise` reports medians over the rounds. Peak memory: llama.cpp's is the subprocess's
+peak resident set (VmHWM) minus its resident set before the model was loaded (so: mapped weights, KV cache and compute
 buffers); PyTorch's is the parameter bytes plus the peak resident growth during the timed passes (Linux VmHWM
 after resetting it; None elsewhere).
 """
@@ -131,19 +133,19 @@ def _torch_one(model, ids: list[int], batch: int, decode_tokens: int, device) ->
 
     x = torch.tensor([ids] * batch, device=device)  # [B, P]
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = model(input_ids=x, use_cache=True)
     _sync(device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
     _sync(device)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     for _ in range(decode_tokens):
         out = model(input_ids=nxt, past_key_values=past, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
-    t3 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t3 - t2}
+    t3, c3 = time.perf_counter(), time.process_time()
+    return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "prefill_cpu_s": c1 - c0, "decode_cpu_s": c3 - c2}
 
 
 def torch_sample(model, ids: list[int], protocol: SpeedProtocol) -> dict:
@@ -225,21 +227,22 @@ def argmax(rows):
 def one(b):
     L.llama_memory_clear(mem, True)
     fill([(ids[p], p, s, p == P - 1) for s in range(b) for p in range(P)])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     decode()
     L.llama_synchronize(ctx)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     toks = argmax([s * P + P - 1 for s in range(b)])
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     for step in range(N):
         fill([(toks[s], P + step, s, True) for s in range(b)])
         decode()
         toks = argmax(range(b))
-    t3 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t3 - t2}
+    t3, c3 = time.perf_counter(), time.process_time()
+    return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "prefill_cpu_s": c1 - c0, "decode_cpu_s": c3 - c2}
 
 print(json.dumps({"ready": True, "base_rss": base, "loaded_rss": rss("VmRSS"), "n_vocab": n_vocab,
-                  "version": getattr(L, "__version__", "?"), "library": getattr(L, "_lib_base_name", None)}),
+                  "version": getattr(L, "__version__", "?"),
+                  "library": getattr(getattr(L.llama_cpp, "_lib", None), "_name", None)}),
       flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
@@ -327,6 +330,8 @@ class SpeedSummary:
     decode_tps: dict[int, float]
     peak_bytes: int | None
     samples: list[dict] = field(default_factory=list)
+    prefill_cpu_tps: dict[int, float] = field(default_factory=dict)  # tokens per CPU-second (all threads)
+    decode_cpu_tps: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -354,19 +359,29 @@ def interleaved(samplers: dict[str, Callable[[], dict]], protocol: SpeedProtocol
 
 def summarise(label: str, engine: str, samples: list[dict], protocol: SpeedProtocol) -> SpeedSummary:
     """Median tokens/s per batch size of ``samples`` (from :func:`torch_sample` or :meth:`LlamaCppRunner.sample`)."""
-    pre, dec = {}, {}
-    for b in protocol.batch_sizes:
-        b = int(b)
-        pre[b] = statistics.median(b * protocol.prompt_tokens / s["runs"][b]["prefill_s"] for s in samples)
-        dec[b] = statistics.median(b * protocol.decode_tokens / s["runs"][b]["decode_s"] for s in samples)
+    def med(b: int, tokens: int, key: str) -> float:
+        return statistics.median(b * tokens / max(s["runs"][b][key], 1e-9) for s in samples)
+
+    pre, dec, pre_cpu, dec_cpu = {}, {}, {}, {}
+    for b in map(int, protocol.batch_sizes):
+        pre[b], dec[b] = med(b, protocol.prompt_tokens, "prefill_s"), med(b, protocol.decode_tokens, "decode_s")
+        if all("decode_cpu_s" in s["runs"][b] for s in samples):
+            pre_cpu[b] = med(b, protocol.prompt_tokens, "prefill_cpu_s")
+            dec_cpu[b] = med(b, protocol.decode_tokens, "decode_cpu_s")
     peaks = [s["peak_bytes"] for s in samples if s.get("peak_bytes") is not None]
-    return SpeedSummary(label, engine, pre, dec, max(peaks) if peaks else None, samples)
+    return SpeedSummary(label, engine, pre, dec, max(peaks) if peaks else None, samples, pre_cpu, dec_cpu)
 
 
 def ratios(of: SpeedSummary, base: SpeedSummary) -> dict:
-    """``of`` / ``base`` tokens/s per batch size (prefill and decode)."""
-    return {"prefill": {b: of.prefill_tps[b] / base.prefill_tps[b] for b in of.prefill_tps},
-            "decode": {b: of.decode_tps[b] / base.decode_tps[b] for b in of.decode_tps}}
+    """``of`` / ``base`` tokens/s per batch size: ``prefill``, ``decode`` (wall clock) and, where both were
+    timed in CPU time too, ``prefill_cpu``, ``decode_cpu`` (tokens per CPU-second: what the work costs, apart
+    from waiting for a core on a shared machine)."""
+    out = {"prefill": {b: of.prefill_tps[b] / base.prefill_tps[b] for b in of.prefill_tps},
+           "decode": {b: of.decode_tps[b] / base.decode_tps[b] for b in of.decode_tps}}
+    if of.decode_cpu_tps and base.decode_cpu_tps:
+        out["prefill_cpu"] = {b: of.prefill_cpu_tps[b] / base.prefill_cpu_tps[b] for b in of.prefill_cpu_tps}
+        out["decode_cpu"] = {b: of.decode_cpu_tps[b] / base.decode_cpu_tps[b] for b in of.decode_cpu_tps}
+    return out
 
 
 def compare_ggufs(paths: dict[str, str | os.PathLike], ids: list[int], protocol: SpeedProtocol,

@@ -34,7 +34,9 @@ def test_torch_sample_times_every_batch_and_leaves_the_model_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     s = speed.torch_sample(model, speed.prompt_ids(None, 12, 96), PROTO)
     assert set(s["runs"]) == {1, 2}
-    assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 for r in s["runs"].values())
+    assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 and r["decode_cpu_s"] >= 0 for r in s["runs"].values())
+    summary = speed.summarise("m", "torch", [s], PROTO)
+    assert set(summary.decode_cpu_tps) == {1, 2} and "decode_cpu" in speed.ratios(summary, summary)
     assert s["peak_bytes"] is None or s["peak_bytes"] >= speed.param_bytes(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -59,6 +61,7 @@ def test_summarise_takes_medians_and_ratios_divide():
     proto = speed.SpeedProtocol(12, 3, (1, 2), 0, 3)
     s = speed.summarise("x", "torch", runs, proto)
     assert s.prefill_tps == {1: 6.0, 2: 12.0} and s.decode_tps == {1: 0.75, 2: 3.0} and s.peak_bytes == 400
+    assert s.decode_cpu_tps == {}  # samples without CPU times: no CPU-time rates, no CPU ratios
     half = speed.summarise("y", "torch", [{**r, "runs": {b: {k: v / 2 for k, v in x.items()}
                                                            for b, x in r["runs"].items()}} for r in runs], proto)
     assert speed.ratios(half, s) == {"prefill": {1: 2.0, 2: 2.0}, "decode": {1: 2.0, 2: 2.0}}
@@ -77,8 +80,8 @@ def test_llama_cpp_runner_times_a_file(tmp_path):
     ids = speed.prompt_ids(None, 12, 96)
     with speed.LlamaCppRunner(tmp_path / "t.gguf", ids, PROTO, threads=1) as r:
         s = r.sample()
-    assert set(s["runs"]) == {1, 2} and all(x["decode_s"] > 0 for x in s["runs"].values())
-    assert s["peak_bytes"] > 0
+    assert set(s["runs"]) == {1, 2} and all(x["decode_s"] > 0 and x["decode_cpu_s"] > 0 for x in s["runs"].values())
+    assert s["peak_bytes"] > 0 and r.info["version"]
 
 
 @needs_llama_cpp
