@@ -257,8 +257,10 @@ def test_search_cancels_and_refuses_what_it_cannot_reach():
     model = tiny_model("llama")
     with pytest.raises(Cancelled):
         blockpruner_search(model, CALIB, 0.3, cancel=lambda: True)
-    with pytest.raises(PlanError, match="cannot reach"):
+    with pytest.raises(PlanError, match="cannot reach .* bloom blocks cannot drop"):
         blockpruner_search(tiny_model("bloom"), CALIB, 0.2)
+    with pytest.raises(PlanError, match="cannot reach .* only one is left"):
+        blockpruner_search(tiny_model("opt"), CALIB, Target(0.99))
 
 
 def test_sub_blocks_strategy_takes_the_lowest_perplexities_at_or_under_the_target():

@@ -198,6 +198,9 @@ def blockpruner_search(model: nn.Module, calib: Calibration, target: Target | fl
     PlanError if the family cannot drop sub-blocks or the target cannot be reached with at least one block kept.
     """
     target = as_target(target)
+    if not removable(model, []):
+        raise PlanError(f"BlockPruner cannot reach {target.describe()}: {adapter_for(model).family} blocks cannot "
+                        f"drop their attention or MLP alone (their forward adds the residual inside them)")
     opts = options if options is not None else BlockPrunerOptions(score_blocks=False)
     goal = target.budget(model)
     slack = 1e-9 * target.dense(model)
@@ -213,13 +216,9 @@ def blockpruner_search(model: nn.Module, calib: Calibration, target: Target | fl
         floor = span.hi
         imap = compute(model, "blockpruner", calib, dataclasses.replace(opts, removed=tuple(order)),
                        lambda f, msg="", span=span: span.step(f, f"step {len(order) + 1}: {msg}"), cancel)
-        scores = sub_block_scores(imap)
-        if not scores:
-            raise PlanError(f"BlockPruner cannot reach {target.describe()}: {adapter_for(model).family} blocks "
-                            f"cannot drop their attention or MLP alone")
-        pick = sub_block_order(scores)[0]
+        pick = sub_block_order(sub_block_scores(imap))[0]
         order.append(pick)
-        ppls.append(scores[pick])
+        ppls.append(sub_block_scores(imap)[pick])
         plan = plan.without_sub_block(*pick)
         maps.append(imap)
     ctx.step(1.0, f"{len(order)} sub-blocks removed")
