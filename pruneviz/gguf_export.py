@@ -11,7 +11,9 @@ Contract of :func:`write_gguf`:
   :func:`gguf_layout` decides, and refuses what no architecture can express, with the reason, before anything is
   written: unsupported families, activations other than SiLU, sliding-window attention, rotary scalings other than
   default/linear/llama3, a layer whose query heads do not split evenly over its KV heads, and layers without
-  attention or MLP (``deci`` loads them, but its graph drops the attention output of a layer whose MLP is gone).
+  MLP (``deci`` loads them, but its graph drops the attention output of a layer whose MLP is gone). A layer
+  whose attention sub-block was removed (BlockPruner) is written as ``deci`` with ``head_count = head_count_kv =
+  0`` and no attention tensors or attention norm: llama.cpp's attention-free layer (Nemotron-51B's).
 - **Rotary layout.** llama.cpp's ``llama``/``deci`` rope (``LLAMA_ROPE_TYPE_NORM``) rotates adjacent pairs
   ``(2i, 2i+1)`` of each head; Hugging Face's ``rotate_half`` rotates ``(i, i + d/2)`` with the same frequency
   ``θ^(-2i/d)``. So the rows of ``q_proj``/``k_proj`` (and their biases) are reordered per head to
@@ -100,10 +102,19 @@ NEOX_ROPE = {"qwen2"}  # llama.cpp archs whose rope is rotate_half; the others g
 _LINEAR_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _has_attention(layer: nn.Module) -> bool:
+    """False for a layer whose attention sub-block was removed (its stand-in has no projections)."""
+    return hasattr(layer.self_attn, "q_proj")
+
+
 def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The layer's projections by HF name; a removed sub-block's (attention or MLP) are absent."""
     a, m = layer.self_attn, layer.mlp
-    return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
-            "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+    out = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj} \
+        if _has_attention(layer) else {}
+    if hasattr(m, "gate_proj"):
+        out.update(gate_proj=m.gate_proj, up_proj=m.up_proj, down_proj=m.down_proj)
+    return out
 
 
 def _head_dim(model: nn.Module) -> int:
@@ -145,6 +156,8 @@ def _arch_refusal(arch: str, widths: list[LayerWidths], model: nn.Module, head_d
     hidden = model.config.hidden_size
     if arch == "deci":
         return None
+    if any(w.n_head == 0 for w in widths):
+        return f"{arch} has no attention-free layers (a removed attention sub-block)"
     if len(set(widths)) > 1:
         return f"{arch} reads one head count and one MLP width for every layer"
     if arch == "qwen2":
@@ -185,19 +198,25 @@ def gguf_layout(model: nn.Module) -> GGUFLayout:
     widths = []
     for i, layer in enumerate(adapter_for(model).layers(model)):
         lin = _linears(layer)
-        q, k, ff = lin["q_proj"].out_features, lin["k_proj"].out_features, lin["gate_proj"].out_features
+        if "gate_proj" not in lin:
+            raise ExportError(f"layer {i} has no MLP left (a removed MLP sub-block); llama.cpp's deci graph loads "
+                              f"such layers but skips the attention output of a layer without MLP, so the GGUF "
+                              f"would compute something else. Export the 'hf' format (pruneviz remote code), or "
+                              f"remove attention sub-blocks or whole blocks instead")
+        attn = "q_proj" in lin
+        q, k = (lin["q_proj"].out_features, lin["k_proj"].out_features) if attn else (0, 0)
+        ff = lin["gate_proj"].out_features
         if q % head_dim or k % head_dim:
             raise ExportError(f"layer {i}: projection widths {q}/{k} are not whole heads of {head_dim}")
         w = LayerWidths(q // head_dim, k // head_dim, ff)
-        if w.n_head == 0 or w.n_head_kv == 0 or w.n_ff == 0:
-            raise ExportError(f"layer {i} has no attention or no MLP left; llama.cpp's deci graph loads such layers "
-                              f"but skips the attention output of a layer without MLP. Remove the whole block "
-                              f"instead")
-        if w.n_head % w.n_head_kv:
+        if attn and (w.n_head == 0 or w.n_head_kv == 0) or w.n_ff == 0:
+            raise ExportError(f"layer {i} has projections without heads or channels; is this a pruneviz-pruned "
+                              f"model?")
+        if attn and w.n_head % w.n_head_kv:
             raise ExportError(f"layer {i}: {w.n_head} query heads cannot share {w.n_head_kv} KV heads evenly, which "
                               f"llama.cpp's grouped attention needs")
         if lin["up_proj"].out_features != ff or lin["down_proj"].in_features != ff \
-                or lin["o_proj"].in_features != q or lin["v_proj"].out_features != k:
+                or attn and (lin["o_proj"].in_features != q or lin["v_proj"].out_features != k):
             raise ExportError(f"layer {i}: inconsistent projection shapes; is this a pruneviz-pruned model?")
         widths.append(w)
     reasons = []
@@ -356,7 +375,8 @@ def gguf_tensors(model: nn.Module, layout: GGUFLayout) -> dict[str, torch.Tensor
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
     for i, (layer, w) in enumerate(zip(adapter_for(model).layers(model), layout.layers)):
-        out[f"blk.{i}.attn_norm.weight"] = layer.input_layernorm.weight
+        if w.n_head:  # an attention-free layer has no attention norm either
+            out[f"blk.{i}.attn_norm.weight"] = layer.input_layernorm.weight
         out[f"blk.{i}.ffn_norm.weight"] = layer.post_attention_layernorm.weight
         for key, lin in _linears(layer).items():
             for part in ("weight", "bias"):
