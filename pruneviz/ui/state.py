@@ -426,7 +426,7 @@ OWNER_PARAM = "owner"
 OWNER_KEY = "job_owner"  # session key of the token (shared with pruneviz.ui.jobs_panel)
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 WORK_KEYS = tuple(k for k in SESSION_DEFAULTS if k != "notices") + ("fidelity", "zeroshot")
-WORK_TTL = 30 * 60  # seconds a gone session's work waits for its page to come back
+WORK_TTL = 10 * 60  # seconds a gone session's work (and the models it holds) waits for its page to come back
 MAX_WORKSPACES = 32  # owner tokens remembered at once
 
 
