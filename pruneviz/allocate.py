@@ -499,7 +499,7 @@ def _width_limit(job: Job) -> str:
     return f"every kept layer keeps at least one {unit} and one MLP channel{skipped}"
 
 
-def _need_parts(lads: dict[str, list[Ladder]], share_attn: float | None, imap: ImportanceMap) -> None:
+def need_parts(lads: dict[str, list[Ladder]], share_attn: float | None, imap: ImportanceMap) -> None:
     if not lads["attn"] and not lads["mlp"]:
         raise PlanError(f"the {imap.criterion} map has no head, KV-group or channel scores; width allocation "
                         f"needs them (use a width criterion, or the depth strategy for block scores)")
@@ -533,7 +533,7 @@ def uniform_width(job: Job, layers: Sequence[int], budget: float, plan: Plan) ->
     """Same number of units removed in every layer; attention rounds first, MLP channels fill the rest."""
     o = job.options
     lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
-    _need_parts(lads, o.attn_share, job.imap)
+    need_parts(lads, o.attn_share, job.imap)
     taken, left = {}, budget
     for part, part_budget in (("attn", _attn_budget(lads, o.attn_share, budget)), ("mlp", None)):
         if not lads[part]:
@@ -565,7 +565,7 @@ def global_width(job: Job, layers: Sequence[int], budget: float, plan: Plan) -> 
     """FLAP-style: normalised scores ranked across layers; pooled attention+MLP unless ``attn_share`` is set."""
     o = job.options
     lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
-    _need_parts(lads, o.attn_share, job.imap)
+    need_parts(lads, o.attn_share, job.imap)
     if o.attn_share is None:
         taken = _global_pick(_candidates(lads["attn"] + lads["mlp"]), budget)
     else:
@@ -593,7 +593,7 @@ def incremental_width(job: Job, layers: Sequence[int], budget: float, plan: Plan
     """SlimGPT: per-layer ratios r_i from the schedule; unit totals split over layers in proportion to r_i."""
     o = job.options
     lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
-    _need_parts(lads, o.attn_share, job.imap)
+    need_parts(lads, o.attn_share, job.imap)
     weights = schedule_weights(len(layers), min(budget / width_params(lads), 1.0), o.schedule, o.r0)
     return ratio_width(job, lads, layers, budget, plan, weights, schedule=o.schedule)
 

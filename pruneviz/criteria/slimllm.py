@@ -63,9 +63,9 @@ from ..allocate import (
     Allocation,
     Job,
     Target,
-    _need_parts,
     allocate,
     ladders,
+    need_parts,
     ratio_width,
     register_allocator,
     round_half_up,
@@ -498,7 +498,7 @@ def cosine_width(job: Job, layers: list[int], budget: float, plan: Plan) -> Allo
         raise PlanError(f"the slimllm strategy needs each block's input/output cosine, which the {job.imap.criterion} "
                         f"map lacks; score with the slimllm criterion")
     lads = ladders(job.imap, layers, job.costs, o.attn_unit, o.normalize)
-    _need_parts(lads, o.attn_share, job.imap)
+    need_parts(lads, o.attn_share, job.imap)
     mean = min(budget / width_params(lads), MAX_LAYER_RATIO)
     n = max(1, round_half_up(float(extras.get("pruned_layers", 1.0)) * len(layers)))
     weights = cosine_ratios([cos[l] for l in layers], mean, float(extras.get("alpha", 10.0)), n, MAX_LAYER_RATIO)
