@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8501
 
-.PHONY: app test test-fast e2e bench install browser clean lint
+.PHONY: app test test-fast e2e bench install browser clean lint gpu-check
 
 $(STAMP): requirements.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -40,6 +40,9 @@ e2e: $(STAMP) browser
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) bench/run_all.py
+
+gpu-check: $(STAMP)
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
