@@ -701,12 +701,12 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module, tokenizer, weight_typ
     path = Path(path)
     if runtime == "auto":
         runtime = "llama.cpp" if llama_cpp_version() else "python"
-    ref_model = rounded_like_gguf(model, weight_type).float().eval()
+    ref_model = rounded_like_gguf(model, weight_type).float().cpu().eval()  # compared on the CPU, in fp32
     prompt_ids, prompt = _prompt_ids(model, tokenizer)
     ids, ref = _torch_greedy(ref_model, prompt_ids, GREEDY_TOKENS)
     tol = TOLERANCE[weight_type]
     if runtime == "python":
-        back = read_gguf_into(path, model).float().eval()
+        back = read_gguf_into(path, model).float().cpu().eval()
         with torch.inference_mode():
             got = torch.log_softmax(back(torch.tensor([ids])).logits[0].double(), -1).numpy()
         res = compare_logprobs(ref, got, len(prompt_ids), ids, 1e-4 if weight_type != "q4_0" else 1e-3)
