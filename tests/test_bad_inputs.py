@@ -259,9 +259,23 @@ def test_out_of_range_units(llama, kind, layer, idx):
         again.validate(llama)
 
 
-@pytest.mark.parametrize("kind,layer,count", [("block", None, 4), ("head", 1, 6), ("kv", 2, 2), ("channel", 3, 40)])
-def test_removing_everything(llama, kind, layer, count):
-    plan = Plan.empty(llama).with_units(kind, layer, range(count))
+def whole_model_gone(llama, how: str) -> Plan:
+    """Every block (directly, or as every layer's attention and MLP sub-blocks, BlockPruner's units)."""
+    plan = Plan.empty(llama)
+    if how == "blocks":
+        return plan.with_units("block", None, range(4))
+    for layer in range(4):
+        plan = plan.with_units("kv", layer, range(2)).with_units("channel", layer, range(40))
+    return plan
+
+
+@pytest.mark.parametrize("how", ["blocks", "sub_blocks"])
+def test_removing_everything(llama, how):
+    """Removing a layer's every head, KV group or channel is legal (its attention or MLP sub-block goes); removing
+    every block, directly or as all sub-blocks, is refused with a message."""
+    for kind, layer, count in (("head", 1, 6), ("kv", 2, 2), ("channel", 3, 40)):
+        Plan.empty(llama).with_units(kind, layer, range(count)).validate(llama, physical=True)
+    plan = whole_model_gone(llama, how)
     with pytest.raises(PlanError) as e:
         plan.validate(llama, physical=False)
     assert_actionable(e.value, "every")

@@ -299,7 +299,7 @@ def test_app_deployable_toggle_and_runtime_table(monkeypatch, tmp_path):
 
     monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
     monkeypatch.setenv("PRUNEVIZ_EXPORT_DIR", str(tmp_path / "exports"))
-    at = app_run(app_run(AppTest.from_file(str(tests_root() / "app.py"), default_timeout=60)))
+    at = app_run(app_run(AppTest.from_file(str(repo_root() / "app.py"), default_timeout=60)))
     at = app_run(app_run(at.switch_page("pages/prune.py")).button(key="pr_quick").click())
     at.selectbox(key="pr_strategy").set_value("global")
     at.segmented_control(key="pr_attn_unit").set_value("head")
@@ -322,7 +322,7 @@ def test_app_deployable_toggle_and_runtime_table(monkeypatch, tmp_path):
     assert file_shapes(folder) == vllm_shapes(folder)
 
 
-def tests_root():
+def repo_root():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
