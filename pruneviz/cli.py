@@ -356,6 +356,7 @@ def _recipe_target(args, model):
 def cmd_prune(args) -> None:
     from dataclasses import replace
 
+    from .errors import TextError
     from .export import check_export_target, save_pruned
     from .plan import dense_params
     from .recipe import RECOMMENDED, run_recipe
@@ -364,6 +365,10 @@ def cmd_prune(args) -> None:
     lm = _load(args)
     target = _recipe_target(args, lm.model)
     recipe = RECOMMENDED if args.calibration == "self" else replace(RECOMMENDED, calibration="text", text=args.text)
+    if args.samples is not None:
+        if args.samples < 1:
+            raise TextError(f"--samples is a number of calibration windows (1 or more), not {args.samples}")
+        recipe = replace(recipe, samples=args.samples)
     print(f"recipe: {recipe.describe()}; target {target.describe()}")
     progress = _bar("recommended recipe")
     try:
@@ -848,6 +853,9 @@ def _add_prune(sub) -> None:
     p.add_argument("--calibration", default="self", choices=["self", "text"],
                    help="self: the model writes its own calibration text (default); text: windows of --text")
     p.add_argument("--text", default="default", help="with --calibration text: default, file:PATH, hf:NAME")
+    p.add_argument("--samples", type=int, default=None,
+                   help="calibration windows of 128 tokens (default 32; 128 measured better out of domain, 1.63x vs "
+                        "1.73x dense on PTB, and costs 4x the generation once: it is cached)")
     p.add_argument("--out", required=True, help="folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous pruneviz export in --out")
     p.set_defaults(fn=cmd_prune)

@@ -385,3 +385,21 @@ def test_slimllm_scores_do_not_depend_on_the_memory_chunking(llama, monkeypatch)
     chunked = compute(llama, "slimllm", CALIB)
     for m in ("heads", "kv", "channels"):
         assert torch.allclose(whole.get(m), chunked.get(m), atol=1e-4)
+
+
+def test_cli_prune_takes_the_number_of_calibration_windows(tmp_path, capsys):
+    """``prune --samples N`` runs the recipe on N self-generated windows; 0 is refused before anything is written."""
+    import json
+
+    from pruneviz.cli import main
+
+    folder = tmp_path / "base"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    common = ["prune", "--model", str(folder), "--device", "cpu", "--ratio", "0.2"]
+    assert main([*common, "--samples", "0", "--out", str(tmp_path / "no")]) == 2
+    assert "--samples" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main([*common, "--samples", "3", "--out", str(tmp_path / "out")]) == 0
+    assert "(3 x 128" in capsys.readouterr().out
+    plan = json.loads((tmp_path / "out" / "config.json").read_text())["pruneviz_plan"]
+    assert "3 x 128" in json.dumps(plan["provenance"]) or "3/" in json.dumps(plan["provenance"])
