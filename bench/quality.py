@@ -22,6 +22,7 @@ Writes ``bench/results/<name>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,7 @@ METHODS = {
     "taylor": allocated("taylor", "uniform"),
     "taylor (MLP only)": allocated("taylor", "uniform", **MLP),
     "taylor (query heads)": allocated("taylor", "uniform", attn_unit="head"),
-    "taylor (LLM-Pruner's setting: MLP only, layers 4..L-3)": allocated("taylor", "uniform", skip_first=4,
+    "taylor (LLM-Pruner's setting: MLP only; layers 4..L-3)": allocated("taylor", "uniform", skip_first=4,
                                                                          skip_last=2, **MLP),
     "flap": allocated("flap", "global", "flap_bias"),
     "flap (query heads)": allocated("flap", "global", "flap_bias", attn_unit="head"),
@@ -233,6 +234,19 @@ METHODS = {
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
+
+def split_methods(text: str) -> list[str]:
+    """``--methods`` split at the commas outside parentheses (labels such as "slimllm (paper, no swaps)")."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [m for m in out + [cur] if m]
+
 
 def parse_params(text: str) -> float:
     return float(text[:-1]) * 1e6 if text.upper().endswith("M") else float(text)
@@ -283,7 +297,7 @@ def main() -> None:
     print(f"dense: {[round(d['ppl'], 2) for d in dense]} in {time.perf_counter() - t0:.0f} s", flush=True)
 
     results, commit = [], machine()["commit"]  # the code this run loaded (HEAD may move while it runs)
-    for label in args.methods.split(","):
+    for label in split_methods(args.methods):
         t0 = time.perf_counter()
         try:
             plan, pruned = METHODS[label](model, calibs, target)
@@ -305,8 +319,8 @@ NEAREST_ROUNDING = {"wanda_sp", "wanda_sp (query heads)", "wanda_sp (self-genera
                     "slimgpt (query heads; update x0.5)", "slimgpt (query heads; self-generated calibration)"}
 
 
-def stored_results(data: dict, n_texts: int) -> list[list]:
-    """A results file's rows as ``[label, params, seconds, scores of the first n_texts texts, commit]``; rows of
+def stored_results(data: dict) -> list[list]:
+    """A results file's rows as ``[label, params, seconds, scores per text, commit]``; rows of
     :data:`NEAREST_ROUNDING` measured before :data:`ROUNDING_COMMIT` are relabelled "(nearest rounding)"."""
     import subprocess
 
@@ -316,39 +330,48 @@ def stored_results(data: dict, n_texts: int) -> list[list]:
         before = subprocess.run(["git", "merge-base", "--is-ancestor", ROUNDING_COMMIT, commit],
                                 capture_output=True).returncode != 0
         label = f"{r[0]} (nearest rounding)" if before and r[0] in NEAREST_ROUNDING else r[0]
-        rows.append([label, r[1], r[2], r[3][:n_texts] if isinstance(r[3], list) else r[3], commit])
+        rows.append([label, r[1], r[2], r[3], commit])
     return rows
 
 
 def merge_files(name: str, other: Path) -> None:
-    """Merge ``other``'s rows into ``bench/results/<name>`` by label (``other`` wins), on ``name``'s texts: both
-    must have the same dense perplexities on them (the same protocol), else nothing is written."""
+    """Merge ``other``'s rows into ``bench/results/<name>`` by label (``other`` wins). ``other`` must have the same
+    calibration, evaluation and target and the same dense figures on ``name``'s texts (the same protocol), else
+    nothing is written; texts only ``other`` has are added as columns, "–" for the rows that were not run on them."""
     import json
 
     from common import RESULTS
 
     base, new = (json.loads(p.read_text()) for p in (RESULTS / f"{name}.json", other))
-    n = sum(1 for c in base["columns"] if c.endswith(" PPL"))
-    if base["columns"][:3 + 3 * n] != new["columns"][:3 + 3 * n] or base["rows"][0][:3 + 3 * n] != \
-            new["rows"][0][:3 + 3 * n]:
+    n, m = (sum(1 for c in d["columns"] if c.endswith(" PPL")) for d in (base, new))
+    if m < n or base["columns"][:3 + 3 * n] != new["columns"][:3 + 3 * n] or \
+            base["rows"][0][:3 + 3 * n] != new["rows"][0][:3 + 3 * n]:
         raise SystemExit(f"{other.name} and {name}.json differ in texts or dense figures: not the same protocol")
     same = lambda key: [p for p in base["protocol"] if p.startswith(key)] == \
         [p for p in new["protocol"] if p.startswith(key)]  # noqa: E731
     if not all(same(k) for k in ("Calibration:", "Evaluation:", "Target:")):
         raise SystemExit(f"{other.name} and {name}.json differ in calibration, evaluation or target")
-    dense = [{"ppl": float(base["rows"][0][3 + 3 * i])} for i in range(n)]
-    texts = [Text(c[:-len(" PPL")], torch.empty(0), [], 0) for c in base["columns"] if c.endswith(" PPL")]
-    fresh = stored_results(new, n)
+    dense = [{"ppl": float(new["rows"][0][3 + 3 * i])} for i in range(m)]
+    texts = [Text(c[:-len(" PPL")], torch.empty(0), [], 0) for c in new["columns"] if c.endswith(" PPL")]
+    fresh = stored_results(new)
     labels = {r[0] for r in fresh}
-    every = [r for r in stored_results(base, n) if r[0] not in labels] + fresh
-    protocol = [p for p in base["protocol"] if not p.startswith("commit:")] + [COMMIT_NOTE]
-    write_table(name, base_title(), protocol, base["columns"][:3 + 3 * n] + ["commit"],
-                table_rows(every, texts, dense), extra={"results": every})
+    every = [r for r in stored_results(base) if r[0] not in labels] + fresh
+    kept = [p for p in base["protocol"] if not p.startswith(("commit:", "Texts:"))]
+    texts_line = [texts_note(texts, dense)]
+    want = float(re.search(r"Target: ([\d,]+)", " ".join(base["protocol"])).group(1).replace(",", ""))
+    kept = [target_note(want) if p.startswith("Target:") else p for p in kept]
+    write_table(name, base_title(want), kept[:3] + texts_line + kept[3:] + [COMMIT_NOTE],
+                new["columns"][:3 + 3 * m] + ["commit"], table_rows(every, texts, dense), extra={"results": every})
 
 
 def table_rows(results, texts, dense) -> list[list]:
+    """Rows sorted by the out-of-domain perplexity (the PTB text where present, else the last text); a row not
+    run on a text shows "–" there."""
+    rank = next((i for i, t in enumerate(texts) if t.name.startswith("PTB")), len(texts) - 1)
+
     def key(r):
-        return r[3][-1]["ppl"] if isinstance(r[3], list) else float("inf")
+        ok = isinstance(r[3], list) and len(r[3]) > rank and r[3][rank] is not None
+        return r[3][rank]["ppl"] if ok else float("inf")
 
     rows = [["dense", "134.52", "–"] + [c for d in dense for c in (f"{d['ppl']:.2f}", "0", "1")] + ["–"]]
     for label, params, secs, scores, commit in sorted(results, key=key):
@@ -357,8 +380,10 @@ def table_rows(results, texts, dense) -> list[list]:
                         + [commit])
             continue
         cells = []
-        for s, d in zip(scores, dense):
-            cells += [f"{s['ppl']:.2f} ({s['ppl'] / d['ppl']:.2f}x)", f"{s['kl']:.3f}", f"{s['top1']:.3f}"]
+        for i, d in enumerate(dense):
+            s = scores[i] if i < len(scores) else None
+            cells += ["–"] * 3 if s is None else \
+                [f"{s['ppl']:.2f} ({s['ppl'] / d['ppl']:.2f}x)", f"{s['kl']:.3f}", f"{s['top1']:.3f}"]
         rows.append([label, f"{params / 1e6:.2f}", f"{secs:.0f}"] + cells + [commit])
     return rows
 
@@ -372,11 +397,8 @@ def flush(args, rows, texts, dense, calib, protocol, want, results) -> None:
         "Model: SmolLM2-135M-Instruct (bundled GGUF, de-quantised to fp32), CPU, fp32. No retraining.",
         f"Calibration: {calib.describe()}.",
         f"Evaluation: {protocol.describe()}",
-        "Texts: " + "; ".join(f"{t.name}: dense PPL {d['ppl']:.2f}" for t, d in zip(texts, dense))
-        + ". Rows are sorted by the last (out-of-domain) text's perplexity.",
-        f"Target: {want:,.0f} total parameters (113.27M: the dense model minus 6 blocks, 20.0% of the "
-        "non-embedding parameters, the peers' size); every method lands at "
-        "or under it (params column: the built model).",
+        texts_note(texts, dense),
+        target_note(want),
         f"KL: KL(dense || pruned) of next-token distributions, mean over the {texts[0].kl} first windows' tokens; "
         "top-1: share of tokens where both models' most likely next token agrees.",
         "Peers in domain (pydoc held-out, same protocol, official code): "
@@ -384,7 +406,13 @@ def flush(args, rows, texts, dense, calib, protocol, want, results) -> None:
         "measured the peers at ~2.8-2.9x dense; on PTB the depth rows here reproduce them.",
         COMMIT_NOTE,
     ]
-    write_table(args.name, base_title(), lines, cols, rows, extra={"results": [list(r) for r in results]})
+    write_table(args.name, base_title(want), lines, cols, rows, extra={"results": [list(r) for r in results]})
+
+
+def texts_note(texts, dense) -> str:
+    return ("Texts: " + "; ".join(f"{t.name}: dense PPL {d['ppl']:.2f}" for t, d in zip(texts, dense))
+            + ". Rows are sorted by the out-of-domain perplexity on PTB; a second out-of-domain text (GFDL, licence "
+            "prose) checks that a choice does not hold for one text only ('–': not run on it).")
 
 
 COMMIT_NOTE = ("commit: the code that measured the row. Quality figures are deterministic on this machine, so rows "
@@ -393,8 +421,17 @@ COMMIT_NOTE = ("commit: the code that measured the row. Quality figures are dete
                "attention units rounded to the nearest whole unit.")
 
 
-def base_title() -> str:
-    return "Pruned to 113.27M parameters: perplexity and fidelity in and out of domain"
+PEER_SIZE = 113_274_432  # the dense model minus 6 blocks: the peers' size
+
+
+def target_note(want: float) -> str:
+    peers = (" (113.27M: the dense model minus 6 blocks, 20.0% of the non-embedding parameters, the peers' size)"
+             if round(want) == PEER_SIZE else "")
+    return f"Target: {want:,.0f} total parameters{peers}; every method lands at or under it (params: the built model)."
+
+
+def base_title(want: float) -> str:
+    return f"Pruned to {want / 1e6:.2f}M parameters: perplexity and fidelity in and out of domain"
 
 
 if __name__ == "__main__":

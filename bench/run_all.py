@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 SCRIPTS = {  # name -> (script, results files it writes)
-    "quality": ("quality.py", ["quality", "quality_previous"]),
+    "quality": ("quality.py", ["quality", "quality_121m", "quality_previous"]),
     "cost": ("cost.py", ["cost", "cost_gpu"]),
     "layerwise_memory": ("layerwise_memory.py", ["layerwise_memory"]),
     "zo_agreement": ("zo_agreement.py", ["zo_agreement"]),
