@@ -298,6 +298,22 @@ def test_user_journey(page):
     page.set_viewport_size(SHOOT)
     shot(page, "5-evaluate")
     no_exceptions(page)
+    assert "Jobs" in page.locator("[data-testid='stSidebar']").inner_text()  # the jobs panel, on every page
+
+    # ---- the new views: Inspect (a prompt unit by unit, what the plan removed) and Runs (persisted history) ---------
+    nav(page, "Inspect")
+    idle(page)
+    text = body(page)
+    assert "Attention pattern" in text and "Contributions to the residual stream" in text, text[:2000]
+    page.get_by_text("Mean loss change").first.wait_for(timeout=60_000)  # the plan's removals, token by token
+    no_exceptions(page)
+    shot(page, "7-inspect")
+    nav(page, "Runs")
+    idle(page)
+    text = body(page)
+    assert "No stored runs" not in text and "Compare" in text, text[:2000]
+    no_exceptions(page)
+    shot(page, "8-runs")
 
     # ---- Export, then bug 1: the exported per-layer checkpoint loads and every page works --------------------------
     nav(page, "Export")
