@@ -217,6 +217,7 @@ METHODS = {
     "slimllm (paper, no swaps)": slimllm(swaps=False),
     "slimllm (paper; correlation channels)": slimllm(criterion_options={"channel_score": "correlation"}),
     "slimllm (paper's ratios, MLP only; affine)": slimllm(attn_share=0.0),
+    "slimllm (paper's ratios, MLP only; affine; self-generated calibration)": slimllm(calib="self", attn_share=0.0),
     "recipe (recommended)": recipe(),
     "recipe (Python-docs calibration)": recipe(calibration="text"),
     "recipe (128 self-generated windows)": recipe(samples=128),
@@ -349,7 +350,8 @@ def merge_files(name: str, other: Path) -> None:
         raise SystemExit(f"{other.name} and {name}.json differ in texts or dense figures: not the same protocol")
     same = lambda key: [p for p in base["protocol"] if p.startswith(key)] == \
         [p for p in new["protocol"] if p.startswith(key)]  # noqa: E731
-    if not all(same(k) for k in ("Calibration:", "Evaluation:", "Target:")):
+    target = lambda d: re.search(r"Target: ([\d,]+)", " ".join(d["protocol"])).group(1)  # noqa: E731
+    if not (same("Calibration:") and same("Evaluation:") and target(base) == target(new)):
         raise SystemExit(f"{other.name} and {name}.json differ in calibration, evaluation or target")
     dense = [{"ppl": float(new["rows"][0][3 + 3 * i])} for i in range(m)]
     texts = [Text(c[:-len(" PPL")], torch.empty(0), [], 0) for c in new["columns"] if c.endswith(" PPL")]
