@@ -912,8 +912,9 @@ def test_evaluate_says_when_the_text_shares_the_calibration_domain():
 
 
 def test_recommended_recipe_builds_its_plan_and_model(monkeypatch):
-    """Prune page: the recommended recipe (self-generated calibration, FLAP, MLP channels, affine compensation) to a
-    share of the non-embedding parameters, in one click (a smaller calibration here, to stay quick)."""
+    """Prune page: the recommended recipe (self-generated calibration, SlimLLM scores and ratios, MLP channels,
+    affine compensation) to a share of the non-embedding parameters, in one click (a smaller calibration here, to
+    stay quick)."""
     import dataclasses
 
     import pruneviz.recipe
