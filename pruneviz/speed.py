@@ -92,25 +92,6 @@ def prompt_ids(tokenizer, n: int, vocab_size: int | None = None) -> list[int]:
 
 # ---- PyTorch ------------------------------------------------------------------------------------------------------
 
-def _rss(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def param_bytes(model) -> int:
     """Bytes of the model's parameters and buffers (each tensor once)."""
     seen = {}
@@ -153,24 +134,18 @@ def torch_sample(model, ids: list[int], protocol: SpeedProtocol) -> dict:
     ``{"runs": {B: {"prefill_s", "decode_s"}}, "peak_bytes": parameter bytes + peak resident growth}``."""
     import torch
 
+    from .importance import peak_memory
     from .offload import execution_device
 
     device = execution_device(model)
-    start = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _reset_peak()
-        start = _rss("VmRSS")
     runs = {}
-    with torch.inference_mode():
+    with peak_memory(device) as mem, torch.inference_mode():
         for b in protocol.batch_sizes:
             runs[int(b)] = _torch_one(model, ids[: protocol.prompt_tokens], int(b), protocol.decode_tokens, device)
     if device.type == "cuda":
-        peak = int(torch.cuda.max_memory_allocated(device))
-    else:
-        hwm = _rss("VmHWM")
-        peak = None if hwm is None or start is None else param_bytes(model) + max(hwm - start, 0)
+        peak = mem.peak
+    else:  # the parameters plus what the timing itself needed above the process's resident set at the start
+        peak = None if mem.extra is None else param_bytes(model) + mem.extra
     return {"runs": runs, "peak_bytes": peak}
 
 
