@@ -66,3 +66,10 @@ def private_run_store(tmp_path, monkeypatch):
     of the jobs panel itself sets ``PRUNEVIZ_JOB_WAIT=0``)."""
     monkeypatch.setenv("PRUNEVIZ_RUNS", str(tmp_path / "runs.sqlite"))
     monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "300")
+
+
+@pytest.fixture
+def tiny_app(monkeypatch, tmp_path):
+    """The app on its tiny random model, exporting into this test's folder (AppTests ask for it)."""
+    monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
+    monkeypatch.setenv("PRUNEVIZ_EXPORT_DIR", str(tmp_path / "exports"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_app import APP, clean
 from streamlit.testing.v1 import AppTest
 
 from pruneviz.allocate import plan_from_ratios
@@ -23,23 +24,14 @@ from pruneviz.surgery import apply_plan
 from pruneviz.testing import tiny_model, tiny_tokenizer
 from pruneviz.ui import analysis, figures, state
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGES = ["model", "importance", "prune", "chat", "evaluate", "export"]
 TITLES = {"model": "Model", "importance": "Importance", "prune": "Prune", "chat": "Chat", "evaluate": "Evaluate",
           "export": "Export"}
 
 
 @pytest.fixture(autouse=True)
-def tiny_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
-    monkeypatch.setenv("PRUNEVIZ_EXPORT_DIR", str(tmp_path / "exports"))
-
-
-def clean(at: AppTest) -> AppTest:
-    """Fail on exceptions and on error messages (a happy path shows none)."""
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
+def tiny_env(tiny_app):
+    """Every test here runs the app on its tiny model (conftest's ``tiny_app``)."""
 
 
 def open_app(page: str | None = None) -> AppTest:

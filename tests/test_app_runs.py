@@ -3,9 +3,9 @@ conftest). History and evaluations written in one session come back in a new one
 loads a stored plan (refusing one that does not fit); a link restores model and plan, never remote code; the jobs
 panel shows progress, ETA and Cancel, and a reload with the same ``owner`` finds the job and collects its result."""
 import threading
-from pathlib import Path
 
 import pytest
+from helpers_app import APP, clean
 from streamlit.testing.v1 import AppTest
 
 from pruneviz.allocate import plan_from_ratios
@@ -14,14 +14,6 @@ from pruneviz.jobs import runner
 from pruneviz.runs import RunStore, model_key
 from pruneviz.testing import tiny_model, tiny_tokenizer
 from pruneviz.ui import state
-
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
-
-
-def clean(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
 
 
 def open_app(page: str | None = None, **query) -> AppTest:
@@ -35,9 +27,8 @@ def open_app(page: str | None = None, **query) -> AppTest:
 
 
 @pytest.fixture(autouse=True)
-def tiny_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
-    monkeypatch.setenv("PRUNEVIZ_EXPORT_DIR", str(tmp_path / "exports"))
+def tiny_env(tiny_app):
+    """Every test here runs the app on its tiny model (conftest's ``tiny_app``)."""
 
 
 def tiny_key() -> str:

@@ -6,11 +6,11 @@ removal effect is what masking that unit with a real plan does to the next token
 attention patterns are those the model computes; a plan's per-token effect is the fidelity of the two models.
 """
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_app import APP, clean
 from streamlit.testing.v1 import AppTest
 
 from pruneviz.arch import geometry_of, get_path
@@ -222,19 +222,6 @@ def test_pareto_front_keeps_exactly_the_undominated_points():
 
 # ---- the Inspect page ---------------------------------------------------------------------------------------------
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
-
-
-@pytest.fixture
-def tiny_app(monkeypatch, tmp_path):
-    monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
-    monkeypatch.setenv("PRUNEVIZ_EXPORT_DIR", str(tmp_path / "exports"))
-
-
-def clean(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
 
 
 def chart_keys(at: AppTest) -> set[str]:
