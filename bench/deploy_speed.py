@@ -127,12 +127,13 @@ def main() -> None:
                *[f"prefill ×dense b{b}" for b in bs], *[f"decode ×dense b{b}" for b in bs],
                *[f"decode ×dense b{b}, CPU time" for b in bs], "peak MB"]
     info = next(iter(runners.values())).info if runners else {}
-    version = info.get("version", "?") + (f", library {info['library']}" if "site-packages" not in
-                                          str(info.get("library")) else "") if runners else "not installed"
+    version = (f"{info.get('binding', 'llama-cpp-python')} {info.get('version', '?')}"
+               + (", glibc-compatible copy of its libraries" if info.get("adapted") else "")) if runners \
+        else "not installed"
     goal = _goal(summ, b_lo) if use_llama else "llama.cpp not installed: PyTorch only"
     proto = [
         "Model: SmolLM2-135M-Instruct (bundled), PyTorch fp32 on CPU and GGUF f16 in llama.cpp "
-        f"(llama-cpp-python {version}).",
+        f"({version}).",
         f"Plans: {RATIO:.0%} of non-embedding parameters removed, no compensation. "
         + "; ".join(f"{k}: {d}" + (f" ({p.summary()})" if p is not None else "") for k, (p, d) in plans.items())
         + ".",
@@ -153,7 +154,7 @@ def main() -> None:
     ]
     write_table("deploy_speed", "Deploy speed: dense vs 20% pruned, PyTorch and llama.cpp (bundled model, CPU)",
                 proto, columns, rows,
-                extra={"policy": pol, "llama_threads": n_llama, "llama_cpp_python": version,
+                extra={"policy": pol, "llama_threads": n_llama, "llama_cpp_binding": version,
                        "protocol_fields": protocol.to_dict(), "models": records, "goal": goal})
 
 

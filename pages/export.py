@@ -68,7 +68,7 @@ fmt = st.radio("Format", list(EXPORT_FORMATS), horizontal=True, key="ex_format",
                format_func={"hf": "Hugging Face folder", "gguf": "GGUF for llama.cpp",
                             "decilm": "DeciLM for vLLM"}.get,
                help="GGUF: one file for llama.cpp (llama, or deci for per-layer widths), run in llama.cpp to verify "
-                    "it where llama-cpp-python is installed, else read back. DeciLM: block_configs folder for "
+                    "it where a llama.cpp binding is installed, else read back. DeciLM: block_configs folder for "
                     "vLLM (vllm serve --trust-remote-code); the table above says whether the plan fits")
 options = {"format": fmt}
 if fmt == "gguf":

@@ -29,11 +29,11 @@ Contract of :func:`write_gguf`:
   goes along in every case where the tokenizer has one.
 - **Atomic.** The file is written into a temporary folder beside the target and renamed into place.
 
-:func:`verify_gguf` runs the file in llama.cpp (``llama-cpp-python``, in a subprocess so a native crash cannot take
-the caller down) and compares it with the in-memory model on a fixed prompt: the greedy continuation and the
-next-token log-probabilities (teacher-forced on the model's own greedy tokens, so both see the same prefix).
-:func:`read_gguf_into` is the pure-Python check (the file read back with ``gguf.GGUFReader`` into the model's
-shapes), used when llama.cpp is not installed.
+:func:`verify_gguf` runs the file in llama.cpp (either binding of :mod:`pruneviz.llamacpp`, in a subprocess so a
+native crash cannot take the caller down) and compares it with the in-memory model on a fixed prompt: the greedy
+continuation and the next-token log-probabilities (teacher-forced on the model's own greedy tokens, so both see the
+same prefix). :func:`read_gguf_into` is the pure-Python check (the file read back with ``gguf.GGUFReader`` into the
+model's shapes), used when llama.cpp is not installed.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, fsio
+from . import __version__, fsio, llamacpp
 from .arch import adapter_for
 from .errors import ExportError
 from .loading import bundled_gguf
@@ -596,13 +596,9 @@ def read_gguf_into(path: str | os.PathLike, model: nn.Module) -> nn.Module:
 # ---- verification in llama.cpp ------------------------------------------------------------------------------------
 
 def llama_cpp_version() -> str | None:
-    """The installed ``llama-cpp-python`` version, or None (looked up without importing the native library)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("llama-cpp-python")
-    except metadata.PackageNotFoundError:
-        return None
+    """The llama.cpp binding runners use, e.g. ``"llama-cpp-py-sync 0.11739"``, or None (looked up without
+    importing a native library; see :mod:`pruneviz.llamacpp`)."""
+    return llamacpp.describe()
 
 
 # Runs in a subprocess: loads the GGUF in llama.cpp, evaluates the ids with logits for every position, tokenises
@@ -610,27 +606,52 @@ def llama_cpp_version() -> str | None:
 _RUNNER = r"""
 import json, sys, time
 import numpy as np
-from llama_cpp import Llama
+from pruneviz.llamacpp import open_api
 args = json.loads(sys.argv[1])
-llm = Llama(model_path=args["path"], n_ctx=max(64, len(args["ids"]) + 8), n_batch=512, n_threads=args["threads"],
-            n_threads_batch=args["threads"], logits_all=True, verbose=False, seed=0)
+api = open_api(args["binding"])
+L = api.lib
+api.capture_log()
+L.llama_backend_init()
+model = L.llama_model_load_from_file(args["path"].encode(), L.llama_model_default_params())
+if not model:
+    sys.exit("llama.cpp could not load the file: " + api.log_tail())
+vocab = L.llama_model_get_vocab(model)
+n_vocab = L.llama_vocab_n_tokens(vocab)
+ids = args["ids"]
+n = len(ids)
+cp = L.llama_context_default_params()
+cp.n_ctx = max(64, n + 8)
+cp.n_batch = cp.n_ubatch = max(64, n)
+cp.n_threads = cp.n_threads_batch = args["threads"]
+ctx = L.llama_init_from_model(model, cp)
+if not ctx:
+    sys.exit("llama.cpp could not create a context: " + api.log_tail())
+batch = L.llama_batch_init(n, 0, 1)
+batch.n_tokens = n
+for i, tok in enumerate(ids):
+    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, i, 1, True
+    batch.seq_id[i][0] = 0
 t = time.perf_counter()
-llm.eval(args["ids"])
+rc = L.llama_decode(ctx, batch)
+if rc != 0:
+    sys.exit(f"llama_decode returned {rc}: " + api.log_tail())
 secs = time.perf_counter() - t
-scores = np.asarray(llm.scores[: len(args["ids"])], dtype=np.float64)
+scores = np.stack([api.floats(L.llama_get_logits_ith(ctx, i), n_vocab) for i in range(n)]).astype(np.float64)
 m = scores.max(axis=1, keepdims=True)
 logp = scores - m - np.log(np.exp(scores - m).sum(axis=1, keepdims=True))
 np.save(args["out"], logp.astype(np.float32))
-toks = llm.tokenize(args["prompt"].encode(), add_bos=False, special=True) if args["prompt"] is not None else None
-print(json.dumps({"tokens": toks, "seconds": secs, "n_vocab": llm.n_vocab()}))
+toks = api.tokenize(vocab, args["prompt"]) if args["prompt"] is not None else None
+print(json.dumps({"tokens": toks, "seconds": secs, "n_vocab": n_vocab, "runtime": api.describe()}))
 """
 
 
 def _llama_cpp_logprobs(path: Path, ids: list[int], prompt: str | None, threads: int):
+    prepared = llamacpp.prepare()
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "logp.npy"
-        arg = json.dumps({"path": str(path), "ids": ids, "prompt": prompt, "threads": threads, "out": str(out)})
-        env = subprocess_env()
+        arg = json.dumps({"path": str(path), "ids": ids, "prompt": prompt, "threads": threads, "out": str(out),
+                          "binding": prepared})
+        env = llamacpp.runner_env(subprocess_env())
         try:
             res = subprocess.run([sys.executable, "-c", _RUNNER, arg], capture_output=True, text=True, env=env,
                                  timeout=_CHECK_TIMEOUT_S)
@@ -694,10 +715,11 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module, tokenizer, weight_typ
                 threads: int | None = None) -> dict:
     """Compare the GGUF at ``path`` with ``model`` on :data:`PROMPT` (random ids without a tokenizer).
 
-    ``runtime="llama.cpp"`` needs ``llama-cpp-python``; ``"python"`` reads the file back with ``gguf``
-    (:func:`read_gguf_into`); ``"auto"`` takes llama.cpp where installed. The reference is ``model`` with the
-    export's weight rounding (:func:`rounded_like_gguf`); the result dict says what was compared, the measured
-    differences, the tolerance (:data:`TOLERANCE`) and ``ok``. Tokenisation agreement is reported, not required."""
+    ``runtime="llama.cpp"`` needs a llama.cpp binding (:mod:`pruneviz.llamacpp`); ``"python"`` reads the file back
+    with ``gguf`` (:func:`read_gguf_into`); ``"auto"`` takes llama.cpp where installed. The reference is ``model``
+    with the export's weight rounding (:func:`rounded_like_gguf`); the result dict says what was compared, the
+    measured differences, the tolerance (:data:`TOLERANCE`) and ``ok``. Tokenisation agreement is reported, not
+    required."""
     path = Path(path)
     if runtime == "auto":
         runtime = "llama.cpp" if llama_cpp_version() else "python"
@@ -715,11 +737,11 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module, tokenizer, weight_typ
         raise ExportError(f"unknown verification runtime {runtime!r}; auto, llama.cpp or python")
     version = llama_cpp_version()
     if version is None:
-        raise ExportError("llama-cpp-python is not installed; see README 'GGUF for llama.cpp' for the install "
-                          "command, or verify with runtime='python'")
+        raise ExportError(f"no llama.cpp binding is installed; {llamacpp.INSTALL_HINT}; or verify with "
+                          "runtime='python'")
     got, info = _llama_cpp_logprobs(path, ids, prompt, threads or llama_threads())
     res = compare_logprobs(ref, got, len(prompt_ids), ids, tol)
-    res.update(runtime=f"llama.cpp (llama-cpp-python {version})", tokens=ids[len(prompt_ids):],
+    res.update(runtime=f"llama.cpp ({version})", tokens=ids[len(prompt_ids):], library=info["runtime"],
                prompt=prompt, seconds=info["seconds"])
     if prompt is not None:
         res["tokenizer_agrees"] = info["tokens"] == prompt_ids

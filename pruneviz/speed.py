@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import llamacpp
 from .errors import ExportError, PrunevizError
 from .threads import describe as threading_policy
 from .threads import llama_threads, policy, subprocess_env
@@ -154,7 +155,7 @@ def torch_sample(model, ids: list[int], protocol: SpeedProtocol) -> dict:
 # Runs in a subprocess. argv[1]: {"path", "ids", "batches", "decode", "threads"}. Prints {"ready": ...} once the
 # file is loaded, then for every {"op": "run"} line on stdin one {"runs": {B: {prefill_s, decode_s}}, "hwm"} line.
 _RUNNER = r"""
-import ctypes, json, sys, time
+import json, sys, time
 import numpy as np
 
 def rss(name):
@@ -163,13 +164,16 @@ def rss(name):
             if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024
 
-import llama_cpp as L
+from pruneviz.llamacpp import open_api
 args = json.loads(sys.argv[1])
+api = open_api(args["binding"])
+L = api.lib
+api.capture_log()
 L.llama_backend_init()
 base = rss("VmRSS")
 model = L.llama_model_load_from_file(args["path"].encode(), L.llama_model_default_params())
 if not model:
-    sys.exit("llama.cpp could not load " + args["path"])
+    sys.exit("llama.cpp could not load " + args["path"] + ": " + api.log_tail())
 n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
 ids, B, N = args["ids"], max(args["batches"]), args["decode"]
 P = len(ids)
@@ -181,7 +185,7 @@ cp.n_threads = cp.n_threads_batch = args["threads"]
 cp.no_perf = True
 ctx = L.llama_init_from_model(model, cp)
 if not ctx:
-    sys.exit("llama.cpp could not create a context")
+    sys.exit("llama.cpp could not create a context: " + api.log_tail())
 mem = L.llama_get_memory(ctx)
 batch = L.llama_batch_init(max(B * P, B), 0, 1)
 
@@ -197,7 +201,7 @@ def decode():
         sys.exit(f"llama_decode returned {rc}")
 
 def argmax(rows):
-    return [int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, r), shape=(n_vocab,)).argmax()) for r in rows]
+    return [int(api.floats(L.llama_get_logits_ith(ctx, r), n_vocab).argmax()) for r in rows]
 
 def one(b):
     L.llama_memory_clear(mem, True)
@@ -216,8 +220,8 @@ def one(b):
     return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "prefill_cpu_s": c1 - c0, "decode_cpu_s": c3 - c2}
 
 print(json.dumps({"ready": True, "base_rss": base, "loaded_rss": rss("VmRSS"), "n_vocab": n_vocab,
-                  "version": getattr(L, "__version__", "?"),
-                  "library": getattr(getattr(L.llama_cpp, "_lib", None), "_name", None)}),
+                  "version": api.version, "binding": api.binding, "library": api.library,
+                  "adapted": api.adapted}),
       flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
@@ -229,29 +233,27 @@ for line in sys.stdin:
 
 
 def llama_cpp_available() -> bool:
-    """Whether ``llama-cpp-python`` is installed (looked up without importing its native library)."""
-    from importlib.util import find_spec
-
-    return find_spec("llama_cpp") is not None
+    """Whether a llama.cpp binding is installed (:func:`pruneviz.llamacpp.binding`; no native library imported)."""
+    return llamacpp.binding() is not None
 
 
 class LlamaCppRunner:
     """A GGUF file kept loaded in a llama.cpp subprocess; :meth:`sample` times one round (see the module doc).
 
-    Use as a context manager (the subprocess ends on exit). ExportError if llama-cpp-python is missing, the file
+    Use as a context manager (the subprocess ends on exit). ExportError if no llama.cpp binding is installed, the file
     does not load, or a sample fails or exceeds its timeout."""
 
     def __init__(self, path: str | os.PathLike, ids: list[int], protocol: SpeedProtocol, threads: int | None = None):
         if not llama_cpp_available():
-            raise ExportError("llama-cpp-python is not installed; see README 'GGUF for llama.cpp' for the install "
-                              "command")
+            raise ExportError(f"no llama.cpp binding is installed; {llamacpp.INSTALL_HINT}")
         self.path, self.threads = Path(path), threads or llama_threads()
         arg = json.dumps({"path": str(self.path), "ids": list(ids[: protocol.prompt_tokens]),
                           "batches": [int(b) for b in protocol.batch_sizes], "decode": protocol.decode_tokens,
-                          "threads": self.threads})
+                          "threads": self.threads, "binding": llamacpp.prepare()})
         self._err = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen([sys.executable, "-c", _RUNNER, arg], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._err, text=True, env=subprocess_env())
+                                      stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                      env=llamacpp.runner_env(subprocess_env()))
         self.info = self._read(_START_TIMEOUT_S)
         self.base_rss = int(self.info["base_rss"])
 

@@ -16,8 +16,8 @@ from pruneviz.testing import tiny_model
 
 LLAMA_CPP = G.llama_cpp_version()
 needs_llama_cpp = pytest.mark.skipif(
-    LLAMA_CPP is None, reason="llama-cpp-python is not installed (a from-source build: README 'GGUF for llama.cpp' "
-                              "gives the command and the cached wheel); the pure-Python read-back tests still run")
+    LLAMA_CPP is None, reason="no llama.cpp binding is installed (requirements.txt pins llama-cpp-py-sync; README "
+                              "'GGUF for llama.cpp'); the pure-Python read-back tests still run")
 
 
 def rope_hf(x, pos, theta=10000.0):

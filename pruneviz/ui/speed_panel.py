@@ -19,12 +19,13 @@ KEY = "gguf_speed"
 def gguf_speed_panel(loaded, gguf: dict) -> None:
     """A "Measure llama.cpp speed" button for the exported GGUF (``report.gguf``) and the last measurement of it.
 
-    Without llama-cpp-python it says how to install it; when the loaded model is itself an export there is no
+    Without a llama.cpp binding it says how to install one; when the loaded model is itself an export there is no
     dense model to compare with, and it says so."""
     st.markdown("**Speed in llama.cpp**")
     if not llama_cpp_available():
-        st.caption("Install llama-cpp-python to measure the export's speed-up in llama.cpp (a from-source build: "
-                   "README, 'GGUF for llama.cpp', gives the commands).")
+        st.caption("Install a llama.cpp binding to measure the export's speed-up in llama.cpp "
+                   "(`pip install -r requirements.txt` installs the pinned llama-cpp-py-sync; README, "
+                   "'GGUF for llama.cpp').")
         return
     if state.is_exported(loaded):
         st.caption("The loaded model is an export: there is no dense model here to compare with. Load the base "
