@@ -281,6 +281,19 @@ def tokenize_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
+def leading_ids(tokenizer, text: str, max_tokens: int, empty: str, no_tokens: str) -> tuple[list[int], int | None]:
+    """The first ``max_tokens`` token ids of ``text`` (no special tokens) and the tokenizer's BOS id (None without
+    one): how a short text is read for per-token views (:func:`pruneviz.evaluate.token_losses`,
+    :func:`pruneviz.inspection.prompt_ids`), which prepend the BOS so every text token is predicted. Raises
+    :class:`TextError` with ``empty`` for an empty text and ``no_tokens`` for one that yields no token."""
+    if not text or not text.strip():
+        raise TextError(empty)
+    ids = tokenize_text(tokenizer, text)[:max_tokens]
+    if not ids:
+        raise TextError(no_tokens)
+    return ids, getattr(tokenizer, "bos_token_id", None)
+
+
 def calibration_windows(
     tokenizer,
     text: str,

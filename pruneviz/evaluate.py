@@ -28,7 +28,7 @@ from torch import nn
 
 from .allocate import plan_from_ratios
 from .arch import adapter_for, geometry_of, get_path, is_conv1d
-from .data import text_hash
+from .data import leading_ids, text_hash
 from .errors import PlanError, SettingError, TextError, is_oom, oom_advice
 from .importance import ImportanceMap
 from .limits import check_context
@@ -319,12 +319,9 @@ def token_losses(model, tokenizer, text: str, max_tokens: int = 256) -> tuple[li
     tokenizer has one) is prepended so every text token is predicted; without
     BOS the first token's NLL is ``nan``.
     """
-    if not text or not text.strip():
-        raise TextError("The text is empty. Type or paste some text to see per-token losses.")
-    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])[:max_tokens]
-    if not ids:
-        raise TextError("The text produced no tokens. Type some words.")
-    bos_id = getattr(tokenizer, "bos_token_id", None)
+    ids, bos_id = leading_ids(tokenizer, text, max_tokens,
+                              "The text is empty. Type or paste some text to see per-token losses.",
+                              "The text produced no tokens. Type some words.")
     seq = ([bos_id] if bos_id is not None else []) + ids
     if len(seq) < 2:
         return [tokenizer.decode([ids[0]])], [float("nan")]

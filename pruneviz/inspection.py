@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Adapter, Geometry, adapter_for, feature_count, geometry_of, get_path, weight_axis
+from .data import leading_ids
 from .errors import PlanError, TextError
 from .fidelity import token_fidelity
 from .limits import check_context
@@ -47,12 +48,8 @@ def prompt_ids(tokenizer, text: str, max_tokens: int = 64) -> list[int]:
     """The token ids inspected for ``text``: its first ``max_tokens`` tokens (no special tokens), a BOS token
     prepended when the tokenizer has one, as :func:`pruneviz.evaluate.token_losses` reads a text. Raises
     :class:`TextError` for a text without tokens."""
-    if not text or not text.strip():
-        raise TextError("The prompt is empty. Type a sentence to inspect.")
-    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])[:max_tokens]
-    if not ids:
-        raise TextError("The prompt produced no tokens. Type some words.")
-    bos = getattr(tokenizer, "bos_token_id", None)
+    ids, bos = leading_ids(tokenizer, text, max_tokens, "The prompt is empty. Type a sentence to inspect.",
+                           "The prompt produced no tokens. Type some words.")
     return ([bos] if bos is not None else []) + ids
 
 
