@@ -132,11 +132,17 @@ else:
     st.caption(f"About {ui.human_seconds(services.recovery_seconds(loaded, options))} here. Trains a copy (the pruned "
                "model is kept), then measures dense / pruned / pruned + LoRA on the held-out text and protocol above. "
                "Afterwards Chat, Evaluate and Export use the recovered model.")
+    lora_busy = jobs_panel.running("lora")
     if st.button("Fine-tune with LoRA", type="primary", key="ev_lora_run", icon=":material/model_training:",
-                 disabled=train is None):
-        if services.recover_pruned(loaded, plan, options, train.name, train.text, text.name if text else None,
-                                   text.text if text else None, protocol):
+                 disabled=train is None or lora_busy is not None,
+                 help="Runs in the background (Jobs in the sidebar shows each step's loss): other pages stay "
+                      "usable, a reload keeps it; Cancel keeps the steps done."):
+        job = background.start_recovery(loaded, plan, options, train.name, train.text, text.name if text else None,
+                                        text.text if text else None, protocol)
+        if jobs_panel.finished_here(job):
             st.rerun()
+    if lora_busy is not None:
+        jobs_panel.busy_note(lora_busy, "The loss curve shows here when it finishes.")
     if recovery is not None:
         st.plotly_chart(figures.loss_figure(recovery.losses), key="ev_lora_loss")
         st.caption(("⚠️ stopped early · " if recovery.cancelled else "") +

@@ -10,7 +10,7 @@ from pruneviz.errors import PlanError
 from pruneviz.importance import available, make_options
 from pruneviz.recipe import RECOMMENDED
 from pruneviz.schedules import SCHEDULES
-from pruneviz.ui import analysis, figures, services, state
+from pruneviz.ui import analysis, background, figures, jobs_panel, services, state
 from pruneviz.ui import components as ui
 from pruneviz.ui.work import show_error
 
@@ -31,9 +31,14 @@ def recommended_panel() -> None:
                    "calibration's domain. It computes its own calibration and scores, so no map is needed.")
         share = st.slider("Parameters removed", 5, 70, 20, 5, format="%d%%", key="pr_recipe_target",
                           help="Share of the non-embedding parameters; the model lands at or under it.") / 100
-        if st.button("Run the recommended recipe", key="pr_recipe_run", icon=":material/auto_awesome:"):
-            if services.run_recipe(loaded, share):
+        busy = jobs_panel.running("recipe")
+        if st.button("Run the recommended recipe", key="pr_recipe_run", icon=":material/auto_awesome:",
+                     disabled=busy is not None, help="Runs in the background (Jobs in the sidebar): other pages "
+                     "stay usable, a reload keeps it. Its plan and built model replace the current ones."):
+            if jobs_panel.finished_here(background.start_recipe(loaded, share)):
                 st.rerun()
+        if busy is not None:
+            jobs_panel.busy_note(busy, "Its plan replaces the current one when it finishes.")
 
 
 # ==== quick start ====================================================================================================
@@ -261,9 +266,14 @@ with ap:
             st.caption("Calibration: " + (f"{calib.tokens.shape[0]}×{calib.tokens.shape[1]} tokens of "
                                           f"{calib.text_name}" if calib is not None else
                                           "none yet — compute a calibrated criterion on the Importance page first"))
-            if st.button("Run SlimGPT", key="pr_slim_run", disabled=calib is None):
-                if services.run_slimgpt(loaded, calib, target, sched, unit):
+            busy = jobs_panel.running("solver")
+            if st.button("Run SlimGPT", key="pr_slim_run", disabled=calib is None or busy is not None,
+                         help="Runs in the background (Jobs in the sidebar): other pages stay usable, a reload "
+                              "keeps it. Its plan and compensated model replace the current ones."):
+                if jobs_panel.finished_here(background.start_solver(loaded, calib, target, sched, unit)):
                     st.rerun()
+            if busy is not None:
+                jobs_panel.busy_note(busy, "Its plan replaces the current one when it finishes.")
 
     c1, c2, c3 = st.columns(3)
     c1.page_link("pages/chat.py", label="Chat", icon=":material/forum:")

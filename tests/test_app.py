@@ -7,6 +7,8 @@ for the invisible, clickable overlay; real clicks belong to the browser tests.
 """
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1024,3 +1026,187 @@ def test_model_page_states_what_the_family_changes(tmp_path):
     notes = " ".join(i.value for i in at.info)
     assert "multi-query attention" in notes and "not the KV cache" in notes
     assert "norms after the output projections" in notes and "(1 + w)" in notes
+
+
+# ---- issue 11: the solver, the recipe and LoRA are background jobs (jobs panel) ------------------------------------
+
+def hold(monkeypatch, module, name: str, until=lambda message: True) -> threading.Event:
+    """Make the library call ``module.name`` (called with ``progress=`` and ``cancel=``) wait, at its first progress
+    message ``until`` accepts ("held by the test" comes first), until the returned event is set or its job is
+    cancelled; then it carries on as usual."""
+    real, release = getattr(module, name), threading.Event()
+
+    def held(*args, progress, cancel, **kwargs):
+        def report(fraction, message=""):
+            progress(fraction, message)
+            if until(message):
+                while not release.wait(0.01) and not cancel():
+                    pass
+        report(0.0, "held by the test")
+        return real(*args, progress=report, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(module, name, held)
+    return release
+
+
+def reopen(owner: str) -> AppTest:
+    """The page after a reload: a new session with the same ``?owner=`` token in the URL."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params[state.OWNER_PARAM] = owner
+    clean(at.run())
+    clean(at.run())
+    return at
+
+
+def reloads(monkeypatch):
+    """Session ids under the test's control, so a "reload" ends the first session as a real one does (the new page
+    then takes over its work, see :func:`pruneviz.ui.state.restore_work`). Returns ``reload()``."""
+    page, gone = {"sid": "page-1"}, set()
+    monkeypatch.setattr(state, "session_id", lambda: page["sid"])
+    monkeypatch.setattr(state, "session_alive", lambda sid: sid not in gone)
+
+    def reload():
+        gone.add(page["sid"])
+        page["sid"] += "'"
+
+    return reload
+
+
+def wait_for(cond, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_solver_runs_in_the_background_and_the_reloaded_page_gets_its_plan(monkeypatch):
+    """The SlimGPT solver is a job of the jobs panel: the page says it runs (its button disabled: one at a time),
+    a reload mid-solver does not stop it (the page that started it is gone), the reloaded page lists it and, when
+    it ends, gets its plan, compensated model, calibration and history entry."""
+    from pruneviz.jobs import runner
+    from pruneviz.ui import background
+
+    reload = reloads(monkeypatch)
+    at = open_app("importance")
+    at.pills(key="imp_criteria").set_value(["wanda_sp"])
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(4)
+    at.selectbox(key="imp_cal_seq").set_value(64)
+    clean(at.button(key="imp_run").click().run())
+    calib = at.session_state["calib"]
+    clean(at.switch_page("pages/prune.py").run())
+    owner = at.session_state[state.OWNER_KEY]
+    release = hold(monkeypatch, background, "slimgpt_prune")
+    monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "0")
+    try:
+        clean(at.button(key="pr_slim_run").click().run())
+        (job,) = runner().running(owner, "solver")
+        assert job.label == "Running the SlimGPT solver (20%)"
+        assert at.button(key="pr_slim_run").disabled and at.button(key=f"jobs_cancel_{job.id}") is not None
+        assert any(job.label in c.value and "one at a time" in c.value for c in at.caption)
+        assert at.session_state["plan"].is_empty()
+
+        reload()
+        again = reopen(owner)
+        assert "wanda_sp" in again.session_state["imaps"]  # the work of the page before the reload
+        assert again.button(key=f"jobs_cancel_{job.id}") is not None  # ... and its job, still running
+        release.set()
+        assert job.wait(120)
+        snap = job.snapshot()
+        assert snap.status == "done" and not snap.cancel_requested
+        clean(again.run())
+    finally:
+        release.set()
+    plan, rec = again.session_state["plan"], again.session_state["pruned"]
+    assert plan.compensation == "slimgpt" and plan.provenance["strategy"] == "slimgpt solver" and not plan.is_empty()
+    assert rec.sha == plan.sha256() and rec.plan is plan
+    assert torch.equal(again.session_state["calib"].tokens, calib.tokens)
+    assert again.session_state["plan_settings"] is None and again.session_state["prune_seen"] == state.KEEP_PLAN
+    assert again.session_state["history"][-1].sha == plan.sha256()
+    assert again.session_state["job_log"][-1]["status"] == "done" and runner().jobs(owner) == []
+
+
+def test_recipe_runs_in_the_background_and_cancel_stops_it(monkeypatch):
+    """The recommended recipe is a job of the jobs panel: Cancel stops it and leaves the session's plan as it was;
+    run again, its plan, built model, calibration and history entry reach the session when it ends."""
+    import dataclasses
+
+    import pruneviz.recipe
+    from pruneviz.jobs import runner
+
+    monkeypatch.setattr(pruneviz.recipe, "RECOMMENDED", dataclasses.replace(pruneviz.recipe.RECOMMENDED, samples=4,
+                                                                            seq_len=32))
+    at = open_app("prune")
+    owner = at.session_state[state.OWNER_KEY]
+    release = hold(monkeypatch, pruneviz.recipe, "run_recipe")
+    monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "0")
+    try:
+        clean(at.button(key="pr_recipe_run").click().run())
+        (job,) = runner().running(owner, "recipe")
+        assert at.button(key="pr_recipe_run").disabled
+        assert any("Its plan replaces the current one" in c.value for c in at.caption)
+        assert any("held by the test" in (p.proto.text or "") for p in at.get("progress"))  # the panel
+        clean(at.button(key=f"jobs_cancel_{job.id}").click().run())
+        assert job.wait(120) and job.snapshot().status == "cancelled" and not job.snapshot().has_result
+        clean(at.run())
+        assert at.session_state["plan"].is_empty() and at.session_state["pruned"] is None
+        assert at.session_state["job_log"][-1]["status"] == "cancelled" and runner().jobs(owner) == []
+        assert not at.button(key="pr_recipe_run").disabled
+
+        clean(at.button(key="pr_recipe_run").click().run())  # again, to the end
+        (job,) = runner().running(owner, "recipe")
+        release.set()
+        assert job.wait(120) and job.snapshot().status == "done"
+        clean(at.run())
+    finally:
+        release.set()
+    plan, rec = at.session_state["plan"], at.session_state["pruned"]
+    assert plan.compensation == "affine" and plan.provenance["recipe"]["samples"] == 4
+    assert rec.sha == plan.sha256() and at.session_state["calib"].tokens.shape == (4, 32)
+    assert at.session_state["history"][-1].sha == plan.sha256() and runner().jobs(owner) == []
+
+
+def test_lora_runs_in_the_background_and_cancel_after_a_reload_keeps_the_steps_done(monkeypatch):
+    """LoRA recovery is a job of the jobs panel whose progress carries each step's loss; a reload does not stop
+    it, the reloaded page cancels it, and the steps done so far reach that page (merged, marked stopped early,
+    not evaluated), with the loss curve."""
+    from pruneviz.jobs import runner
+    from pruneviz.ui import background
+
+    reload = reloads(monkeypatch)
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(40).run())
+    clean(at.button(key="pr_apply").click().run())
+    pruned = at.session_state["pruned"]
+    clean(at.switch_page("pages/evaluate.py").run())
+    at.number_input(key="ev_lora_steps").set_value(5)
+    at.number_input(key="ev_lora_batch").set_value(2)
+    at.selectbox(key="ev_lora_seq").set_value(32)
+    clean(at.run())
+    owner = at.session_state[state.OWNER_KEY]
+    release = hold(monkeypatch, background, "recover", until=lambda message: message.startswith("LoRA step 2/"))
+    monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "0")
+    try:
+        clean(at.button(key="ev_lora_run").click().run())
+        (job,) = runner().running(owner, "lora")
+        wait_for(lambda: job.snapshot().message.startswith("LoRA step 2/5: loss "))
+        clean(at.run())
+        assert any("LoRA step 2/5: loss" in (p.proto.text or "") for p in at.get("progress"))  # the panel
+        assert at.button(key="ev_lora_run").disabled
+        assert any(job.label in c.value and "loss curve shows here" in c.value for c in at.caption)
+
+        reload()
+        again = reopen(owner)
+        assert again.session_state["pruned"].sha == pruned.sha
+        assert not job.snapshot().cancel_requested and job.snapshot().status == "running"
+        clean(again.button(key=f"jobs_cancel_{job.id}").click().run())
+        assert job.wait(120) and job.snapshot().status == "cancelled"
+        clean(again.run())
+    finally:
+        release.set()
+    rec = again.session_state["pruned"].recovery
+    assert rec is not None and rec.cancelled and rec.record["steps_done"] == 2 and len(rec.losses) == 2
+    assert again.session_state["evals"] == [] and "lora" in again.session_state["cost_rates"]
+    clean(again.switch_page("pages/evaluate.py").run())
+    assert "ev_lora_loss" in chart_keys(again) and any("stopped early" in c.value for c in again.caption)
+    assert not again.button(key="ev_lora_run").disabled and runner().jobs(owner) == []

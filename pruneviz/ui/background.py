@@ -1,10 +1,14 @@
-"""Long journeys run as background jobs (:mod:`pruneviz.ui.jobs_panel`): importance scoring (Importance page),
-perplexity evaluation and ratio sweeps (Evaluate page).
+"""Long journeys run as background jobs (:mod:`pruneviz.ui.jobs_panel`): importance scoring (Importance page), the
+SlimGPT solver and the recommended recipe (Prune page), perplexity evaluation, LoRA recovery and ratio sweeps
+(Evaluate page).
 
 Each ``start_*`` reads what it needs from the session in the script thread, hands the job a ``work(progress,
 cancel)`` that calls only :mod:`pruneviz` functions on those objects (shared caches are written through the
 thread-safe :class:`~pruneviz.ui.state.SharedStore`), and an ``apply(session_state, result)`` that stores the
 result in whichever session owns the job when it is collected (the same one, or the one after a page reload).
+A job stops only when its owner presses Cancel (never because the page that started it was reloaded or closed, as
+the in-page :class:`pruneviz.ui.work.Job` does); at most one job of a kind runs per owner (``start_*`` returns None
+and says so otherwise).
 """
 from __future__ import annotations
 
@@ -13,14 +17,19 @@ import time
 
 import streamlit as st
 
+from .. import recipe as recipes
+from ..allocate import Target
 from ..arch import geometry_of
+from ..criteria.slimgpt import slimgpt_prune
 from ..data import text_hash
+from ..errors import PlanError
 from ..evaluate import perplexity, sweep
 from ..fidelity import with_fidelity
 from ..importance import Cancelled, available, compute
 from ..plan import dense_params
+from ..recovery import recover
 from . import jobs_panel, persist, services, state
-from .state import EvalRecord
+from .state import EvalRecord, PrunedRecord, RecoveryRecord
 
 
 def dense_key(spec: state.ModelSpec, text: str, protocol: str) -> str:
@@ -97,29 +106,14 @@ def start_evaluation(loaded, plan, text_name: str, text: str, protocol: str):
     key = dense_key(spec, text, protocol)
     cached = store.results.get(key)
     base, tok = loaded.model, loaded.tokenizer
-    params, n_dense, sha = plan.param_count(base), dense_params(base), plan.sha256()
+    params, n_dense = plan.param_count(base), dense_params(base)
 
     def work(progress, cancel):
         stages = Stages(progress, (cached is None) + 1 + (recovery is not None))
-        dense = cached
-        if dense is None:
-            dense = perplexity(base, tok, text, protocol, progress=stages.part("dense: "), cancel=cancel)
-            if dense.complete:
-                store.remember(store.results, key, dense, 256)
-        pruned = perplexity(model, tok, text, protocol, progress=stages.part("pruned: "), cancel=cancel)
-        lora = None
-        if recovery is not None and pruned.complete:
-            lora = perplexity(recovery.model, tok, text, protocol, progress=stages.part("pruned + LoRA: "),
-                              cancel=cancel)
-        if not (dense.n_windows and pruned.n_windows):
-            return None
-        has_lora = lora is not None and lora.n_windows > 0
-        complete = bool(dense.complete and pruned.complete and (recovery is None or (has_lora and lora.complete)))
-        out = EvalRecord(sha, entry.summary, text_name, protocol, pruned.protocol.describe(), dense.ppl, pruned.ppl,
-                         pruned.n_tokens, how, complete, pruned.seconds, params, n_dense, time.strftime("%H:%M:%S"),
-                         lora.ppl if has_lora else None, recovery.tag if has_lora else None)
-        return out, dataclasses.replace(entry, params=params, dense_ppl=out.dense_ppl, ppl=out.pruned_ppl,
-                                        lora_ppl=out.lora_ppl, protocol=protocol)
+        dense, pruned, lora = _perplexities(base, tok, model, recovery.model if recovery else None, text, protocol,
+                                            store, key, cached, stages, cancel)
+        return _measured(entry, text_name, protocol, how, dense, pruned, lora, recovery.tag if recovery else None,
+                         params, n_dense)
 
     def apply(ss, result):
         if result is not None:
@@ -128,6 +122,146 @@ def start_evaluation(loaded, plan, text_name: str, text: str, protocol: str):
             state.add_history(measured, ss)
 
     return jobs_panel.submit("evaluation", "Evaluating perplexity", work, apply)
+
+
+def _perplexities(base, tok, model, lora_model, text: str, protocol: str, store, key: str, cached, stages, cancel):
+    """Dense (from the process cache ``key`` when there), pruned and (with ``lora_model``, once pruned finished)
+    pruned + LoRA perplexity: three :func:`pruneviz.evaluate.perplexity` calls, one stage each."""
+    dense = cached
+    if dense is None:
+        dense = perplexity(base, tok, text, protocol, progress=stages.part("dense: "), cancel=cancel)
+        if dense.complete:
+            store.remember(store.results, key, dense, 256)
+    pruned = perplexity(model, tok, text, protocol, progress=stages.part("pruned: "), cancel=cancel)
+    lora = None
+    if lora_model is not None and pruned.complete:
+        lora = perplexity(lora_model, tok, text, protocol, progress=stages.part("pruned + LoRA: "), cancel=cancel)
+    return dense, pruned, lora
+
+
+def _measured(entry, text_name: str, protocol: str, how: str, dense, pruned, lora, tag: str | None, params: int,
+              n_dense: int):
+    """The :class:`EvalRecord` of one evaluation and its history entry with the numbers; None when no window was
+    scored. ``tag`` names the LoRA recovery that was to be measured (None: none)."""
+    if not (dense.n_windows and pruned.n_windows):
+        return None
+    has_lora = lora is not None and lora.n_windows > 0
+    complete = bool(dense.complete and pruned.complete and (tag is None or (has_lora and lora.complete)))
+    out = EvalRecord(entry.sha, entry.summary, text_name, protocol, pruned.protocol.describe(), dense.ppl, pruned.ppl,
+                     pruned.n_tokens, how, complete, pruned.seconds, params, n_dense, time.strftime("%H:%M:%S"),
+                     lora.ppl if has_lora else None, tag if has_lora else None)
+    return out, dataclasses.replace(entry, params=params, dense_ppl=out.dense_ppl, ppl=out.pruned_ppl,
+                                    lora_ppl=out.lora_ppl, protocol=protocol)
+
+
+# ---- solver and recipe: a plan and its built model ----------------------------------------------------------------
+
+def _adopt(ss, plan, model, seconds: float, calib) -> None:
+    """Make a solver's or recipe's ``plan`` the session's, its built ``model`` the pruned record, ``calib`` the
+    session's calibration, and record it in the history (what the Prune page did in-page before)."""
+    entry = services.history_entry(plan, settings=None, edits=[])
+    state.set_plan(plan, None, [], ss)
+    ss.update(pruned=PrunedRecord(plan.sha256(), model, plan, seconds), calib=calib)
+    state.add_history(entry, ss)
+
+
+def start_solver(loaded, calib, target: float, schedule: str, attn_unit: str):
+    """The SlimGPT solver (:func:`pruneviz.criteria.slimgpt.slimgpt_prune`: plan and compensated model at once) in
+    the background; its plan becomes the session's, its model the pruned record, ``calib`` the session's
+    calibration. A cancelled solver leaves nothing. Returns the job (None when one is already running)."""
+    model = loaded.model
+
+    def work(progress, cancel):
+        t0 = time.perf_counter()
+        plan, pruned = slimgpt_prune(model, calib, target, schedule=schedule, attn_unit=attn_unit,
+                                     progress=progress, cancel=cancel)
+        return (plan.with_provenance(criterion="slimgpt", strategy="slimgpt solver"), pruned,
+                time.perf_counter() - t0)
+
+    def apply(ss, result):
+        plan, pruned, seconds = result
+        _adopt(ss, plan, pruned, seconds, calib)
+
+    return jobs_panel.submit("solver", f"Running the SlimGPT solver ({target:.0%})", work, apply)
+
+
+def start_recipe(loaded, target: float):
+    """The recommended recipe (:func:`pruneviz.recipe.run_recipe` with :data:`pruneviz.recipe.RECOMMENDED`) to
+    ``target``, a share of the non-embedding parameters, in the background: its plan becomes the session's, its
+    built (compensated) model the pruned record, its calibration the session's. A cancelled recipe leaves nothing.
+    Returns the job (None when one is already running)."""
+    model, tok, recipe = loaded.model, loaded.tokenizer, recipes.RECOMMENDED
+
+    def work(progress, cancel):
+        t0 = time.perf_counter()
+        res = recipes.run_recipe(model, tok, Target(target, "non_embedding"), recipe=recipe, progress=progress,
+                                 cancel=cancel)
+        return res, time.perf_counter() - t0
+
+    def apply(ss, result):
+        res, seconds = result
+        _adopt(ss, res.plan, res.model, seconds, res.calibration)
+
+    return jobs_panel.submit("recipe", f"Running the recommended recipe ({target:.0%})", work, apply)
+
+
+# ---- LoRA recovery ------------------------------------------------------------------------------------------------
+
+def start_recovery(loaded, plan, options, train_name: str, train_text: str, eval_name: str | None = None,
+                   eval_text: str | None = None, protocol: str = "quick"):
+    """LoRA-fine-tune a copy of the session's pruned model for ``plan`` (:func:`pruneviz.recovery.recover`) in the
+    background and keep it as the pruned record's ``recovery``; then, with ``eval_text``, measure dense / pruned /
+    pruned + LoRA perplexity into ``evals`` and the history. The base and the pruned model stay unchanged. The
+    job's progress message carries the step and its loss ("LoRA step 12/100: loss 3.2104"); the loss curve is
+    drawn once the result is stored. A cancelled run keeps the steps done so far (merged), without the evaluation.
+    Returns the job (None when one is already running)."""
+    pruned = state.pruned_for(plan)
+    if pruned is None:
+        raise PlanError("build the pruned model for this plan first (Prune page); LoRA fine-tunes the built model")
+    sha, entry = plan.sha256(), services.history_entry(plan)
+    spec, store = state.session_spec(), state.shared()
+    key = dense_key(spec, eval_text, protocol) if eval_text is not None else ""
+    cached = store.results.get(key) if eval_text is not None else None
+    base, tok = loaded.model, loaded.tokenizer
+    params, n_dense = plan.param_count(base), dense_params(base)
+    share = 0.8 if eval_text is not None else 1.0  # of the bar: training, then the three perplexities
+
+    def work(progress, cancel):
+        res = recover(pruned, tok, train_text, options, progress=lambda f, msg="": progress(share * f, msg),
+                      cancel=cancel)
+        if not res.steps_done:
+            return None
+        tag, measured = services.lora_tag(res.record), None
+        if eval_text is not None and not cancel():
+            rest = Stages(lambda f, msg="": progress(share + (1 - share) * f, msg), (cached is None) + 2)
+            dense, ppl, lora = _perplexities(base, tok, pruned, res.model, eval_text, protocol, store, key, cached,
+                                             rest, cancel)
+            measured = _measured(entry, eval_name or "text", protocol, "physically pruned", dense, ppl, lora, tag,
+                                 params, n_dense)
+        return res, tag, measured
+
+    def apply(ss, result):
+        if result is None:
+            return
+        res, tag, measured = result
+        tokens = res.steps_done * options.batch_size * options.seq_len
+        if tokens > 0 and res.seconds > 0:
+            ss.setdefault("cost_rates", {})["lora"] = res.seconds / tokens
+        _attach_recovery(ss, sha, RecoveryRecord(res.model, tuple(res.losses), res.record, tag, res.cancelled,
+                                                 res.seconds, train_name))
+        if measured is not None:
+            out, hist = measured
+            persist.add_eval(ss, out, entry.plan_json)
+            state.add_history(hist, ss)
+
+    return jobs_panel.submit("lora", f"Fine-tuning with LoRA ({options.steps} steps)", work, apply)
+
+
+def _attach_recovery(ss, sha: str, rec: RecoveryRecord) -> None:
+    cur = ss.get("pruned")
+    if cur is not None and cur.sha == sha:  # the plan may have been rebuilt meanwhile: then it belongs nowhere
+        ss["pruned"] = dataclasses.replace(cur, recovery=rec)
+        ss["preview"] = None
 
 
 # ---- sweep --------------------------------------------------------------------------------------------------------

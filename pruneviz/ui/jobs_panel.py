@@ -1,11 +1,13 @@
 """The jobs panel: long work in background threads (:mod:`pruneviz.jobs`), listed in the sidebar of every page.
 
-A page starts a job with :func:`submit`: everything the job needs is collected in the script thread, the worker
-thread runs only library code and reports into the job record, and the job's ``apply(session_state, result)``
-runs later in a script thread of the owning session (:func:`collect`, at the start of every run). The owner is a
-token kept in the session and in the URL (``?owner=…``): a page reload keeps the URL, so the new session finds its
-jobs and collects their results. While a job runs, the panel redraws every second (``st.fragment``) with progress,
-ETA and a Cancel button, and reruns the app once a job has finished.
+The jobs are importance scoring, the SlimGPT solver, the recommended recipe, perplexity evaluation, LoRA recovery
+and sweeps (started by :mod:`pruneviz.ui.background`). A page starts a job with :func:`submit`: everything the job
+needs is collected in the script thread, the worker thread runs only library code and reports into the job
+record, and the job's ``apply(session_state, result)`` runs later in a script thread of the owning session
+(:func:`collect`, at the start of every run). The owner is a token kept in the session and in the URL
+(``?owner=…``): a page reload keeps the URL, so the new session finds its jobs and collects their results; a job
+stops only on Cancel, never because the page that started it went away. While a job runs, the panel redraws every
+second (``st.fragment``) with progress, ETA and a Cancel button, and reruns the app once a job has finished.
 
 A job that ends within :func:`inline_wait` seconds is collected in the same run, so quick work (a magnitude map
 on a small model) shows its result at once.
@@ -75,6 +77,20 @@ def submit(kind: str, label: str, work, apply, wait: float | None = None) -> Job
         return job
     st.rerun()
     return job  # pragma: no cover - st.rerun raises
+
+
+def finished_here(job: Job | None) -> bool:
+    """True when ``job`` (what :func:`submit` returned) finished within this run and its result was stored without
+    error: a page that drew the old state above the button reruns to show the new one."""
+    return job is not None and job.status == DONE and job.error is None
+
+
+def busy_note(snap: JobSnapshot, then: str = "") -> None:
+    """The caption next to a start button while its job runs (the button is disabled: one job of a kind at a
+    time): how far it is, its last message, where to follow and cancel it, and ``then`` (what happens at the end)."""
+    st.caption(f":material/hourglass_top: {snap.label}: {snap.fraction:.0%}" +
+               (f" · {snap.message}" if snap.message else "") +
+               " — one at a time; progress, ETA and Cancel: Jobs in the sidebar." + (f" {then}" if then else ""))
 
 
 def collect(inline: str | None = None) -> list[JobSnapshot]:
@@ -174,8 +190,8 @@ def _draw(snaps: list[JobSnapshot]) -> None:
                 st.progress(s.fraction, text=f"**{s.label}** — {text}")
                 st.button("Cancel", key=f"jobs_cancel_{s.id}", icon=":material/stop_circle:",
                           disabled=s.cancel_requested, on_click=runner().cancel, args=(tok, s.id),
-                          help="Stop after the current step; what is already measured is kept where it means "
-                               "something (perplexity, sweep points).")
+                          help="Stop after the current step; what is already done is kept where it means "
+                               "something (perplexity, sweep points, LoRA steps).")
             else:
                 st.caption(f"**{s.label}** finished ({s.status}) on {s.meta.get('source')}: load that model to "
                            "collect its results.")

@@ -1,4 +1,14 @@
-"""The app's long-running actions: each wraps one or a few :mod:`pruneviz` calls in a :class:`~.work.Job`.
+"""The app's in-page actions: each wraps one or a few :mod:`pruneviz` calls in a :class:`~.work.Job`, which blocks
+the script run and stops when the page is reloaded or closed.
+
+The long journeys (minutes: importance scoring, the SlimGPT solver, the recommended recipe, perplexity evaluation,
+LoRA recovery, sweeps) are background jobs instead (:mod:`pruneviz.ui.background`, listed in the jobs panel of
+every page, kept across reloads). What stays here is short: building the pruned model for a plan
+(:func:`apply_current_plan`) and writing and verifying a checkpoint (:func:`export_checkpoint`) take seconds on
+the bundled model, are not cancellable (surgery and export leave nothing half done), and the page the user is on
+needs their result at once (the built model, the export report), so a job panel entry would only add a rerun.
+So do the quick-start magnitude map (:func:`compute_importance`: weights only, instant), the previews and the
+perplexity of a loaded exported checkpoint (:func:`evaluate_exported`, not moved yet).
 
 Every action stores its results through :func:`pruneviz.ui.state.save` as soon as each piece is finished, so
 cancelling (or an error in a later piece) keeps what was computed; the work itself touches ``st.session_state``
@@ -16,10 +26,8 @@ import time
 import streamlit as st
 import torch
 
-from .. import recipe as recipes
-from ..allocate import Target, plan_from_ratios
+from ..allocate import plan_from_ratios
 from ..arch import adapter_for, geometry_of
-from ..criteria.slimgpt import slimgpt_prune
 from ..data import text_hash
 from ..errors import PlanError
 from ..evaluate import PPLResult, next_token_top_k, perplexity, sweep, token_losses
@@ -28,7 +36,6 @@ from ..fidelity import with_fidelity
 from ..importance import Cancelled, available, compute
 from ..offload import execution_device, is_offloaded
 from ..plan import Plan, dense_params
-from ..recovery import recover
 from ..surgery import apply_plan
 from . import analysis, persist, state
 from .state import EvalRecord, HistoryEntry, Preview, PrunedRecord, RecoveryRecord, TokenDiff
@@ -185,43 +192,6 @@ def apply_current_plan(loaded, plan) -> bool:
     return job.ok
 
 
-def run_slimgpt(loaded, calib, target: float, schedule: str, attn_unit: str) -> bool:
-    """Run the SlimGPT solver (plan + compensated model) into the session; True on success."""
-    with Job("Running the SlimGPT solver…", key="slim_job", done_label="SlimGPT plan and model ready") as job:
-        t0 = time.perf_counter()
-        plan, model = slimgpt_prune(loaded.model, calib, target, schedule=schedule, attn_unit=attn_unit,
-                                    progress=job.progress, cancel=job.cancelled)
-        plan = plan.with_provenance(criterion="slimgpt", strategy="slimgpt solver")
-        rec = PrunedRecord(plan.sha256(), model, plan, time.perf_counter() - t0)
-        entry = history_entry(plan, settings=None, edits=[])
-
-        def update(ss):
-            state.set_plan(plan, None, [], ss)
-            ss.update(pruned=rec, calib=calib)
-            state.add_history(entry, ss)
-        state.save(update)
-    return job.ok
-
-
-def run_recipe(loaded, target: float) -> bool:
-    """The recommended recipe (:func:`pruneviz.recipe.run_recipe` with :data:`pruneviz.recipe.RECOMMENDED`) to
-    ``target``, a share of the non-embedding parameters: its plan becomes the session's, its built (compensated)
-    model the pruned record, its calibration the session's. True on success."""
-    with Job("Running the recommended recipe…", key="recipe_job", done_label="Recommended plan and model ready") as job:
-        t0 = time.perf_counter()
-        res = recipes.run_recipe(loaded.model, loaded.tokenizer, Target(target, "non_embedding"),
-                                 recipe=recipes.RECOMMENDED, progress=job.progress, cancel=job.cancelled)
-        rec = PrunedRecord(res.plan.sha256(), res.model, res.plan, time.perf_counter() - t0)
-        entry = history_entry(res.plan, settings=None, edits=[])
-
-        def update(ss):
-            state.set_plan(res.plan, None, [], ss)
-            ss.update(pruned=rec, calib=res.calibration)
-            state.add_history(entry, ss)
-        state.save(update)
-    return job.ok
-
-
 def history_entry(plan, settings="session", edits="session") -> HistoryEntry:
     """A history record of ``plan``: summary, plan JSON, the slider settings and edits that made it."""
     settings = st.session_state.get("plan_settings") if settings == "session" else settings
@@ -319,40 +289,6 @@ def recovery_seconds(loaded, options) -> float:
     tokens = options.steps * options.batch_size * options.seq_len
     rate = st.session_state.get("cost_rates", {}).get("lora")
     return tokens * rate if rate is not None else 3.0 * tokens / forward_speed(loaded, options.seq_len)
-
-
-def recover_pruned(loaded, plan, options, train_name: str, train_text: str, eval_name: str | None = None,
-                   eval_text: str | None = None, protocol: str = "quick") -> bool:
-    """LoRA-fine-tune a copy of the session's pruned model for ``plan`` (:func:`pruneviz.recovery.recover`) and keep
-    it as the pruned record's ``recovery``, then, with ``eval_text``, measure dense / pruned / pruned + LoRA
-    perplexity into ``evals``. The base and the pruned model stay unchanged; a cancelled run keeps the steps done so
-    far (merged). True when everything finished."""
-    pruned = state.pruned_for(plan)
-    if pruned is None:
-        raise PlanError("build the pruned model for this plan first (Prune page); LoRA fine-tunes the built model")
-    sha, entry = plan.sha256(), history_entry(plan)
-    share = 0.8 if eval_text is not None else 1.0
-    with Job("Fine-tuning with LoRA…", key="lora_job", done_label="LoRA recovery done",
-             cancel_note="LoRA recovery stopped: the steps done so far were merged and kept.") as job:
-        res = recover(pruned, loaded.tokenizer, train_text, options,
-                      progress=lambda f, msg: job.progress(share * f, msg), cancel=job.cancelled)
-        if res.steps_done:
-            record_rate("lora", res.seconds, res.steps_done * options.batch_size * options.seq_len)
-            rec = RecoveryRecord(res.model, tuple(res.losses), res.record, lora_tag(res.record), res.cancelled,
-                                 res.seconds, train_name)
-            state.save(lambda ss: _attach_recovery(ss, sha, rec))
-            if eval_text is not None and not job.cancelled():
-                job.note("Evaluating dense, pruned and pruned + LoRA…")
-                _evaluate(loaded, plan, pruned, "physically pruned", rec, eval_name or "text", eval_text, protocol,
-                          job, entry)
-    return job.ok
-
-
-def _attach_recovery(ss, sha: str, rec: RecoveryRecord) -> None:
-    cur = ss.get("pruned")
-    if cur is not None and cur.sha == sha:  # the plan may have been rebuilt meanwhile: then it belongs nowhere
-        ss["pruned"] = dataclasses.replace(cur, recovery=rec)
-        ss["preview"] = None
 
 
 def discard_recovery(plan) -> None:

@@ -642,7 +642,7 @@ def pruned_for(plan: Plan):
 
 
 def recovery_for(plan: Plan) -> RecoveryRecord | None:
-    """The LoRA recovery of the session's pruned model for ``plan`` (see :func:`pruneviz.ui.services.recover_pruned`),
+    """The LoRA recovery of the session's pruned model for ``plan`` (see :func:`pruneviz.ui.background.start_recovery`),
     or None if there is none."""
     rec = pruned_record(plan)
     return rec.recovery if rec is not None else None
