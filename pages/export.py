@@ -3,7 +3,7 @@ import streamlit as st
 
 from pruneviz.deploy import runtimes
 from pruneviz.export import EXPORT_FORMATS, default_folder_name, safe_folder_name, zip_folder
-from pruneviz.gguf_export import WEIGHT_TYPES
+from pruneviz.gguf_export import WEIGHT_TYPES, verification_line
 from pruneviz.plan import Plan
 from pruneviz.ui import components as ui
 from pruneviz.ui import services, state
@@ -91,9 +91,8 @@ if rec is not None:
     ok = report.ok
     if report.gguf:
         g, v = report.gguf, report.gguf["verification"]
-        st.success(f"Verified in {v['runtime']}: {g['arch']} architecture, {g['weight_type']} weights, greedy "
-                   f"{v['greedy_agreed']}/{v['greedy_total']} tokens agree, max |Δ log p| "
-                   f"{v['max_abs_dlogprob_topk']:.3g} (tolerance {v['tolerance']:g}). {g['arch_reason']}.",
+        st.success(f"Verified in {v['runtime']}: {g['arch']} architecture, {g['weight_type']} weights, "
+                   f"{verification_line(v)}. {g['arch_reason']}.",
                    icon=":material/verified:")
         gguf_speed_panel(loaded, g)
     (st.success if ok else st.error)(

@@ -436,6 +436,7 @@ def cmd_runs(args) -> None:
 
 def cmd_export(args) -> None:
     from .export import check_export_target, save_pruned
+    from .gguf_export import verification_line
 
     check_export_target(args.out, args.overwrite)  # `--out .`, a non-export folder: refused before loading
     if args.plan:
@@ -447,8 +448,7 @@ def cmd_export(args) -> None:
     if report.gguf:
         g, v = report.gguf, report.gguf["verification"]
         print(f"gguf ({g['arch']}, {g['weight_type']}, {g['bytes'] / 2**20:.1f} MiB) -> {g['path']}; verified in "
-              f"{v['runtime']}: greedy {v['greedy_agreed']}/{v['greedy_total']} tokens agree, max |Δ log p| "
-              f"{v['max_abs_dlogprob_topk']:.3g} over the top {v['top_k']} (tolerance {v['tolerance']:g})")
+              f"{v['runtime']}: {verification_line(v)}")
         return
     print(f"{report.format} checkpoint -> {report.folder} ({len(report.files)} files, {report.params:,} params); "
           f"reload max |Δlogit| {report.reload_max_abs_diff:g}"

@@ -354,10 +354,13 @@ def _verify_gguf(model: nn.Module, tokenizer, gguf_report, runtime: str) -> Expo
     check = verify_gguf(gguf_report.path, model, tokenizer, gguf_report.weight_type, runtime=runtime)
     gguf_report.verification = check
     if not check["ok"]:
+        bound = (f"tolerance {check['tolerance']:g}" if check.get("tolerance") is not None else
+                 f"mean KL {check['kl_mean']:.3g} (bound {check['kl_sanity']:g}); read back exactly: "
+                 f"{'yes' if check['read_back']['ok'] else 'no'}")
         raise ExportError(f"the GGUF does not reproduce the model in {check['runtime']} (max |Δ log p| "
-                          f"{check['max_abs_dlogprob_topk']:.3g} over the top {check['top_k']} tokens, tolerance "
-                          f"{check['tolerance']:g}; greedy {check['greedy_agreed']}/{check['greedy_total']} tokens "
-                          f"agree); nothing was written. Please report this as a bug.")
+                          f"{check['max_abs_dlogprob_topk']:.3g} over the top {check['top_k']} tokens, {bound}; "
+                          f"greedy {check['greedy_agreed']}/{check['greedy_total']} tokens agree); nothing was "
+                          f"written. Please report this as a bug.")
     return ExportReport(str(Path(gguf_report.path).parent), "gguf", check["max_abs_dlogprob_topk"], None, True,
                         gguf=gguf_report.to_dict())
 

@@ -217,6 +217,38 @@ def test_tiny_deci_runs_in_llama_cpp(tmp_path):
     assert check["ok"], check
 
 
+@needs_llama_cpp
+def test_quantised_export_in_llama_cpp_needs_an_exact_read_back(tmp_path):
+    """q8_0: llama.cpp's 8-bit activations are measured (KL, greedy), the file itself must read back exactly; a
+    file whose quantised weights were damaged after writing is refused, although llama.cpp still runs it."""
+    model = tiny_model("llama", hidden_size=64, num_attention_heads=8, intermediate_size=64)
+    path = tmp_path / "q8.gguf"
+    G.write_gguf(model, None, path, "q8_0")
+    check = G.verify_gguf(path, model, None, "q8_0", runtime="llama.cpp")
+    assert check["ok"] and check["tolerance"] is None and check["read_back"]["ok"], check
+    assert 0 <= check["kl_mean"] <= G.QUANT_KL_SANITY and "reads back exactly" in G.verification_line(check)
+    import gguf
+
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_up.weight")
+    data = bytearray(path.read_bytes())
+    start = int(t.data_offset)
+    for k in range(start + 2, start + int(t.n_bytes), 34):  # every q8_0 block keeps its f16 scale, loses values
+        data[k:k + 8] = bytes(8)
+    path.write_bytes(data)
+    bad = G.verify_gguf(path, model, None, "q8_0", runtime="llama.cpp")
+    assert not bad["ok"] and not bad["read_back"]["ok"] and "NOT exactly" in G.verification_line(bad)
+
+
+@needs_llama_cpp
+def test_the_check_runs_llama_cpp_at_f32_cache_precision_unless_asked_for_its_defaults(tmp_path):
+    model = tiny_model("llama", hidden_size=64, num_attention_heads=8, intermediate_size=64)
+    G.write_gguf(model, None, tmp_path / "f.gguf", "f32")
+    exact = G.verify_gguf(tmp_path / "f.gguf", model, None, "f32", runtime="llama.cpp")
+    served = G.verify_gguf(tmp_path / "f.gguf", model, None, "f32", runtime="llama.cpp", runtime_defaults=True)
+    assert exact["ok"] and not exact["runtime_defaults"] and served["runtime_defaults"]
+    assert exact["max_abs_dlogprob_topk"] < 1e-4 < served["max_abs_dlogprob_topk"]  # the f16 KV cache shows
+
+
 # ---- the bundled model -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
