@@ -30,9 +30,8 @@ from ..allocate import plan_from_ratios
 from ..arch import adapter_for, geometry_of
 from ..data import text_hash
 from ..errors import PlanError
-from ..evaluate import PPLResult, next_token_top_k, perplexity, sweep, token_losses
+from ..evaluate import next_token_top_k, perplexity, token_losses
 from ..export import card_evaluation, save_pruned
-from ..fidelity import with_fidelity
 from ..importance import Cancelled, available, compute
 from ..offload import execution_device, is_offloaded
 from ..plan import Plan, dense_params
@@ -219,20 +218,6 @@ def _dense_key(text: str, protocol: str) -> str:
     return f"ppl|{state.session_spec().key}|{protocol}|{text_hash(text, 64)}"
 
 
-def evaluate_pair(loaded, plan, text_name: str, text: str, protocol: str) -> EvalRecord | None:
-    """PPL of dense and of the plan's model under one protocol (and of the LoRA-recovered model when recovery ran);
-    stored in ``session_state.evals``.
-
-    A cancelled evaluation is stored as partial (``complete=False``) if any window was scored.
-    """
-    model, how = state.compare_model(loaded, plan, lora=False)
-    recovery, entry = state.recovery_for(plan), history_entry(plan)
-    out = None  # stays None when the job fails (its error is shown in the job's box)
-    with Job("Evaluating perplexity…", key="ev_job", done_label="Perplexity ready") as job:
-        out = _evaluate(loaded, plan, model, how, recovery, text_name, text, protocol, job, entry)
-    return out
-
-
 def _evaluate(loaded, plan, model, how: str, recovery: RecoveryRecord | None, text_name: str, text: str,
               protocol: str, job: Job, entry: HistoryEntry) -> EvalRecord | None:
     """Dense, pruned and (with ``recovery``) pruned + LoRA perplexity into ``evals`` and the history."""
@@ -297,32 +282,6 @@ def discard_recovery(plan) -> None:
     if cur is not None:
         st.session_state["pruned"] = dataclasses.replace(cur, recovery=None)
         st.session_state["preview"] = None
-
-
-def run_sweep(loaded, criteria: list[str], ratios: list[float], what: str, text_name: str, text: str,
-              protocol: str, latency: bool, kl: bool = False) -> int:
-    """:func:`pruneviz.evaluate.sweep` over the session's maps of ``criteria`` into ``session_state.sweep``;
-    returns how many points were added.
-
-    The dense reference comes from the process cache (and is added once per text and protocol); a cancelled
-    sweep keeps the finished points (a point whose perplexity was cut short is dropped)."""
-    imaps = {c: st.session_state["imaps"][c] for c in criteria}
-    have_dense = any(p.criterion == "dense" and (not latency or p.ms_per_token)
-                     for p in state.sweep_points(protocol, text))
-    done: list = []  # stays empty when the job fails (its error is shown in the job's box)
-    with Job(f"Sweeping {len(criteria) * len(ratios)} configurations…", key="sweep_job",
-             done_label="Sweep finished") as job:
-        dense: bool | PPLResult = False
-        if not have_dense:
-            dense = dense_ppl(loaded, _dense_key(text, protocol), text, protocol, job)
-        points = sweep(loaded.model, loaded.tokenizer, imaps, ratios, what, text, protocol, progress=job.progress,
-                       cancel=job.cancelled, latency=latency, dense=dense if dense and dense.complete else False)
-        if kl and not job.cancelled():
-            points = with_fidelity(loaded.model, loaded.tokenizer, points, text, protocol, job.prefixed("KL: "),
-                                   job.cancelled)
-        done = [p for p in points if p.complete and (not kl or p.kl_mean is not None)]
-        state.save(lambda ss: [append_once(ss["sweep"], p) for p in done])
-    return sum(p.criterion != "dense" for p in done)
 
 
 def append_once(items: list, item) -> None:
