@@ -15,6 +15,13 @@ and each entry becomes an object with ``.attention`` and ``.ffn`` whose attribut
 count is ``num_attention_heads`` in every layer; layer ``i`` has ``num_attention_heads // n_heads_in_group`` KV
 heads. ``attention_bias`` gives the attention output projection a bias, ``qkv_bias`` the q/k/v projections,
 ``mlp_bias`` the three MLP projections (vLLM's reading of these flags).
+
+A removed attention or MLP sub-block is a ``no_op`` sub-layer, which vLLM builds without its weights and without
+its pre-norm (``input_layernorm`` / ``post_attention_layernorm``); an attention-free layer has no KV cache, and the
+first layer always keeps its attention (vLLM's forward needs it there)::
+
+    {"attention": {"n_heads_in_group": null, "no_op": true, "replace_with_linear": false},
+     "ffn": {"intermediate_size": 1536, "no_op": false, "replace_with_linear": false}}
 """
 from types import SimpleNamespace
 

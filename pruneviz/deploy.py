@@ -8,7 +8,8 @@ be written (and then verified by reloading it):
 - **transformers (stock class)**: :func:`pruneviz.export.stock_config`, the family's own config expresses every
   layer's shapes (same widths in every layer; blocks may be removed). ``format="hf"`` writes it.
 - **vLLM (DeciLM block_configs)**: :func:`pruneviz.decilm.refusal`, a LLaMA graph whose layers keep the same
-  query-head count (KV heads and MLP widths free per layer). ``format="decilm"``.
+  query-head count (KV heads and MLP widths free per layer); a removed attention or MLP sub-block (BlockPruner) is
+  a ``no_op`` sub-layer, except the first layer's attention and both in one layer. ``format="decilm"``.
 - **llama.cpp (GGUF)**: :func:`pruneviz.gguf_export.gguf_layout` (``llama``/``qwen2`` for uniform widths, ``deci``
   for per-layer widths, including per-layer query heads). ``format="gguf"``.
 - **pruneviz remote code**: every plan; ``format="hf"`` writes the pruneviz layout, loaded by pruneviz or by
@@ -91,10 +92,16 @@ def _vllm(model: nn.Module) -> RuntimeSupport:
     if why:
         return RuntimeSupport(VLLM, False, why, "decilm")
     blocks = decilm.blocks_of(model)
-    kv, ff = sorted({b.n_kv for b in blocks}), sorted({b.n_ff for b in blocks})
-    return RuntimeSupport(VLLM, True, f"{blocks[0].n_head} query heads in every layer, KV heads {kv}, MLP widths "
-                                      f"{ff[0]}..{ff[-1]}: vllm serve folder --trust-remote-code (config class "
-                                      f"only)", "decilm")
+    kv = sorted({b.n_kv for b in blocks if b.attention})
+    ff = sorted({b.n_ff for b in blocks if b.mlp})
+    no_attn = [i for i, b in enumerate(blocks) if not b.attention]
+    no_mlp = [i for i, b in enumerate(blocks) if not b.mlp]
+    noop = "; ".join(x for x in (f"no_op attention in layers {no_attn} (no KV cache there)" if no_attn else "",
+                                 f"no_op MLP in layers {no_mlp}" if no_mlp else "") if x)
+    widths = f"MLP widths {ff[0]}..{ff[-1]}" if ff else "no MLP"
+    return RuntimeSupport(VLLM, True, f"{blocks[0].n_head} query heads in every attention layer, KV heads {kv}, "
+                                      f"{widths}{'; ' + noop if noop else ''}: vllm serve folder "
+                                      f"--trust-remote-code (config class only)", "decilm")
 
 
 def _llama_cpp(model: nn.Module) -> RuntimeSupport:

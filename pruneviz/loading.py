@@ -566,7 +566,8 @@ def load_pruned_folder(path: str | os.PathLike, device="cpu", dtype=None):
     """Load a pruneviz-format folder without remote code: the base family's class plus ``apply_layout``.
 
     A DeciLM ``block_configs`` folder (``format="decilm"``, :mod:`pruneviz.decilm`) is read the same way, as a
-    LLaMA model with the per-layer shapes its config states; its ``configuration_decilm.py`` is not run.
+    LLaMA model with the per-layer shapes its config states (a ``no_op`` attention or FFN as pruneviz's stand-in for
+    a removed sub-block); its ``configuration_decilm.py`` is not run.
     Returns the model (eval mode). Use :func:`load_model` to get the tokenizer as well.
     """
     import transformers as tf

@@ -173,6 +173,11 @@ def vllm_shapes(folder) -> dict[str, tuple]:
     attention_bias = getattr(cfg, "attention_bias", False) or getattr(cfg, "bias", False)
     o_bias, qkv_bias = attention_bias, (cfg.qkv_bias if hasattr(cfg, "qkv_bias") else attention_bias)
     mlp_bias = getattr(cfg, "mlp_bias", False)
+    # DeciModel.forward starts the residual stream in the first layer's attention norm; the KV-head count vLLM
+    # reports is the first attention layer's (NemotronNasModelArchConfigConvertor.get_total_num_kv_heads)
+    assert not cfg.block_configs[0].attention.no_op
+    first = next(b for b in cfg.block_configs if not b.attention.no_op)
+    assert cfg.num_key_value_heads == heads // first.attention.n_heads_in_group
     out = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "model.norm.weight": (hidden,)}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (cfg.vocab_size, hidden)
@@ -251,14 +256,23 @@ def test_decilm_refusal_writes_nothing(tmp_path):
 
 
 def test_pruneviz_refuses_decilm_layers_it_does_not_build(tmp_path):
+    """replace_with_linear (vLLM's DeciLM class does not implement it either) and weights a no_op sub-layer must not
+    have; no_op sub-layers themselves load (tests/test_decilm_noop.py)."""
     model = tiny_model("llama")
     save_pruned(model, None, tmp_path / "out", format="decilm")
     cfg_file = tmp_path / "out" / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["block_configs"][1]["attention"] = {"no_op": True}
+    good = json.loads(cfg_file.read_text())
+    cfg = json.loads(json.dumps(good))
+    cfg["block_configs"][1]["attention"]["replace_with_linear"] = True
     cfg_file.write_text(json.dumps(cfg))
-    with pytest.raises(ExportError, match="no_op"):
+    with pytest.raises(ExportError, match="replace_with_linear"):
         load_pruned_folder(tmp_path / "out")
+    cfg = json.loads(json.dumps(good))
+    cfg["block_configs"][1]["attention"] = {"no_op": True}  # its weights are still in the file
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="have no place in the model"):
+        load_pruned_folder(tmp_path / "out")
+    assert decilm.schema_mismatch(tmp_path / "out").startswith("extra")
     assert decilm.is_decilm(cfg)
 
 
