@@ -689,7 +689,8 @@ def deployable_refusal(model: nn.Module, plan: Plan, runtime: str | None) -> str
     ``runtime`` is None). Structural rules only: :func:`pruneviz.deploy.runtimes` runs the exporters' full checks.
 
     - ``"stock"``: every kept layer has the same widths, and no compensation adds biases the base lacks;
-    - ``"vllm"``: a LLaMA-graph family and the same number of query heads in every kept layer."""
+    - ``"vllm"``: a LLaMA-graph family, the same number of query heads in every kept layer, and attention in the
+      first kept layer (vLLM's DeciLM starts the residual there; see :mod:`pruneviz.decilm`)."""
     if runtime is None:
         return None
     _one_of("deployable", runtime, DEPLOYABLE)
@@ -707,6 +708,10 @@ def deployable_refusal(model: nn.Module, plan: Plan, runtime: str | None) -> str
     if len(heads) > 1:
         return (f"deployable='vllm' needs the same number of query heads in every kept layer (vLLM's DeciLM reads "
                 f"one num_attention_heads); this plan keeps {heads}")
+    kept = plan.kept_blocks()
+    if kept and plan.attention_removed(kept[0]):
+        return (f"deployable='vllm': vLLM's DeciLM needs attention in the first layer (its residual starts there); "
+                f"this plan removes layer {kept[0]}'s attention")
     return None
 
 

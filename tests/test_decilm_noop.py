@@ -102,6 +102,11 @@ def test_an_attention_free_first_layer_is_refused_before_writing(tmp_path):
     shifted = Plan.empty(model).with_units("block", None, [0]).without_attention(1)  # block 0 gone: layer 1 first
     assert not supported(model, shifted)[VLLM]
     assert supported(model, Plan.empty(model).with_units("block", None, [0]).without_attention(2))[VLLM]
+    from pruneviz.allocate import deployable_refusal  # allocation's structural rule says the same
+
+    assert "first layer" in deployable_refusal(model, plan, "vllm")
+    assert "first layer" in deployable_refusal(model, shifted, "vllm")
+    assert deployable_refusal(model, Plan.empty(model).without_attention(1), "vllm") is None
 
 
 def test_a_layer_with_both_sub_blocks_removed_is_refused_with_remove_the_block(tmp_path):
