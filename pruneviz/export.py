@@ -16,10 +16,10 @@ A third format is asked for: ``format="gguf"`` writes one GGUF file for llama.cp
 (:mod:`pruneviz.gguf_export`: the family's llama.cpp architecture, or ``deci`` for per-layer widths), verified by
 running it in llama.cpp where ``llama-cpp-python`` is installed (else by reading it back with ``gguf``).
 
-``format="decilm"`` writes DeciLM ``block_configs`` for vLLM's ``DeciLMForCausalLM`` (:mod:`pruneviz.decilm`:
-per-layer KV heads and MLP widths, one query-head count), verified by reloading it in pruneviz from ``block_configs``
-alone and by checking every tensor against the shapes vLLM builds from the config. :mod:`pruneviz.deploy` says which
-of these formats (and so which runtimes) can hold a plan.
+``format="decilm"`` writes DeciLM ``block_configs`` for vLLM's ``DeciLMForCausalLM`` (:mod:`pruneviz.decilm`: per-
+layer KV heads and MLP widths, ``no_op`` attention or MLP sub-layers, one query-head count), verified by reloading
+it in pruneviz from ``block_configs`` alone and by checking every tensor against the shapes vLLM builds from the
+config. :mod:`pruneviz.deploy` says which of these formats (and so which runtimes) can hold a plan.
 
 Every export is written to a temporary folder, reloaded and compared with the in-memory model (identical logits
 required), and only then renamed into place: a failed or interrupted export leaves nothing behind
@@ -485,7 +485,8 @@ def model_card(model: nn.Module, plan: Plan | None, evaluation: dict | None, fmt
                   "from llama_cpp import Llama", "llm = Llama(model_path=path_to_gguf)", "```", ""]
         return "\n".join(lines)
     if fmt == "decilm":
-        lines += ["## Loading", "", "DeciLM `block_configs` (per-layer KV heads and MLP widths) for vLLM's own "
+        lines += ["## Loading", "", "DeciLM `block_configs` (per-layer KV heads and MLP widths; `no_op` attention "
+                  "or MLP sub-layers) for vLLM's own "
                   "`DeciLMForCausalLM`; `configuration_decilm.py` is the config class only (no model code):", "",
                   "```bash", "vllm serve <folder> --trust-remote-code", "```", "",
                   "Stock transformers has no DeciLM model class; pruneviz loads the folder without running its code:",
