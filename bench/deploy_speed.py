@@ -5,7 +5,9 @@
 Models (20% of non-embedding parameters removed, no compensation: speed does not depend on the weights' values):
 width (FLAP scores, MLP channels only, the same width in every layer: llama.cpp ``llama``), width per layer (FLAP,
 global ranking, MLP channels only: ``deci``), depth (6 of 30 blocks by block influence: ``llama``), combined
-(3 blocks by block influence, the rest as uniform MLP width: ``llama``). Each is exported to GGUF f16 and kept in
+(3 blocks by block influence, the rest as uniform MLP width: ``llama``); and depth and combined again at 20% of
+*all* parameters (the tied embedding / LM head, 21% of the model, caps a 20% non-embedding cut near 1.19x). Each
+is exported to GGUF f16 and kept in
 memory as PyTorch fp32. Every model on both engines is timed interleaved in one run (:mod:`pruneviz.speed`:
 warm-up round, then rounds that call every model/engine once in rotating order; medians), so the ratios to the
 dense model compare measurements taken side by side. Writes bench/results/deploy_speed.md and .json.
@@ -46,7 +48,7 @@ def make_plans(model, calib) -> dict:
     flap = compute(model, "flap", calib)
     bi = compute(model, "block_influence", calib)
     both = dataclasses.replace(flap, criterion="flap+block_influence", blocks=bi.blocks)
-    target = Target(RATIO)
+    target, total = Target(RATIO), Target(RATIO, "total")
     return {
         "dense": (None, "nothing removed"),
         "width": (allocate(model, flap, target, strategy="uniform", attn_share=0.0),
@@ -56,6 +58,12 @@ def make_plans(model, calib) -> dict:
         "depth": (allocate(model, bi, target, strategy="depth"), "block influence, whole blocks"),
         "combined": (allocate(model, both, target, strategy="combined", attn_share=0.0),
                      "half the budget as blocks (block influence), half as uniform MLP width (FLAP)"),
+        # the same cuts counted over all parameters: the untouched tied embedding / LM head (21% of the bundled
+        # model) caps what 20% of the non-embedding parameters can give at about 1.19x
+        "depth, 20% of all parameters": (allocate(model, bi, total, strategy="depth"),
+                                         "block influence, whole blocks, 20% of all parameters"),
+        "combined, 20% of all parameters": (allocate(model, both, total, strategy="combined", attn_share=0.0),
+                                            "as combined, 20% of all parameters"),
     }
 
 
@@ -134,7 +142,7 @@ def main() -> None:
     proto = [
         "Model: SmolLM2-135M-Instruct (bundled), PyTorch fp32 on CPU and GGUF f16 in llama.cpp "
         f"({version}).",
-        f"Plans: {RATIO:.0%} of non-embedding parameters removed, no compensation. "
+        f"Plans: {RATIO:.0%} of non-embedding parameters removed (last two rows: of all parameters), no compensation. "
         + "; ".join(f"{k}: {d}" + (f" ({p.summary()})" if p is not None else "") for k, (p, d) in plans.items())
         + ".",
         f"Timing: {protocol.describe()}. Same token ids for every model and engine (a fixed English text). Every "
@@ -159,17 +167,21 @@ def main() -> None:
 
 
 def _goal(summ: dict, b: int) -> str:
-    parts, ok, cpu_ok = [], True, True
-    dense = summ[("llama.cpp", "dense")]
-    for k in ("depth", "combined", "width", "width per layer"):
+    """The goal per reading of "20% removed": of the non-embedding parameters (the project's target everywhere)
+    and of all parameters; width plans are reported beside them."""
+    dense, parts, verdict = summ[("llama.cpp", "dense")], [], {}
+    for k in ("depth", "combined", "depth, 20% of all parameters", "combined, 20% of all parameters", "width",
+              "width per layer"):
         s = summ[("llama.cpp", k)]
         r, c = s.decode_tps[b] / dense.decode_tps[b], s.decode_cpu_tps[b] / dense.decode_cpu_tps[b]
-        if k in ("depth", "combined"):
-            ok &= r >= GOAL
-            cpu_ok &= c >= GOAL
+        if not k.startswith("width"):
+            reading = "of all parameters" if "all" in k else "of non-embedding parameters"
+            wall, cpu = verdict.get(reading, (True, True))
+            verdict[reading] = (wall and r >= GOAL, cpu and c >= GOAL)
         parts.append(f"{k} {r:.2f}x ({c:.2f}x in CPU time)")
-    return (f"{'met' if ok else 'NOT met'} in wall-clock tokens/s, {'met' if cpu_ok else 'NOT met'} in CPU time "
-            f"(llama.cpp decode b{b} vs dense: " + ", ".join(parts) + ").")
+    said = "; ".join(f"20% {reading}: {'met' if w else 'NOT met'} in wall-clock tokens/s, "
+                     f"{'met' if c else 'NOT met'} in CPU time" for reading, (w, c) in verdict.items())
+    return f"{said} (llama.cpp decode b{b} vs dense: " + ", ".join(parts) + ")."
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main() -> None:
                     v = G.verify_gguf(path, model, loaded.tokenizer, wt, runtime="llama.cpp",
                                       runtime_defaults=defaults)
                     rows.append([label, wt, "llama.cpp defaults" if defaults else "check (f32 KV, no FA)",
-                                 v["max_abs_dlogprob_topk"], v["kl_mean"],
+                                 f"{v['max_abs_dlogprob_topk']:.3g}", f"{v['kl_mean']:.3g}",
                                  f"{v['greedy_agreed']}/{v['greedy_total']}",
                                  "yes" if v["ok"] else "no"])
                     print(rows[-1], flush=True)

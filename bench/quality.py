@@ -195,6 +195,7 @@ METHODS = {
     "taylor (query heads)": allocated("taylor", "uniform", attn_unit="head"),
     "taylor (LLM-Pruner's setting: MLP only; layers 4..L-3)": allocated("taylor", "uniform", skip_first=4,
                                                                          skip_last=2, **MLP),
+    "taylor (layers 4..L-3)": allocated("taylor", "uniform", skip_first=4, skip_last=2),
     "flap": allocated("flap", "global", "flap_bias"),
     "flap (query heads)": allocated("flap", "global", "flap_bias", attn_unit="head"),
     "flap (MLP only)": allocated("flap", "global", "flap_bias", **MLP),
