@@ -25,8 +25,9 @@ SCRIPTS = {  # name -> (script, results files it writes)
     "layerwise_memory": ("layerwise_memory.py", ["layerwise_memory"]),
     "zo_agreement": ("zo_agreement.py", ["zo_agreement"]),
     "deploy_speed": ("deploy_speed.py", ["deploy_speed"]),
+    "gguf_tolerance": ("gguf_tolerance.py", ["gguf_tolerance"]),
 }
-ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement", "deploy_speed"]
+ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement", "deploy_speed", "gguf_tolerance"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
