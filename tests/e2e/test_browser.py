@@ -26,6 +26,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 LONG = 420_000  # ms: work on 2 CPU cores
+RECIPE = 900_000  # ms: the recommended recipe (self-generated calibration + scores: ~200 s at a load of 5 on 2 cores)
 
 
 def _free_port() -> int:
@@ -148,13 +149,18 @@ def pills_clear(page, pills_key: str, other_keys: list[str], widths=(1400, 1920)
     page.set_viewport_size(SHOOT)
 
 
-def heatmap(page):
-    """The drag layer of the first visible heatmap (the active tab's)."""
-    return page.locator("[data-testid='stPlotlyChart']:visible").first.locator(".nsewdrag").first
+def heatmap(page, key: str | None = None):
+    """The drag layer of the heatmap with ``key``, else of the first visible one (the active tab's)."""
+    chart = keyed(page, key) if key else page.locator("[data-testid='stPlotlyChart']:visible").first
+    return chart.locator(".nsewdrag").first
 
 
-def click_cell(page, fx: float, fy: float) -> None:
-    box = heatmap(page).bounding_box()
+def click_cell(page, fx: float, fy: float, key: str | None = None) -> None:
+    """Click the heatmap (``key``, else the first visible) at ``fx``, ``fy`` of its plot area, from its top left."""
+    drag = heatmap(page, key)
+    if key:
+        drag.scroll_into_view_if_needed()
+    box = drag.bounding_box()
     page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
     idle(page)
 
@@ -246,7 +252,7 @@ def test_user_journey(page):
     idle(page)
     sidebar = page.locator("[data-testid='stSidebar']")
     sidebar.get_by_text(re.compile(r"Running the recommended recipe")).first.wait_for(timeout=60_000)  # listed
-    page.get_by_text("The current plan comes from the recommended recipe").first.wait_for(timeout=LONG)
+    page.get_by_text("The current plan comes from the recommended recipe").first.wait_for(timeout=RECIPE)
     arrive_seconds = time.time() - t_reload
     idle(page)
     assert plan_text(page) != after
@@ -308,6 +314,15 @@ def test_user_journey(page):
     assert "Attention pattern" in text and "Contributions to the residual stream" in text, text[:2000]
     page.get_by_text("Mean loss change").first.wait_for(timeout=60_000)  # the plan's removals, token by token
     no_exceptions(page)
+    t_inspect = time.time()
+    click_cell(page, 7.5 / 9, 5.5 / 30, key="ins_head_norm")  # a cell of the head-norm map: layer 5, query head 7
+    title = page.locator("[data-testid='stPlotlyChart'] .gtitle", has_text="where each position looks").first
+    assert title.text_content().startswith("Layer 5, query head 7:"), title.text_content()  # its attention pattern
+    assert keyed(page, "ins_layer").get_by_role("combobox").input_value() == "5"  # ... and the pickers followed
+    assert keyed(page, "ins_head").get_by_role("combobox").input_value() == "7 (KV group 2)"
+    inspect_seconds = time.time() - t_inspect
+    page.mouse.move(5, 5)  # no hover label in the screenshot
+    no_exceptions(page)
     shot(page, "7-inspect")
     nav(page, "Runs")
     idle(page)
@@ -345,4 +360,4 @@ def test_user_journey(page):
     assert "The plan it carries" in text and "Model card" in text, text[:2000]
     assert "1 KV group" in text or "KV group" in text
     print(f"journey: {time.time() - t0:.0f} s; the recipe's plan reached the reloaded page {arrive_seconds:.0f} s "
-          "after the reload")
+          f"after the reload; the Inspect click took {inspect_seconds:.0f} s")
