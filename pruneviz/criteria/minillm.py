@@ -56,15 +56,30 @@ whole map with the exact-backprop map of the same reading):
   "taylor_abs" heads reach 0.73 (16384) and 0.97 (65536) but are ≤ 0.37 below q = 4096;
 - SmolLM2-135M-Instruct (d = 106M perturbed weights, 8×64 calibration tokens, reading A): q = 1 / 16 / 64 give
   channels 0.533 / 0.532 / 0.532 (0.81 within layers) and heads 0.33, the same as the gradient-free map
-  (0.534, 0.82, 0.33): at this scale the ZO gradient adds nothing that magnitude and activation do not.
+  (0.534, 0.82, 0.33): at this scale the ZO gradient adds nothing that magnitude and activation do not
+  (re-measured by ``bench/zo_agreement.py``, 2026-12-02: q = 1 / 4 / 16 give heads 0.327 / 0.325 / 0.324, KV
+  groups 0.133 / 0.131 / 0.129, channels 0.533 / 0.533 / 0.532, against 0.325 / 0.133 / 0.534 gradient-free);
+- gates (``variables="gates"``, :func:`gates_vs_backprop`, d = units): the estimate itself follows the theory,
+  ``cos(ĝ, ∂L/∂m)`` ≈ ``sqrt(q/(d+q))`` (SmolLM2 heads, d = 270: 0.26 / 0.46 at q = 16 / 64, theory 0.24 /
+  0.44), but ranking units by ``|ĝ_u|`` well (ρ ≳ 0.9) needs a cosine of about 0.97, i.e. q ≈ 10-25·d. Tiny
+  llama, ρ of ``|ĝ|`` with ``|∂L/∂m|``: heads (d = 24) 0.49 / 0.90 / 0.96 / 1.00 at q = 64 / 256 / 1024 / 4096,
+  channels (d = 160) 0.45 / 0.70 / 0.92 / 0.98 at q = 256 / 1024 / 4096 / 16384. SmolLM2 (8×64 tokens): heads
+  0.05 / 0.11 at q = 1 / 64, KV groups (d = 90) −0.04 / 0.06, channels (d = 46,080) 0.00 / 0.01 at q = 1 / 16.
+  One gate query costs 0.8-1.3 times one forward + backward pass on CPU (two losses in one doubled pass), so
+  q = 64 per kind takes 60-80 backward passes' time, and the gradient-free ``Σ|W|·‖X‖`` map does not rank like the
+  gate map either (−0.34 heads, −0.03 channels).
 
-So agreement with backprop needs q of the order of the number of perturbed weights; below about d/10 queries a
-MINI-LLM map is a magnitude-times-activation map plus noise, and often ranks worse than that map alone. The
-default q = 64 is set by cost (128 loss evaluations of the calibration set), not by accuracy.
+So agreement with backprop needs q of the order of the number of perturbed variables (weights: d ≈ 10^8 for
+SmolLM2; gates: 10-25 times the number of units, several thousand queries for SmolLM2's 270 heads); below that a
+per-weight MINI-LLM map is a magnitude-times-activation map plus noise, often ranking worse than that map alone,
+and a gate map is mostly noise. The default q = 64 is set by cost (128 loss evaluations of the calibration set),
+not by accuracy; at any affordable q, exact backprop (one backward pass, where its memory is available) is
+both cheaper and right. Tables: ``bench/results/zo_agreement.md``.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -213,10 +228,15 @@ class ZOEstimate:
     seed: int
     epsilon: float
     projected: torch.Tensor  # [q] float64: (L(θ+εz_j) − L(θ−εz_j)) / 2ε
+    seconds: list[float] | None = None  # wall seconds from the start until query j was measured (None: not timed)
 
     @property
     def queries(self) -> int:
         return int(self.projected.numel())
+
+    def seconds_for(self, queries: int) -> float | None:
+        """Wall seconds the first ``queries`` queries took (None when not timed)."""
+        return None if not self.seconds else self.seconds[min(queries, len(self.seconds)) - 1]
 
     def gradient(self, item: Perturbed, queries: int | None = None) -> torch.Tensor:
         """ĝ for projection ``item``'s weight from the first ``queries`` queries (all by default), fp32."""
@@ -260,17 +280,18 @@ def zo_estimate(model: nn.Module, calib: Calibration | torch.Tensor, modules: li
     if len(modules) > (1 << _KEY_BITS):
         raise CriterionError(f"minillm: at most {1 << _KEY_BITS} perturbed projections (got {len(modules)})")
     check_hookable(model)
-    span, step = span or Span(None), max(1, int(queries_per_pass))
+    span, step, t0 = span or Span(None), max(1, int(queries_per_pass)), time.perf_counter()
     batches = list(token_batches(calib, batch_size, execution_device(model)))
-    projected = torch.zeros(queries, dtype=torch.float64)  # [q]
+    projected, seconds = torch.zeros(queries, dtype=torch.float64), []  # [q]
     with Perturbation(modules, seed) as pert, torch.inference_mode():
         for start in range(0, queries, step):
             js = range(start, min(start + step, queries))
             pert.slots = [(j, sign * epsilon) for j in js for sign in (1.0, -1.0)]
             losses = slot_losses(model, batches, len(pert.slots)).view(-1, 2)  # [chunk, (+, -)]
             projected[start:start + len(js)] = (losses[:, 0] - losses[:, 1]) / (2 * epsilon)
+            seconds += [time.perf_counter() - t0] * len(js)
             span.step((js[-1] + 1) / queries, f"zeroth-order gradient: query {js[-1] + 1}/{queries}")
-    return ZOEstimate(seed, epsilon, projected)
+    return ZOEstimate(seed, epsilon, projected, seconds)
 
 
 # ---- scores -------------------------------------------------------------------------------------------------------
@@ -320,25 +341,40 @@ def zo_vs_backprop(model: nn.Module, calib: Calibration | torch.Tensor, queries_
 
     Runs one ZO estimate with ``max(queries_list)`` queries (or reuses ``estimate`` if it has enough) and uses its
     first q queries for each q. Returns ``{"reading", "queries", "spearman": {str(q): {map: {"all",
-    "within_layer"}}}, "without_gradient": {map: ...}}``: ``without_gradient`` correlates the exact map with the
-    same score where the gradient is replaced by 1 (``Σ|W|·‖X‖`` for reading A), the floor that magnitude and
-    activation alone reach. Needs backprop memory for the exact gradients.
+    "within_layer"}}}, "without_gradient": {map: ...}, "perturbed", "loss_evaluations", "seconds"}``:
+    ``without_gradient`` correlates the exact map with the same score where the gradient is replaced by 1
+    (``Σ|W|·‖X‖`` for reading A), the floor that magnitude and activation alone reach. ``perturbed`` is the number
+    of perturbed weights d, ``loss_evaluations[str(q)]`` = 2q (calibration-set losses of a q-query estimate; readings
+    A and B add one statistics pass), ``seconds`` the wall time of the statistics pass ("stats", None when
+    ``stats`` was given), of the first q queries ("estimate", None for an untimed ``estimate``), of building the
+    map from them ("maps": ĝ is rebuilt from q seeded directions, so this grows with q·d) and of the exact
+    gradients ("exact": one forward and one backward pass). Needs backprop memory for the exact gradients.
     """
     span, qs = span or Span(None), sorted({int(q) for q in queries_list})
     modules, kinds = perturbed_modules(model, perturb), kinds_for(perturb)
-    stats = stats if stats is not None or reading == "taylor_abs" else _stats_for(model, calib, reading,
-                                                                                   batch_size, span.sub(0, .1))
+    t0, stats_seconds = time.perf_counter(), None
+    if stats is None and reading != "taylor_abs":
+        stats = _stats_for(model, calib, reading, batch_size, span.sub(0, .1))
+        stats_seconds = time.perf_counter() - t0
     if estimate is None or estimate.queries < qs[-1]:
         estimate = zo_estimate(model, calib, modules, qs[-1], epsilon, seed, batch_size, queries_per_pass,
                                span.sub(.1, .7))
     prefix = adapter_for(model).layers_path
     names = {f"{prefix}.{m.layer}.{m.path}.weight": m for m in modules}
+    t0 = time.perf_counter()
     exact = exact_gradients(model, calib, lambda n, p: n in names, span=span.sub(.7, .8))
+    exact_seconds = time.perf_counter() - t0
     name_of = {m.key: n for n, m in names.items()}
     truth = fms_maps(model, modules, lambda m: exact[name_of[m.key]], reading, stats, kinds)
-    out = {"reading": reading, "queries": qs, "spearman": {}, "without_gradient": {}}
+    out = {"reading": reading, "queries": qs, "spearman": {}, "without_gradient": {},
+           "perturbed": sum(m.module.weight.numel() for m in modules),
+           "loss_evaluations": {str(q): 2 * q for q in qs},
+           "seconds": {"stats": stats_seconds, "estimate": {str(q): estimate.seconds_for(q) for q in qs},
+                       "maps": {}, "exact": exact_seconds}}
     for i, q in enumerate(qs):
+        t0 = time.perf_counter()
         zo = fms_maps(model, modules, lambda m: estimate.gradient(m, q), reading, stats, kinds)
+        out["seconds"]["maps"][str(q)] = time.perf_counter() - t0
         out["spearman"][str(q)] = {k: _spearman(zo[k], truth[k]) for k in truth}
         span.sub(.8, 1.0).step((i + 1) / len(qs), f"comparing with backprop: q={q}")
     flat = fms_maps(model, modules, lambda m: torch.ones_like(m.module.weight, dtype=torch.float32), reading,
@@ -391,6 +427,61 @@ class GatePerturbation(SlotHooks):
                 for l, layer in enumerate(self.layers)]
 
 
+@dataclass
+class GateEstimate:
+    """q projected gate gradients ``c_j`` of one unit kind and the seed: ĝ of every prefix of the queries."""
+
+    kind: str
+    seed: int
+    epsilon: float
+    shape: tuple[int, int]  # (layers, units per layer)
+    projected: torch.Tensor  # [q] float64: (L(1+εz_j) − L(1−εz_j)) / 2ε
+    seconds: list[float] | None = None  # wall seconds from the start until query j was measured
+
+    @property
+    def queries(self) -> int:
+        return int(self.projected.numel())
+
+    def seconds_for(self, queries: int) -> float | None:
+        return None if not self.seconds else self.seconds[min(queries, len(self.seconds)) - 1]
+
+    def gradient(self, queries: int | None = None) -> torch.Tensor:
+        """ĝ ``[L, n]`` (fp32) from the first ``queries`` queries (all by default)."""
+        q = self.queries if queries is None else min(queries, self.queries)
+        template = torch.zeros(self.shape[1])
+        grad = torch.zeros(self.shape, dtype=torch.float64)  # [L, n]
+        for j in range(q):
+            c = float(self.projected[j])
+            for l in range(self.shape[0]):
+                grad[l] += c * direction(template, self.seed, j, l).double()
+        return (grad / max(q, 1)).float()
+
+
+def gate_zo(model: nn.Module, calib: Calibration | torch.Tensor, kind: str, queries: int, epsilon: float,
+            seed: int, batch_size: int = DEFAULT_BATCH_SIZE, queries_per_pass: int = 1,
+            span: Span | None = None) -> GateEstimate:
+    """The ``2·queries`` perturbed losses of the gate estimate (two-sided SPSA over the gates of ``kind``), kept
+    as projected gradients; ``queries_per_pass`` queries share one forward pass as in :func:`zo_estimate`."""
+    if not 0 < queries <= (1 << _QUERY_BITS):
+        raise CriterionError(f"minillm: queries must be in 1..{1 << _QUERY_BITS}")
+    check_hookable(model)
+    span, step, t0 = span or Span(None), max(1, int(queries_per_pass)), time.perf_counter()
+    view = clone_model(model, share_weights=True)  # the hooks live on this call's own view
+    batches = list(token_batches(calib, batch_size, execution_device(view)))
+    n_layers = len(adapter_for(view).layers(view))
+    projected, seconds = torch.zeros(queries, dtype=torch.float64), []  # [q]
+    with GatePerturbation(view, kind, seed) as pert, torch.inference_mode():
+        shape = (n_layers, int(pert.groups.shape[0]))
+        for start in range(0, queries, step):
+            js = range(start, min(start + step, queries))
+            pert.slots = [(j, sign * epsilon) for j in js for sign in (1.0, -1.0)]
+            losses = slot_losses(view, batches, len(pert.slots)).view(-1, 2)  # [chunk, (+, -)]
+            projected[start:start + len(js)] = (losses[:, 0] - losses[:, 1]) / (2 * epsilon)
+            seconds += [time.perf_counter() - t0] * len(js)
+            span.step((js[-1] + 1) / queries, f"feature-map gates ({kind}): query {js[-1] + 1}/{queries}")
+    return GateEstimate(kind, seed, epsilon, shape, projected, seconds)
+
+
 def gate_estimate(model: nn.Module, calib: Calibration | torch.Tensor, kind: str, queries: int, epsilon: float,
                   seed: int, batch_size: int = DEFAULT_BATCH_SIZE, span: Span | None = None) -> torch.Tensor:
     """SPSA estimate of ``∂L/∂m_u`` for every unit gate ``m_u`` (all 1 in the model) of ``kind``: ``[L, n]``.
@@ -399,21 +490,7 @@ def gate_estimate(model: nn.Module, calib: Calibration | torch.Tensor, kind: str
     of the number of weights (10^8), so the estimator's signal-to-noise ratio ``≈ sqrt(q / d)`` is orders of
     magnitude better at the same query count.
     """
-    check_hookable(model)
-    span = span or Span(None)
-    view = clone_model(model, share_weights=True)  # the hooks live on this call's own view
-    batches = list(token_batches(calib, batch_size, execution_device(view)))
-    n_layers = len(adapter_for(view).layers(view))
-    with GatePerturbation(view, kind, seed) as pert, torch.inference_mode():
-        grad = torch.zeros(n_layers, pert.groups.shape[0], dtype=torch.float64)  # [L, n]
-        for j in range(queries):
-            pert.slots = [(j, epsilon), (j, -epsilon)]
-            plus, minus = slot_losses(view, batches, 2).tolist()
-            c = (plus - minus) / (2 * epsilon)
-            for l in range(n_layers):
-                grad[l] += c * direction(pert.template, seed, j, l).double()
-            span.step((j + 1) / queries, f"feature-map gates ({kind}): query {j + 1}/{queries}")
-    return (grad / max(queries, 1)).float()
+    return gate_zo(model, calib, kind, queries, epsilon, seed, batch_size, span=span).gradient()
 
 
 def exact_gate_gradients(model: nn.Module, calib: Calibration | torch.Tensor, kind: str,
@@ -468,6 +545,49 @@ def gate_maps(model: nn.Module, calib: Calibration | torch.Tensor, kinds: Iterab
     for i, kind in enumerate(kinds):
         sub = span.sub(i / len(kinds), (i + 1) / len(kinds))
         out[UNITS[kind].map] = gate_estimate(model, calib, kind, queries, epsilon, seed, batch_size, sub).abs()
+    return out
+
+
+def gates_vs_backprop(model: nn.Module, calib: Calibration | torch.Tensor, queries_list: Iterable[int] = (1, 4, 16, 64),
+                      kinds: Iterable[str] = ("head", "kv", "channel"), epsilon: float = 1e-3, seed: int = 0,
+                      batch_size: int = DEFAULT_BATCH_SIZE, queries_per_pass: int = 1,
+                      stats: CalibrationStats | None = None, span: Span | None = None) -> dict:
+    """How well the ZO gate maps ``|ĝ_u|`` rank like the exact-backprop gate maps ``|∂L/∂m_u|``, per query count:
+    the gate counterpart of :func:`zo_vs_backprop`.
+
+    Runs one gate estimate per kind with ``max(queries_list)`` queries and uses its first q queries for each q.
+    Returns ``{"variables": "gates", "queries", "perturbed": {map: d}, "spearman": {str(q): {map: {"all",
+    "within_layer"}}}, "cosine": {str(q): {map: cos(ĝ, ∂L/∂m)}}, "without_gradient": {map: ...},
+    "loss_evaluations": {str(q): 2q}, "seconds": {"estimate": {map: {str(q): s}}, "exact": {map: s}}}``.
+    ``cosine`` is signed (the estimator's direction; theory ``≈ sqrt(q/(d+q))``); ``without_gradient`` correlates
+    the exact gate map with the gradient-free ``Σ|W|·‖X‖`` map (reading A over all scored projections);
+    ``loss_evaluations`` counts calibration-set losses per kind (the criterion runs one estimate per kind);
+    ``seconds["exact"]`` is one forward and one backward pass per kind. Needs backprop memory.
+    """
+    span, qs, kinds = span or Span(None), sorted({int(q) for q in queries_list}), tuple(kinds)
+    if stats is None:
+        stats = collect_stats(model, calib, span.sub(0, .05), batch_size=batch_size)
+    modules = perturbed_modules(model, "scored")
+    flat = fms_maps(model, modules, lambda m: torch.ones_like(m.module.weight, dtype=torch.float32), "A", stats,
+                    kinds)
+    out = {"variables": "gates", "queries": qs, "perturbed": {}, "spearman": {str(q): {} for q in qs},
+           "cosine": {str(q): {} for q in qs}, "without_gradient": {},
+           "loss_evaluations": {str(q): 2 * q for q in qs}, "seconds": {"estimate": {}, "exact": {}}}
+    for i, kind in enumerate(kinds):
+        sub, name = span.sub(.05 + .95 * i / len(kinds), .05 + .95 * (i + 1) / len(kinds)), UNITS[kind].map
+        est = gate_zo(model, calib, kind, qs[-1], epsilon, seed, batch_size, queries_per_pass, sub.sub(0, .9))
+        t0 = time.perf_counter()
+        exact = exact_gate_gradients(model, calib, kind, batch_size)  # [L, n]
+        out["seconds"]["exact"][name] = time.perf_counter() - t0
+        out["seconds"]["estimate"][name] = {str(q): est.seconds_for(q) for q in qs}
+        out["perturbed"][name] = int(exact.numel())
+        for q in qs:
+            g = est.gradient(q)
+            out["spearman"][str(q)][name] = _spearman(g.abs(), exact.abs())
+            out["cosine"][str(q)][name] = float(F.cosine_similarity(g.flatten().double(), exact.flatten().double(),
+                                                                    dim=0))
+        out["without_gradient"][name] = _spearman(flat[name], exact.abs())
+        sub.step(1.0, f"gates ({kind}): compared with backprop")
     return out
 
 
