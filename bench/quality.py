@@ -190,7 +190,8 @@ METHODS = {
     "wanda_sp": allocated("wanda_sp", "uniform"),
     "wanda_sp (MLP only)": allocated("wanda_sp", "uniform", **MLP),
     "wanda_sp (query heads)": allocated("wanda_sp", "uniform", attn_unit="head"),
-    "taylor": allocated("taylor", "uniform"),
+    "taylor": allocated("taylor", "uniform"),  # since f1f028c+1: LLM-Pruner's layer range (skip "auto": 4 and 2)
+    "taylor (every layer)": allocated("taylor", "uniform", skip_first=0, skip_last=0),
     "taylor (MLP only)": allocated("taylor", "uniform", **MLP),
     "taylor (query heads)": allocated("taylor", "uniform", attn_unit="head"),
     "taylor (LLM-Pruner's setting: MLP only; layers 4..L-3)": allocated("taylor", "uniform", skip_first=4,

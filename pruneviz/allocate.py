@@ -45,7 +45,7 @@ from torch import nn
 from .arch import geometry_of
 from .decilm import family_refusal
 from .errors import CriterionError, PlanError
-from .importance import ImportanceMap, load_builtin_criteria
+from .importance import ImportanceMap, available, load_builtin_criteria
 from .plan import Plan, dense_params
 from .schedules import layer_ratios
 
@@ -166,10 +166,12 @@ class AllocOptions:
     - ``plus_rule`` (depth, combined): never remove blocks {0, 1, 2, 3, L-2, L-1}.
     - ``skip_first``, ``skip_last`` (width, combined): leave the first / last that many layers at full width.
       This is LLM-Pruner's layer range (``--block_attention_layer_start/end``, ``--block_mlp_layer_start/end``;
-      its README prunes layers 4-29 of LLaMA-7B's 32, i.e. ``skip_first=4, skip_last=2``). Default 0 and 0: every
-      layer is prunable, as in Wanda-sp, FLAP and MINI-LLM. The budget is spread over the remaining layers, so
-      they lose more each. On SmolLM2-135M the first and last layers are by far the most sensitive to width
-      pruning (see ``bench/results/quality.md``).
+      its README prunes layers 4-29 of LLaMA-7B's 32, i.e. ``skip_first=4, skip_last=2``). ``"auto"`` (default)
+      takes the map's criterion's own range (:attr:`pruneviz.importance.Criterion.kept_whole`, shares of the
+      layers rounded to whole layers): LLM-Pruner's for ``taylor`` (4 and 2 of 30 layers), 0 and 0 (every layer
+      prunable, as in Wanda-sp, FLAP, MINI-LLM and SlimGPT) for the others and under ``deployable``. The budget
+      is spread over the remaining layers, so they lose more each. On SmolLM2-135M the first and last layers are
+      by far the most sensitive to width pruning (see ``bench/results/quality.md``).
     - ``n_blocks`` (depth): remove this many blocks instead of deriving the count from the target.
     - ``deployable``: ``None`` (any plan), ``"stock"`` or ``"vllm"``: only plans that runtime expresses (see
       :func:`deployable_refusal`). ``"stock"``: the same widths in every layer (strategies uniform, depth, combined
@@ -187,8 +189,8 @@ class AllocOptions:
     schedule: str = "log_increase"
     r0: float | None = None
     plus_rule: bool = False
-    skip_first: int = 0
-    skip_last: int = 0
+    skip_first: int | str = "auto"
+    skip_last: int | str = "auto"
     n_blocks: int | None = None
     depth_share: float = 0.5
     width: str = "uniform"
@@ -207,8 +209,8 @@ class AllocOptions:
                 raise PlanError(f"{name} is a share of the budget between 0 and 1, not {v!r}")
         for name in ("skip_first", "skip_last"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise PlanError(f"{name} is a number of layers (0 or more), not {v!r}")
+            if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise PlanError(f"{name} is a number of layers (0 or more) or 'auto', not {v!r}")
         if self.n_blocks is not None and int(self.n_blocks) < 0:
             raise PlanError(f"n_blocks must be 0 or more, not {self.n_blocks}")
 
@@ -224,6 +226,19 @@ def make_alloc_options(**values) -> AllocOptions:
     if unknown:
         raise PlanError(f"allocation has no option(s) {sorted(unknown)}; its options are {sorted(known)}")
     return AllocOptions(**values)
+
+
+def resolved_layer_range(options: AllocOptions, criterion: str | None, n_layers: int) -> AllocOptions:
+    """``options`` with ``skip_first`` / ``skip_last`` ``"auto"`` resolved to whole layers: the criterion's
+    :attr:`~pruneviz.importance.Criterion.kept_whole` shares of ``n_layers`` (0 for an unknown criterion and under
+    ``deployable``, whose plans keep every layer alike), never leaving fewer than one layer to prune."""
+    crit = available().get(criterion or "")
+    shares = crit.kept_whole if crit is not None and options.deployable is None else (0.0, 0.0)
+    first, last = (int(round(n_layers * f)) for f in shares)
+    if first + last >= n_layers:
+        first, last = 0, 0
+    return dataclasses.replace(options, skip_first=first if options.skip_first == "auto" else options.skip_first,
+                               skip_last=last if options.skip_last == "auto" else options.skip_last)
 
 
 @dataclass(frozen=True)
@@ -891,8 +906,8 @@ def allocate(model: nn.Module, imap: ImportanceMap, target: Target | float | Non
     """
     _check_map(model, imap)
     fn = get_allocator(strategy)
-    job = Job(model, imap, as_target(target), make_alloc_options(**options), unit_costs(model),
-              Plan.empty(model))
+    opts = resolved_layer_range(make_alloc_options(**options), imap.criterion, geometry_of(model).n_layers)
+    job = Job(model, imap, as_target(target), opts, unit_costs(model), Plan.empty(model))
     alloc = _land(fn, job, compensation)
     params = param_record(model, alloc.plan)
     _check_reached(job, alloc, params, strategy)

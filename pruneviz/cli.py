@@ -774,8 +774,11 @@ def _add_plan(sub) -> None:
     p.add_argument("--attn-unit", default="kv", choices=["kv", "head"])
     _attn_rounding_arg(p)
     p.add_argument("--plus-rule", action="store_true", help="depth: keep the first four and last two blocks")
-    p.add_argument("--skip-first", type=int, default=0, help="width: keep the first N layers whole (LLM-Pruner: 4)")
-    p.add_argument("--skip-last", type=int, default=0, help="width: keep the last N layers whole (LLM-Pruner: 2)")
+    p.add_argument("--skip-first", type=_layers_or_auto, default="auto",
+                   help="width: keep the first N layers whole (default auto: the criterion's own range, LLM-Pruner's "
+                        "4 of 30 for taylor, 0 for the others)")
+    p.add_argument("--skip-last", type=_layers_or_auto, default="auto",
+                   help="width: keep the last N layers whole (default auto: 2 of 30 for taylor, 0 for the others)")
     p.add_argument("--deployable", choices=["stock", "vllm"],
                    help="only plans this runtime loads: stock (same widths in every layer: plain transformers) or "
                         "vllm (one query-head count, per-layer MLP widths: export --format decilm)")
@@ -927,6 +930,19 @@ def _add_recover(sub) -> None:
     p.add_argument("--out", help="export the recovered model (verified checkpoint) to this folder")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_recover)
+
+
+def _layers_or_auto(text: str):
+    """argparse type of --skip-first/--skip-last: a number of layers (0 or more) or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a number of layers (0 or more) or 'auto', not {text!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:

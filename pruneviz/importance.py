@@ -178,6 +178,9 @@ class Criterion:
     layerwise: ClassVar[bool] = False  # runs on an offloaded model one block at a time (pruneviz.offload)
     is_solver: ClassVar[bool] = False  # a solver (plans + compensated weights); its map is a dense-model by-product
     score_label: ClassVar[str] = "score"  # what the map's numbers are ("score"; SlimGPT: "OBS error")
+    # shares of the layers (first, last) width pruning leaves whole by default (allocation's skip_first/skip_last
+    # "auto"); (0, 0): every layer is prunable, as in Wanda-sp, FLAP, MINI-LLM and SlimGPT
+    kept_whole: ClassVar[tuple[float, float]] = (0.0, 0.0)
     Options: ClassVar[type] = NoOptions
 
     def score(self, model: nn.Module, calib: Calibration | None, options: Any, ctx: Context) -> ImportanceMap:

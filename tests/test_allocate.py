@@ -430,6 +430,40 @@ def test_skip_layers_that_leave_nothing_say_so():
     assert plan.provenance["sliders"]["skip_first"] == 1
 
 
+def test_auto_layer_range_is_the_criterions_own():
+    """skip_first/skip_last "auto": taylor keeps LLM-Pruner's first eighth and last sixteenth whole (round(10/8)=1,
+    round(10/16)=1 of DEEP's 10 layers), every other criterion prunes every layer; explicit numbers win, and
+    deployable plans keep every layer alike."""
+    import dataclasses
+
+    taylor = dataclasses.replace(toy_map(DEEP), criterion="taylor")
+    plan = allocate(DEEP, taylor, 0.2)
+    assert _touched(plan) == set(range(1, 9))
+    assert (plan.provenance["options"]["skip_first"], plan.provenance["options"]["skip_last"]) == (1, 1)
+    assert _touched(allocate(DEEP, toy_map(DEEP), 0.2)) == set(range(10))  # "toy" (and magnitude, flap...): 0 / 0
+    assert _touched(allocate(DEEP, taylor, 0.2, skip_first=0, skip_last=0)) == set(range(10))
+    assert _touched(allocate(DEEP, taylor, 0.2, skip_first=3)) == set(range(3, 9))  # the other end stays auto
+    assert _touched(allocate(DEEP, taylor, 0.2, deployable="stock")) == set(range(10))
+    small = A.resolved_layer_range(A.AllocOptions(), "taylor", 30)
+    assert (small.skip_first, small.skip_last) == (4, 2)  # SmolLM2's 30 layers: LLM-Pruner's 4 and 2
+    tiny = A.resolved_layer_range(A.AllocOptions(), "taylor", 1)
+    assert (tiny.skip_first, tiny.skip_last) == (0, 0)  # never leaves no layer to prune
+    with pytest.raises(PlanError, match="or 'auto'"):
+        allocate(DEEP, taylor, 0.2, skip_first="all")
+
+
+def test_cli_layer_range_arguments():
+    from pruneviz.cli import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["plan", "--criterion", "taylor", "--ratio", "0.2", "--out", "x.json"])
+    assert (args.skip_first, args.skip_last) == ("auto", "auto")
+    args = p.parse_args(["plan", "--criterion", "taylor", "--ratio", "0.2", "--out", "x.json", "--skip-first", "3"])
+    assert args.skip_first == 3
+    with pytest.raises(SystemExit):
+        p.parse_args(["plan", "--criterion", "taylor", "--ratio", "0.2", "--out", "x.json", "--skip-last", "-1"])
+
+
 def test_cli_plan_attn_rounding(tmp_path):
     """``plan --attn-rounding nearest`` removes the KV group the default ("down") leaves to MLP channels."""
     from pruneviz import importance
