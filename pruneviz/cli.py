@@ -382,16 +382,20 @@ def cmd_prune(args) -> None:
 
 
 def cmd_cache(args) -> None:
+    from .llamacpp import clear_compatible_copies, compatible_copies
     from .loading import cache_dir, cached_ggufs, clear_gguf_cache
 
     entries = cached_ggufs()
     if args.action == "clear":
-        print(f"removed {clear_gguf_cache()} cached GGUF conversion(s) from {cache_dir()}")
+        print(f"removed {clear_gguf_cache()} cached GGUF conversion(s) and {clear_compatible_copies()} "
+              f"glibc-compatible llama.cpp library copy(ies) from {cache_dir()}")
         return
     if not entries:
         print(f"no cached GGUF conversions in {cache_dir()}")
     for e in entries:
         print(f"{e['bytes'] / 2**20:>9,.0f} MiB  {e['folder']}  <- {e['file']} (sha256 {str(e['sha256'])[:16]})")
+    for e in compatible_copies():
+        print(f"{e['bytes'] / 2**20:>9,.0f} MiB  {e['folder']}  (llama.cpp libraries adapted to this glibc)")
 
 
 def cmd_runs(args) -> None:

@@ -38,7 +38,8 @@ from pathlib import Path
 from . import fsio
 from .errors import ExportError
 
-__all__ = ["BINDINGS", "BINDING_ENV", "Api", "Binding", "binding", "compatible_libraries", "describe",
+__all__ = ["BINDINGS", "BINDING_ENV", "Api", "Binding", "binding", "clear_compatible_copies", "compatible_copies",
+           "compatible_libraries", "describe",
            "glibc_version", "installed", "libraries", "open_api", "package_dir", "patch_c23_imports", "prepare",
            "runner_env", "versions_needed"]
 
@@ -273,6 +274,30 @@ def compatible_libraries(folder: Path, version: str, glibc: tuple[int, int] | No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def compatible_copies(cache: Path | None = None) -> list[dict]:
+    """The glibc-compatible library copies in the cache (``folder``, ``bytes``), for ``python -m pruneviz cache``."""
+    if cache is None:
+        from .loading import cache_dir  # noqa: PLC0415
+        cache = cache_dir()
+    root = cache / "llama.cpp"
+    if not root.is_dir():
+        return []
+    out = []
+    for folder in sorted(root.iterdir()):
+        if folder.is_dir() and not folder.name.startswith(".") and (folder / "libllama.so").is_file():
+            out.append({"folder": str(folder), "bytes": sum(p.stat().st_size for p in folder.iterdir())})
+    return out
+
+
+def clear_compatible_copies(cache: Path | None = None) -> int:
+    """Delete the :func:`compatible_copies` (pruneviz made them; the next llama.cpp run makes one again);
+    returns how many were removed."""
+    gone = compatible_copies(cache)
+    for entry in gone:
+        shutil.rmtree(entry["folder"], ignore_errors=True)
+    return len(gone)
 
 
 # ---- what the parent hands the runner --------------------------------------------------------------------------------

@@ -131,3 +131,17 @@ def test_runner_env_makes_pruneviz_importable_from_anywhere(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == LC.__file__
     assert env["PYTHONPATH"].endswith("/elsewhere")
+
+
+@needs_sync
+def test_cache_lists_and_clears_the_compatible_copies(tmp_path, monkeypatch, capsys):
+    from pruneviz.cli import main
+
+    monkeypatch.setenv("PRUNEVIZ_CACHE", str(tmp_path))
+    copy = LC.compatible_libraries(_folder(), SYNC.version, glibc=OLD_GLIBC)
+    mine = tmp_path / "llama.cpp" / "notes"  # not a library copy: left alone
+    mine.mkdir()
+    assert [e["folder"] for e in LC.compatible_copies()] == [str(copy)]
+    assert main(["cache", "list"]) == 0 and "llama.cpp libraries adapted" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0 and "1 glibc-compatible" in capsys.readouterr().out
+    assert not copy.exists() and mine.is_dir() and _digests(_folder())  # the installed package is untouched
