@@ -281,6 +281,7 @@ def test_app_panel_fidelity_and_zeroshot(monkeypatch, tmp_path, task_dir):
 
     monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
     monkeypatch.setenv("PRUNEVIZ_EXPORT_DIR", str(tmp_path / "exports"))
+    monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "300")  # the background jobs end within the click's run
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120)
     at.run()
     at.run()
@@ -310,3 +311,41 @@ def test_app_panel_fidelity_and_zeroshot(monkeypatch, tmp_path, task_dir):
     assert (dense.acc, dense.acc_norm) == _expected(base, tiny_tokenizer(), ITEMS)[1]
     shown = [df for df in at.dataframe if "pv_items" in df.value.to_string()]
     assert shown and {"dense acc", "pruned acc_norm"} <= set(shown[0].value.columns)
+
+
+def test_app_fidelity_and_zeroshot_run_in_the_jobs_panel(monkeypatch, tmp_path, task_dir):
+    """Fidelity and lm-eval are jobs of the jobs panel: the click returns at once (the job listed with Cancel, the
+    button disabled while it runs), the results arrive in the session on a later run."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from pruneviz.jobs import runner
+    from pruneviz.plan import Plan
+    from pruneviz.ui import state
+
+    monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
+    monkeypatch.setenv("PRUNEVIZ_EXPORT_DIR", str(tmp_path / "exports"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120)
+    at.run()
+    at.run()
+    at.session_state["plan"] = Plan.empty(tiny_model("llama")).with_units("channel", 0, range(20))
+    at.switch_page("pages/evaluate.py").run()
+    owner = at.session_state[state.OWNER_KEY]
+    monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "0")
+    for button, kind in (("ev_fid_run", "fidelity"), ("ev_zs_run", "zeroshot")):
+        if kind == "zeroshot":
+            at.text_input(key="ev_zs_dir").set_value(str(task_dir))
+            at.text_input(key="ev_zs_tasks").set_value("pv_items")
+            at.run()
+        at.button(key=button).click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        jobs = runner().jobs(owner)
+        assert [j.kind for j in jobs] == [kind]
+        if jobs[0].snapshot().status == "running":
+            assert at.button(key=button).disabled
+        assert jobs[0].wait(300)
+        at.run()
+        assert not at.exception and runner().jobs(owner) == []  # collected
+    assert at.session_state["fidelity"][-1].label == "pruned"
+    assert [r.label for r in at.session_state["zeroshot"]] == ["dense", "pruned"]

@@ -1,7 +1,8 @@
 """Evaluate page panel: fidelity to the dense model (KL, top-1, PPL ratio) and zero-shot tasks through lm-eval.
 
 Library first: the numbers come from :func:`pruneviz.fidelity.fidelity` and :func:`pruneviz.zeroshot.run_tasks`;
-this module only runs them as :class:`~pruneviz.ui.work.Job` s (progress bar, Cancel) and shows what the session
+this module runs them as background jobs (:mod:`pruneviz.ui.jobs_panel`: progress, ETA, Cancel, kept across page
+reloads) and shows what the session
 measured, for dense / pruned / pruned + LoRA and across the configurations tried (each row names its plan).
 Results live in ``session_state["fidelity"]`` and ``session_state["zeroshot"]`` as frozen records tagged with the
 base model's key, so another model's rows are never shown as this one's.
@@ -29,9 +30,10 @@ from ..zeroshot import (
     run_tasks,
     write_mc_task,
 )
-from . import state
+from . import jobs_panel, state
 from .analysis import MISSING
-from .work import Job, show_error
+from .background import Stages
+from .work import show_error
 
 TASK_DIR_ENV = "PRUNEVIZ_TASK_DIR"  # default folder of local lm-eval task YAMLs
 
@@ -69,10 +71,6 @@ def _mine(key: str) -> list:
     return [r for r in st.session_state.get(key, []) if r.model_key == spec]
 
 
-def _append(key: str, record) -> None:
-    state.save(lambda ss: ss.setdefault(key, []).append(record))
-
-
 def _models(loaded, plan, lora: bool = True) -> list[tuple[str, Any, str]]:
     """(label, model, how) of the pruned side: the plan's model and, after LoRA recovery, the recovered one."""
     model, how = state.compare_model(loaded, plan, lora=False)
@@ -85,19 +83,28 @@ def _models(loaded, plan, lora: bool = True) -> list[tuple[str, Any, str]]:
 
 # ---- fidelity ---------------------------------------------------------------------------------------------------
 
-def run_fidelity(loaded, plan, text_name: str, text: str, protocol: str) -> None:
-    """Fidelity of the pruned (and pruned + LoRA) model to the dense base, stored per model (partial if cancelled)."""
-    summary, spec = plan.summary(), state.session_spec().key
-    with Job("Comparing with the dense model…", key="zs_fid_job", done_label="Fidelity ready") as job:
-        for label, model, how in _models(loaded, plan):
-            job.note(f"KL(dense || {label})…")
-            res = fidelity(loaded.model, model, loaded.tokenizer, text, protocol, progress=job.prefixed(f"{label}: "),
-                           cancel=job.cancelled)
+def start_fidelity(loaded, plan, text_name: str, text: str, protocol: str):
+    """Fidelity of the pruned (and pruned + LoRA) model to the dense base, as a background job (jobs panel:
+    progress, ETA, Cancel; kept across reloads); one record per model, a cancelled model's record partial and the
+    rest skipped. Returns the job (None when one is already running)."""
+    summary, spec, sha = plan.summary(), state.session_spec().key, plan.sha256()
+    base, tok, models = loaded.model, loaded.tokenizer, _models(loaded, plan)
+
+    def work(progress, cancel):
+        stages, out = Stages(progress, len(models)), []
+        for label, model, how in models:
+            res = fidelity(base, model, tok, text, protocol, progress=stages.part(f"{label}: "), cancel=cancel)
             if res.n_tokens:
-                _append("fidelity", FidelityRecord(spec, plan.sha256(), summary, label, how, text_name, protocol, res,
-                                                   time.strftime("%H:%M:%S")))
+                out.append(FidelityRecord(spec, sha, summary, label, how, text_name, protocol, res,
+                                          time.strftime("%H:%M:%S")))
             if not res.complete:
                 break
+        return out
+
+    def apply(ss, records):
+        ss.setdefault("fidelity", []).extend(records or [])
+
+    return jobs_panel.submit("fidelity", "Comparing with the dense model", work, apply)
 
 
 def fidelity_rows(records: list[FidelityRecord]) -> list[dict]:
@@ -112,10 +119,15 @@ def _fidelity_section(loaded, plan, text, protocol: str) -> None:
     st.caption("KL(dense ‖ pruned) of the next-token distributions, top-1 agreement and the perplexity ratio on the "
                "same windows as the perplexity above: 0 / 100% / 1 for a pruned model that predicts like the dense "
                "one, on any text (unlike perplexity, it does not need the text to match the model's domain).")
+    busy = jobs_panel.running("fidelity")
     if st.button("Compare with the dense model", key="ev_fid_run", icon=":material/compare_arrows:",
-                 disabled=text is None or plan.is_empty(),
-                 help="Needs a non-empty plan: the pruned model is compared with the dense base."):
-        run_fidelity(loaded, plan, text.name, text.text, protocol)
+                 disabled=text is None or plan.is_empty() or busy is not None,
+                 help="Needs a non-empty plan: the pruned model is compared with the dense base. Runs in the "
+                      "background (Jobs in the sidebar)."):
+        if jobs_panel.finished_here(start_fidelity(loaded, plan, text.name, text.text, protocol)):
+            st.rerun()
+    if busy is not None:
+        jobs_panel.busy_note(busy)
     records = _mine("fidelity")
     latest = [r for r in records if r.sha == plan.sha256() and r.protocol == protocol]
     for r in latest[-2:]:
@@ -140,21 +152,29 @@ def _fidelity_section(loaded, plan, text, protocol: str) -> None:
 
 # ---- zero-shot ----------------------------------------------------------------------------------------------------
 
-def run_zeroshot(loaded, plan, which: list[str], tasks: list[str], limit: int | None, task_dir: str | None) -> None:
-    """lm-eval ``tasks`` on each model in ``which`` ("dense", "pruned", "pruned + LoRA"); one record per model."""
-    summary, spec = plan.summary(), state.session_spec().key
+def start_zeroshot(loaded, plan, which: list[str], tasks: list[str], limit: int | None, task_dir: str | None):
+    """lm-eval ``tasks`` on each model in ``which`` ("dense", "pruned", "pruned + LoRA") as a background job (jobs
+    panel); one record per model, stopping after a model that was cancelled. Returns the job (None when one is
+    already running)."""
+    summary, spec, sha, tok = plan.summary(), state.session_spec().key, plan.sha256(), loaded.tokenizer
     models = [("dense", loaded.model, "dense")] + _models(loaded, plan)
     chosen = [m for m in models if m[0] in which]
-    with Job("Running lm-eval tasks…", key="zs_job", done_label="Zero-shot results ready") as job:
+
+    def work(progress, cancel):
+        stages, out = Stages(progress, len(chosen)), []
         for label, model, how in chosen:
-            job.note(f"lm-eval on the {label} model…")
-            res = run_tasks(model, loaded.tokenizer, tasks, limit=limit, task_dir=task_dir,
-                            progress=job.prefixed(f"{label}: "), cancel=job.cancelled)
+            res = run_tasks(model, tok, tasks, limit=limit, task_dir=task_dir, progress=stages.part(f"{label}: "),
+                            cancel=cancel)
             if res.scores:
-                _append("zeroshot", ZeroShotRecord(spec, plan.sha256(), summary, label, how, res,
-                                                   time.strftime("%H:%M:%S")))
+                out.append(ZeroShotRecord(spec, sha, summary, label, how, res, time.strftime("%H:%M:%S")))
             if not res.complete:
                 break
+        return out
+
+    def apply(ss, records):
+        ss.setdefault("zeroshot", []).extend(records or [])
+
+    return jobs_panel.submit("zeroshot", f"lm-eval: {', '.join(tasks)[:40]}", work, apply)
 
 
 def zeroshot_rows(records: list[ZeroShotRecord]) -> list[dict]:
@@ -229,13 +249,19 @@ def _zeroshot_section(loaded, plan) -> None:
     options = ["dense"] + ([] if plan.is_empty() else ["pruned"]) + (["pruned + LoRA"] if has_lora else [])
     which = st.multiselect("Models", options, default=options, key="ev_zs_models")
     _local_task_upload("ev_zs_dir")
-    if st.button("Run tasks", key="ev_zs_run", type="primary", icon=":material/quiz:", disabled=not which):
+    busy = jobs_panel.running("zeroshot")
+    if st.button("Run tasks", key="ev_zs_run", type="primary", icon=":material/quiz:",
+                 disabled=not which or busy is not None, help="Runs in the background (Jobs in the sidebar)."):
         try:
             tasks = parse_tasks(spec)
         except Exception as exc:  # noqa: BLE001
             show_error(exc)
         else:
-            run_zeroshot(loaded, plan, which, tasks, int(limit) or None, task_dir.strip() or None)
+            if jobs_panel.finished_here(start_zeroshot(loaded, plan, which, tasks, int(limit) or None,
+                                                       task_dir.strip() or None)):
+                st.rerun()
+    if busy is not None:
+        jobs_panel.busy_note(busy)
     records = _mine("zeroshot")
     current = [r for r in records if r.sha == plan.sha256()]
     if current:
