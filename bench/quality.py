@@ -224,6 +224,9 @@ METHODS = {
     "recipe (Python-docs calibration)": recipe(calibration="text"),
     "recipe (128 self-generated windows)": recipe(samples=128),
     "recipe (query heads pooled with channels)": recipe(alloc=(("attn_unit", "head"),)),
+    "recipe (layers 4..L-3 whole)": recipe(alloc=(("attn_share", 0.0), ("skip_first", 4), ("skip_last", 2))),
+    "recipe (Python-docs calibration; layers 4..L-3 whole)": recipe(
+        calibration="text", alloc=(("attn_share", 0.0), ("skip_first", 4), ("skip_last", 2))),
     "flap (MLP only; affine)": allocated("flap", "global", "affine", **MLP),
     "flap (MLP only; self-generated calibration)": allocated("flap", "global", "flap_bias", calib="self", **MLP),
     "flap (self-generated calibration)": allocated("flap", "global", "flap_bias", calib="self"),
