@@ -17,11 +17,12 @@ from glibc 2.38 are the ISO C23 variants that GCC 13's headers select for ``strt
 ``strtoll`` and the ``scanf`` family (``__isoc23_strtol`` …; they differ from the classic functions only in also
 accepting a ``0b`` binary prefix, which llama.cpp never parses). On an older glibc (Debian 12 has 2.36) the
 libraries do not load. :func:`compatible_libraries` then writes a copy of them into pruneviz's cache in which those
-imports name the classic symbols (``strtol@GLIBC_2.2.5`` …): the dynamic string is shortened in place and the
-version requirement pointed at ``GLIBC_2.2.5``; nothing else changes. The installed package is never modified;
-the copy is keyed by the package version and the libraries' content hash, and published atomically (a
-temporary folder renamed into place), so concurrent first runs cannot corrupt it. A library that needs any other
-glibc 2.38 symbol is refused with the list of symbols and the way out (build ``llama-cpp-python`` from source).
+imports name the classic symbols (``strtol@GLIBC_2.2.5`` … on x86-64, ``@GLIBC_2.17`` on aarch64): the dynamic
+string is shortened in place and the version requirement pointed at the architecture's glibc baseline; nothing else
+changes. The installed package is never modified; the copy is keyed by the package version and the libraries'
+content hash, and published atomically (a temporary folder renamed into place), so concurrent first runs cannot
+corrupt it. A library that needs any other glibc 2.38 symbol is refused with the list of symbols and the way out
+(build ``llama-cpp-python`` from source).
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ C23_ALIASES = {"__isoc23_strtol": "strtol", "__isoc23_strtoul": "strtoul", "__is
                "__isoc23_strtoumax": "strtoumax", "__isoc23_sscanf": "sscanf", "__isoc23_vsscanf": "vsscanf",
                "__isoc23_fscanf": "fscanf", "__isoc23_vfscanf": "vfscanf", "__isoc23_scanf": "scanf",
                "__isoc23_vscanf": "vscanf"}
-CLASSIC_VERSION = "GLIBC_2.2.5"  # the x86-64 baseline version of every classic symbol above
+# the glibc baseline version of every classic symbol above, per ELF machine (the first glibc of that architecture)
+CLASSIC_VERSION = {"EM_X86_64": "GLIBC_2.2.5", "EM_AARCH64": "GLIBC_2.17"}
 
 
 @dataclass(frozen=True)
@@ -188,9 +190,13 @@ def patch_c23_imports(path: Path, glibc: tuple[int, int]) -> list[str]:
                if name.startswith("GLIBC_") and _too_new({name: []}, glibc)}
         if not bad:
             return []
-        classic = next((off for off, name in aux.values() if name == CLASSIC_VERSION), None)
+        baseline = CLASSIC_VERSION.get(elf["e_machine"])
+        if baseline is None:
+            raise ExportError(f"{path.name}: no classic glibc baseline known for {elf['e_machine']}; build "
+                              f"llama-cpp-python from source instead (README)")
+        classic = next((off for off, name in aux.values() if name == baseline), None)
         if classic is None:
-            raise ExportError(f"{path.name} needs no {CLASSIC_VERSION} symbol to point the C23 imports at")
+            raise ExportError(f"{path.name} needs no {baseline} symbol to point the C23 imports at")
         renamed, unknown = [], []
         for i, sym in enumerate(dynsym.iter_symbols()):
             ix = struct.unpack_from("<H", data, versym["sh_offset"] + 2 * i)[0] & 0x7FFF
@@ -209,7 +215,7 @@ def patch_c23_imports(path: Path, glibc: tuple[int, int]) -> list[str]:
                               f"build llama-cpp-python from source instead (README)")
         name_off = struct.unpack_from("<I", data, classic + 8)[0]
         for ix in bad:  # vna_hash, vna_flags, vna_other, vna_name
-            struct.pack_into("<IHHI", data, aux[ix][0], _elf_hash(CLASSIC_VERSION.encode()), 0, ix, name_off)
+            struct.pack_into("<IHHI", data, aux[ix][0], _elf_hash(baseline.encode()), 0, ix, name_off)
     path.write_bytes(data)
     return renamed
 
