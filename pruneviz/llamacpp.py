@@ -197,7 +197,7 @@ def patch_c23_imports(path: Path, glibc: tuple[int, int]) -> list[str]:
         classic = next((off for off, name in aux.values() if name == baseline), None)
         if classic is None:
             raise ExportError(f"{path.name} needs no {baseline} symbol to point the C23 imports at")
-        renamed, unknown = [], []
+        renamed, unknown, shared = [], [], _string_refs(elf)
         for i, sym in enumerate(dynsym.iter_symbols()):
             ix = struct.unpack_from("<H", data, versym["sh_offset"] + 2 * i)[0] & 0x7FFF
             if ix not in bad:
@@ -206,7 +206,11 @@ def patch_c23_imports(path: Path, glibc: tuple[int, int]) -> list[str]:
             if new is None or sym["st_shndx"] != "SHN_UNDEF":
                 unknown.append(sym.name)
                 continue
-            at = dynstr["sh_offset"] + sym["st_name"]
+            start = sym["st_name"]
+            if any(start < ref <= start + len(new) for ref in shared):  # a string the linker merged into this one
+                raise ExportError(f"{path.name}: another name shares the string of {sym.name}; cannot rename it "
+                                  f"in place (build llama-cpp-python from source instead, README)")
+            at = dynstr["sh_offset"] + start
             data[at:at + len(new) + 1] = new.encode() + b"\0"  # shorter: the tail of the old name stays unread
             renamed.append(f"{sym.name} -> {new}")
         if unknown:
@@ -218,6 +222,21 @@ def patch_c23_imports(path: Path, glibc: tuple[int, int]) -> list[str]:
             struct.pack_into("<IHHI", data, aux[ix][0], _elf_hash(baseline.encode()), 0, ix, name_off)
     path.write_bytes(data)
     return renamed
+
+
+def _string_refs(elf) -> set[int]:
+    """Every ``.dynstr`` offset the library refers to: symbol names, version names and files, dynamic entries."""
+    refs = {sym["st_name"] for sym in elf.get_section_by_name(".dynsym").iter_symbols()}
+    sec = elf.get_section_by_name(".gnu.version_r")
+    if sec is not None:
+        for need, auxes in sec.iter_versions():
+            refs.add(need["vn_file"])
+            refs.update(aux["vna_name"] for aux in auxes)
+    dyn = elf.get_section_by_name(".dynamic")
+    if dyn is not None:
+        refs.update(t.entry.d_val for t in dyn.iter_tags()
+                    if t.entry.d_tag in ("DT_NEEDED", "DT_SONAME", "DT_RPATH", "DT_RUNPATH"))
+    return refs
 
 
 def _vernaux_entries(data: bytearray, start: int, strtab: int) -> dict[int, tuple[int, str]]:

@@ -145,3 +145,22 @@ def test_cache_lists_and_clears_the_compatible_copies(tmp_path, monkeypatch, cap
     assert main(["cache", "list"]) == 0 and "llama.cpp libraries adapted" in capsys.readouterr().out
     assert main(["cache", "clear"]) == 0 and "1 glibc-compatible" in capsys.readouterr().out
     assert not copy.exists() and mine.is_dir() and _digests(_folder())  # the installed package is untouched
+
+
+@needs_sync
+def test_a_name_merged_into_a_renamed_string_is_refused(tmp_path, monkeypatch):
+    """Linkers may store "tol" as the tail of "__isoc23_strtol": a rename that would overwrite such a tail is
+    refused instead of corrupting the other name (here a reference is planted one byte into the string)."""
+    from elftools.elf.elffile import ELFFile
+
+    lib = tmp_path / "libggml-base.so.0"
+    lib.write_bytes((_folder() / lib.name).read_bytes())
+    with open(lib, "rb") as f:
+        sym = next(s for s in ELFFile(f).get_section_by_name(".dynsym").iter_symbols() if s.name.startswith("__isoc23"))
+        start = sym["st_name"]
+    real = LC._string_refs
+    monkeypatch.setattr(LC, "_string_refs", lambda elf: real(elf) | {start + 1})
+    before = lib.read_bytes()
+    with pytest.raises(ExportError, match="shares the string"):
+        LC.patch_c23_imports(lib, OLD_GLIBC)
+    assert lib.read_bytes() == before
