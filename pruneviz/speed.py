@@ -38,6 +38,7 @@ from typing import Callable
 
 from . import llamacpp
 from .errors import ExportError, PrunevizError
+from .progress import Cancelled
 from .threads import describe as threading_policy
 from .threads import llama_threads, policy, subprocess_env
 
@@ -315,9 +316,12 @@ class SpeedSummary:
 
 
 def interleaved(samplers: dict[str, Callable[[], dict]], protocol: SpeedProtocol,
-                progress: Callable[[float, str], None] | None = None) -> dict[str, list[dict]]:
+                progress: Callable[[float, str], None] | None = None,
+                cancel: Callable[[], bool] | None = None) -> dict[str, list[dict]]:
     """Round-robin: ``protocol.warmup`` untimed rounds, then ``protocol.repeats`` rounds, each calling every
-    sampler once in turn (the order rotates each round); returns the timed samples per key."""
+    sampler once in turn (the order rotates each round); returns the timed samples per key. ``cancel`` is asked
+    before every sample and raises :class:`pruneviz.progress.Cancelled` (a ratio of unequal rounds would mislead,
+    so nothing partial is returned)."""
     keys = list(samplers)
     out: dict[str, list[dict]] = {k: [] for k in keys}
     total = (protocol.warmup + protocol.repeats) * len(keys)
@@ -325,6 +329,8 @@ def interleaved(samplers: dict[str, Callable[[], dict]], protocol: SpeedProtocol
     for r in range(protocol.warmup + protocol.repeats):
         shift = r % len(keys)
         for k in keys[shift:] + keys[:shift]:
+            if cancel is not None and cancel():
+                raise Cancelled("the speed measurement was cancelled")
             s = samplers[k]()
             if r >= protocol.warmup:
                 out[k].append(s)
@@ -362,7 +368,7 @@ def ratios(of: SpeedSummary, base: SpeedSummary) -> dict:
 
 
 def compare_ggufs(paths: dict[str, str | os.PathLike], ids: list[int], protocol: SpeedProtocol,
-                  threads: int | None = None, progress=None) -> dict[str, SpeedSummary]:
+                  threads: int | None = None, progress=None, cancel=None) -> dict[str, SpeedSummary]:
     """Every GGUF in ``paths`` (label -> file) loaded in its own llama.cpp subprocess, timed interleaved with
     the same thread count (``threads``, else :func:`pruneviz.threads.llama_threads` once)."""
     runners: dict[str, LlamaCppRunner] = {}
@@ -370,7 +376,7 @@ def compare_ggufs(paths: dict[str, str | os.PathLike], ids: list[int], protocol:
     try:
         for label, path in paths.items():
             runners[label] = LlamaCppRunner(path, ids, protocol, threads)
-        samples = interleaved({k: r.sample for k, r in runners.items()}, protocol, progress)
+        samples = interleaved({k: r.sample for k, r in runners.items()}, protocol, progress, cancel)
     finally:
         for r in runners.values():
             r.close()
@@ -381,7 +387,7 @@ APP_PROTOCOL = SpeedProtocol(prompt_tokens=64, decode_tokens=32, batch_sizes=(1,
 
 
 def gguf_speedup(dense_model, tokenizer, pruned_gguf: str | os.PathLike, weight_type: str,
-                 protocol: SpeedProtocol = APP_PROTOCOL, progress=None) -> dict:
+                 protocol: SpeedProtocol = APP_PROTOCOL, progress=None, cancel=None) -> dict:
     """The llama.cpp speed-up of an exported GGUF: ``dense_model`` is written as a GGUF of the same
     ``weight_type`` into a temporary folder, both files are timed interleaved (:func:`compare_ggufs`) and the
     result says ``dense`` and ``pruned`` (:class:`SpeedSummary` dicts), ``ratio`` (pruned / dense), the protocol,
@@ -396,7 +402,8 @@ def gguf_speedup(dense_model, tokenizer, pruned_gguf: str | os.PathLike, weight_
             progress(0.02, f"writing the dense model as {weight_type} GGUF")
         write_gguf(dense_model, tokenizer, dense_path, weight_type)
         sizes = {"dense": dense_path.stat().st_size, "pruned": Path(pruned_gguf).stat().st_size}
-        res = compare_ggufs({"dense": dense_path, "pruned": pruned_gguf}, ids, protocol, progress=progress)
+        res = compare_ggufs({"dense": dense_path, "pruned": pruned_gguf}, ids, protocol, progress=progress,
+                            cancel=cancel)
     return {"dense": res["dense"].to_dict(), "pruned": res["pruned"].to_dict(),
             "ratio": ratios(res["pruned"], res["dense"]), "protocol": protocol.describe(),
             "threading": threading_policy(), "policy": policy(), "file_bytes": sizes}

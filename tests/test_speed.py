@@ -92,6 +92,16 @@ def test_llama_cpp_runner_reports_a_file_that_does_not_load(tmp_path):
 
 
 @needs_llama_cpp
+def test_interleaved_timing_stops_when_cancelled():
+    from pruneviz.progress import Cancelled
+
+    calls = []
+    with pytest.raises(Cancelled):
+        speed.interleaved({"a": lambda: calls.append("a") or {}, "b": lambda: calls.append("b") or {}}, PROTO,
+                          cancel=lambda: len(calls) >= 3)
+    assert len(calls) == 3  # asked before every sample
+
+
 def test_gguf_speedup_compares_with_the_dense_model(tmp_path):
     from pruneviz.allocate import allocate
     from pruneviz.importance import compute
@@ -108,9 +118,13 @@ def test_gguf_speedup_compares_with_the_dense_model(tmp_path):
 def _panel_script():
     import types
 
+    import streamlit as st
+
     from pruneviz.testing import tiny_model
+    from pruneviz.ui import state
     from pruneviz.ui.speed_panel import gguf_speed_panel
 
+    st.session_state.setdefault("model_spec", state.default_spec())  # jobs are collected for a loaded model
     gguf_speed_panel(types.SimpleNamespace(model=tiny_model(), tokenizer=None), {"path": "/x.gguf",
                                                                                  "weight_type": "f16"})
 
@@ -129,7 +143,7 @@ def test_export_page_panel_measures_and_shows_the_ratio(monkeypatch):
 
     calls = []
 
-    def fake(model, tokenizer, path, weight_type, progress=None):
+    def fake(model, tokenizer, path, weight_type, progress=None, cancel=None):
         calls.append((path, weight_type))
         tps = {"dense": ({1: 100.0}, {1: 10.0}), "pruned": ({1: 150.0}, {1: 13.0})}
         return {k: {"prefill_tps": p, "decode_tps": d} for k, (p, d) in tps.items()} | {
@@ -138,6 +152,7 @@ def test_export_page_panel_measures_and_shows_the_ratio(monkeypatch):
 
     monkeypatch.setattr("pruneviz.ui.speed_panel.llama_cpp_available", lambda: True)
     monkeypatch.setattr("pruneviz.ui.speed_panel.gguf_speedup", fake)
+    monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "60")  # the (background) job ends within the click's run
     at = AppTest.from_function(_panel_script, default_timeout=60).run()
     at.button(key="ex_speed").click().run()
     assert not at.exception and calls == [("/x.gguf", "f16")]

@@ -2,7 +2,8 @@
 
 The numbers come from :func:`pruneviz.speed.gguf_speedup` (the dense model written as a GGUF of the same weight
 type, both timed interleaved in llama.cpp subprocesses under :mod:`pruneviz.threads`' policy); this module only
-runs it as a :class:`~pruneviz.ui.work.Job` and shows the result, kept in ``session_state["gguf_speed"]`` for the
+runs it as a background job (:mod:`pruneviz.ui.jobs_panel`) and shows the result, kept in
+``session_state["gguf_speed"]`` for the
 exported file it measured.
 """
 from __future__ import annotations
@@ -10,10 +11,23 @@ from __future__ import annotations
 import streamlit as st
 
 from ..speed import APP_PROTOCOL, gguf_speedup, llama_cpp_available
-from . import state
-from .work import Job
+from . import jobs_panel, state
 
 KEY = "gguf_speed"
+
+
+def start_speed(loaded, gguf: dict):
+    """Time the dense model and the exported GGUF in llama.cpp as a background job (jobs panel: progress, ETA,
+    Cancel); the result is kept for that file. Returns the job (None when one is already running)."""
+    model, tok, path, weight_type = loaded.model, loaded.tokenizer, gguf["path"], gguf["weight_type"]
+
+    def work(progress, cancel):
+        return gguf_speedup(model, tok, path, weight_type, progress=progress, cancel=cancel)
+
+    def apply(ss, res):
+        ss[KEY] = {"path": path, "result": res}
+
+    return jobs_panel.submit("speed", "Timing dense and export in llama.cpp", work, apply)
 
 
 def gguf_speed_panel(loaded, gguf: dict) -> None:
@@ -31,14 +45,14 @@ def gguf_speed_panel(loaded, gguf: dict) -> None:
         st.caption("The loaded model is an export: there is no dense model here to compare with. Load the base "
                    "model to measure the speed-up.")
         return
-    if st.button("Measure llama.cpp speed", key="ex_speed", icon=":material/speed:",
+    busy = jobs_panel.running("speed")
+    if st.button("Measure llama.cpp speed", key="ex_speed", icon=":material/speed:", disabled=busy is not None,
                  help=f"Writes the dense model as {gguf['weight_type']} GGUF too and times both: "
-                      f"{APP_PROTOCOL.describe()}"):
-        with Job("Timing dense and pruned in llama.cpp…", key="ex_speed_job", cancellable=False,
-                 done_label="llama.cpp speed measured") as job:
-            res = gguf_speedup(loaded.model, loaded.tokenizer, gguf["path"], gguf["weight_type"],
-                               progress=job.progress)
-            state.save(lambda ss: ss.update({KEY: {"path": gguf["path"], "result": res}}))
+                      f"{APP_PROTOCOL.describe()}. Runs in the background (Jobs in the sidebar)."):
+        if jobs_panel.finished_here(start_speed(loaded, gguf)):
+            st.rerun()
+    if busy is not None:
+        jobs_panel.busy_note(busy)
     rec = st.session_state.get(KEY)
     if not rec or rec["path"] != gguf["path"]:
         return
