@@ -275,23 +275,38 @@ def zo_estimate(model: nn.Module, calib: Calibration | torch.Tensor, modules: li
     ``queries_per_pass`` queries (both signs each) share one forward pass over a ``2·queries_per_pass``-times
     repeated batch: fewer, larger passes (faster for small models, more activation memory).
     """
-    if not 0 < queries <= (1 << _QUERY_BITS):
-        raise CriterionError(f"minillm: queries must be in 1..{1 << _QUERY_BITS}")
+    _check_queries(queries)
     if len(modules) > (1 << _KEY_BITS):
         raise CriterionError(f"minillm: at most {1 << _KEY_BITS} perturbed projections (got {len(modules)})")
     check_hookable(model)
-    span, step, t0 = span or Span(None), max(1, int(queries_per_pass)), time.perf_counter()
     batches = list(token_batches(calib, batch_size, execution_device(model)))
+    with Perturbation(modules, seed) as pert:
+        projected, seconds = _spsa_queries(model, batches, pert, queries, epsilon, queries_per_pass,
+                                           span or Span(None), "zeroth-order gradient")
+    return ZOEstimate(seed, epsilon, projected, seconds)
+
+
+def _check_queries(queries: int) -> None:
+    if not 0 < queries <= (1 << _QUERY_BITS):
+        raise CriterionError(f"minillm: queries must be in 1..{1 << _QUERY_BITS}")
+
+
+def _spsa_queries(model: nn.Module, batches: list[torch.Tensor], pert: SlotHooks, queries: int, epsilon: float,
+                  queries_per_pass: int, span: Span, label: str) -> tuple[torch.Tensor, list[float]]:
+    """The two-sided SPSA loop shared by weights and gates: ``(L(+εz_j) − L(−εz_j)) / 2ε`` for each query j
+    [q] (float64) and the wall seconds until each was measured; ``queries_per_pass`` queries (both signs each)
+    share one forward pass through ``pert``'s slots."""
+    step, t0 = max(1, int(queries_per_pass)), time.perf_counter()
     projected, seconds = torch.zeros(queries, dtype=torch.float64), []  # [q]
-    with Perturbation(modules, seed) as pert, torch.inference_mode():
+    with torch.inference_mode():
         for start in range(0, queries, step):
             js = range(start, min(start + step, queries))
             pert.slots = [(j, sign * epsilon) for j in js for sign in (1.0, -1.0)]
             losses = slot_losses(model, batches, len(pert.slots)).view(-1, 2)  # [chunk, (+, -)]
             projected[start:start + len(js)] = (losses[:, 0] - losses[:, 1]) / (2 * epsilon)
             seconds += [time.perf_counter() - t0] * len(js)
-            span.step((js[-1] + 1) / queries, f"zeroth-order gradient: query {js[-1] + 1}/{queries}")
-    return ZOEstimate(seed, epsilon, projected, seconds)
+            span.step((js[-1] + 1) / queries, f"{label}: query {js[-1] + 1}/{queries}")
+    return projected, seconds
 
 
 # ---- scores -------------------------------------------------------------------------------------------------------
@@ -462,23 +477,15 @@ def gate_zo(model: nn.Module, calib: Calibration | torch.Tensor, kind: str, quer
             span: Span | None = None) -> GateEstimate:
     """The ``2·queries`` perturbed losses of the gate estimate (two-sided SPSA over the gates of ``kind``), kept
     as projected gradients; ``queries_per_pass`` queries share one forward pass as in :func:`zo_estimate`."""
-    if not 0 < queries <= (1 << _QUERY_BITS):
-        raise CriterionError(f"minillm: queries must be in 1..{1 << _QUERY_BITS}")
+    _check_queries(queries)
     check_hookable(model)
-    span, step, t0 = span or Span(None), max(1, int(queries_per_pass)), time.perf_counter()
     view = clone_model(model, share_weights=True)  # the hooks live on this call's own view
     batches = list(token_batches(calib, batch_size, execution_device(view)))
     n_layers = len(adapter_for(view).layers(view))
-    projected, seconds = torch.zeros(queries, dtype=torch.float64), []  # [q]
-    with GatePerturbation(view, kind, seed) as pert, torch.inference_mode():
+    with GatePerturbation(view, kind, seed) as pert:
         shape = (n_layers, int(pert.groups.shape[0]))
-        for start in range(0, queries, step):
-            js = range(start, min(start + step, queries))
-            pert.slots = [(j, sign * epsilon) for j in js for sign in (1.0, -1.0)]
-            losses = slot_losses(view, batches, len(pert.slots)).view(-1, 2)  # [chunk, (+, -)]
-            projected[start:start + len(js)] = (losses[:, 0] - losses[:, 1]) / (2 * epsilon)
-            seconds += [time.perf_counter() - t0] * len(js)
-            span.step((js[-1] + 1) / queries, f"feature-map gates ({kind}): query {js[-1] + 1}/{queries}")
+        projected, seconds = _spsa_queries(view, batches, pert, queries, epsilon, queries_per_pass,
+                                           span or Span(None), f"feature-map gates ({kind})")
     return GateEstimate(kind, seed, epsilon, shape, projected, seconds)
 
 
