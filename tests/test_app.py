@@ -58,6 +58,15 @@ def base_model():
     return state.shared().models[state.ModelSpec(state.TINY).key].model
 
 
+def score(at: AppTest, criterion: str, samples: int, seq_len: int) -> AppTest:
+    """Score ``criterion`` on the Importance page (open) with ``samples`` calibration windows of ``seq_len``."""
+    at.pills(key="imp_criteria").set_value([criterion])
+    clean(at.run())
+    at.number_input(key="imp_cal_n").set_value(samples)
+    at.selectbox(key="imp_cal_seq").set_value(seq_len)
+    return clean(at.button(key="imp_run").click().run())
+
+
 def with_magnitude(at: AppTest) -> AppTest:
     """Score by magnitude through the Prune page's quick start (leaves the app on the Prune page)."""
     clean(at.switch_page("pages/prune.py").run())
@@ -112,11 +121,7 @@ def test_importance_compare_needs_two_criteria():
 
 def test_slimgpt_map_is_labelled_and_solver_builds_a_compensated_model():
     at = open_app("importance")
-    at.pills(key="imp_criteria").set_value(["slimgpt"])
-    clean(at.run())
-    at.number_input(key="imp_cal_n").set_value(4)
-    at.selectbox(key="imp_cal_seq").set_value(64)
-    clean(at.button(key="imp_run").click().run())
+    score(at, "slimgpt", 4, 64)
     spec = next(c.proto.spec for c in at.get("plotly_chart") if c.proto.id.endswith("imp_fig_head_slimgpt"))
     assert "dense-model OBS error" in spec and "OBS error" in spec
     clean(at.switch_page("pages/prune.py").run())
@@ -379,11 +384,7 @@ def test_offloaded_model_loads_and_offers_only_layerwise_criteria(tmp_path):
     assert crits["wanda_sp"].title in offered and crits["magnitude"].title in offered
     assert crits["taylor"].title not in offered and crits["ppl"].title not in offered
     assert any("only criteria that run one block at a time" in c.value for c in at.caption)
-    at.pills(key="imp_criteria").set_value(["wanda_sp"])
-    clean(at.run())
-    at.number_input(key="imp_cal_n").set_value(4)
-    at.selectbox(key="imp_cal_seq").set_value(64)
-    clean(at.button(key="imp_run").click().run())
+    score(at, "wanda_sp", 4, 64)
     imap = at.session_state["imaps"]["wanda_sp"]
     assert imap.meta["offloaded"] and "imp_fig_channel_wanda_sp" in chart_keys(at)
     resident = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -605,11 +606,7 @@ def test_importance_shows_maps_computed_later():
     at = open_app("importance")
     clean(at.button(key="imp_run").click().run())
     assert at.pills(key="imp_show").value == ["magnitude"]
-    at.pills(key="imp_criteria").set_value(["wanda_sp"])
-    clean(at.run())
-    at.number_input(key="imp_cal_n").set_value(2)
-    at.selectbox(key="imp_cal_seq").set_value(32)
-    clean(at.button(key="imp_run").click().run())
+    score(at, "wanda_sp", 2, 32)
     assert at.pills(key="imp_show").value == ["magnitude", "wanda_sp"]
     assert {"imp_fig_head_magnitude", "imp_fig_head_wanda_sp"} <= chart_keys(at)
     at.pills(key="imp_show").set_value(["wanda_sp"])  # a choice the user makes is kept
@@ -747,11 +744,7 @@ def test_clear_goes_back_to_the_solver_plan_and_allocation_says_where_it_came_fr
     at = with_magnitude(open_app())
     clean(at.slider(key="pr_channel_pct").set_value(30).run())
     clean(at.switch_page("pages/importance.py").run())
-    at.pills(key="imp_criteria").set_value(["wanda_sp"])
-    clean(at.run())
-    at.number_input(key="imp_cal_n").set_value(4)
-    at.selectbox(key="imp_cal_seq").set_value(32)
-    clean(at.button(key="imp_run").click().run())
+    score(at, "wanda_sp", 4, 32)
     clean(at.switch_page("pages/prune.py").run())
     clean(at.button(key="pr_slim_run").click().run())
     slim = at.session_state["plan"]
@@ -889,11 +882,7 @@ def test_smaller_items_block_colour_loss_ticks_captions_and_empty_columns(llama)
 def test_evaluate_says_when_the_text_shares_the_calibration_domain():
     """The Evaluate page names the text relative to the calibration and warns on the calibration's own domain."""
     at = open_app("importance")
-    at.pills(key="imp_criteria").set_value(["wanda_sp"])
-    clean(at.run())
-    at.number_input(key="imp_cal_n").set_value(2)
-    at.selectbox(key="imp_cal_seq").set_value(32)
-    clean(at.button(key="imp_run").click().run())
+    score(at, "wanda_sp", 2, 32)
     clean(at.switch_page("pages/evaluate.py").run())
     assert any("held-out part of the calibration's own domain" in c.value for c in at.caption)
     assert any("shares the calibration's domain" in w.value for w in at.warning)
@@ -1088,11 +1077,7 @@ def test_solver_runs_in_the_background_and_the_reloaded_page_gets_its_plan(monke
 
     reload = reloads(monkeypatch)
     at = open_app("importance")
-    at.pills(key="imp_criteria").set_value(["wanda_sp"])
-    clean(at.run())
-    at.number_input(key="imp_cal_n").set_value(4)
-    at.selectbox(key="imp_cal_seq").set_value(64)
-    clean(at.button(key="imp_run").click().run())
+    score(at, "wanda_sp", 4, 64)
     calib = at.session_state["calib"]
     clean(at.switch_page("pages/prune.py").run())
     owner = at.session_state[state.OWNER_KEY]
