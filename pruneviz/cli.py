@@ -196,6 +196,7 @@ def cmd_plan(args) -> None:
     from .export import write_plan
     from .fsio import check_file_target
     from .importance import ImportanceMap
+    from .surgery import compensators
 
     if bool(args.scores) == bool(args.criterion):
         raise PlanError("plan needs --scores (allocate a stored map) or --criterion (an iterative search: "
@@ -207,6 +208,11 @@ def cmd_plan(args) -> None:
     if args.criterion and strategy != SEARCHES[args.criterion]:
         raise PlanError(f"the {args.criterion} search allocates with --strategy {SEARCHES[args.criterion]}; "
                         f"for {strategy}, score first and pass --scores")
+    if args.compensation is not None and args.compensation not in compensators():
+        raise PlanError(f"unknown --compensation {args.compensation!r}; one of {', '.join(compensators())}")
+    if args.criterion and (args.compensation or args.attn_share is not None):
+        raise PlanError(f"the {args.criterion} search removes sub-blocks whole: --compensation and --attn-share "
+                        f"apply to allocations from --scores")
     imap = _read_scores(args.scores, ImportanceMap) if args.scores else None  # fails before the model loads
     check_file_target(args.out, what="the plan")
     lm = _load(args)
@@ -214,8 +220,9 @@ def cmd_plan(args) -> None:
         plan = _search_plan(args, lm)
     else:
         plan = allocate(lm.model, imap, Target(args.ratio, args.of), strategy=strategy,
-                        attn_unit=args.attn_unit, attn_rounding=args.attn_rounding, plus_rule=args.plus_rule,
-                        skip_first=args.skip_first, skip_last=args.skip_last, deployable=args.deployable)
+                        compensation=args.compensation, attn_unit=args.attn_unit, attn_share=args.attn_share,
+                        attn_rounding=args.attn_rounding, plus_rule=args.plus_rule, skip_first=args.skip_first,
+                        skip_last=args.skip_last, deployable=args.deployable)
     write_plan(plan, args.out)
     prov = plan.provenance
     print(f"{plan.summary()}; removes {prov.get('achieved_ratio', 0):.1%} of {args.of} parameters -> {args.out}")
@@ -776,6 +783,13 @@ def _add_plan(sub) -> None:
                         "sub_blocks (BlockPruner: attention / MLP sub-blocks; the default with --criterion "
                         "blockpruner)")
     p.add_argument("--attn-unit", default="kv", choices=["kv", "head"])
+    p.add_argument("--attn-share", type=float, default=None,
+                   help="share of the width budget taken from attention, in [0, 1] (0: MLP channels only, as the "
+                        "recommended recipe; default: in proportion to the parameters)")
+    p.add_argument("--compensation", default=None,
+                   help="weight update re-run when the plan is applied: affine (SlimLLM's refit), affine_local "
+                        "(the same, fitted block by block on the pruned model), affine_sequential, flap_bias, "
+                        "slimgpt; `apply`/`export` then need calibration windows (--samples, --text)")
     _attn_rounding_arg(p)
     p.add_argument("--plus-rule", action="store_true", help="depth: keep the first four and last two blocks")
     p.add_argument("--skip-first", type=_layers_or_auto, default="auto",

@@ -57,6 +57,13 @@ def register_compensator(name: str):
     return deco
 
 
+def compensators() -> dict[str, str]:
+    """Every registered compensation solver: name -> the first line of its docstring."""
+    _load_compensators()
+    return {name: (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "" for name, fn in
+            sorted(COMPENSATORS.items())}
+
+
 # ---- physical surgery ---------------------------------------------------------------------------------------------
 
 def removed_features(adapter: Adapter, g: Geometry, plan: Plan, layer: int) -> dict[tuple[str, str], set[int]]:

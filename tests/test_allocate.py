@@ -486,3 +486,27 @@ def test_cli_plan_attn_rounding(tmp_path):
         assert plan.provenance["options"]["attn_rounding"] == rounding
         counts[rounding] = plan.counts()["kv"]
     assert counts == {"down": 0, "nearest": 4}
+
+
+def test_cli_plan_attn_share_and_compensation(tmp_path, capsys):
+    """``plan --attn-share 0 --compensation affine_local`` writes the recipe's kind of plan (MLP channels only, the
+    refit named), equal to the library's allocation; an unknown compensation is refused before the model loads."""
+    from pruneviz import importance
+    from pruneviz.cli import main
+    from pruneviz.plan import Plan
+    from pruneviz.testing import tiny_tokenizer
+
+    LLAMA.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    imap = importance.compute(LLAMA, "magnitude")
+    (tmp_path / "scores.json").write_text(imap.to_json())
+    common = ["plan", "--model", str(tmp_path / "base"), "--device", "cpu", "--scores", str(tmp_path / "scores.json"),
+              "--ratio", "0.25"]
+    out = ["--out", str(tmp_path / "p.json")]
+    assert main(common + ["--attn-share", "0", "--compensation", "affine_local"] + out) == 0
+    plan = Plan.from_json((tmp_path / "p.json").read_text())
+    assert plan.compensation == "affine_local" and plan.counts()["kv"] == plan.counts()["head"] == 0
+    expected = allocate(LLAMA, imap, 0.25, attn_share=0.0, compensation="affine_local")
+    assert plan.channels == expected.channels and plan.kv == expected.kv
+    assert main(common + ["--compensation", "nonsense", "--out", str(tmp_path / "q.json")]) == 2
+    assert "unknown --compensation 'nonsense'" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
