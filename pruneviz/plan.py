@@ -52,7 +52,7 @@ from .offload import materialized
 
 SCHEMA = "pruneviz.plan/1"
 # compensations that create output-projection biases (FLAP's mean, SlimLLM's affine refit)
-ADDS_OUTPUT_BIAS = frozenset({"flap_bias", "affine"})
+ADDS_OUTPUT_BIAS = frozenset({"flap_bias", "affine", "affine_sequential", "affine_local"})
 Removed = tuple[tuple[int, tuple[int, ...]], ...]  # ((layer, (idx, ...)), ...)
 
 

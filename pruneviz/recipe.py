@@ -37,6 +37,7 @@ from .selfcal import SelfGenOptions, self_generated
 from .surgery import apply_plan
 
 CALIBRATION_SOURCES = ("self", "text")
+CHANNEL_ORDERS = ("dense", "sequential")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ class Recipe:
     """One pruning pipeline. ``calibration``: "self" (the model writes its own, cached) or "text" (windows of
     ``text``, a :func:`pruneviz.data.get_text` spec). ``criterion``/``criterion_options``: the importance
     criterion; ``strategy`` and ``alloc``: :func:`pruneviz.allocate.allocate`'s strategy and options;
-    ``compensation``: a registered compensator (or None)."""
+    ``compensation``: a registered compensator (or None); ``channel_order``: "dense" (channels ranked once on
+    the dense model, as every map) or "sequential" (SlimLLM's official order, re-scored block by block on the
+    pruned model: :func:`pruneviz.criteria.slimllm.sequential_channels`)."""
 
     calibration: str = "self"
     text: str = "default"
@@ -56,10 +59,16 @@ class Recipe:
     strategy: str = "slimllm"
     alloc: tuple[tuple[str, object], ...] = (("attn_share", 0.0),)
     compensation: str | None = "affine"
+    channel_order: str = "dense"
 
     def __post_init__(self):
         if self.calibration not in CALIBRATION_SOURCES:
             raise ValueError(f"calibration must be one of {CALIBRATION_SOURCES}, not {self.calibration!r}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, not {self.channel_order!r}")
+        if self.channel_order == "sequential" and (self.criterion, self.compensation) != ("slimllm", "affine_local"):
+            raise ValueError("channel_order='sequential' re-scores SlimLLM's channels block by block and refits "
+                             "them as it goes: it needs criterion='slimllm' and compensation='affine_local'")
 
     def describe(self) -> str:
         cal = "self-generated" if self.calibration == "self" else f"text {self.text!r}"
@@ -105,6 +114,11 @@ def run_recipe(model: nn.Module, tokenizer, target: Target | float, recipe: Reci
     imap = compute(model, recipe.criterion, calib, options, progress=span.sub(0.4, 0.8).step, cancel=cancel)
     plan = allocate(model, imap, target, strategy=recipe.strategy, compensation=recipe.compensation,
                     **dict(recipe.alloc))
+    if recipe.channel_order == "sequential":
+        from .criteria.slimllm import sequential_channels
+
+        span.step(0.8, "choosing the channels block by block")
+        plan = sequential_channels(model, calib, plan, progress=span.sub(0.8, 0.85).step)
     plan = plan.with_provenance(recipe=recipe.to_dict(), calibration=calib.describe())
     span.step(0.85, "building the pruned model")
     with torch.no_grad():

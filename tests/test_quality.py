@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pruneviz.allocate import Target, allocate, resolved_normalize
+from pruneviz.arch import adapter_for, get_path
 from pruneviz.criteria import slimgpt as sg
 from pruneviz.criteria.slimllm import FitSums, PairSums
 from pruneviz.importance import Calibration, compute
@@ -41,7 +42,7 @@ def test_allocation_lands_at_or_under_the_target(llama, strategy, options, ratio
     assert dense_params(built) == plan.param_count(llama)
 
 
-@pytest.mark.parametrize("compensation", ["flap_bias", "affine"])
+@pytest.mark.parametrize("compensation", ["flap_bias", "affine", "affine_sequential", "affine_local"])
 def test_bias_compensations_count_their_biases_and_still_land(llama, compensation):
     imap = compute(llama, "flap", CALIB)
     plan = allocate(llama, imap, 0.2, strategy="global", compensation=compensation)
@@ -153,6 +154,57 @@ def test_affine_compensation_beats_plain_removal_on_calibration(family):
     dense = logits(model)
     assert (logits(built) - dense).pow(2).mean() < (logits(plain) - dense).pow(2).mean()
     assert dense_params(built) == plan.param_count(model)
+
+
+def _site_io(model, site: str) -> dict:
+    """Per layer: the input and output (bias included) of each block's ``site`` projection on CALIB."""
+    adapter, seen, handles = adapter_for(model), {}, []
+    for l, layer in enumerate(adapter.layers(model)):
+        def hook(module, args, out, l=l):
+            seen[l] = (args[0].reshape(-1, args[0].shape[-1]).double(), out.reshape(-1, out.shape[-1]).double())
+        handles.append(get_path(layer, getattr(adapter, site)).register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=CALIB.tokens, use_cache=False)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_sequential_affine_fits_the_dense_outputs_on_the_pruned_activations(family):
+    """After ``affine_sequential`` every refitted projection of the *built* model (whose inputs are the pruned
+    model's activations, upstream refits included) is the least-squares affine fit of the dense model's output
+    on those inputs: the residual has zero mean and is orthogonal to the fitted output, per dimension. The
+    one-pass ``affine`` (fitted on dense activations) does not satisfy this beyond the first pruned layer."""
+    model = tiny_model(family)
+    plan = allocate(model, compute(model, "wanda_sp", CALIB), 0.3, attn_share=0.0)
+    dense = _site_io(model, "mlp_out")
+    for comp, exact in (("affine_sequential", True), ("affine", False)):
+        built = apply_plan(model, dataclasses.replace(plan, compensation=comp), calibration=CALIB.tokens)
+        worst = 0.0
+        for l, (_, out) in _site_io(built, "mlp_out").items():  # out = a·z + b + the original bias
+            y = dense[l][1]  # the dense output, the same original bias included
+            r, centred = y - out, out - out.mean(0)
+            worst = max(worst, float((r.mean(0).abs() / y.std(0)).max()),
+                        float(((r * centred).mean(0).abs() / (y.std(0) * centred.std(0))).max()))
+        assert (worst < 1e-4) == exact, (comp, worst)
+
+
+def test_sequential_affine_equals_the_one_pass_fit_when_only_the_first_layer_loses_units(llama):
+    """Only layer 0 pruned (MLP channels): its MLP sees dense inputs either way, so all three fits agree."""
+    plan = Plan.empty(llama).with_units("channel", 0, range(0, 40, 3))
+    built = {c: apply_plan(llama, dataclasses.replace(plan, compensation=c), calibration=CALIB.tokens)
+             for c in ("affine", "affine_sequential", "affine_local")}
+    ref = logits(built["affine"])
+    for c in ("affine_sequential", "affine_local"):
+        assert torch.allclose(logits(built[c]), ref, atol=1e-5), c
+
+
+def test_sequential_affine_refuses_an_unknown_target(llama):
+    from pruneviz.criteria.slimllm import affine_sequential
+
+    with pytest.raises(ValueError, match="'dense' or 'local'"):
+        affine_sequential(llama, Plan.empty(llama), CALIB.tokens, target="both")
 
 
 # ---- self-generated calibration ------------------------------------------------------------------------------------

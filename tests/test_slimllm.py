@@ -336,3 +336,35 @@ def test_offloaded_model_gives_the_same_scores_cosines_and_swaps(tmp_path):
     assert a.extras["layer_cosine"] == pytest.approx(b.extras["layer_cosine"], abs=1e-6)
     plan = allocate(resident, a, 0.3, strategy="slimllm", attn_unit="head")
     assert refine_heads(resident, CALIB, plan) == refine_heads(offloaded, CALIB, plan)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_sequential_channels_keep_the_counts_and_rebuild_with_the_local_refit(family):
+    """Block by block channel choice (the official order): per-layer counts, heads and blocks stay the plan's; the
+    first pruned layer (dense inputs) removes the map's own lowest channels; the plan names the local refit and
+    builds a model of the planned size."""
+    from pruneviz.criteria.slimllm import sequential_channels
+
+    model = tiny_model(family)
+    imap = compute(model, "slimllm", CALIB)
+    plan = allocate(model, imap, 0.3, strategy="uniform", attn_share=0.0)
+    seq = sequential_channels(model, CALIB, plan)
+    assert seq.compensation == "affine_local" and seq.provenance["channel_order"] == "sequential"
+    assert {l: len(c) for l, c in seq.channels} == {l: len(c) for l, c in plan.channels}
+    assert seq.kv == plan.kv and seq.heads == plan.heads and seq.blocks == plan.blocks
+    first = min(l for l, c in plan.channels if c)
+    k = len(plan.removed("channel", first))
+    assert set(seq.removed("channel", first)) == set(torch.argsort(imap.channels[first], stable=True)[:k].tolist())
+    built = apply_plan(model, seq, calibration=CALIB.tokens)
+    assert dense_params(built) == seq.param_count(model)
+    with torch.no_grad():
+        assert torch.isfinite(built(CALIB.tokens).logits).all()
+
+
+def test_sequential_channels_refuse_sub_block_plans(llama):
+    from pruneviz.criteria.slimllm import sequential_channels
+
+    g = geometry_of(llama)
+    plan = Plan.empty(llama).with_units("kv", 1, range(g.n_kv))  # layer 1's whole attention: a sub-block
+    with pytest.raises(PlanError, match="without removed sub-blocks"):
+        sequential_channels(llama, CALIB, plan)

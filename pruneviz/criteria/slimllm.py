@@ -45,13 +45,23 @@ one pass of the dense model (every layer sees dense inputs, as in FLAP); the pro
 none (counted by :meth:`pruneviz.plan.Plan.param_count`). ``shrink`` (default 0) pulls ``a_d`` toward 1 as a
 ridge penalty ``λ = shrink · var(z_d)`` on ``a_d − 1``.
 
-**Dense statistics** (choice): every statistic (scores, cosines, swap moments, affine fits) is taken on the
-dense model's activations, block by block through the capture engine (offloaded models work). The official
+**Sequential refits** (compensators ``"affine_local"`` and ``"affine_sequential"``): the same two numbers per
+output dimension, fitted block by block on the *pruned* model's activations (every earlier block pruned and
+refitted; attention before MLP in a block), the official code's order. ``affine_local`` fits each projection's
+own full output on those activations (the official polyfit); ``affine_sequential`` fits the dense model's
+output instead, which also asks each refit to undo the earlier blocks' error. Measured on the bundled model
+(bench/results/quality.md): the local fit is a little better than the one-pass fit on every text; the dense
+target is far worse (its regression of the dense output on drifted inputs attenuates the slope ``a`` toward 0).
+
+**Dense statistics** (choice): every statistic (scores, cosines, swap moments, the ``affine`` fit) is taken on
+the dense model's activations, block by block through the capture engine (offloaded models work). The official
 code prunes block by block, each block calibrated on the outputs of the already pruned ones; pruneviz keeps one
-dense pass so that scores are a map like every criterion's and plans can be edited before they are built.
+dense pass for the scores so that they are a map like every criterion's and plans can be edited before they are
+built, and offers the official order for the refit (above).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,11 +86,11 @@ from ..allocate import (
 from ..arch import adapter_for, geometry_of, get_path, weight_axis
 from ..errors import CriterionError, PlanError
 from ..importance import Calibration, Context, Criterion, ImportanceMap, register
-from ..offload import clone_model, execution_device, materialized
+from ..offload import clone_model, execution_device, is_offloaded, materialized, resident_copy
 from ..plan import Plan
 from ..progress import Span, context_of
 from ..schedules import cosine_ratios
-from ..surgery import register_compensator
+from ..surgery import masking, register_compensator
 from .capture import LayerStream, capture_inputs
 from .stats import DEFAULT_BATCH_SIZE, check_hookable
 
@@ -443,10 +453,16 @@ def _fold(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
     shape[weight_axis(module, "out")] = -1
     with torch.no_grad():
         w.mul_(a.to(w.dtype).view(shape))
-        if getattr(module, "bias", None) is None:
-            module.bias = nn.Parameter(torch.zeros(a.shape[0], dtype=w.dtype, device=w.device),
-                                       requires_grad=w.requires_grad)
-        module.bias.add_(b.to(w.dtype))
+        ensure_bias(module).add_(b.to(w.dtype))
+
+
+def ensure_bias(module: nn.Module) -> torch.Tensor:
+    """``module``'s bias, created as zeros [out] if the projection had none."""
+    if getattr(module, "bias", None) is None:
+        w = module.weight
+        module.bias = nn.Parameter(torch.zeros(w.shape[weight_axis(module, "out")], dtype=w.dtype, device=w.device),
+                                   requires_grad=w.requires_grad)
+    return module.bias
 
 
 @register_compensator("affine")
@@ -485,6 +501,153 @@ def affine(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=Non
         a, b = acc.fit(float(plan.provenance.get("affine_shrink", shrink)))
         _fold(get_path(layers[l], sites[s]), a, b)
     span.step(1.0, "affine compensation done")
+
+
+def _bias_free_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``W x`` [N, D] of projection ``module`` (no bias) for inputs ``x`` [N, in]."""
+    return nn.functional.linear(x, weight_rows(module))
+
+
+def _kept_output(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``W[:, keep] x[keep]`` [N, D]: the output from the kept inputs only (no bias)."""
+    w = weight_rows(module)
+    return nn.functional.linear(x[:, keep], w[:, keep])
+
+
+def _dense_site_outputs(layer: nn.Module, i: int, stream: LayerStream, paths: dict[str, str]
+                        ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """Layer ``i`` (unchanged) on the dense stream: per site, ``W x`` per batch, and the layer's outputs."""
+    ys: dict[str, list[torch.Tensor]] = {s: [] for s in paths}
+
+    def grab(site):
+        return lambda module, args: ys[site].append(_bias_free_output(module, _flat(args[0]).float()))
+    outputs = run_block(layer, i, stream, [(paths[s], grab(s)) for s in paths])
+    return ys, outputs
+
+
+def _fit_site(view_layer: nn.Module, i: int, stream: LayerStream, path: str, keep: torch.Tensor,
+              targets: list[torch.Tensor] | None, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit ``y ≈ a·z + b`` at one site of the masked layer on the pruned stream; ``targets`` per batch (dense
+    outputs) or None for the layer's own full output on the same inputs."""
+    acc, batch = FitSums(), [0]
+
+    def hook(module, args):
+        inner = getattr(module, "inner", module)  # the masked view wraps the projection (InputSelect)
+        x = _flat(args[0]).float()  # [N, in]
+        y = targets[batch[0]] if targets is not None else _bias_free_output(inner, x)
+        acc.add(_kept_output(inner, x, keep), y)
+        batch[0] += 1
+    run_block(view_layer, i, stream, [(path, hook)])
+    return acc.fit(shrink)
+
+
+@register_compensator("affine_sequential")
+def affine_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=None, shrink: float = 0.0,
+                      target: str = "dense") -> None:
+    """The affine refit calibrated block by block on the *pruned* model's activations, in place on ``model``.
+
+    Each kept layer's output projections are refitted on the inputs that reach them once every earlier layer is
+    pruned and already refitted (the official SlimLLM code's order), attention before MLP within a layer. The
+    fitted ``y`` is, with ``target="dense"`` (default), the dense model's projection output on the dense
+    activations, so each fit also corrects the error the earlier layers left; with ``target="local"``, the
+    layer's own full output on the pruned activations (the official code's polyfit). Same two numbers per output
+    dimension as :func:`affine`; 2-4 block passes per layer instead of one model pass.
+    """
+    if target not in ("dense", "local"):
+        raise ValueError(f"target must be 'dense' or 'local', not {target!r}")
+    adapter, g = adapter_for(model), geometry_of(model)
+    span = Span(context_of(progress), 0.0, 1.0)
+    shrink = float(plan.provenance.get("affine_shrink", shrink))
+    sites = {"attn": adapter.attn_out, "mlp": adapter.mlp_out}
+    layers = adapter.layers(model)
+    keep = {(l, s): _kept_columns(g, plan, l, s) for l in plan.kept_blocks() for s in sites}
+    keep = {k: v for k, v in keep.items() if v is not None and len(v)}  # a removed sub-block is dropped whole
+    for l, s in keep:  # every fitted projection gets its bias before the view is cloned, so folds are shared
+        ensure_bias(get_path(layers[l], sites[s]))
+    with torch.inference_mode(), masking(model, plan) as view:
+        dense = capture_inputs(model, calibration, DEFAULT_BATCH_SIZE)
+        pruned = LayerStream(list(dense.hidden), dense.calls, dense.by_keyword)
+        view_layers = adapter.layers(view)
+        for i, layer in enumerate(layers):
+            fitted = {s: sites[s] for s in sites if (i, s) in keep}
+            ys = {}
+            if target == "dense":  # layer i is still unchanged: its dense outputs first
+                ys, dense.hidden = _dense_site_outputs(layer, i, dense, fitted)
+            for s, path in fitted.items():
+                a, b = _fit_site(view_layers[i], i, pruned, path, keep[(i, s)], ys.get(s), shrink)
+                _fold(get_path(layer, path), a, b)
+            pruned.hidden = run_block(view_layers[i], i, pruned, [])
+            span.step((i + 1) / len(layers), f"sequential affine compensation: block {i + 1}/{len(layers)}")
+
+
+@register_compensator("affine_local")
+def affine_local(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=None) -> None:
+    """:func:`affine_sequential` with ``target="local"``: the official SlimLLM code's fit (each projection's own
+    full output on the pruned model's activations)."""
+    affine_sequential(model, plan, calibration, progress, target="local")
+
+
+# ---- the official order: channels chosen block by block on the pruned model ----------------------------------------
+
+def _zero_inputs(module: nn.Module, cols: list[int]) -> None:
+    """Zero the input columns ``cols`` of projection ``module``: the units reading them contribute nothing."""
+    if cols:
+        with torch.no_grad():
+            module.weight.index_fill_(weight_axis(module, "in"), torch.tensor(cols, device=module.weight.device), 0)
+
+
+def _refit_and_remove(layer: nn.Module, i: int, stream: LayerStream, path: str, keep: torch.Tensor,
+                      total: int) -> None:
+    """Local affine refit of projection ``path`` on ``stream`` (its own full output, see :func:`affine_local`),
+    then its removed input columns zeroed and the fit folded in: the block now computes what the sliced one will."""
+    a, b = _fit_site(layer, i, stream, path, keep, None, 0.0)
+    module = get_path(layer, path)
+    kept = set(keep.tolist())
+    _zero_inputs(module, [c for c in range(total) if c not in kept])
+    _fold(module, a, b)
+
+
+def sequential_channels(model: nn.Module, calib: Calibration, plan: Plan, batch_size: int = DEFAULT_BATCH_SIZE,
+                        progress: Callable | None = None) -> Plan:
+    """Re-choose each layer's removed MLP channels in the official SlimLLM order: block by block, the PCA channel
+    score is taken on the activations of the model pruned *so far* (every earlier block pruned and refitted), the
+    layer's lowest ``len(plan.removed("channel", l))`` channels are removed, the block is refitted
+    (:func:`affine_local`) and its pruned outputs feed the next block.
+
+    ``plan`` (an allocation: its per-layer channel counts, removed heads, KV groups and blocks) keeps everything
+    but which channels; the result names ``compensation="affine_local"``, so :func:`pruneviz.surgery.apply_plan`
+    with the same calibration rebuilds the model this pass computed. ``model`` is never changed (the pass works
+    on its own copy). Plans that remove attention or MLP sub-blocks are refused (they have no channels to choose).
+    """
+    if plan.removed_sub_blocks():
+        raise PlanError("sequential channel choice needs a plan without removed sub-blocks (BlockPruner plans "
+                        "remove whole attention or MLP parts, which have no channels to choose)")
+    adapter, g = adapter_for(model), geometry_of(model)
+    span = Span(context_of(progress), 0.0, 1.0)
+    work = resident_copy(model) if is_offloaded(model) else clone_model(model, share_weights=False)
+    rows = channel_rows(adapter, g)
+    layers = adapter.layers(work)
+    with torch.inference_mode():
+        stream = capture_inputs(work, calib.tokens, batch_size)
+        for i, layer in enumerate(layers):
+            if i in plan.blocks:  # a removed block passes its input through
+                continue
+            keep_a = _kept_columns(g, plan, i, "attn")
+            if keep_a is not None:  # heads stay the plan's; their refit comes first, as in the compensator
+                _refit_and_remove(layer, i, stream, adapter.attn_out, keep_a, g.n_heads * g.head_dim)
+            k = len(plan.removed("channel", i))
+            if k:
+                pca = PcaSums()
+                on_input, on_down = _pca_hooks(pca)
+                run_block(layer, i, stream, [(adapter.mlp_modules[0], on_input), (adapter.mlp_out, on_down)])
+                scores = pca_channel_score(layer, adapter, g, pca, rows)  # [C] on the pruned model's activations
+                gone = torch.argsort(scores, stable=True)[:k].tolist()
+                plan = plan.with_units("channel", i, plan.removed("channel", i), remove=False)
+                plan = plan.with_units("channel", i, gone)
+                _refit_and_remove(layer, i, stream, adapter.mlp_out, _kept_columns(g, plan, i, "mlp"), g.n_channels)
+            stream.hidden = run_block(layer, i, stream, [])
+            span.step((i + 1) / len(layers), f"sequential channel choice: block {i + 1}/{len(layers)}")
+    return dataclasses.replace(plan, compensation="affine_local").with_provenance(channel_order="sequential")
 
 
 # ---- layer ratios from the input/output cosine: the ``slimllm`` allocation strategy --------------------------------
