@@ -188,9 +188,8 @@ def recipe(**changes):
         from pruneviz.recipe import RECOMMENDED, run_recipe
 
         r = dataclasses.replace(RECOMMENDED, **changes)
-        if r.calibration == "text":  # the bench's own calibration tensor, not get_text's split
-            return allocated(r.criterion, r.strategy, r.compensation, **dict(r.alloc))(model, calibs, target)
-        result = run_recipe(model, calibs.tokenizer, target, r)
+        own = calibs("peers") if r.calibration == "text" else None  # the bench's tensor, not get_text's split
+        result = run_recipe(model, calibs.tokenizer, target, r, calibration=own)
         return result.plan, result.model
     return run
 
@@ -238,6 +237,12 @@ METHODS = {
     "recipe (local affine)": recipe(compensation="affine_local"),
     "recipe (channels chosen block by block; local affine)": recipe(compensation="affine_local",
                                                                     channel_order="sequential"),
+    "recipe (128 self-generated windows; channels chosen block by block; local affine)": recipe(
+        samples=128, compensation="affine_local", channel_order="sequential"),
+    "recipe (64 self-generated windows; channels chosen block by block; local affine)": recipe(
+        samples=64, compensation="affine_local", channel_order="sequential"),
+    "recipe (Python-docs calibration; channels chosen block by block; local affine)": recipe(
+        calibration="text", compensation="affine_local", channel_order="sequential"),
     "recipe (self-generated 32 x 512; channels chosen block by block; local affine)": recipe(
         seq_len=512, compensation="affine_local", channel_order="sequential"),
     "recipe (mixed calibration, 32 x 512 each; local affine)": allocated(

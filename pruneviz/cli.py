@@ -360,6 +360,23 @@ def _recipe_target(args, model):
     return Target((dense - want) / base, args.of)
 
 
+def _recipe_order(recipe, order: str | None, compensation: str | None):
+    """``recipe`` with the CLI's --channel-order / --compensation (``"none"``: no refit), checked."""
+    from dataclasses import replace
+
+    from .errors import PlanError
+    from .surgery import compensators
+
+    if compensation is not None and compensation != "none" and compensation not in compensators():
+        raise PlanError(f"unknown --compensation {compensation!r}; one of none, {', '.join(compensators())}")
+    comp = recipe.compensation if compensation is None else (None if compensation == "none" else compensation)
+    order = order or recipe.channel_order
+    if order == "sequential" and comp != "affine_local":
+        raise PlanError("--channel-order sequential refits each block as it re-scores it (affine_local); pass "
+                        "--channel-order dense for another --compensation")
+    return replace(recipe, channel_order=order, compensation=comp)
+
+
 def cmd_prune(args) -> None:
     from dataclasses import replace
 
@@ -369,13 +386,18 @@ def cmd_prune(args) -> None:
     from .recipe import RECOMMENDED, run_recipe
 
     check_export_target(args.out, args.overwrite)  # refused before the model loads
+    recipe = RECOMMENDED if args.calibration == "self" else replace(RECOMMENDED, calibration="text", text=args.text)
+    recipe = _recipe_order(recipe, args.channel_order, args.compensation)  # refused before the model loads too
     lm = _load(args)
     target = _recipe_target(args, lm.model)
-    recipe = RECOMMENDED if args.calibration == "self" else replace(RECOMMENDED, calibration="text", text=args.text)
     if args.samples is not None:
         if args.samples < 1:
             raise TextError(f"--samples is a number of calibration windows (1 or more), not {args.samples}")
         recipe = replace(recipe, samples=args.samples)
+    if args.seq_len is not None:
+        if args.seq_len < 2:
+            raise TextError(f"--seq-len is a number of tokens per window (2 or more), not {args.seq_len}")
+        recipe = replace(recipe, seq_len=args.seq_len)
     print(f"recipe: {recipe.describe()}; target {target.describe()}")
     progress = _bar("recommended recipe")
     try:
@@ -878,6 +900,12 @@ def _add_prune(sub) -> None:
                    help="self-generated calibration windows of 128 tokens (default 32; with the previous FLAP recipe "
                         "128 measured better out of domain, 1.63x vs 1.73x dense on PTB; 4x the one-time generation, "
                         "cached)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 128)")
+    p.add_argument("--channel-order", choices=["dense", "sequential"], default=None,
+                   help="sequential (default): SlimLLM's official order, channels re-scored block by block on the "
+                        "pruned model and refitted as it goes; dense: ranked once on the dense model")
+    p.add_argument("--compensation", default=None,
+                   help="the refit (default affine_local; affine: one pass on dense activations; flap_bias; none)")
     p.add_argument("--out", required=True, help="folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous pruneviz export in --out")
     p.set_defaults(fn=cmd_prune)

@@ -73,8 +73,10 @@ class Recipe:
     def describe(self) -> str:
         cal = "self-generated" if self.calibration == "self" else f"text {self.text!r}"
         alloc = ", ".join(f"{k}={v}" for k, v in self.alloc) or "defaults"
-        return (f"{cal} calibration ({self.samples} x {self.seq_len}), {self.criterion} scores, {self.strategy} "
-                f"allocation ({alloc}), {self.compensation or 'no'} compensation")
+        order = "re-scored block by block on the pruned model" if self.channel_order == "sequential" else \
+            "ranked once on the dense model"
+        return (f"{cal} calibration ({self.samples} x {self.seq_len}), {self.criterion} scores {order}, "
+                f"{self.strategy} allocation ({alloc}), {self.compensation or 'no'} compensation")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -105,11 +107,14 @@ def recipe_calibration(model: nn.Module, tokenizer, recipe: Recipe, progress: Pr
 
 
 def run_recipe(model: nn.Module, tokenizer, target: Target | float, recipe: Recipe = RECOMMENDED,
-               progress: Progress | None = None, cancel: Cancel | None = None) -> RecipeResult:
-    """Prune ``model`` (never mutated) to ``target`` with ``recipe``: calibration, scores, plan, built model."""
+               progress: Progress | None = None, cancel: Cancel | None = None,
+               calibration: Calibration | None = None) -> RecipeResult:
+    """Prune ``model`` (never mutated) to ``target`` with ``recipe``: calibration, scores, plan, built model.
+    ``calibration``: windows to use instead of the recipe's own source (its ``calibration``/``samples`` fields are
+    then ignored)."""
     target = as_target(target)
     span = Span(context_of(progress, cancel))
-    calib = recipe_calibration(model, tokenizer, recipe, span.sub(0.0, 0.4).step, cancel)
+    calib = calibration or recipe_calibration(model, tokenizer, recipe, span.sub(0.0, 0.4).step, cancel)
     options = make_options(recipe.criterion, **dict(recipe.criterion_options))
     imap = compute(model, recipe.criterion, calib, options, progress=span.sub(0.4, 0.8).step, cancel=cancel)
     plan = allocate(model, imap, target, strategy=recipe.strategy, compensation=recipe.compensation,

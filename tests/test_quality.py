@@ -281,6 +281,23 @@ def test_recipe_prunes_to_the_target_and_records_itself(tmp_path, monkeypatch):
     assert "self-generated" in result.calibration.text_name
 
 
+def test_recipe_with_given_windows_and_the_official_channel_order(llama):
+    """``run_recipe(..., calibration=)`` uses those windows; ``channel_order="sequential"`` re-chooses the channels
+    block by block with the local refit and still lands at the target; inconsistent recipes are refused."""
+    from pruneviz.recipe import RECOMMENDED, Recipe, run_recipe
+
+    recipe = dataclasses.replace(RECOMMENDED, compensation="affine_local", channel_order="sequential")
+    result = run_recipe(llama, tiny_tokenizer(), Target(0.2), recipe, calibration=CALIB)
+    assert result.calibration is CALIB and result.plan.provenance["channel_order"] == "sequential"
+    assert result.plan.compensation == "affine_local" and "block by block" in recipe.describe()
+    assert dense_params(result.model, True) <= 0.8 * dense_params(llama, True)
+    assert dense_params(result.model) == result.plan.param_count(llama)
+    with pytest.raises(ValueError, match="needs criterion='slimllm' and compensation='affine_local'"):
+        Recipe(compensation="affine", channel_order="sequential")
+    with pytest.raises(ValueError, match="channel_order must be one of"):
+        Recipe(channel_order="random")
+
+
 @pytest.fixture
 def folder(tmp_path):
     model = tiny_model("llama")
@@ -305,6 +322,12 @@ def test_cli_prune_exports_the_recipe_at_the_stated_size(folder, tmp_path, monke
     assert "recipe:" in capsys.readouterr().out
     assert main(["prune", "--model", str(folder), "--params", "12M", "--out", str(tmp_path / "o2")]) == 2
     assert "below the dense model" in capsys.readouterr().err
+    assert main(["prune", "--model", str(folder), "--params", str(want), "--channel-order", "sequential",
+                 "--compensation", "affine", "--out", str(tmp_path / "o3")]) == 2
+    assert "--channel-order sequential refits" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+    assert main(["prune", "--model", str(folder), "--params", str(want), "--compensation", "nope", "--out",
+                 str(tmp_path / "o4")]) == 2
+    assert "unknown --compensation 'nope'" in capsys.readouterr().err
 
 
 def _text(tmp_path):
