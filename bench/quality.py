@@ -194,6 +194,15 @@ def recipe(**changes):
     return run
 
 
+STOP18 = {"samples": 32, "compensation": "affine", "channel_order": "dense"}  # the recipe stop 18 recommended
+ORDERED = {"compensation": "affine_local", "channel_order": "sequential"}  # SlimLLM's official order
+
+
+def recipe18(**changes):
+    """The stop-18 recipe (32 self-generated windows, channels ranked once, one-pass affine) with ``changes``."""
+    return recipe(**{**STOP18, **changes})
+
+
 MLP = {"attn_share": 0.0}
 METHODS = {
     "magnitude": allocated("magnitude", "uniform", calib_used=False),
@@ -230,36 +239,34 @@ METHODS = {
     "slimllm (paper; correlation channels)": slimllm(criterion_options={"channel_score": "correlation"}),
     "slimllm (paper's ratios, MLP only; affine)": slimllm(attn_share=0.0),
     "slimllm (paper's ratios, MLP only; affine; self-generated calibration)": slimllm(calib="self", attn_share=0.0),
-    "recipe (recommended)": recipe(),
-    "recipe (sequential affine, dense targets)": recipe(compensation="affine_sequential"),
-    "recipe (sequential affine, local targets)": recipe(compensation="affine_local"),
-    "recipe (Python-docs calibration; sequential affine)": recipe(calibration="text", compensation="affine_sequential"),
-    "recipe (local affine)": recipe(compensation="affine_local"),
-    "recipe (channels chosen block by block; local affine)": recipe(compensation="affine_local",
-                                                                    channel_order="sequential"),
-    "recipe (128 self-generated windows; channels chosen block by block; local affine)": recipe(
-        samples=128, compensation="affine_local", channel_order="sequential"),
-    "recipe (64 self-generated windows; channels chosen block by block; local affine)": recipe(
-        samples=64, compensation="affine_local", channel_order="sequential"),
-    "recipe (Python-docs calibration; channels chosen block by block; local affine)": recipe(
-        calibration="text", compensation="affine_local", channel_order="sequential"),
-    "recipe (self-generated 32 x 512; channels chosen block by block; local affine)": recipe(
-        seq_len=512, compensation="affine_local", channel_order="sequential"),
-    "recipe (mixed calibration, 32 x 512 each; local affine)": allocated(
-        "slimllm", "slimllm", "affine_local", calib="mixed512", attn_share=0.0),
-    "recipe (mixed calibration: 32 self-generated + 32 Python-docs windows)": allocated(
-        "slimllm", "slimllm", "affine", calib="mixed", attn_share=0.0),
-    "recipe (mixed calibration; local affine)": allocated("slimllm", "slimllm", "affine_local", calib="mixed",
-                                                          attn_share=0.0),
-    "recipe (self-generated 32 x 512)": recipe(seq_len=512),
-    "recipe (self-generated 32 x 512; local affine)": recipe(seq_len=512, compensation="affine_local"),
-    "recipe (self-generated 8 x 512; local affine)": recipe(samples=8, seq_len=512, compensation="affine_local"),
-    "recipe (Python-docs calibration; local affine)": recipe(calibration="text", compensation="affine_local"),
+    "recipe (recommended: 64 self-generated windows; channels chosen block by block; local affine)": recipe(),
     "recipe (Python-docs calibration)": recipe(calibration="text"),
-    "recipe (128 self-generated windows)": recipe(samples=128),
-    "recipe (query heads pooled with channels)": recipe(alloc=(("attn_unit", "head"),)),
-    "recipe (layers 4..L-3 whole)": recipe(alloc=(("attn_share", 0.0), ("skip_first", 4), ("skip_last", 2))),
-    "recipe (Python-docs calibration; layers 4..L-3 whole)": recipe(
+    # the recipe of stop 18 (32 self-generated windows, channels ranked once, one-pass affine) and its variants
+    "stop-18 recipe (sequential affine, dense targets)": recipe18(compensation="affine_sequential"),
+    "stop-18 recipe (sequential affine, local targets)": recipe18(compensation="affine_local"),
+    "stop-18 recipe (Python-docs calibration)": recipe18(calibration="text"),
+    "stop-18 recipe (Python-docs calibration; sequential affine)": recipe18(calibration="text",
+                                                                           compensation="affine_sequential"),
+    "stop-18 recipe (Python-docs calibration; local affine)": recipe18(calibration="text", compensation="affine_local"),
+    "stop-18 recipe (self-generated 32 x 512)": recipe18(seq_len=512),
+    "stop-18 recipe (self-generated 32 x 512; local affine)": recipe18(seq_len=512, compensation="affine_local"),
+    "stop-18 recipe (self-generated 8 x 512; local affine)": recipe18(samples=8, seq_len=512,
+                                                                     compensation="affine_local"),
+    "stop-18 recipe (channels chosen block by block; local affine)": recipe18(**ORDERED),
+    "stop-18 recipe (self-generated 32 x 512; channels chosen block by block; local affine)": recipe18(
+        seq_len=512, **ORDERED),
+    "stop-18 recipe (128 self-generated windows; channels chosen block by block; local affine)": recipe18(
+        samples=128, **ORDERED),
+    "stop-18 recipe (Python-docs calibration; channels chosen block by block; local affine)": recipe18(
+        calibration="text", **ORDERED),
+    "stop-18 recipe (mixed calibration; local affine)": allocated("slimllm", "slimllm", "affine_local",
+                                                                  calib="mixed", attn_share=0.0),
+    "stop-18 recipe (mixed calibration, 32 x 512 each; local affine)": allocated(
+        "slimllm", "slimllm", "affine_local", calib="mixed512", attn_share=0.0),
+    "stop-18 recipe (128 self-generated windows)": recipe18(samples=128),
+    "stop-18 recipe (layers 4..L-3 whole)": recipe18(alloc=(("attn_share", 0.0), ("skip_first", 4),
+                                                            ("skip_last", 2))),
+    "stop-18 recipe (Python-docs calibration; layers 4..L-3 whole)": recipe18(
         calibration="text", alloc=(("attn_share", 0.0), ("skip_first", 4), ("skip_last", 2))),
     "flap (MLP only; affine)": allocated("flap", "global", "affine", **MLP),
     "flap (MLP only; self-generated calibration)": allocated("flap", "global", "flap_bias", calib="self", **MLP),

@@ -912,7 +912,7 @@ def test_recommended_recipe_builds_its_plan_and_model(monkeypatch):
     clean(at.run())
     clean(at.button(key="pr_recipe_run").click().run())
     plan, rec = at.session_state["plan"], at.session_state["pruned"]
-    assert plan.compensation == "affine" and plan.provenance["recipe"]["samples"] == 4
+    assert plan.compensation == "affine_local" and plan.provenance["recipe"]["samples"] == 4
     assert rec.sha == plan.sha256() and at.session_state["calib"].tokens.shape == (4, 32)
     base = base_model()
     assert dense_params(rec.model, True) <= 0.7 * dense_params(base, True)
@@ -1146,7 +1146,7 @@ def test_recipe_runs_in_the_background_and_cancel_stops_it(monkeypatch):
     finally:
         release.set()
     plan, rec = at.session_state["plan"], at.session_state["pruned"]
-    assert plan.compensation == "affine" and plan.provenance["recipe"]["samples"] == 4
+    assert plan.compensation == "affine_local" and plan.provenance["recipe"]["samples"] == 4
     assert rec.sha == plan.sha256() and at.session_state["calib"].tokens.shape == (4, 32)
     assert at.session_state["history"][-1].sha == plan.sha256() and runner().jobs(owner) == []
 

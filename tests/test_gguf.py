@@ -218,6 +218,27 @@ def test_tiny_deci_runs_in_llama_cpp(tmp_path):
 
 
 @needs_llama_cpp
+def test_refit_biases_of_the_recipe_run_in_llama_cpp(tmp_path):
+    """The recipe's plans (MLP channels only, per-layer widths, the affine refit's new down-projection biases)
+    are written as ``deci`` with ``ffn_down.bias`` tensors, and llama.cpp's graph adds them: its log-probabilities
+    match the in-memory model's."""
+    from pruneviz.allocate import allocate
+    from pruneviz.importance import Calibration, compute
+
+    model = tiny_model("llama", hidden_size=64, num_attention_heads=8, intermediate_size=64)
+    calib = Calibration(torch.randint(4, 90, (8, 24), generator=torch.Generator().manual_seed(0)), "random")
+    plan = allocate(model, compute(model, "slimllm", calib), 0.25, strategy="slimllm", attn_share=0.0,
+                    compensation="affine_local")
+    pruned = apply_plan(model, plan, calibration=calib.tokens)
+    assert G.gguf_layout(pruned).arch == "deci"
+    G.write_gguf(pruned, None, tmp_path / "r.gguf", "f32")
+    _, tensors = G.read_gguf_tensors(tmp_path / "r.gguf")
+    assert any(name.endswith("ffn_down.bias") for name in tensors)
+    check = G.verify_gguf(tmp_path / "r.gguf", pruned, None, "f32", runtime="llama.cpp")
+    assert check["ok"], check
+
+
+@needs_llama_cpp
 def test_quantised_export_in_llama_cpp_needs_an_exact_read_back(tmp_path):
     """q8_0: llama.cpp's 8-bit activations are measured (KL, greedy), the file itself must read back exactly; a
     file whose quantised weights were damaged after writing is refused, although llama.cpp still runs it."""

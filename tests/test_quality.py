@@ -276,7 +276,8 @@ def test_recipe_prunes_to_the_target_and_records_itself(tmp_path, monkeypatch):
     result = run_recipe(model, tok, Target(0.2), recipe, progress=lambda f, m: seen.append(f))
     assert dense_params(result.model, True) <= 0.8 * dense_params(model, True)
     assert dense_params(result.model) == result.plan.param_count(model)
-    assert result.plan.compensation == "affine" and result.plan.counts()["kv"] == 0  # MLP channels only
+    assert result.plan.compensation == "affine_local" and result.plan.counts()["kv"] == 0  # MLP channels only
+    assert result.plan.provenance["channel_order"] == "sequential"
     assert result.plan.provenance["recipe"]["calibration"] == "self" and seen[-1] == 1.0
     assert "self-generated" in result.calibration.text_name
 
