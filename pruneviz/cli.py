@@ -196,7 +196,6 @@ def cmd_plan(args) -> None:
     from .export import write_plan
     from .fsio import check_file_target
     from .importance import ImportanceMap
-    from .surgery import compensators
 
     if bool(args.scores) == bool(args.criterion):
         raise PlanError("plan needs --scores (allocate a stored map) or --criterion (an iterative search: "
@@ -208,8 +207,7 @@ def cmd_plan(args) -> None:
     if args.criterion and strategy != SEARCHES[args.criterion]:
         raise PlanError(f"the {args.criterion} search allocates with --strategy {SEARCHES[args.criterion]}; "
                         f"for {strategy}, score first and pass --scores")
-    if args.compensation is not None and args.compensation not in compensators():
-        raise PlanError(f"unknown --compensation {args.compensation!r}; one of {', '.join(compensators())}")
+    _check_compensation(args.compensation)
     if args.criterion and (args.compensation or args.attn_share is not None):
         raise PlanError(f"the {args.criterion} search removes sub-blocks whole: --compensation and --attn-share "
                         f"apply to allocations from --scores")
@@ -360,15 +358,22 @@ def _recipe_target(args, model):
     return Target((dense - want) / base, args.of)
 
 
+def _check_compensation(name: str | None, *also: str) -> None:
+    """PlanError unless ``name`` is None, one of ``also`` or a registered compensation solver."""
+    from .errors import PlanError
+    from .surgery import compensators
+
+    if name is not None and name not in also + compensators():
+        raise PlanError(f"unknown --compensation {name!r}; one of {', '.join(also + compensators())}")
+
+
 def _recipe_order(recipe, order: str | None, compensation: str | None):
     """``recipe`` with the CLI's --channel-order / --compensation (``"none"``: no refit), checked."""
     from dataclasses import replace
 
     from .errors import PlanError
-    from .surgery import compensators
 
-    if compensation is not None and compensation != "none" and compensation not in compensators():
-        raise PlanError(f"unknown --compensation {compensation!r}; one of none, {', '.join(compensators())}")
+    _check_compensation(compensation, "none")
     comp = recipe.compensation if compensation is None else (None if compensation == "none" else compensation)
     order = order or recipe.channel_order
     if order == "sequential" and comp != "affine_local":

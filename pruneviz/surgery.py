@@ -57,11 +57,10 @@ def register_compensator(name: str):
     return deco
 
 
-def compensators() -> dict[str, str]:
-    """Every registered compensation solver: name -> the first line of its docstring."""
+def compensators() -> tuple[str, ...]:
+    """The names of every registered compensation solver, sorted."""
     _load_compensators()
-    return {name: (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "" for name, fn in
-            sorted(COMPENSATORS.items())}
+    return tuple(sorted(COMPENSATORS))
 
 
 # ---- physical surgery ---------------------------------------------------------------------------------------------

@@ -480,11 +480,7 @@ def affine(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=Non
 
     def hook_for(key):
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()  # [N, in]
-            w = weight_rows(module)  # [D, in]
-            y = nn.functional.linear(x, w)  # [N, D]
-            z = nn.functional.linear(x[:, keep[key]], w[:, keep[key]])  # [N, D]
-            sums[key].add(z, y)
+            sums[key].add(*kept_and_full(module, _flat(args[0]).float(), keep[key]))
         return hook
 
     handles = [get_path(layers[l], sites[s]).register_forward_pre_hook(hook_for((l, s))) for (l, s) in keep]
@@ -504,15 +500,11 @@ def affine(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=Non
     span.step(1.0, "affine compensation done")
 
 
-def _bias_free_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``W x`` [N, D] of projection ``module`` (no bias) for inputs ``x`` [N, in]."""
-    return nn.functional.linear(x, weight_rows(module))
-
-
-def _kept_output(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``W[:, keep] x[keep]`` [N, D]: the output from the kept inputs only (no bias)."""
-    w = weight_rows(module)
-    return nn.functional.linear(x[:, keep], w[:, keep])
+def kept_and_full(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W[:, keep] x[keep], W x)`` [N, D] each for projection ``module`` (no bias) and inputs ``x`` [N, in]: the
+    output from the kept inputs only and the full output, the pair every affine refit fits (one weight read)."""
+    w = weight_rows(module)  # [D, in]
+    return nn.functional.linear(x[:, keep], w[:, keep]), nn.functional.linear(x, w)
 
 
 def _dense_site_outputs(layer: nn.Module, i: int, stream: LayerStream, paths: dict[str, str]
@@ -521,7 +513,7 @@ def _dense_site_outputs(layer: nn.Module, i: int, stream: LayerStream, paths: di
     ys: dict[str, list[torch.Tensor]] = {s: [] for s in paths}
 
     def grab(site):
-        return lambda module, args: ys[site].append(_bias_free_output(module, _flat(args[0]).float()))
+        return lambda module, args: ys[site].append(nn.functional.linear(_flat(args[0]).float(), weight_rows(module)))
     outputs = run_block(layer, i, stream, [(paths[s], grab(s)) for s in paths])
     return ys, outputs
 
@@ -534,9 +526,8 @@ def _fit_site(view_layer: nn.Module, i: int, stream: LayerStream, path: str, kee
 
     def hook(module, args):
         inner = getattr(module, "inner", module)  # the masked view wraps the projection (InputSelect)
-        x = _flat(args[0]).float()  # [N, in]
-        y = targets[batch[0]] if targets is not None else _bias_free_output(inner, x)
-        acc.add(_kept_output(inner, x, keep), y)
+        z, y = kept_and_full(inner, _flat(args[0]).float(), keep)  # [N, D] each
+        acc.add(z, targets[batch[0]] if targets is not None else y)
         batch[0] += 1
     run_block(view_layer, i, stream, [(path, hook)])
     return acc.fit(shrink)
