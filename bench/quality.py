@@ -241,6 +241,9 @@ METHODS = {
     "slimllm (paper's ratios, MLP only; affine; self-generated calibration)": slimllm(calib="self", attn_share=0.0),
     "recipe (recommended: 64 self-generated windows; channels chosen block by block; local affine)": recipe(),
     "recipe (Python-docs calibration)": recipe(calibration="text"),
+    "recipe (self-generated with seed 1)": recipe(seed=1),
+    "recipe (self-generated with seed 2)": recipe(seed=2),
+    "recipe (query heads take 10% of the budget)": recipe(alloc=(("attn_share", 0.1), ("attn_unit", "head"))),
     # the recipe of stop 18 (32 self-generated windows, channels ranked once, one-pass affine) and its variants
     "stop-18 recipe (sequential affine, dense targets)": recipe18(compensation="affine_sequential"),
     "stop-18 recipe (sequential affine, local targets)": recipe18(compensation="affine_local"),

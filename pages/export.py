@@ -3,7 +3,7 @@ import streamlit as st
 
 from pruneviz.deploy import runtimes
 from pruneviz.export import EXPORT_FORMATS, default_folder_name, safe_folder_name, zip_folder
-from pruneviz.gguf_export import WEIGHT_TYPES, verification_line
+from pruneviz.gguf_export import WEIGHT_TYPES, unquantised_layers, verification_line
 from pruneviz.plan import Plan
 from pruneviz.ui import components as ui
 from pruneviz.ui import services, state
@@ -74,6 +74,12 @@ options = {"format": fmt}
 if fmt == "gguf":
     options["weight_type"] = st.selectbox("GGUF weights", WEIGHT_TYPES, index=WEIGHT_TYPES.index("f16"),
                                           key="ex_wtype", help="norms and biases stay f32")
+    off_blocks = unquantised_layers(loaded.model, plan, options["weight_type"])
+    if off_blocks:
+        st.info(f"{len(off_blocks)} layer(s) keep an MLP width that is not a whole number of "
+                f"{options['weight_type']} blocks (32 values): their ffn_down stays f16 in this file. Choose "
+                "\"MLP widths in multiples of 32\" on the Prune page to quantise every weight.",
+                icon=":material/info:")
 st.caption(f"Written to `{folder}`")
 if recovery is not None:
     st.caption(f"The LoRA-recovered model is exported ({recovery.tag}); the model card records the recovery.")

@@ -23,6 +23,16 @@ imaps = st.session_state["imaps"]
 
 
 
+ALIGNMENTS = [1, 8, 32, 64, 128]
+ALIGN_HELP = ("Every pruned layer keeps an MLP width that is a multiple of this. 32: every weight row quantises in "
+              "a q8_0 / q4_0 GGUF export (other widths stay f16 there); 64 or 128 suit GPU kernels. The plan "
+              "still lands at or under its target.")
+
+
+def alignment_label(n: int) -> str:
+    return "any width" if n == 1 else f"{n} channels"
+
+
 def recommended_panel() -> None:
     """The recommended recipe (:data:`pruneviz.recipe.RECOMMENDED`) at a parameter target, in one click."""
     with st.container(border=True):
@@ -31,11 +41,13 @@ def recommended_panel() -> None:
                    "calibration's domain. It computes its own calibration and scores, so no map is needed.")
         share = st.slider("Parameters removed", 5, 70, 20, 5, format="%d%%", key="pr_recipe_target",
                           help="Share of the non-embedding parameters; the model lands at or under it.") / 100
+        multiple = st.selectbox("MLP widths in multiples of", ALIGNMENTS, key="pr_recipe_multiple",
+                                format_func=alignment_label, help=ALIGN_HELP)
         busy = jobs_panel.running("recipe")
         if st.button("Run the recommended recipe", key="pr_recipe_run", icon=":material/auto_awesome:",
                      disabled=busy is not None, help="Runs in the background (Jobs in the sidebar): other pages "
                      "stay usable, a reload keeps it. Its plan and built model replace the current ones."):
-            if jobs_panel.finished_here(background.start_recipe(loaded, share)):
+            if jobs_panel.finished_here(background.start_recipe(loaded, share, multiple)):
                 st.rerun()
         if busy is not None:
             jobs_panel.busy_note(busy, "Its plan replaces the current one when it finishes.")
@@ -53,7 +65,8 @@ if not imaps:
 
 # ==== controls =======================================================================================================
 DEFAULTS = {"criterion": list(imaps)[-1], "head_pct": 0, "channel_pct": 0, "block_count": 0, "attn_unit": "kv",
-            "strategy": "uniform", "plus_rule": False, "width_layers": (0, g.n_layers - 1), "deployable": None}
+            "strategy": "uniform", "plus_rule": False, "width_layers": (0, g.n_layers - 1), "deployable": None,
+            "multiple_of": 1}
 saved = st.session_state.get("prune_ui") or DEFAULTS
 if saved.get("criterion") not in imaps:
     saved = {**saved, "criterion": DEFAULTS["criterion"]}
@@ -91,6 +104,8 @@ with left:
                      help="Only plans that runtime loads. stock: the same widths in every layer (strategy uniform, "
                           "every layer). vLLM: attention cut alike in every layer, MLP channels per the strategy; "
                           "export as decilm. The Export page shows which runtimes load the plan.")
+        st.selectbox("MLP widths in multiples of", ALIGNMENTS, key="pr_multiple_of", format_func=alignment_label,
+                     disabled=imap.channels is None, help=ALIGN_HELP)
         st.checkbox("Protect first 4 and last 2 blocks", key="pr_plus_rule", disabled=not has_blocks,
                     help="Shortened LLaMA's + rule for block removal.")
         st.slider("Layers pruned in width", 0, g.n_layers - 1, key="pr_width_layers",

@@ -180,6 +180,13 @@ class AllocOptions:
       channels per layer as the strategy chooses.
     - ``depth_share`` (combined): share of the budget removed as whole blocks, in [0, 1]; ``width`` the width
       strategy for the rest.
+    - ``multiple_of``: every pruned layer keeps an MLP width that is a multiple of this (1: any width). Quantised
+      GGUF types (q8_0, q4_0) store rows in 32-element blocks, so a ``down_proj`` whose input width is not a
+      multiple of 32 stays f16 in a quantised export; GPU kernels and tensor cores prefer multiples of 64 or 128.
+      Counts are rounded where the strategy makes them (:func:`aligned_counts`): a uniform plan keeps one width
+      in every layer, a per-layer plan rounds each layer up or down by the largest remainders so that it removes
+      at least what the strategy asked; the landing then brings the plan to its target as usual. Attention
+      widths are whole heads (multiples of ``head_dim``) already.
     """
 
     attn_unit: str = "kv"
@@ -195,6 +202,7 @@ class AllocOptions:
     depth_share: float = 0.5
     width: str = "uniform"
     deployable: str | None = None
+    multiple_of: int = 1
 
     def __post_init__(self):
         _one_of("attn_unit", self.attn_unit, ATTN_UNITS)
@@ -213,6 +221,8 @@ class AllocOptions:
                 raise PlanError(f"{name} is a number of layers (0 or more) or 'auto', not {v!r}")
         if self.n_blocks is not None and int(self.n_blocks) < 0:
             raise PlanError(f"n_blocks must be 0 or more, not {self.n_blocks}")
+        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise PlanError(f"multiple_of is a whole number of MLP channels (1 or more), not {self.multiple_of!r}")
 
 
 def _one_of(name: str, value, allowed: Sequence[str]) -> None:
@@ -393,8 +403,15 @@ def ladders(imap: ImportanceMap, layers: Sequence[int], costs: Costs, attn_unit:
     return out
 
 
-def plan_with(plan: Plan, taken: dict[tuple[int, str], int], lads: dict[str, list[Ladder]]) -> Plan:
-    """Add the first ``taken[(layer, part)]`` steps of each ladder to ``plan``."""
+def plan_with(plan: Plan, taken: dict[tuple[int, str], int], lads: dict[str, list[Ladder]],
+              multiple_of: int = 1, alike: bool = False) -> Plan:
+    """Add the first ``taken[(layer, part)]`` steps of each ladder to ``plan``; with ``multiple_of`` > 1 the MLP
+    counts are first rounded so that every pruned layer keeps a multiple of it (:func:`aligned_counts`; ``alike``:
+    a uniform plan, whose counts stay equal)."""
+    if multiple_of > 1 and lads["mlp"]:
+        keys = [(ld.layer, "mlp") for ld in lads["mlp"]]
+        counts = aligned_counts([taken.get(k, 0) for k in keys], len(lads["mlp"][0].steps), multiple_of, alike)
+        taken = {**taken, **dict(zip(keys, counts))}
     for part, group in lads.items():
         for ld in group:
             k = taken.get((ld.layer, part), 0)
@@ -416,6 +433,47 @@ def closest_prefix(costs: Sequence[float], budget: float) -> int:
         elif cum > budget:
             break
     return best_t
+
+
+def _aligned_options(k: int, width: int, multiple: int) -> tuple[int, int | None]:
+    """(fewer, more): the nearest removal counts at or below / at or above ``k`` whose kept width is a multiple
+    of ``multiple`` (or the whole ``width``); ``more`` is None when it would keep under one multiple."""
+    kept = width - k
+    up = min(-(-kept // multiple) * multiple, width)
+    down = (kept // multiple) * multiple
+    return width - up, (width - down if down >= multiple else None)
+
+
+def aligned_counts(counts: Sequence[int], width: int, multiple: int, alike: bool = False) -> list[int]:
+    """Removal counts per layer (of ``width`` units each) rounded so that each pruned layer keeps a multiple of
+    ``multiple`` units (a layer left whole keeps ``width``, whatever it is).
+
+    ``alike`` (a uniform plan: equal counts) keeps the counts equal: the nearest aligned count, ties to the larger
+    removal (the landing adds a multiple in every layer when that falls short). Otherwise every layer starts at
+    its lower aligned count and layers move to the higher one by the largest remainder ``(k - lower) / (higher -
+    lower)`` (ties: lower layer index) until at least ``sum(counts)`` are removed, so the plan never removes less
+    than it asked (unless a layer would keep under one multiple: it keeps one) and overshoots by under one
+    multiple. Raises PlanError when ``multiple`` exceeds ``width``."""
+    if multiple > width:
+        raise PlanError(f"multiple_of={multiple} is larger than the MLP width ({width} channels); choose at most "
+                        f"{width}")
+    if multiple == 1 or not any(counts):
+        return list(counts)
+    opts = [_aligned_options(k, width, multiple) if k else (0, 0) for k in counts]
+    if alike:
+        if len(set(counts)) != 1:
+            raise PlanError(f"aligned_counts(alike=True) needs equal counts, got {list(counts)}")
+        lo, hi = opts[0]
+        k = counts[0]
+        return [hi if hi is not None and hi - k <= k - lo else lo] * len(counts)
+    out = [lo for lo, _ in opts]
+    frac = [((k - lo) / (hi - lo) if hi is not None and hi > lo else -1.0, -i)
+            for i, (k, (lo, hi)) in enumerate(zip(counts, opts))]
+    for f, neg_i in sorted(frac, reverse=True):
+        if sum(out) >= sum(counts) or f < 0:
+            break
+        out[-neg_i] = opts[-neg_i][1]
+    return out
 
 
 def _hamilton(total: int, weights: Sequence[float]) -> list[int]:
@@ -559,7 +617,8 @@ def uniform_width(job: Job, layers: Sequence[int], budget: float, plan: Plan) ->
         taken.update({(ld.layer, part): k for ld in lads[part]})
         left -= k * step
     fill = lads["mlp"] or lads["attn"]
-    return Allocation(plan_with(plan, taken, lads), sum(ld.cost for ld in fill), _width_limit(job))
+    return Allocation(plan_with(plan, taken, lads, o.multiple_of, alike=True), sum(ld.cost for ld in fill),
+                      _width_limit(job))
 
 
 def _global_pick(cands: list[tuple], budget: float) -> dict[tuple[int, str], int]:
@@ -588,7 +647,7 @@ def global_width(job: Job, layers: Sequence[int], budget: float, plan: Plan) -> 
         spent = sum(taken.values()) * lads["attn"][0].cost if lads["attn"] else 0
         taken.update(_global_pick(_candidates(lads["mlp"]), budget - spent))
     costs = [ld.cost for ld in lads["attn"][:1] + lads["mlp"][:1]]
-    return Allocation(plan_with(plan, taken, lads), max(costs), _width_limit(job))
+    return Allocation(plan_with(plan, taken, lads, o.multiple_of), max(costs), _width_limit(job))
 
 
 def schedule_weights(n_layers: int, mean_ratio: float, schedule: str, r0: float | None) -> list[float]:
@@ -635,7 +694,7 @@ def ratio_width(job: Job, lads: dict[str, list[Ladder]], layers: Sequence[int], 
         left -= sum(counts) * cost
     fill = lads["mlp"] or lads["attn"]
     extras = {"layer_ratios": dict(zip(map(int, layers), weights)), **extras}
-    alloc = Allocation(plan_with(plan, taken, lads), fill[0].cost, _width_limit(job))
+    alloc = Allocation(plan_with(plan, taken, lads, o.multiple_of), fill[0].cost, _width_limit(job))
     return dataclasses.replace(alloc, plan=alloc.plan.with_provenance(**extras))
 
 
@@ -867,7 +926,7 @@ def _land(fn: Callable[[Job], Allocation], job: Job, compensation: str | None) -
     target's budget: the built model lands at or under the stated size. Each step raises the budget by what
     was missing, doubling the raise while the strategy's rounding swallows it; it stops when the strategy
     cannot remove more (then :func:`_check_reached` judges)."""
-    alloc = _with_compensation(fn(job), compensation)
+    alloc = _with_compensation(_run(fn, job), compensation)
     if job.target is None:
         return alloc
     goal, raise_by = job.target.budget(job.model), 0.0
@@ -878,12 +937,18 @@ def _land(fn: Callable[[Job], Allocation], job: Job, compensation: str | None) -
             return alloc
         raise_by = max(raise_by * 2, missing + 1)
         trial = dataclasses.replace(job, extra=job.extra + raise_by)
-        nxt = _with_compensation(fn(trial), compensation)
+        nxt = _with_compensation(_run(fn, trial), compensation)
         if _removed(job, nxt.plan) > _removed(job, alloc.plan):
             job, alloc, raise_by = trial, nxt, 0.0
         elif raise_by > 4 * max(alloc.tol, 1.0) + missing:
             return alloc  # the strategy cannot remove more (its rules cap it)
     return alloc
+
+
+def _run(fn: Callable[[Job], Allocation], job: Job) -> Allocation:
+    """``fn(job)``, its tolerance widened to the step ``multiple_of`` makes (a whole multiple of channels)."""
+    alloc = fn(job)
+    return dataclasses.replace(alloc, tol=alloc.tol * job.options.multiple_of)
 
 
 def _with_compensation(alloc: Allocation, compensation: str | None) -> Allocation:
@@ -956,7 +1021,7 @@ def plan_from_ratios(model: nn.Module, imap: ImportanceMap, head_ratio: float = 
                      block_count: int = 0, attn_unit: str = "kv", strategy: str = "uniform",
                      plus_rule: bool = False, normalize: str = "auto", schedule: str = "log_increase",
                      r0: float | None = None, skip_first: int = 0, skip_last: int = 0,
-                     deployable: str | None = None) -> Plan:
+                     deployable: str | None = None, multiple_of: int = 1) -> Plan:
     """The app's sliders: remove ``head_ratio`` of attention units (KV groups or per-group query heads, see
     ``attn_unit``), ``channel_ratio`` of MLP channels and ``block_count`` whole blocks.
 
@@ -967,14 +1032,16 @@ def plan_from_ratios(model: nn.Module, imap: ImportanceMap, head_ratio: float = 
     always keeps one unit of each kind, and units that this rule holds back are recorded as ``shortfall`` in the
     provenance. ``deployable`` (``"stock"``, ``"vllm"``) restricts the plan as in :class:`AllocOptions`: attention
     counts are then uniform over the kept layers whatever the strategy, and ``"stock"`` needs strategy uniform
-    over every layer when widths are cut; PlanError says what to change.
+    over every layer when widths are cut; PlanError says what to change. ``multiple_of``: every pruned layer
+    keeps an MLP width that is a multiple of it (:attr:`AllocOptions.multiple_of`; the slider's share is then
+    approximate).
     """
     _check_map(model, imap)
     if strategy not in WIDTH:
         raise PlanError(f"slider strategy must be one of {', '.join(WIDTH)}; got {strategy!r}")
     ratios = {"attn": _slider(head_ratio, "head"), "mlp": _slider(channel_ratio, "channel")}
     opts = AllocOptions(attn_unit=attn_unit, normalize=normalize, schedule=schedule, r0=r0, plus_rule=plus_rule,
-                        skip_first=skip_first, skip_last=skip_last, deployable=deployable)
+                        skip_first=skip_first, skip_last=skip_last, deployable=deployable, multiple_of=multiple_of)
     if deployable == "stock" and (head_ratio or channel_ratio):
         width_for(Job(model, imap, None, opts, unit_costs(model), Plan.empty(model)), strategy)  # PlanError if not
     blocks = pick_blocks(imap, int(block_count), plus_rule) if block_count else []
@@ -983,7 +1050,7 @@ def plan_from_ratios(model: nn.Module, imap: ImportanceMap, head_ratio: float = 
     if head_ratio or channel_ratio:
         kept = width_layers(imap.geometry.n_layers, opts, kept)
     taken, shortfall, lads = _slider_width(imap, kept, unit_costs(model), ratios, strategy, opts)
-    plan = plan_with(plan, taken, lads)
+    plan = plan_with(plan, taken, lads, opts.multiple_of, alike=strategy == "uniform")
     params = param_record(model, plan)
     plan = plan.with_provenance(
         criterion=imap.criterion, strategy=strategy, target=None,

@@ -220,7 +220,7 @@ def cmd_plan(args) -> None:
         plan = allocate(lm.model, imap, Target(args.ratio, args.of), strategy=strategy,
                         compensation=args.compensation, attn_unit=args.attn_unit, attn_share=args.attn_share,
                         attn_rounding=args.attn_rounding, plus_rule=args.plus_rule, skip_first=args.skip_first,
-                        skip_last=args.skip_last, deployable=args.deployable)
+                        skip_last=args.skip_last, deployable=args.deployable, multiple_of=args.multiple_of or 1)
     write_plan(plan, args.out)
     prov = plan.provenance
     print(f"{plan.summary()}; removes {prov.get('achieved_ratio', 0):.1%} of {args.of} parameters -> {args.out}")
@@ -367,19 +367,26 @@ def _check_compensation(name: str | None, *also: str) -> None:
         raise PlanError(f"unknown --compensation {name!r}; one of {', '.join(also + compensators())}")
 
 
-def _recipe_order(recipe, order: str | None, compensation: str | None):
-    """``recipe`` with the CLI's --channel-order / --compensation (``"none"``: no refit), checked."""
+def _recipe_with(recipe, args):
+    """``recipe`` with the CLI's --channel-order, --compensation (``"none"``: no refit) and --multiple-of; the
+    recipe checks the combination (before the model loads)."""
     from dataclasses import replace
 
     from .errors import PlanError
 
-    _check_compensation(compensation, "none")
-    comp = recipe.compensation if compensation is None else (None if compensation == "none" else compensation)
-    order = order or recipe.channel_order
-    if order == "sequential" and comp != "affine_local":
-        raise PlanError("--channel-order sequential refits each block as it re-scores it (affine_local); pass "
-                        "--channel-order dense for another --compensation")
-    return replace(recipe, channel_order=order, compensation=comp)
+    _check_compensation(args.compensation, "none")
+    changes = {}
+    if args.compensation is not None:
+        changes["compensation"] = None if args.compensation == "none" else args.compensation
+    if args.channel_order:
+        changes["channel_order"] = args.channel_order
+    if args.multiple_of is not None:
+        changes["alloc"] = (*recipe.alloc, ("multiple_of", args.multiple_of))
+    try:
+        return replace(recipe, **changes)
+    except ValueError as e:
+        raise PlanError(f"{e}; with --channel-order sequential pass --compensation affine_local, or "
+                        f"--channel-order dense for another --compensation") from e
 
 
 def cmd_prune(args) -> None:
@@ -392,7 +399,7 @@ def cmd_prune(args) -> None:
 
     check_export_target(args.out, args.overwrite)  # refused before the model loads
     recipe = RECOMMENDED if args.calibration == "self" else replace(RECOMMENDED, calibration="text", text=args.text)
-    recipe = _recipe_order(recipe, args.channel_order, args.compensation)  # refused before the model loads too
+    recipe = _recipe_with(recipe, args)  # refused before the model loads too
     lm = _load(args)
     target = _recipe_target(args, lm.model)
     if args.samples is not None:
@@ -827,8 +834,15 @@ def _add_plan(sub) -> None:
     p.add_argument("--deployable", choices=["stock", "vllm"],
                    help="only plans this runtime loads: stock (same widths in every layer: plain transformers) or "
                         "vllm (one query-head count, per-layer MLP widths: export --format decilm)")
+    _multiple_of_arg(p)
     p.add_argument("--out", default="plan.json")
     p.set_defaults(fn=cmd_plan)
+
+
+def _multiple_of_arg(p) -> None:
+    p.add_argument("--multiple-of", type=_channel_multiple, default=None, metavar="N",
+                   help="every pruned layer keeps an MLP width that is a multiple of N (32: every row quantises in "
+                        "a q8_0 / q4_0 GGUF export; 64 or 128 for GPU kernels); default: any width")
 
 
 def _attn_rounding_arg(p) -> None:
@@ -910,6 +924,7 @@ def _add_prune(sub) -> None:
                         "pruned model and refitted as it goes; dense: ranked once on the dense model")
     p.add_argument("--compensation", default=None,
                    help="the refit (default affine_local; affine: one pass on dense activations; flap_bias; none)")
+    _multiple_of_arg(p)
     p.add_argument("--out", required=True, help="folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous pruneviz export in --out")
     p.set_defaults(fn=cmd_prune)
@@ -980,6 +995,17 @@ def _add_recover(sub) -> None:
     p.add_argument("--out", help="export the recovered model (verified checkpoint) to this folder")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_recover)
+
+
+def _channel_multiple(text: str) -> int:
+    """argparse type of --multiple-of: a whole number of MLP channels, 1 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of MLP channels (1 or more), not {text!r}")
+    return n
 
 
 def _layers_or_auto(text: str):

@@ -52,9 +52,10 @@ import torch
 from torch import nn
 
 from . import __version__, fsio, llamacpp
-from .arch import adapter_for
+from .arch import adapter_for, geometry_of
 from .errors import ExportError
 from .loading import bundled_gguf
+from .plan import Plan
 from .threads import llama_threads, subprocess_env
 
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -412,6 +413,21 @@ def _encode(name: str, t: torch.Tensor, weight_type: str):
     if a.shape[-1] % block:
         return a.astype(np.float16), None, "f16"
     return gguf.quants.quantize(a.astype(np.float32), qt), qt, weight_type
+
+
+def unquantised_layers(model: nn.Module, plan: Plan, weight_type: str) -> list[int]:
+    """Layers of ``plan`` (on the unpruned ``model``) whose ``ffn_down`` would stay f16 in a ``weight_type``
+    export: a quantised type stores rows in blocks (32 values for q8_0 / q4_0) and that tensor's rows are the
+    kept MLP width. Empty for f16 / f32. Allocating with ``multiple_of=32`` (:class:`pruneviz.allocate.AllocOptions`)
+    avoids them."""
+    if weight_type in ("f16", "f32"):
+        return []
+    import gguf
+
+    block = gguf.GGML_QUANT_SIZES[_qtype(weight_type)][0]
+    g = geometry_of(model)
+    return [l for l in plan.kept_blocks() if not plan.mlp_removed(l)
+            and (g.n_channels - len(plan.removed("channel", l))) % block]
 
 
 def rounded_like_gguf(model: nn.Module, weight_type: str) -> nn.Module:

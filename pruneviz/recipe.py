@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .allocate import Target, allocate, as_target
+from .allocate import Target, allocate, as_target, make_alloc_options
 from .data import calibration_windows, get_text, text_hash
 from .importance import Calibration, compute, make_options
 from .plan import Plan
@@ -76,6 +76,7 @@ class Recipe:
         if self.channel_order == "sequential" and (self.criterion, self.compensation) != ("slimllm", "affine_local"):
             raise ValueError("channel_order='sequential' re-scores SlimLLM's channels block by block and refits "
                              "them as it goes: it needs criterion='slimllm' and compensation='affine_local'")
+        make_alloc_options(**dict(self.alloc))  # PlanError naming a bad allocation option, before any work
 
     def describe(self) -> str:
         cal = "self-generated" if self.calibration == "self" else f"text {self.text!r}"

@@ -510,3 +510,65 @@ def test_cli_plan_attn_share_and_compensation(tmp_path, capsys):
     assert plan.channels == expected.channels and plan.kv == expected.kv
     assert main(common + ["--compensation", "nonsense", "--out", str(tmp_path / "q.json")]) == 2
     assert "unknown --compensation 'nonsense'" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
+    assert main(common + ["--attn-share", "0", "--strategy", "incremental", "--multiple-of", "8"] + out) == 0
+    plan = Plan.from_json((tmp_path / "p.json").read_text())
+    assert plan.channels == allocate(LLAMA, imap, 0.25, "incremental", attn_share=0.0, multiple_of=8).channels
+    assert all((40 - len(plan.removed("channel", l))) % 8 == 0 for l in range(4))
+    with pytest.raises(SystemExit):
+        main(common + ["--multiple-of", "0", "--out", str(tmp_path / "r.json")])
+    assert "a whole number of MLP channels" in capsys.readouterr().err
+
+
+# ---- aligned MLP widths (multiple_of) --------------------------------------------------------------------------------
+
+def test_aligned_counts_round_equal_counts_alike_and_per_layer_counts_by_remainders():
+    assert A.aligned_counts([5, 5, 5], 40, 8, alike=True) == [8, 8, 8]  # kept 35 -> 32 (3 away), not 40 (5)
+    assert A.aligned_counts([3, 3], 40, 8, alike=True) == [0, 0]  # kept 37 -> 40: the layers stay whole
+    assert A.aligned_counts([4, 4], 40, 8, alike=True) == [8, 8]  # a tie goes to the larger removal
+    assert A.aligned_counts([36, 36], 40, 8, alike=True) == [32, 32]  # a layer keeps at least one multiple
+    assert A.aligned_counts([25, 25, 25], 40, 8) == [32, 24, 24]  # per layer: at least the 75 asked
+    # per layer: each at its lower aligned count, then the largest remainders move up until >= the asked 20
+    assert A.aligned_counts([5, 6, 9, 0], 40, 8) == [8, 8, 8, 0]
+    assert A.aligned_counts([1, 2, 3, 4], 40, 8) == [0, 0, 8, 8]
+    with pytest.raises(PlanError, match="larger than the MLP width"):
+        A.aligned_counts([1, 2], 40, 64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 39), min_size=2, max_size=8), st.sampled_from([2, 3, 8, 16, 32]))
+def test_aligned_counts_keep_multiples_and_never_remove_less(counts, multiple):
+    alike = len(set(counts)) == 1
+    out = A.aligned_counts(counts, 40, multiple, alike)
+    for k, a in zip(counts, out):
+        assert a == 0 if k == 0 else (a == 0 or ((40 - a) % multiple == 0 and 40 - a >= multiple))
+    capped = any(40 - k < multiple for k in counts if k)  # a layer that cannot keep less than one multiple
+    if not alike and not capped:
+        assert sum(counts) <= sum(out) < sum(counts) + multiple
+    elif alike:
+        assert abs(out[0] - counts[0]) <= multiple
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global", "incremental"])
+def test_allocations_with_multiple_of_keep_aligned_widths_and_land_at_the_target(strategy):
+    ratio = 0.3
+    plan = allocate(DEEP, toy_map(DEEP), ratio, strategy, attn_share=0, multiple_of=8)
+    widths = [40 - len(plan.removed("channel", l)) for l in range(10)]
+    assert all(w % 8 == 0 for w in widths), widths
+    assert removed_params(DEEP, plan) >= ratio * dense_params(DEEP, True)
+    assert plan.provenance["options"]["multiple_of"] == 8
+    if strategy == "uniform":
+        assert len(set(widths)) == 1
+    free = allocate(DEEP, toy_map(DEEP), ratio, strategy, attn_share=0)
+    assert any(w % 8 for w in (40 - len(free.removed("channel", l)) for l in range(10)))  # the option did it
+    over = removed_params(DEEP, plan) - ratio * dense_params(DEEP, True)
+    assert over < 8 * COSTS.channel * (10 if strategy == "uniform" else 1)
+
+
+def test_sliders_and_bad_multiples():
+    plan = plan_from_ratios(DEEP, toy_map(DEEP), channel_ratio=0.3, strategy="incremental", multiple_of=8)
+    assert all((40 - len(plan.removed("channel", l))) % 8 == 0 for l in range(10))
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(PlanError, match="multiple_of is a whole number"):
+            allocate(DEEP, toy_map(DEEP), 0.2, attn_share=0, multiple_of=bad)
+    with pytest.raises(PlanError, match="larger than the MLP width"):
+        allocate(DEEP, toy_map(DEEP), 0.2, attn_share=0, multiple_of=64)

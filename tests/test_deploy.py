@@ -336,6 +336,37 @@ def test_app_deployable_toggle_and_runtime_table(monkeypatch, tmp_path):
     assert file_shapes(folder) == vllm_shapes(folder)
 
 
+def test_app_aligned_mlp_widths(monkeypatch, tmp_path):
+    """The Prune page's "MLP widths in multiples of" selectbox gives the library's aligned slider plan."""
+    from streamlit.testing.v1 import AppTest
+
+    from pruneviz.arch import geometry_of
+    from pruneviz.ui import state
+
+    monkeypatch.setenv("PRUNEVIZ_MODEL", "tiny")
+    at = app_run(app_run(AppTest.from_file(str(repo_root() / "app.py"), default_timeout=60)))
+    at = app_run(app_run(at.switch_page("pages/prune.py")).button(key="pr_quick").click())
+    at.selectbox(key="pr_strategy").set_value("incremental")
+    at.selectbox(key="pr_multiple_of").set_value(8)
+    at = app_run(at.slider(key="pr_channel_pct").set_value(30))
+    plan, base = at.session_state["plan"], state.shared().models[state.ModelSpec(state.TINY).key].model
+    want = plan_from_ratios(base, at.session_state["imaps"]["magnitude"], channel_ratio=0.3, strategy="incremental",
+                            multiple_of=8)
+    assert plan.sha256() == want.sha256()
+    g = geometry_of(base)
+    widths = [g.n_channels - len(plan.removed("channel", l)) for l in range(g.n_layers)]
+    assert all(w % 8 == 0 for w in widths) and min(widths) < g.n_channels, widths
+    at = app_run(app_run(at.switch_page("pages/export.py")).button(key="ex_build").click())
+    at = app_run(at.radio(key="ex_format").set_value("gguf"))
+    assert not [i for i in at.info if "ffn_down stays f16" in i.value]  # f16: nothing to say
+    at = app_run(at.selectbox(key="ex_wtype").set_value("q8_0"))
+    from pruneviz.gguf_export import unquantised_layers
+
+    off = unquantised_layers(base, plan, "q8_0")
+    notes = [i.value for i in at.info if "ffn_down stays f16" in i.value]
+    assert off and notes and notes[0].startswith(f"{len(off)} layer(s)")
+
+
 def repo_root():
     from pathlib import Path
 

@@ -164,6 +164,30 @@ def test_quantised_types_fall_back_to_f16_where_rows_do_not_fit_blocks(tmp_path,
     assert f16.bytes < G.write_gguf(model, None, tmp_path / "f32.gguf", "f32").bytes
 
 
+def test_widths_aligned_to_32_quantise_every_row(tmp_path):
+    """A width-pruned plan falls back to f16 for ``ffn_down`` (rows = kept channels); ``multiple_of=32`` keeps
+    every pruned layer's width a whole number of q8_0 blocks, so the whole file quantises and still verifies."""
+    from pruneviz.allocate import allocate
+    from pruneviz.importance import compute
+
+    model = tiny_model("llama", hidden_size=64, num_attention_heads=8, intermediate_size=128)
+    imap = compute(model, "magnitude", None)
+    reports = {}
+    for m in (1, 32):
+        plan = allocate(model, imap, 0.2, "incremental", attn_share=0, multiple_of=m)
+        pruned = apply_plan(model, plan)
+        reports[m] = G.write_gguf(pruned, None, tmp_path / f"m{m}.gguf", "q8_0")
+        widths = [pruned.model.layers[i].mlp.down_proj.in_features for i in range(4)]
+        assert all(w % 32 == 0 for w in widths) == (m == 32), widths
+        predicted = G.unquantised_layers(model, plan, "q8_0")  # what the Export page warns about beforehand
+        assert reports[m].f16_fallback == [f"blk.{i}.ffn_down.weight" for i in predicted]
+        assert G.unquantised_layers(model, plan, "f16") == []
+    assert reports[1].f16_fallback and reports[32].f16_fallback == []
+    assert reports[32].bytes < reports[1].bytes
+    check = G.verify_gguf(tmp_path / "m32.gguf", apply_plan(model, plan), None, "q8_0", runtime="python")
+    assert check["ok"]
+
+
 def test_compare_logprobs_near_ties_and_failures():
     ref = np.log(np.array([[0.7, 0.2, 0.1], [0.5, 0.49, 0.01], [0.6, 0.3, 0.1]]))
     ids = [0, 0, 0, 0]

@@ -299,6 +299,21 @@ def test_recipe_with_given_windows_and_the_official_channel_order(llama):
         Recipe(channel_order="random")
 
 
+def test_recipe_with_aligned_widths(llama):
+    """``alloc`` with ``multiple_of``: the re-chosen channels keep the allocation's aligned counts (every pruned
+    layer's MLP width a multiple of 8) and the model lands at the target; a bad option is refused at once."""
+    from pruneviz.errors import PlanError
+    from pruneviz.recipe import RECOMMENDED, Recipe, run_recipe
+
+    recipe = dataclasses.replace(RECOMMENDED, alloc=(*RECOMMENDED.alloc, ("multiple_of", 8)))
+    result = run_recipe(llama, tiny_tokenizer(), Target(0.2), recipe, calibration=CALIB)
+    widths = [layer.mlp.down_proj.in_features for layer in result.model.model.layers]
+    assert all(w % 8 == 0 for w in widths) and min(widths) < 40, widths
+    assert dense_params(result.model, True) <= 0.8 * dense_params(llama, True)
+    with pytest.raises(PlanError, match="multiple_of is a whole number"):
+        Recipe(alloc=(("multiple_of", 0),))
+
+
 @pytest.fixture
 def folder(tmp_path):
     model = tiny_model("llama")
@@ -325,7 +340,8 @@ def test_cli_prune_exports_the_recipe_at_the_stated_size(folder, tmp_path, monke
     assert "below the dense model" in capsys.readouterr().err
     assert main(["prune", "--model", str(folder), "--params", str(want), "--channel-order", "sequential",
                  "--compensation", "affine", "--out", str(tmp_path / "o3")]) == 2
-    assert "--channel-order sequential refits" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+    assert "with --channel-order sequential pass --compensation affine_local" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
     assert main(["prune", "--model", str(folder), "--params", str(want), "--compensation", "nope", "--out",
                  str(tmp_path / "o4")]) == 2
     assert "unknown --compensation 'nope'" in capsys.readouterr().err

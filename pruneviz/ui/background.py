@@ -185,12 +185,15 @@ def start_solver(loaded, calib, target: float, schedule: str, attn_unit: str):
     return jobs_panel.submit("solver", f"Running the SlimGPT solver ({target:.0%})", work, apply)
 
 
-def start_recipe(loaded, target: float):
+def start_recipe(loaded, target: float, multiple_of: int = 1):
     """The recommended recipe (:func:`pruneviz.recipe.run_recipe` with :data:`pruneviz.recipe.RECOMMENDED`) to
     ``target``, a share of the non-embedding parameters, in the background: its plan becomes the session's, its
-    built (compensated) model the pruned record, its calibration the session's. A cancelled recipe leaves nothing.
+    built (compensated) model the pruned record, its calibration the session's. ``multiple_of``: MLP widths kept
+    in multiples of it (:attr:`pruneviz.allocate.AllocOptions.multiple_of`). A cancelled recipe leaves nothing.
     Returns the job (None when one is already running)."""
     model, tok, recipe = loaded.model, loaded.tokenizer, recipes.RECOMMENDED
+    if multiple_of > 1:
+        recipe = dataclasses.replace(recipe, alloc=(*recipe.alloc, ("multiple_of", int(multiple_of))))
 
     def work(progress, cancel):
         t0 = time.perf_counter()

@@ -169,7 +169,8 @@ def build_plan(loaded, settings: dict):
         plan = plan_from_ratios(loaded.model, imap, head_ratio=head, channel_ratio=chan,
                                 block_count=settings["block_count"], attn_unit=settings["attn_unit"],
                                 strategy=settings["strategy"], plus_rule=settings.get("plus_rule", False),
-                                deployable=settings.get("deployable"), **width_range(loaded, settings))
+                                deployable=settings.get("deployable"), multiple_of=settings.get("multiple_of", 1),
+                                **width_range(loaded, settings))
     edits = st.session_state.get("edits", [])
     if edits:
         plan = analysis.apply_edits(plan, edits).with_provenance(manual_edits=len(edits))
