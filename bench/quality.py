@@ -244,6 +244,8 @@ METHODS = {
     "recipe (self-generated with seed 1)": recipe(seed=1),
     "recipe (self-generated with seed 2)": recipe(seed=2),
     "recipe (query heads take 10% of the budget)": recipe(alloc=(("attn_share", 0.1), ("attn_unit", "head"))),
+    "recipe (channels ranked once; local affine)": recipe(channel_order="dense"),
+    "recipe (channels ranked once; SlimGPT's OBS update)": recipe(channel_order="dense", compensation="slimgpt"),
     # the recipe of stop 18 (32 self-generated windows, channels ranked once, one-pass affine) and its variants
     "stop-18 recipe (sequential affine, dense targets)": recipe18(compensation="affine_sequential"),
     "stop-18 recipe (sequential affine, local targets)": recipe18(compensation="affine_local"),

@@ -495,3 +495,19 @@ def test_cli_prune_takes_the_number_of_calibration_windows(tmp_path, capsys):
     assert "(3 x 128" in capsys.readouterr().out
     plan = json.loads((tmp_path / "out" / "config.json").read_text())["pruneviz_plan"]
     assert "3 x 128" in json.dumps(plan["provenance"]) or "3/" in json.dumps(plan["provenance"])
+
+
+def test_cli_recipe_options_reach_the_recipe():
+    """``prune --multiple-of/--compensation/--channel-order`` become Recipe fields; the Recipe checks them."""
+    from argparse import Namespace
+
+    from pruneviz.cli import _recipe_with
+    from pruneviz.errors import PlanError
+    from pruneviz.recipe import RECOMMENDED
+
+    r = _recipe_with(RECOMMENDED, Namespace(compensation=None, channel_order=None, multiple_of=32))
+    assert dict(r.alloc) == {"attn_share": 0.0, "multiple_of": 32} and r.compensation == "affine_local"
+    r = _recipe_with(RECOMMENDED, Namespace(compensation="none", channel_order="dense", multiple_of=None))
+    assert r.compensation is None and r.channel_order == "dense" and r.alloc == RECOMMENDED.alloc
+    with pytest.raises(PlanError, match="--channel-order dense for another --compensation"):
+        _recipe_with(RECOMMENDED, Namespace(compensation="affine", channel_order=None, multiple_of=None))
