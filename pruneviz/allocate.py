@@ -467,12 +467,11 @@ def aligned_counts(counts: Sequence[int], width: int, multiple: int, alike: bool
         k = counts[0]
         return [hi if hi is not None and hi - k <= k - lo else lo] * len(counts)
     out = [lo for lo, _ in opts]
-    frac = [((k - lo) / (hi - lo) if hi is not None and hi > lo else -1.0, -i)
-            for i, (k, (lo, hi)) in enumerate(zip(counts, opts))]
-    for f, neg_i in sorted(frac, reverse=True):
-        if sum(out) >= sum(counts) or f < 0:
+    movable = [i for i, (lo, hi) in enumerate(opts) if hi is not None and hi > lo]
+    for i in sorted(movable, key=lambda i: (-(counts[i] - opts[i][0]) / (opts[i][1] - opts[i][0]), i)):
+        if sum(out) >= sum(counts):
             break
-        out[-neg_i] = opts[-neg_i][1]
+        out[i] = opts[i][1]
     return out
 
 

@@ -380,10 +380,9 @@ def _recipe_with(recipe, args):
         changes["compensation"] = None if args.compensation == "none" else args.compensation
     if args.channel_order:
         changes["channel_order"] = args.channel_order
-    if args.multiple_of is not None:
-        changes["alloc"] = (*recipe.alloc, ("multiple_of", args.multiple_of))
     try:
-        return replace(recipe, **changes)
+        recipe = replace(recipe, **changes)
+        return recipe.with_alloc(multiple_of=args.multiple_of) if args.multiple_of is not None else recipe
     except ValueError as e:
         raise PlanError(f"{e}; with --channel-order sequential pass --compensation affine_local, or "
                         f"--channel-order dense for another --compensation") from e

@@ -409,10 +409,16 @@ def _encode(name: str, t: torch.Tensor, weight_type: str):
     if weight_type == "f16":
         return a.astype(np.float16), None, "f16"
     qt = _qtype(weight_type)
-    block = gguf.GGML_QUANT_SIZES[qt][0]
-    if a.shape[-1] % block:
+    if a.shape[-1] % _quant_block(weight_type):
         return a.astype(np.float16), None, "f16"
     return gguf.quants.quantize(a.astype(np.float32), qt), qt, weight_type
+
+
+def _quant_block(weight_type: str) -> int:
+    """Values per block of quantised ``weight_type`` (a row must hold whole blocks)."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[_qtype(weight_type)][0]
 
 
 def unquantised_layers(model: nn.Module, plan: Plan, weight_type: str) -> list[int]:
@@ -422,9 +428,7 @@ def unquantised_layers(model: nn.Module, plan: Plan, weight_type: str) -> list[i
     avoids them."""
     if weight_type in ("f16", "f32"):
         return []
-    import gguf
-
-    block = gguf.GGML_QUANT_SIZES[_qtype(weight_type)][0]
+    block = _quant_block(weight_type)
     g = geometry_of(model)
     return [l for l in plan.kept_blocks() if not plan.mlp_removed(l)
             and (g.n_channels - len(plan.removed("channel", l))) % block]

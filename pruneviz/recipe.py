@@ -79,6 +79,10 @@ class Recipe:
                              "them as it goes: it needs criterion='slimllm' and compensation='affine_local'")
         make_alloc_options(**dict(self.alloc))  # PlanError naming a bad allocation option, before any work
 
+    def with_alloc(self, **options) -> "Recipe":
+        """This recipe with allocation ``options`` set (others kept), checked like the rest."""
+        return dataclasses.replace(self, alloc=tuple({**dict(self.alloc), **options}.items()))
+
     def describe(self) -> str:
         cal = "self-generated" if self.calibration == "self" else f"text {self.text!r}"
         alloc = ", ".join(f"{k}={v}" for k, v in self.alloc) or "defaults"

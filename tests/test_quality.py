@@ -507,6 +507,7 @@ def test_cli_recipe_options_reach_the_recipe():
 
     r = _recipe_with(RECOMMENDED, Namespace(compensation=None, channel_order=None, multiple_of=32))
     assert dict(r.alloc) == {"attn_share": 0.0, "multiple_of": 32} and r.compensation == "affine_local"
+    assert r.with_alloc(multiple_of=8).alloc == (("attn_share", 0.0), ("multiple_of", 8))  # set, not appended
     r = _recipe_with(RECOMMENDED, Namespace(compensation="none", channel_order="dense", multiple_of=None))
     assert r.compensation is None and r.channel_order == "dense" and r.alloc == RECOMMENDED.alloc
     with pytest.raises(PlanError, match="--channel-order dense for another --compensation"):

@@ -193,7 +193,7 @@ def start_recipe(loaded, target: float, multiple_of: int = 1):
     Returns the job (None when one is already running)."""
     model, tok, recipe = loaded.model, loaded.tokenizer, recipes.RECOMMENDED
     if multiple_of > 1:
-        recipe = dataclasses.replace(recipe, alloc=(*recipe.alloc, ("multiple_of", int(multiple_of))))
+        recipe = recipe.with_alloc(multiple_of=int(multiple_of))
 
     def work(progress, cancel):
         t0 = time.perf_counter()
