@@ -34,6 +34,7 @@ from pruneviz.speed import (
     llama_cpp_available,
     param_bytes,
     prompt_ids,
+    ratio_spread,
     ratios,
     summarise,
     torch_sample,
@@ -76,6 +77,11 @@ def make_plans(model, calib) -> dict:
     }
 
 
+def bytes_of(sizes: dict, models: dict, engine: str, label: str) -> int:
+    """The bytes a decode step reads: the GGUF file (llama.cpp) or the fp32 parameters (PyTorch)."""
+    return sizes[label] if engine == "llama.cpp" else param_bytes(models[label])
+
+
 def mb(n) -> float:
     return float("nan") if n is None else n / 2**20
 
@@ -89,10 +95,14 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-llama-cpp", action="store_true", help="PyTorch only")
     ap.add_argument("--llama-threads", type=int, default=None, help="default: pruneviz.threads.llama_threads()")
+    ap.add_argument("--no-torch", action="store_true", help="llama.cpp only (more rounds in the same time)")
     args = ap.parse_args()
     protocol = SpeedProtocol(args.prompt, args.decode, tuple(int(b) for b in args.batches.split(",")), args.warmup,
                              args.repeats)
     use_llama = not args.no_llama_cpp and llama_cpp_available()
+    # the idle cores before this script's own loading and scoring raise the load average
+    n_llama = args.llama_threads or threads.llama_threads()  # chosen once, for every file
+    pol = threads.policy()
     lm = load_bundled(device="cpu", dtype="float32")
     base, tok = lm.model.eval(), lm.tokenizer
     calib = calibration(tok, 16, 128)
@@ -100,8 +110,6 @@ def main() -> None:
     models = {k: (base if p is None else apply_plan(base, p).eval()) for k, (p, _) in plans.items()}
     ids = prompt_ids(tok, protocol.prompt_tokens)
     runners, sizes, arch = {}, {}, {}
-    n_llama = args.llama_threads or threads.llama_threads()  # chosen once, for every file
-    pol = threads.policy()
     with tempfile.TemporaryDirectory(prefix="pruneviz-deploy-") as td:
         try:
             for k, m in models.items():
@@ -110,7 +118,8 @@ def main() -> None:
                 sizes[k], arch[k] = rep.bytes, rep.arch
                 if use_llama:
                     runners[k] = LlamaCppRunner(path, ids, protocol, threads=n_llama)
-            samplers = {("torch", k): (lambda m=m: torch_sample(m, ids, protocol)) for k, m in models.items()}
+            samplers = {} if args.no_torch else \
+                {("torch", k): (lambda m=m: torch_sample(m, ids, protocol)) for k, m in models.items()}
             samplers.update({("llama.cpp", k): r.sample for k, r in runners.items()})
             samples = interleaved(samplers, protocol, lambda f, t: print(f"  {f:4.0%} {t}", flush=True))
         finally:
@@ -134,6 +143,8 @@ def main() -> None:
                          *[f"{r['prefill'][b]:.2f}x" for b in protocol.batch_sizes],
                          *[f"{r['decode'][b]:.2f}x" for b in protocol.batch_sizes],
                          *[f"{r['decode_cpu'][b]:.2f}x" if "decode_cpu" in r else "–" for b in protocol.batch_sizes],
+                         "{:.2f}-{:.2f}x".format(*ratio_spread(s, d, b_lo)),
+                         f"{bytes_of(sizes, models, engine, 'dense') / bytes_of(sizes, models, engine, k):.2f}x",
                          f"{mb(s.peak_bytes):,.0f}"])
             records.append({**s.to_dict(), "plan": plans[k][1], "ratio_vs_dense": r, "arch": arch[k],
                             "gguf_bytes": sizes[k], "params": params,
@@ -142,7 +153,8 @@ def main() -> None:
     columns = ["engine", "model", "params", "format", "size MB",
                *[f"prefill tok/s b{b}" for b in bs], *[f"decode tok/s b{b}" for b in bs],
                *[f"prefill ×dense b{b}" for b in bs], *[f"decode ×dense b{b}" for b in bs],
-               *[f"decode ×dense b{b}, CPU time" for b in bs], "peak MB"]
+               *[f"decode ×dense b{b}, CPU time" for b in bs], f"decode ×dense b{b_lo}, rounds' range",
+               "bytes bound", "peak MB"]
     info = next(iter(runners.values())).info if runners else {}
     version = (f"{info.get('binding', 'llama-cpp-python')} {info.get('version', '?')}"
                + (", glibc-compatible copy of its libraries" if info.get("adapted") else "")) if runners \
@@ -156,17 +168,23 @@ def main() -> None:
         + ".",
         f"Timing: {protocol.describe()}. Same token ids for every model and engine (a fixed English text). Every "
         f"model on both engines is timed once per round, interleaved, rotating the order; medians over rounds.",
-        f"Threading (pruneviz.threads, when the timing started): {threads.describe(pol)}; llama.cpp n_threads = "
-        f"n_threads_batch = {n_llama} for every file (the idle cores: ggml's threads spin at every op's barrier, so "
-        f"a thread beyond the free cores slows it several-fold); torch keeps every core (its passive OpenMP threads "
-        f"sleep).",
+        f"Threading (pruneviz.threads, before the script loaded the model): {threads.describe(pol)}; llama.cpp "
+        f"n_threads = n_threads_batch = {n_llama} for every file (the idle cores: ggml's threads spin at every op's "
+        f"barrier, so a thread beyond the free cores slows it several-fold); torch keeps every core (its passive "
+        f"OpenMP threads sleep).",
         "Sizes: the GGUF f16 file for llama.cpp, the parameter bytes for PyTorch fp32 (in memory). Peak MB: "
         "llama.cpp: the runner process's peak resident set minus its resident set before loading (mapped weights, "
         "KV cache, compute buffers); PyTorch: parameter bytes plus the peak resident growth during a round "
         "(VmHWM after resetting it).",
         f"Ratios (×dense) are against the dense model on the same engine in the same run: tokens/s in wall-clock "
         f"time, and (\"CPU time\") tokens per CPU-second of the process (all its threads), which leaves out the "
-        f"waiting for a core on a shared machine. Goal: llama.cpp decode b{b_lo} >= {GOAL}x dense for depth and "
+        f"waiting for a core on a shared machine. Each ratio is the median over rounds of the ratio within a round "
+        f"(pruneviz.speed.ratios: paired, so the machine's drift over minutes cancels); \"rounds' range\" is the "
+        f"lowest and highest single-round decode ratio (the noise one measurement carries). \"Bytes bound\": dense "
+        f"size / model size, the decode speed-up if decoding one token cost only reading the weights once (batch 1 "
+        f"decode is memory-bound); removing whole blocks also saves their fixed per-layer costs, so depth can "
+        f"exceed it slightly. At 113.27M parameters the bound is 1.19x for every plan: 1.2x at 20% of the "
+        f"non-embedding parameters sits at the bound. Goal: llama.cpp decode b{b_lo} >= {GOAL}x dense for depth and "
         f"combined. Result: {goal}",
     ]
     write_table("deploy_speed", "Deploy speed: dense vs 20% pruned, PyTorch and llama.cpp (bundled model, CPU)",
@@ -184,8 +202,8 @@ def _goal(summ: dict, b: int) -> str:
               "width per layer, widths x32"):
         if ("llama.cpp", k) not in summ:
             continue
-        s = summ[("llama.cpp", k)]
-        r, c = s.decode_tps[b] / dense.decode_tps[b], s.decode_cpu_tps[b] / dense.decode_cpu_tps[b]
+        rs = ratios(summ[("llama.cpp", k)], dense)
+        r, c = rs["decode"][b], rs["decode_cpu"][b]
         if not k.startswith("width"):  # per reading and kind (depth / combined): the best of its layouts
             reading = "of all parameters" if "all" in k else "of non-embedding parameters"
             kind = best.setdefault(reading, {}).setdefault(k.split(",")[0], (0.0, 0.0))

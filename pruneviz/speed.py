@@ -358,13 +358,37 @@ def summarise(label: str, engine: str, samples: list[dict], protocol: SpeedProto
 def ratios(of: SpeedSummary, base: SpeedSummary) -> dict:
     """``of`` / ``base`` tokens/s per batch size: ``prefill``, ``decode`` (wall clock) and, where both were
     timed in CPU time too, ``prefill_cpu``, ``decode_cpu`` (tokens per CPU-second: what the work costs, apart
-    from waiting for a core on a shared machine)."""
-    out = {"prefill": {b: of.prefill_tps[b] / base.prefill_tps[b] for b in of.prefill_tps},
-           "decode": {b: of.decode_tps[b] / base.decode_tps[b] for b in of.decode_tps}}
+    from waiting for a core on a shared machine).
+
+    When both were timed in the same rounds (:func:`interleaved`: as many samples, round ``i`` of one beside
+    round ``i`` of the other), the ratio is the **median over rounds of the per-round ratio** (paired): a shared
+    machine's speed drifts over minutes, by more than a 20% cut changes it, and a pair measured seconds apart
+    shares most of the drift, while a ratio of two medians compares different rounds. Otherwise (unpaired
+    summaries) it is the ratio of the medians."""
+    paired = bool(of.samples) and len(of.samples) == len(base.samples)
+    kinds = [("prefill", "prefill_s", of.prefill_tps, base.prefill_tps),
+             ("decode", "decode_s", of.decode_tps, base.decode_tps)]
     if of.decode_cpu_tps and base.decode_cpu_tps:
-        out["prefill_cpu"] = {b: of.prefill_cpu_tps[b] / base.prefill_cpu_tps[b] for b in of.prefill_cpu_tps}
-        out["decode_cpu"] = {b: of.decode_cpu_tps[b] / base.decode_cpu_tps[b] for b in of.decode_cpu_tps}
+        kinds += [("prefill_cpu", "prefill_cpu_s", of.prefill_cpu_tps, base.prefill_cpu_tps),
+                  ("decode_cpu", "decode_cpu_s", of.decode_cpu_tps, base.decode_cpu_tps)]
+    out = {}
+    for name, key, mine, theirs in kinds:
+        out[name] = {b: _paired(of.samples, base.samples, b, key) if paired else mine[b] / theirs[b]
+                     for b in mine}
     return out
+
+
+def _paired(mine: list[dict], theirs: list[dict], b: int, key: str) -> float:
+    """Median over rounds of ``theirs``' seconds / ``mine`` (= my tokens/s over theirs, same token counts)."""
+    return statistics.median(t["runs"][b][key] / max(m["runs"][b][key], 1e-9) for m, t in zip(mine, theirs))
+
+
+def ratio_spread(of: SpeedSummary, base: SpeedSummary, b: int, kind: str = "decode") -> tuple[float, float]:
+    """The lowest and highest per-round ``kind`` ratio at batch ``b`` of two summaries timed in the same rounds
+    (how far one round's ratio strays: the noise a single measurement carries)."""
+    key = f"{kind}_s"
+    r = [t["runs"][b][key] / max(m["runs"][b][key], 1e-9) for m, t in zip(of.samples, base.samples)]
+    return min(r), max(r)
 
 
 def compare_ggufs(paths: dict[str, str | os.PathLike], ids: list[int], protocol: SpeedProtocol,

@@ -1,4 +1,6 @@
 """pruneviz.speed: one protocol for PyTorch and llama.cpp, interleaved rounds, medians and ratios."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,6 +67,21 @@ def test_summarise_takes_medians_and_ratios_divide():
     half = speed.summarise("y", "torch", [{**r, "runs": {b: {k: v / 2 for k, v in x.items()}
                                                            for b, x in r["runs"].items()}} for r in runs], proto)
     assert speed.ratios(half, s) == {"prefill": {1: 2.0, 2: 2.0}, "decode": {1: 2.0, 2: 2.0}}
+
+
+def test_ratios_pair_the_rounds_so_a_drifting_machine_cancels():
+    # the machine halves its speed for a while: "fast" is 1.25x "slow" in rounds 1 and 3, round 2 caught fast in a
+    # slow spell; the ratio of the two medians compares a slow round of one with a fast round of the other
+    proto = speed.SpeedProtocol(8, 4, (1,), 0, 3)
+    def sample(t):
+        return {"runs": {1: {"prefill_s": t, "decode_s": t}}, "peak_bytes": None}
+    base = speed.summarise("slow", "torch", [sample(t) for t in (1.0, 1.0, 2.0)], proto)
+    fast = speed.summarise("fast", "torch", [sample(t / 1.25) for t in (1.0, 2.0, 2.0)], proto)
+    assert speed.ratios(fast, base)["decode"][1] == pytest.approx(1.25)  # median of 1.25, 0.625, 1.25
+    assert fast.decode_tps[1] / base.decode_tps[1] == pytest.approx(0.625)  # unpaired medians say slower
+    assert speed.ratio_spread(fast, base, 1) == pytest.approx((0.625, 1.25))
+    lone = dataclasses.replace(fast, samples=fast.samples[:2])  # not timed in the same rounds: medians' ratio
+    assert speed.ratios(lone, base)["decode"][1] == pytest.approx(0.625)
 
 
 def test_llama_cpp_runner_refuses_without_the_binding(monkeypatch, tmp_path):
