@@ -194,8 +194,15 @@ def recipe(**changes):
     return run
 
 
-STOP18 = {"samples": 32, "compensation": "affine", "channel_order": "dense"}  # the recipe stop 18 recommended
+STOP18 = {"samples": 32, "compensation": "affine", "channel_order": "dense",
+          "criterion_options": (("pruned_layers", 26 / 32),)}  # the recipe stop 18 recommended
+STOP20 = {"criterion_options": (("pruned_layers", 26 / 32),)}  # the recipe stop 20 recommended
 ORDERED = {"compensation": "affine_local", "channel_order": "sequential"}  # SlimLLM's official order
+
+
+def recipe20(**changes):
+    """The stop-20 recipe (the cosine ratios over 26/32 of the layers, as the official code) with ``changes``."""
+    return recipe(**{**STOP20, **changes})
 
 
 def recipe18(**changes):
@@ -239,13 +246,27 @@ METHODS = {
     "slimllm (paper; correlation channels)": slimllm(criterion_options={"channel_score": "correlation"}),
     "slimllm (paper's ratios, MLP only; affine)": slimllm(attn_share=0.0),
     "slimllm (paper's ratios, MLP only; affine; self-generated calibration)": slimllm(calib="self", attn_share=0.0),
-    "recipe (recommended: 64 self-generated windows; channels chosen block by block; local affine)": recipe(),
-    "recipe (Python-docs calibration)": recipe(calibration="text"),
+    "recipe (recommended: 64 self-generated windows; channels chosen block by block; local affine; cosine ratios "
+    "over every layer)": recipe(),
     "recipe (self-generated with seed 1)": recipe(seed=1),
     "recipe (self-generated with seed 2)": recipe(seed=2),
-    "recipe (query heads take 10% of the budget)": recipe(alloc=(("attn_share", 0.1), ("attn_unit", "head"))),
-    "recipe (channels ranked once; local affine)": recipe(channel_order="dense"),
-    "recipe (channels ranked once; SlimGPT's OBS update)": recipe(channel_order="dense", compensation="slimgpt"),
+    "recipe (Python-docs calibration)": recipe(calibration="text"),
+    # the recipe of stop 20 (the cosine ratios over 26/32 of the layers, as the official code) and its variants
+    "stop-20 recipe (cosine ratios over 26/32 of the layers)": recipe20(),
+    "stop-20 recipe (self-generated with seed 1)": recipe20(seed=1),
+    "stop-20 recipe (self-generated with seed 2)": recipe20(seed=2),
+    "stop-20 recipe (query heads take 10% of the budget)": recipe20(alloc=(("attn_share", 0.1), ("attn_unit", "head"))),
+    "stop-20 recipe (channels ranked once; local affine)": recipe20(channel_order="dense"),
+    "stop-20 recipe (channels ranked once; SlimGPT's OBS update)": recipe20(channel_order="dense",
+                                                                           compensation="slimgpt"),
+    "stop-20 recipe (cosine ratios flatter: alpha 5)": recipe20(criterion_options=(("alpha", 5.0),
+                                                                                    ("pruned_layers", 26 / 32))),
+    "stop-20 recipe (cosine ratios sharper: alpha 20)": recipe20(criterion_options=(("alpha", 20.0),
+                                                                                     ("pruned_layers", 26 / 32))),
+    "stop-20 recipe (cosine ratios sharper: alpha 20; seed 1)": recipe20(
+        criterion_options=(("alpha", 20.0), ("pruned_layers", 26 / 32)), seed=1),
+    "stop-20 recipe (cosine ratios sharper: alpha 20; seed 2)": recipe20(
+        criterion_options=(("alpha", 20.0), ("pruned_layers", 26 / 32)), seed=2),
     # the recipe of stop 18 (32 self-generated windows, channels ranked once, one-pass affine) and its variants
     "stop-18 recipe (sequential affine, dense targets)": recipe18(compensation="affine_sequential"),
     "stop-18 recipe (sequential affine, local targets)": recipe18(compensation="affine_local"),

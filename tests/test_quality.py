@@ -299,6 +299,22 @@ def test_recipe_with_given_windows_and_the_official_channel_order(llama):
         Recipe(channel_order="random")
 
 
+def test_recipe_spreads_the_cosine_ratios_over_every_layer(llama):
+    """The recipe's ``criterion_options`` reach the map and the allocation: with ``pruned_layers=1`` every layer
+    loses channels; with the official share (26/32: 3 of the tiny model's 4 layers) one layer keeps all."""
+    from pruneviz.recipe import RECOMMENDED, run_recipe
+
+    def widths(recipe):
+        result = run_recipe(llama, tiny_tokenizer(), Target(0.2), recipe, calibration=CALIB)
+        return [layer.mlp.down_proj.in_features for layer in result.model.model.layers]
+
+    full = llama.config.intermediate_size
+    assert dict(RECOMMENDED.criterion_options)["pruned_layers"] == 1.0
+    assert all(w < full for w in widths(RECOMMENDED))
+    official = dataclasses.replace(RECOMMENDED, criterion_options=(("pruned_layers", 26 / 32),))
+    assert any(w == full for w in widths(official))
+
+
 def test_recipe_with_aligned_widths(llama):
     """``alloc`` with ``multiple_of``: the re-chosen channels keep the allocation's aligned counts (every pruned
     layer's MLP width a multiple of 8) and the model lands at the target; a bad option is refused at once."""
