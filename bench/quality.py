@@ -251,6 +251,9 @@ METHODS = {
     "recipe (self-generated with seed 1)": recipe(seed=1),
     "recipe (self-generated with seed 2)": recipe(seed=2),
     "recipe (Python-docs calibration)": recipe(calibration="text"),
+    "recipe (128 self-generated windows)": recipe(samples=128),
+    "recipe (128 self-generated windows; seed 1)": recipe(samples=128, seed=1),
+    "recipe (128 self-generated windows; seed 2)": recipe(samples=128, seed=2),
     # the recipe of stop 20 (the cosine ratios over 26/32 of the layers, as the official code) and its variants
     "stop-20 recipe (cosine ratios over 26/32 of the layers)": recipe20(),
     "stop-20 recipe (self-generated with seed 1)": recipe20(seed=1),
