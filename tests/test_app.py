@@ -921,6 +921,38 @@ def test_recommended_recipe_builds_its_plan_and_model(monkeypatch):
     assert any("not the calibration source" in c.value for c in at.caption)
 
 
+def test_recommended_recipe_on_a_text_uses_its_windows_and_generates_nothing(monkeypatch):
+    """Prune page: "Calibration: a text" runs the recipe on windows of the chosen text (the recipe's samples, length
+    and seed; the CLI's ``prune --calibration text``): the model writes nothing, and the plan records the text."""
+    import dataclasses
+
+    import pruneviz.recipe
+
+    small = dataclasses.replace(pruneviz.recipe.RECOMMENDED, samples=4, seq_len=32)
+    monkeypatch.setattr(pruneviz.recipe, "RECOMMENDED", small)
+    monkeypatch.setattr(pruneviz.recipe, "self_generated", lambda *a, **k: pytest.fail("generated calibration"))
+    at = open_app("prune")
+    at.selectbox(key="pr_recipe_source").set_value("text")
+    clean(at.run())
+    assert at.selectbox(key="pr_recipe_text_kind").value == "default"  # the bundled Python docs to start with
+    at.selectbox(key="pr_recipe_text_kind").set_value("paste")
+    clean(at.run())
+    assert at.button(key="pr_recipe_run").disabled  # no text yet
+    at.text_area(key="pr_recipe_paste").set_value("too short")
+    clean(at.run())
+    at.button(key="pr_recipe_run").click().run()
+    plan = at.session_state["plan"]
+    assert not at.exception and (plan is None or "recipe" not in plan.provenance)  # nothing started
+    assert at.error and all("shorter than one window" in e.value for e in at.error)  # ... and it says why
+    at.selectbox(key="pr_recipe_text_kind").set_value("default")
+    clean(at.run())
+    clean(at.button(key="pr_recipe_run").click().run())
+    plan, calib = at.session_state["plan"], at.session_state["calib"]
+    assert plan.provenance["recipe"]["calibration"] == "text" and plan.provenance["recipe"]["samples"] == 4
+    assert plan.provenance["calibration"]["text"] == "bundled:pydoc-calib" == calib.text_name
+    assert calib.tokens.shape == (4, 32) and plan.compensation == "affine_local"
+
+
 # ---- issue 11: bug 8 (reload mid-computation), bug 11 (None in tables) ---------------------------------------------
 
 def test_tables_show_missing_values_as_a_dash_never_none():
