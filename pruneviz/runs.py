@@ -60,6 +60,11 @@ class RunStoreError(PrunevizError):
     """The run store cannot be opened or read (a foreign or damaged file, a newer schema, a missing run)."""
 
 
+def _is_busy(e: BaseException) -> bool:
+    """An SQLite error that says another connection holds the lock (not a damaged or foreign file)."""
+    return "locked" in str(e) or "busy" in str(e)
+
+
 def default_path() -> pathlib.Path:
     """``$PRUNEVIZ_RUNS`` or ``<pruneviz cache>/runs.sqlite``."""
     env = os.environ.get(ENV_RUNS, "").strip()
@@ -181,8 +186,11 @@ class RunStore:
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_MS}")
             if not self._ready:
-                self._check_and_create(conn)
+                self._check_and_create_retrying(conn)
                 self._ready = True
+        except sqlite3.OperationalError as e:
+            conn.close()
+            raise (self._locked(e) if _is_busy(e) else self._problem(e)) from e
         except sqlite3.DatabaseError as e:
             conn.close()
             raise self._problem(e) from e
@@ -190,6 +198,28 @@ class RunStore:
             conn.close()
             raise
         return conn
+
+    def _locked(self, e: BaseException) -> RunStoreError:
+        return RunStoreError(f"The run store {self.path} stayed locked by another process for {BUSY_MS // 1000} s "
+                             f"({e}).", "Retry; if it persists, close other pruneviz processes.")
+
+    def _check_and_create_retrying(self, conn: sqlite3.Connection) -> None:
+        """:meth:`_check_and_create`, retried while another connection holds the lock. Switching a new file to WAL
+        needs an exclusive lock, and SQLite answers SQLITE_BUSY at once there instead of calling the busy handler,
+        so two sessions creating the store at the same moment would otherwise see "database is locked". Retries
+        with a growing pause for up to ``BUSY_MS``; the retry re-reads the tables, so the store the other
+        connection created is found, not created again."""
+        deadline, pause = time.monotonic() + BUSY_MS / 1000, 0.005
+        while True:
+            try:
+                return self._check_and_create(conn)
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e) or time.monotonic() + pause > deadline:
+                    raise
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                time.sleep(pause)
+                pause = min(2 * pause, 0.25)
 
     def _check_and_create(self, conn: sqlite3.Connection) -> None:
         """Refuse a foreign or newer file; create the tables in an empty (new) one."""
@@ -236,11 +266,7 @@ class RunStore:
         try:
             return fn(conn)
         except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise RunStoreError(f"The run store {self.path} stayed locked by another process for "
-                                    f"{BUSY_MS // 1000} s.", "Retry; if it persists, close other pruneviz "
-                                    "processes.") from e
-            raise self._problem(e) from e
+            raise (self._locked(e) if _is_busy(e) else self._problem(e)) from e
         except sqlite3.DatabaseError as e:
             raise self._problem(e) from e
         finally:
