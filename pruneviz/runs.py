@@ -62,7 +62,7 @@ class RunStoreError(PrunevizError):
 
 def _is_busy(e: BaseException) -> bool:
     """An SQLite error that says another connection holds the lock (not a damaged or foreign file)."""
-    return "locked" in str(e) or "busy" in str(e)
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
 
 def default_path() -> pathlib.Path:
@@ -188,18 +188,18 @@ class RunStore:
             if not self._ready:
                 self._check_and_create_retrying(conn)
                 self._ready = True
-        except sqlite3.OperationalError as e:
-            conn.close()
-            raise (self._locked(e) if _is_busy(e) else self._problem(e)) from e
         except sqlite3.DatabaseError as e:
             conn.close()
-            raise self._problem(e) from e
+            raise self._error_of(e) from e
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _locked(self, e: BaseException) -> RunStoreError:
+    def _error_of(self, e: sqlite3.DatabaseError) -> RunStoreError:
+        """What an SQLite error means for the user: a lock held past the busy timeout, or an unreadable file."""
+        if not _is_busy(e):
+            return self._problem(e)
         return RunStoreError(f"The run store {self.path} stayed locked by another process for {BUSY_MS // 1000} s "
                              f"({e}).", "Retry; if it persists, close other pruneviz processes.")
 
@@ -265,10 +265,8 @@ class RunStore:
         conn = self._connect()
         try:
             return fn(conn)
-        except sqlite3.OperationalError as e:
-            raise (self._locked(e) if _is_busy(e) else self._problem(e)) from e
         except sqlite3.DatabaseError as e:
-            raise self._problem(e) from e
+            raise self._error_of(e) from e
         finally:
             conn.close()
 

@@ -68,52 +68,49 @@ def test_merge_keeps_one_row_per_plan_and_keeps_old_metrics(tmp_path, llama, pla
     assert other != first and len(store.list(key, "plan")) == 2
 
 
+def writers_at_once(path: Path, write, n: int = 2, timeout: float = 120) -> list[Exception]:
+    """``write(store, i)`` in ``n`` threads released together, each with its own :class:`RunStore` on ``path``
+    (connections are never shared); the exceptions they raised."""
+    barrier, errors = threading.Barrier(n), []
+
+    def run(i):
+        store = RunStore(path)
+        try:
+            barrier.wait()
+            write(store, i)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
+
+
 def test_sessions_creating_the_store_at_the_same_moment_both_succeed(tmp_path):
     """Switching a new file to WAL answers SQLITE_BUSY at once (no busy handler) while another connection creates
     the store: before the retry, about 1 in 50 simultaneous first writes failed with "database is locked"
     (reported as a damaged file). 150 fresh stores, two threads each, released together."""
-    errors = []
     for k in range(150):
-        path, barrier = tmp_path / f"runs{k}.sqlite", threading.Barrier(2)
-
-        def first_write(i, path=path, barrier=barrier):
-            store = RunStore(path)
-            try:
-                barrier.wait()
-                store.record("m#1", "evaluation", None, {"i": i}, f"w{i}")
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
-
-        threads = [threading.Thread(target=first_write, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        path = tmp_path / f"runs{k}.sqlite"
+        errors = writers_at_once(path, lambda store, i: store.record("m#1", "evaluation", None, {"i": i}, f"w{i}"),
+                                 timeout=60)
         assert not errors, (k, errors[:3])
         assert len(RunStore(path).list("m#1", "evaluation")) == 2  # both writes are there
 
 
 def test_two_threads_write_at_once_without_losing_updates(tmp_path, llama, plan):
     path = tmp_path / "runs.sqlite"
-    key, errors = model_key(llama), []
-    barrier = threading.Barrier(2)
+    key = model_key(llama)
 
-    def writer(i):
-        store = RunStore(path)  # each thread its own object: connections are never shared
-        try:
-            barrier.wait()
-            for j in range(25):
-                store.record(key, "evaluation", None, {"writer": i, "j": j}, f"w{i}")
-                store.record(key, "plan", plan, {f"m{i}_{j}": j}, "", merge=True)  # read-merge-write races
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+    def writer(store, i):
+        for j in range(25):
+            store.record(key, "evaluation", None, {"writer": i, "j": j}, f"w{i}")
+            store.record(key, "plan", plan, {f"m{i}_{j}": j}, "", merge=True)  # read-merge-write races
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
+    assert not writers_at_once(path, writer)
     store = RunStore(path)
     evals = store.list(key, "evaluation")
     assert len(evals) == 50 and len({r.id for r in evals}) == 50
