@@ -106,6 +106,15 @@ class Recipe:
 RECOMMENDED = Recipe()
 
 
+def calibration_label(recipe: dict) -> str:
+    """A recipe's calibration in a few words, from its plan provenance (:meth:`Recipe.to_dict`): "64 self-generated
+    windows of 128 tokens" or "16 windows of 128 tokens of text 'default'"."""
+    n, length = recipe.get("samples", "?"), recipe.get("seq_len", "?")
+    if recipe.get("calibration", "self") == "self":
+        return f"{n} self-generated windows of {length} tokens"
+    return f"{n} windows of {length} tokens of text {recipe.get('text', '?')!r}"
+
+
 @dataclass
 class RecipeResult:
     plan: Plan

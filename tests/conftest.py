@@ -14,6 +14,18 @@ from pruneviz.testing import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Longest first, so that no worker is left alone with a long file at the end: the browser journey (one test
+    of minutes) leads, then the files with the most tests. ``make test`` passes ``--no-loadscope-reorder`` so that
+    pytest-xdist's ``--dist loadfile`` hands the files out in this order; its own reordering (by test count only)
+    would put the one-test journey last, after every other file, and the run would wait minutes on one core."""
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = sorted(files, key=lambda f: (not any(i.get_closest_marker("e2e") for i in files[f]), -len(files[f])))
+    items[:] = [i for f in order for i in files[f]]
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

@@ -908,12 +908,15 @@ def test_recommended_recipe_builds_its_plan_and_model(monkeypatch):
     at = open_app("prune")  # no maps needed
     assert any(small.describe() in c.value for c in at.caption)
     assert at.slider(key="pr_recipe_target").value == 20
+    assert at.number_input(key="pr_recipe_samples").value == 4  # the recipe's own windows to start with
     at.slider(key="pr_recipe_target").set_value(30)
+    at.number_input(key="pr_recipe_samples").set_value(3)
     clean(at.run())
     clean(at.button(key="pr_recipe_run").click().run())
     plan, rec = at.session_state["plan"], at.session_state["pruned"]
-    assert plan.compensation == "affine_local" and plan.provenance["recipe"]["samples"] == 4
-    assert rec.sha == plan.sha256() and at.session_state["calib"].tokens.shape == (4, 32)
+    assert plan.compensation == "affine_local" and plan.provenance["recipe"]["samples"] == 3
+    assert rec.sha == plan.sha256() and at.session_state["calib"].tokens.shape == (3, 32)
+    assert any("from this recipe, on 3 self-generated windows of 32 tokens" in c.value for c in at.caption)
     base = base_model()
     assert dense_params(rec.model, True) <= 0.7 * dense_params(base, True)
     assert at.session_state["history"][-1].sha == plan.sha256()
@@ -945,12 +948,15 @@ def test_recommended_recipe_on_a_text_uses_its_windows_and_generates_nothing(mon
     assert not at.exception and (plan is None or "recipe" not in plan.provenance)  # nothing started
     assert at.error and all("shorter than one window" in e.value for e in at.error)  # ... and it says why
     at.selectbox(key="pr_recipe_text_kind").set_value("default")
+    at.number_input(key="pr_recipe_samples").set_value(5)
     clean(at.run())
     clean(at.button(key="pr_recipe_run").click().run())
     plan, calib = at.session_state["plan"], at.session_state["calib"]
-    assert plan.provenance["recipe"]["calibration"] == "text" and plan.provenance["recipe"]["samples"] == 4
+    assert plan.provenance["recipe"]["calibration"] == "text" and plan.provenance["recipe"]["samples"] == 5
     assert plan.provenance["calibration"]["text"] == "bundled:pydoc-calib" == calib.text_name
-    assert calib.tokens.shape == (4, 32) and plan.compensation == "affine_local"
+    assert calib.tokens.shape == (5, 32) and plan.compensation == "affine_local"
+    assert any("from this recipe, on 5 windows of 32 tokens of text 'bundled:pydoc-calib'" in c.value
+               for c in at.caption)
 
 
 # ---- issue 11: bug 8 (reload mid-computation), bug 11 (None in tables) ---------------------------------------------

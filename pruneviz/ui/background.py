@@ -185,15 +185,18 @@ def start_solver(loaded, calib, target: float, schedule: str, attn_unit: str):
     return jobs_panel.submit("solver", f"Running the SlimGPT solver ({target:.0%})", work, apply)
 
 
-def start_recipe(loaded, target: float, multiple_of: int = 1, calib=None):
+def start_recipe(loaded, target: float, multiple_of: int = 1, calib=None, samples: int | None = None):
     """The recommended recipe (:func:`pruneviz.recipe.run_recipe` with :data:`pruneviz.recipe.RECOMMENDED`) to
     ``target``, a share of the non-embedding parameters, in the background: its plan becomes the session's, its
     built (compensated) model the pruned record, its calibration the session's. ``multiple_of``: MLP widths kept
     in multiples of it (:attr:`pruneviz.allocate.AllocOptions.multiple_of`). ``calib``: windows of a text to use
     instead of the self-generated calibration (the recipe recorded in the plan then says ``calibration="text"``,
-    as the CLI's ``prune --calibration text``). A cancelled recipe leaves nothing. Returns the job (None when one
-    is already running)."""
+    as the CLI's ``prune --calibration text``). ``samples``: how many windows the model writes for itself
+    (default the recipe's; the CLI's ``prune --samples``). A cancelled recipe leaves nothing. Returns the job
+    (None when one is already running)."""
     model, tok, recipe = loaded.model, loaded.tokenizer, recipes.RECOMMENDED
+    if samples is not None:
+        recipe = dataclasses.replace(recipe, samples=int(samples))
     if multiple_of > 1:
         recipe = recipe.with_alloc(multiple_of=int(multiple_of))
     if calib is not None:

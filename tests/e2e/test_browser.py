@@ -27,7 +27,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 LONG = 420_000  # ms: work on 2 CPU cores
-RECIPE = 900_000  # ms: the recommended recipe on a text (scores, block-by-block channels, refit: ~150 s idle)
+RECIPE = 600_000  # ms: the recommended recipe on 16 windows of a text (scores, block-by-block channels, refit)
 
 
 def _free_port() -> int:
@@ -253,10 +253,15 @@ def test_user_journey(page):
     page.get_by_text(re.compile(r"^Plan:")).first.wait_for()
     assert plan_text(page) == after, body(page)[:1500]
     no_exceptions(page)
-    # the recipe on the bundled Python docs: the self-generated calibration (AppTest covers it) would add minutes
+    # the recipe on 16 windows of the bundled Python docs: the self-generated calibration (AppTest covers it) and
+    # the default 64 windows would add minutes
     choose(page, "pr_recipe_source", "A text (choose it below)")
     assert keyed(page, "pr_recipe_text_kind").get_by_role("combobox").input_value() == \
         "Bundled (Python docs, calibration split)"
+    assert keyed(page, "pr_recipe_samples").locator("input").input_value() == "64"  # the recipe's default
+    keyed(page, "pr_recipe_samples").locator("input").fill("16")
+    page.keyboard.press("Enter")
+    idle(page)
     page.set_viewport_size(CHECK)  # bug 11: a long job's progress shows next to its button, without scrolling
     page.get_by_role("button", name="Run the recommended recipe").click()  # a background job (jobs panel)
     status = page.locator("[data-testid='stMain']").get_by_text(re.compile(r"Running the recommended recipe")).first
@@ -276,6 +281,7 @@ def test_user_journey(page):
     idle(page)
     assert plan_text(page) != after
     assert "The pruned model for this plan is built" in body(page)  # the recipe builds its model
+    assert "recommended recipe (16 windows of 128 tokens of text" in body(page), body(page)[:2000]  # as asked
     no_exceptions(page)
     shot(page, "3-prune")
 
