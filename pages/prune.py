@@ -77,7 +77,7 @@ def recommended_panel() -> None:
                 st.rerun()
         if busy is not None:
             jobs_panel.busy_note(busy, "Its plan replaces the current one when it finishes.")
-        made = getattr(st.session_state.get("plan"), "provenance", {}).get("recipe")
+        made = state.get_plan(loaded).provenance.get("recipe")
         if made:
             st.caption(f"The current plan came from this recipe, on {calibration_label(made)}.")
 
