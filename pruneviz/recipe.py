@@ -61,7 +61,9 @@ class Recipe:
     criterion; ``strategy`` and ``alloc``: :func:`pruneviz.allocate.allocate`'s strategy and options;
     ``compensation``: a registered compensator (or None); ``channel_order``: "dense" (channels ranked once on
     the dense model, as every map) or "sequential" (SlimLLM's official order, re-scored block by block on the
-    pruned model: :func:`pruneviz.criteria.slimllm.sequential_channels`)."""
+    pruned model: :func:`pruneviz.criteria.slimllm.sequential_channels`); ``ridge``: λ of the ridge
+    reconstruction of the removed units' output from the kept ones before each sequential refit
+    (:func:`pruneviz.criteria.slimllm.ridge_reconstruction`), or None for the affine refit alone."""
 
     calibration: str = "self"
     text: str = "default"
@@ -74,6 +76,7 @@ class Recipe:
     alloc: tuple[tuple[str, object], ...] = (("attn_share", 0.0),)
     compensation: str | None = "affine_local"
     channel_order: str = "sequential"
+    ridge: float | None = None
 
     def __post_init__(self):
         if self.calibration not in CALIBRATION_SOURCES:
@@ -83,6 +86,10 @@ class Recipe:
         if self.channel_order == "sequential" and (self.criterion, self.compensation) != ("slimllm", "affine_local"):
             raise ValueError("channel_order='sequential' re-scores SlimLLM's channels block by block and refits "
                              "them as it goes: it needs criterion='slimllm' and compensation='affine_local'")
+        sequential_refit = self.compensation in ("affine_local", "affine_sequential")
+        if self.ridge is not None and (self.ridge < 0 or not sequential_refit):
+            raise ValueError("ridge (the reconstruction of the removed channels before the refit) needs a value >= 0 "
+                             "and compensation='affine_local' or 'affine_sequential'")
         make_alloc_options(**dict(self.alloc))  # PlanError naming a bad allocation option, before any work
 
     def with_alloc(self, **options) -> "Recipe":
@@ -94,8 +101,11 @@ class Recipe:
         alloc = ", ".join(f"{k}={v}" for k, v in self.alloc) or "defaults"
         order = "re-scored block by block on the pruned model" if self.channel_order == "sequential" else \
             "ranked once on the dense model"
+        comp = self.compensation or "no"
+        if self.ridge is not None:
+            comp = f"ridge reconstruction (lambda {self.ridge:g}) then {comp}"
         return (f"{cal} calibration ({self.samples} x {self.seq_len}), {self.criterion} scores {order}, "
-                f"{self.strategy} allocation ({alloc}), {self.compensation or 'no'} compensation")
+                f"{self.strategy} allocation ({alloc}), {comp} compensation")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -147,6 +157,8 @@ def run_recipe(model: nn.Module, tokenizer, target: Target | float, recipe: Reci
     imap = compute(model, recipe.criterion, calib, options, progress=span.sub(0.4, 0.8).step, cancel=cancel)
     plan = allocate(model, imap, target, strategy=recipe.strategy, compensation=recipe.compensation,
                     **dict(recipe.alloc))
+    if recipe.ridge is not None:  # read by every sequential refit: the channel choice below and the build
+        plan = plan.with_provenance(affine_ridge=recipe.ridge)
     if recipe.channel_order == "sequential":
         from .criteria.slimllm import sequential_channels
 

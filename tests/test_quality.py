@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pruneviz.allocate import Target, allocate, resolved_normalize
-from pruneviz.arch import adapter_for, get_path
+from pruneviz.arch import adapter_for, geometry_of, get_path
 from pruneviz.criteria import slimgpt as sg
 from pruneviz.criteria.slimllm import FitSums, PairSums
 from pruneviz.importance import Calibration, compute
@@ -205,6 +205,80 @@ def test_sequential_affine_refuses_an_unknown_target(llama):
 
     with pytest.raises(ValueError, match="'dense' or 'local'"):
         affine_sequential(llama, Plan.empty(llama), CALIB.tokens, target="both")
+
+
+def _correlated_inputs(n: int = 400, c: int = 12, seed: int = 0) -> torch.Tensor:
+    """[n, c] fp64 inputs whose columns are correlated (a random mixing of independent ones, plus an offset)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    return base @ torch.randn(c, c, generator=gen, dtype=torch.float64) + 3.0
+
+
+def test_ridge_reconstruction_is_the_centred_least_squares_update_and_shrinks_to_none():
+    from pruneviz.criteria.slimllm import InputMoments, ridge_reconstruction
+
+    x, w = _correlated_inputs(), torch.randn(5, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    keep, gone = torch.tensor([0, 2, 3, 5, 6, 8, 9, 11]), torch.tensor([1, 4, 7, 10])
+    moments = InputMoments()
+    for part in x.split(150):  # accumulated over batches, as over calibration windows
+        moments.add(part)
+    cov = moments.covariance()
+    xc = x - x.mean(0)
+    assert torch.allclose(cov, xc.T @ xc / x.shape[0], atol=1e-9)
+    target = xc[:, gone] @ w[:, gone].T  # [n, D]: the removed columns' centred output
+    ls = torch.linalg.lstsq(xc[:, keep], target).solution.T  # [D, K]
+    assert torch.allclose(ridge_reconstruction(w, cov, keep, 0.0), ls, atol=1e-8)
+    norms = [float(ridge_reconstruction(w, cov, keep, lam).norm()) for lam in (0.0, 0.1, 1.0, 10.0, 1e9)]
+    assert all(a > b for a, b in zip(norms, norms[1:])) and norms[-1] < 1e-6 * norms[0]
+    with pytest.raises(ValueError, match=">= 0"):
+        ridge_reconstruction(w, cov, keep, -1.0)
+
+
+def _site_error(model, reference, layer: int) -> float:
+    """Squared error of layer ``layer``'s MLP output projection against ``reference``'s on CALIB."""
+    return float((_site_io(model, "mlp_out")[layer][1] - _site_io(reference, "mlp_out")[layer][1]).pow(2).sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_ridge_reconstruction_before_the_local_refit_fits_a_dense_input_layer_at_least_as_well(family):
+    """Layer 0 (dense inputs) loses MLP channels: its kept columns plus the unregularised reconstruction span every
+    per-dimension affine map, so the refitted output is at least as close to the dense one as the affine refit
+    alone; a large ridge gives the affine refit back; a plan asking the one-pass ``affine`` for it is refused."""
+    from pruneviz.errors import PlanError
+
+    model = tiny_model(family)
+    plan = Plan.empty(model).with_units("channel", 0, range(0, geometry_of(model).n_channels, 3))
+    local = dataclasses.replace(plan, compensation="affine_local")
+    built = {r: apply_plan(model, local.with_provenance(affine_ridge=r) if r is not None else local,
+                           calibration=CALIB.tokens) for r in (None, 0.0, 1e9)}
+    errors = {r: _site_error(m, model, 0) for r, m in built.items()}
+    assert errors[0.0] < 0.9 * errors[None], errors
+    assert errors[1e9] == pytest.approx(errors[None], rel=1e-4)
+    assert dense_params(built[0.0]) == local.param_count(model)
+    with pytest.raises(PlanError, match="one-pass affine"):
+        apply_plan(model, dataclasses.replace(plan, compensation="affine").with_provenance(affine_ridge=1.0),
+                   calibration=CALIB.tokens)
+
+
+def test_recipe_with_the_ridge_reconstruction(llama):
+    """``Recipe(ridge=...)`` reaches the channel choice and the build through the plan; bad values are refused."""
+    from pruneviz.recipe import RECOMMENDED, Recipe, run_recipe
+
+    base = dataclasses.replace(RECOMMENDED, ridge=None)
+    plain = run_recipe(llama, tiny_tokenizer(), Target(0.2), base, calibration=CALIB)
+    ridged = run_recipe(llama, tiny_tokenizer(), Target(0.2), dataclasses.replace(base, ridge=0.5),
+                        calibration=CALIB)
+    assert ridged.plan.provenance["affine_ridge"] == 0.5 and "affine_ridge" not in plain.plan.provenance
+    assert "ridge reconstruction (lambda 0.5)" in ridged.recipe.describe()
+    assert dense_params(ridged.model) == ridged.plan.param_count(llama) <= 0.8 * dense_params(llama, True) + (
+        dense_params(llama) - dense_params(llama, True))
+    assert not torch.allclose(logits(ridged.model), logits(plain.model))
+    rebuilt = apply_plan(llama, ridged.plan, calibration=CALIB.tokens)  # the plan alone rebuilds the same model
+    assert torch.equal(logits(rebuilt), logits(ridged.model))
+    with pytest.raises(ValueError, match="ridge"):
+        Recipe(ridge=-1.0)
+    with pytest.raises(ValueError, match="ridge"):
+        Recipe(ridge=1.0, compensation="affine", channel_order="dense")
 
 
 # ---- self-generated calibration ------------------------------------------------------------------------------------

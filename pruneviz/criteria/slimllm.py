@@ -470,6 +470,9 @@ def ensure_bias(module: nn.Module) -> torch.Tensor:
 def affine(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=None, shrink: float = 0.0) -> None:
     """SlimLLM's per-dimension affine refit of every output projection that loses units, in place on ``model``
     (the dense-shaped copy about to be sliced); see the module docstring."""
+    if plan_ridge(plan) is not None:
+        raise PlanError("the ridge reconstruction (affine_ridge) is fitted block by block on the pruned model; use "
+                        "compensation affine_local or affine_sequential, not the one-pass affine")
     adapter, g = adapter_for(model), geometry_of(model)
     span = Span(context_of(progress), 0.0, 1.0)
     sites = {"attn": adapter.attn_out, "mlp": adapter.mlp_out}
@@ -505,6 +508,81 @@ def kept_and_full(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> tup
     output from the kept inputs only and the full output, the pair every affine refit fits (one weight read)."""
     w = weight_rows(module)  # [D, in]
     return nn.functional.linear(x[:, keep], w[:, keep]), nn.functional.linear(x, w)
+
+
+@dataclass
+class InputMoments:
+    """Sums over tokens of a projection's inputs ``x`` [N, C] (fp64): count, ``Σx`` [C] and ``Σxxᵀ`` [C, C]."""
+
+    n: int = 0
+    s: torch.Tensor | float = 0.0
+    ss: torch.Tensor | float = 0.0
+
+    def add(self, x: torch.Tensor) -> None:  # [N, C]
+        x = x.double()
+        self.n += x.shape[0]
+        self.s, self.ss = self.s + x.sum(0), self.ss + x.T @ x
+
+    def covariance(self) -> torch.Tensor:
+        """The centred covariance [C, C] of the inputs."""
+        mu = self.s / max(self.n, 1)  # [C]
+        return self.ss / max(self.n, 1) - torch.outer(mu, mu)
+
+
+def ridge_reconstruction(w: torch.Tensor, cov: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The change ``Δ`` [D, K] of projection ``w``'s kept columns [D, C] → ``w[:, keep] + Δ`` that best predicts the
+    removed columns' output ``W_R x_R`` from the kept inputs ``x_K``, by ridge least squares over the calibration
+    tokens (``cov`` [C, C]: the centred input covariance; the affine refit that follows takes the mean):
+
+        Δ = W_R C_RK (C_KK + λ·mean(diag C_KK)·I)⁻¹
+
+    ``λ → 0`` is the unregularised least-squares (OBS) update SlimGPT's solver makes, which overfits the
+    calibration text (bench/results/quality.md); ``λ → ∞`` no update. ``ridge`` is λ, relative to the mean kept
+    input variance so that it means the same at every layer and scale."""
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, not {ridge}")
+    kept = set(keep.tolist())
+    gone = torch.tensor([c for c in range(cov.shape[0]) if c not in kept], dtype=torch.long)
+    ckk, crk = cov[keep][:, keep], cov[gone][:, keep]  # [K, K], [R, K]
+    reg = ridge * float(ckk.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(len(keep), dtype=cov.dtype, device=cov.device)
+    b = torch.linalg.solve(ckk + reg * eye, crk.T)  # [K, R]
+    return w.double()[:, gone] @ b.T  # [D, K]
+
+
+def _reconstruct_site(view_layer: nn.Module, i: int, stream: LayerStream, module: nn.Module, path: str,
+                      keep: torch.Tensor, ridge: float) -> list[torch.Tensor]:
+    """One pass of block ``i`` on ``stream``: site ``path``'s full outputs per batch [N, D] (the refit's targets:
+    what the projection computed before), then :func:`ridge_reconstruction` added to ``module``'s kept columns."""
+    moments, outputs = InputMoments(), []
+
+    def hook(site, args):
+        x = _flat(args[0]).float()  # [N, C]
+        moments.add(x)
+        outputs.append(nn.functional.linear(x, weight_rows(getattr(site, "inner", site))))
+    run_block(view_layer, i, stream, [(path, hook)])
+    delta = ridge_reconstruction(weight_rows(module), moments.covariance(), keep, ridge)  # [D, K]
+    axis = weight_axis(module, "in")
+    with torch.no_grad():
+        module.weight.index_add_(axis, keep.to(module.weight.device),
+                                 (delta if axis == 1 else delta.T).to(module.weight.dtype))
+    return outputs
+
+
+def _refit(view_layer: nn.Module, i: int, stream: LayerStream, module: nn.Module, path: str, keep: torch.Tensor,
+           targets: list[torch.Tensor] | None, shrink: float, ridge: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The site's sequential refit: with ``ridge`` (not None) the ridge reconstruction first (fitting to the
+    projection's original outputs unless ``targets`` are given), then the affine fit :func:`_fit_site`."""
+    if ridge is not None:
+        own = _reconstruct_site(view_layer, i, stream, module, path, keep, ridge)
+        targets = own if targets is None else targets
+    return _fit_site(view_layer, i, stream, path, keep, targets, shrink)
+
+
+def plan_ridge(plan: Plan) -> float | None:
+    """The ridge reconstruction's λ a plan asks its sequential refits for (provenance ``affine_ridge``), or None."""
+    value = plan.provenance.get("affine_ridge")
+    return None if value is None else float(value)
 
 
 def _dense_site_outputs(layer: nn.Module, i: int, stream: LayerStream, paths: dict[str, str]
@@ -544,12 +622,16 @@ def affine_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, p
     activations, so each fit also corrects the error the earlier layers left; with ``target="local"``, the
     layer's own full output on the pruned activations (the official code's polyfit). Same two numbers per output
     dimension as :func:`affine`; 2-4 block passes per layer instead of one model pass.
+
+    A plan whose provenance names ``affine_ridge`` (λ) first adds :func:`ridge_reconstruction` to each fitted
+    projection's kept columns (one more block pass per site), then fits the affine refit to the projection's
+    original output (``"local"``) or the dense one.
     """
     if target not in ("dense", "local"):
         raise ValueError(f"target must be 'dense' or 'local', not {target!r}")
     adapter, g = adapter_for(model), geometry_of(model)
     span = Span(context_of(progress), 0.0, 1.0)
-    shrink = float(plan.provenance.get("affine_shrink", shrink))
+    shrink, ridge = float(plan.provenance.get("affine_shrink", shrink)), plan_ridge(plan)
     sites = {"attn": adapter.attn_out, "mlp": adapter.mlp_out}
     layers = adapter.layers(model)
     keep = {(l, s): _kept_columns(g, plan, l, s) for l in plan.kept_blocks() for s in sites}
@@ -566,8 +648,9 @@ def affine_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, p
             if target == "dense":  # layer i is still unchanged: its dense outputs first
                 ys, dense.hidden = _dense_site_outputs(layer, i, dense, fitted)
             for s, path in fitted.items():
-                a, b = _fit_site(view_layers[i], i, pruned, path, keep[(i, s)], ys.get(s), shrink)
-                _fold(get_path(layer, path), a, b)
+                module = get_path(layer, path)
+                a, b = _refit(view_layers[i], i, pruned, module, path, keep[(i, s)], ys.get(s), shrink, ridge)
+                _fold(module, a, b)
             pruned.hidden = run_block(view_layers[i], i, pruned, [])
             span.step((i + 1) / len(layers), f"sequential affine compensation: block {i + 1}/{len(layers)}")
 
@@ -589,11 +672,12 @@ def _zero_inputs(module: nn.Module, cols: list[int]) -> None:
 
 
 def _refit_and_remove(layer: nn.Module, i: int, stream: LayerStream, path: str, keep: torch.Tensor,
-                      total: int) -> None:
-    """Local affine refit of projection ``path`` on ``stream`` (its own full output, see :func:`affine_local`),
-    then its removed input columns zeroed and the fit folded in: the block now computes what the sliced one will."""
-    a, b = _fit_site(layer, i, stream, path, keep, None, 0.0)
+                      total: int, ridge: float | None = None) -> None:
+    """Local refit of projection ``path`` on ``stream`` (its own full output, see :func:`affine_local`; with
+    ``ridge``, the ridge reconstruction first), then its removed input columns zeroed and the fit folded in: the
+    block now computes what the sliced one will."""
     module = get_path(layer, path)
+    a, b = _refit(layer, i, stream, module, path, keep, None, 0.0, ridge)
     kept = set(keep.tolist())
     _zero_inputs(module, [c for c in range(total) if c not in kept])
     _fold(module, a, b)
@@ -608,7 +692,8 @@ def sequential_channels(model: nn.Module, calib: Calibration, plan: Plan, batch_
 
     ``plan`` (an allocation: its per-layer channel counts, removed heads, KV groups and blocks) keeps everything
     but which channels; the result names ``compensation="affine_local"``, so :func:`pruneviz.surgery.apply_plan`
-    with the same calibration rebuilds the model this pass computed. ``model`` is never changed (the pass works
+    with the same calibration rebuilds the model this pass computed (the plan's ``affine_ridge``, if any, is applied
+    at every refit here as there). ``model`` is never changed (the pass works
     on its own copy). Plans that remove attention or MLP sub-blocks are refused (they have no channels to choose).
     """
     if plan.removed_sub_blocks():
@@ -616,6 +701,7 @@ def sequential_channels(model: nn.Module, calib: Calibration, plan: Plan, batch_
                         "remove whole attention or MLP parts, which have no channels to choose)")
     adapter, g = adapter_for(model), geometry_of(model)
     span = Span(context_of(progress), 0.0, 1.0)
+    ridge = plan_ridge(plan)
     work = resident_copy(model) if is_offloaded(model) else clone_model(model, share_weights=False)
     rows = channel_rows(adapter, g)
     layers = adapter.layers(work)
@@ -626,7 +712,7 @@ def sequential_channels(model: nn.Module, calib: Calibration, plan: Plan, batch_
                 continue
             keep_a = _kept_columns(g, plan, i, "attn")
             if keep_a is not None:  # heads stay the plan's; their refit comes first, as in the compensator
-                _refit_and_remove(layer, i, stream, adapter.attn_out, keep_a, g.n_heads * g.head_dim)
+                _refit_and_remove(layer, i, stream, adapter.attn_out, keep_a, g.n_heads * g.head_dim, ridge)
             k = len(plan.removed("channel", i))
             if k:
                 pca = PcaSums()
@@ -636,7 +722,8 @@ def sequential_channels(model: nn.Module, calib: Calibration, plan: Plan, batch_
                 gone = torch.argsort(scores, stable=True)[:k].tolist()
                 plan = plan.with_units("channel", i, plan.removed("channel", i), remove=False)
                 plan = plan.with_units("channel", i, gone)
-                _refit_and_remove(layer, i, stream, adapter.mlp_out, _kept_columns(g, plan, i, "mlp"), g.n_channels)
+                _refit_and_remove(layer, i, stream, adapter.mlp_out, _kept_columns(g, plan, i, "mlp"), g.n_channels,
+                                  ridge)
             stream.hidden = run_block(layer, i, stream, [])
             span.step((i + 1) / len(layers), f"sequential channel choice: block {i + 1}/{len(layers)}")
     return dataclasses.replace(plan, compensation="affine_local").with_provenance(channel_order="sequential")
