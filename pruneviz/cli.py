@@ -380,12 +380,34 @@ def _recipe_with(recipe, args):
         changes["compensation"] = None if args.compensation == "none" else args.compensation
     if args.channel_order:
         changes["channel_order"] = args.channel_order
+    ridge = getattr(args, "ridge", None)
+    if ridge is not None:
+        changes["ridge"] = _ridge_value(ridge)
+    elif changes.get("compensation", recipe.compensation) not in ("affine_local", "affine_sequential"):
+        changes["ridge"] = None  # the reconstruction belongs to the sequential refits: off with another refit
     try:
         recipe = replace(recipe, **changes)
         return recipe.with_alloc(multiple_of=args.multiple_of) if args.multiple_of is not None else recipe
     except ValueError as e:
+        if "ridge" in str(e):
+            raise PlanError(f"{e}; pass --ridge none with another --compensation") from e
         raise PlanError(f"{e}; with --channel-order sequential pass --compensation affine_local, or "
                         f"--channel-order dense for another --compensation") from e
+
+
+def _ridge_value(text: str) -> float | None:
+    """``--ridge``: "none" or a number >= 0."""
+    from .errors import PlanError
+
+    if text == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise PlanError(f"--ridge is a number >= 0 (the ridge reconstruction's lambda) or none, not {text!r}")
+    return value
 
 
 def cmd_prune(args) -> None:
@@ -923,6 +945,9 @@ def _add_prune(sub) -> None:
                         "pruned model and refitted as it goes; dense: ranked once on the dense model")
     p.add_argument("--compensation", default=None,
                    help="the refit (default affine_local; affine: one pass on dense activations; flap_bias; none)")
+    p.add_argument("--ridge", default=None,
+                   help="lambda of the ridge reconstruction of the removed channels' output from the kept ones "
+                        "before each sequential refit (default: the recipe's; none: the affine refit alone)")
     _multiple_of_arg(p)
     p.add_argument("--out", required=True, help="folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous pruneviz export in --out")

@@ -602,3 +602,16 @@ def test_cli_recipe_options_reach_the_recipe():
     assert r.compensation is None and r.channel_order == "dense" and r.alloc == RECOMMENDED.alloc
     with pytest.raises(PlanError, match="--channel-order dense for another --compensation"):
         _recipe_with(RECOMMENDED, Namespace(compensation="affine", channel_order=None, multiple_of=None))
+    with_ridge = dataclasses.replace(RECOMMENDED, ridge=1.0)  # whatever the default: the CLI's handling of it
+    r = _recipe_with(with_ridge, Namespace(compensation="none", channel_order="dense", multiple_of=None))
+    assert r.ridge is None  # another refit drops the reconstruction that belongs to the sequential ones
+    r = _recipe_with(with_ridge, Namespace(compensation=None, channel_order=None, multiple_of=None, ridge="2.5"))
+    assert r.ridge == 2.5
+    assert _recipe_with(with_ridge, Namespace(compensation=None, channel_order=None, multiple_of=None,
+                                              ridge="none")).ridge is None
+    for bad in ("-1", "lots", "nan"):
+        with pytest.raises(PlanError, match="--ridge is a number >= 0"):
+            _recipe_with(with_ridge, Namespace(compensation=None, channel_order=None, multiple_of=None, ridge=bad))
+    with pytest.raises(PlanError, match="--ridge none with another --compensation"):
+        _recipe_with(with_ridge, Namespace(compensation="none", channel_order="dense", multiple_of=None,
+                                           ridge="1"))
