@@ -1,9 +1,10 @@
 """Output-side corrections after the recommended recipe: do they help out of domain? (issue 9, a negative result)
 
-The recipe (:data:`pruneviz.recipe.RECOMMENDED`) at 113.27M leaves its pruned model a little overconfident on the
-calibration windows. Two cheap corrections, fitted on the recipe's own self-generated calibration windows by
-KL(dense || pruned) of the next-token distributions, were measured on the peers' protocol (``bench/quality.py``:
-40 windows x 512 tokens, no special tokens) in domain (pydoc held-out) and out of domain (PTB valid, GFDL prose):
+The stop-24 recipe (:data:`pruneviz.recipe.RECOMMENDED` without its ridge reconstruction) at 113.27M leaves its
+pruned model a little overconfident on the calibration windows. Two cheap corrections, fitted on the recipe's own
+self-generated calibration windows by KL(dense || pruned) of the next-token distributions, were measured on the
+peers' protocol (``bench/quality.py``: 40 windows x 512 tokens, no special tokens) in domain (pydoc held-out) and
+out of domain (PTB valid, GFDL prose):
 
 - **logit temperature**: one scale ``s`` on the logits (foldable into the final norm's weight, since the
   vocabulary projection is linear); the grid's ratios show where each text's optimum sits, "fitted" is the ``s``
@@ -126,7 +127,7 @@ def main() -> None:
     target = Target((dense_params(model) - args.params) / dense_params(model, True), "non_embedding")
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        res = run_recipe(model, tok, target, dataclasses.replace(RECOMMENDED, seed=seed))
+        res = run_recipe(model, tok, target, dataclasses.replace(RECOMMENDED, seed=seed, ridge=None))  # stop 24's
         dense_logp = calib_logits(model, res.calibration.tokens).log_softmax(-1)  # [N, V]
         pruned_logits = calib_logits(res.model, res.calibration.tokens)
         fitted = fit_scale(dense_logp, pruned_logits)
@@ -146,7 +147,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         del refit, res, dense_logp
     protocol_lines = [
-        f"Model: the recommended recipe ({RECOMMENDED.describe()}) at {args.params:,} parameters, per seed.",
+        f"Model: the stop-24 recipe ({dataclasses.replace(RECOMMENDED, ridge=None).describe()}) at "
+        f"{args.params:,} parameters, per seed.",
         "Corrections fitted on the recipe's own calibration windows by KL(dense || pruned); calibration KL is over "
         "every calibration position (the final-norm refit saw " + f"{args.fit_tokens} random positions of them).",
         "Perplexity: bench/quality.py's protocol (40 non-overlapping 512-token windows, no special tokens); ratio "

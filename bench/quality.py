@@ -194,10 +194,16 @@ def recipe(**changes):
     return run
 
 
-STOP18 = {"samples": 32, "compensation": "affine", "channel_order": "dense",
+STOP18 = {"samples": 32, "compensation": "affine", "channel_order": "dense", "ridge": None,
           "criterion_options": (("pruned_layers", 26 / 32),)}  # the recipe stop 18 recommended
-STOP20 = {"criterion_options": (("pruned_layers", 26 / 32),)}  # the recipe stop 20 recommended
+STOP20 = {"criterion_options": (("pruned_layers", 26 / 32),), "ridge": None}  # the recipe stop 20 recommended
+STOP24 = {"ridge": None}  # the recipe stop 24 recommended: the affine refit alone
 ORDERED = {"compensation": "affine_local", "channel_order": "sequential"}  # SlimLLM's official order
+
+
+def recipe24(**changes):
+    """The stop-24 recipe (no ridge reconstruction before the local affine refit) with ``changes``."""
+    return recipe(**{**STOP24, **changes})
 
 
 def recipe20(**changes):
@@ -246,19 +252,21 @@ METHODS = {
     "slimllm (paper; correlation channels)": slimllm(criterion_options={"channel_score": "correlation"}),
     "slimllm (paper's ratios, MLP only; affine)": slimllm(attn_share=0.0),
     "slimllm (paper's ratios, MLP only; affine; self-generated calibration)": slimllm(calib="self", attn_share=0.0),
-    "recipe (recommended: 64 self-generated windows; channels chosen block by block; local affine; cosine ratios "
-    "over every layer)": recipe(),
+    "recipe (recommended: 64 self-generated windows; channels chosen block by block; ridge reconstruction then "
+    "local affine; cosine ratios over every layer)": recipe(),
     "recipe (self-generated with seed 1)": recipe(seed=1),
     "recipe (self-generated with seed 2)": recipe(seed=2),
     "recipe (Python-docs calibration)": recipe(calibration="text"),
-    "recipe (ridge reconstruction: lambda 1)": recipe(ridge=1.0),
-    "recipe (ridge reconstruction: lambda 1; seed 1)": recipe(ridge=1.0, seed=1),
-    "recipe (ridge reconstruction: lambda 1; seed 2)": recipe(ridge=1.0, seed=2),
     "recipe (ridge reconstruction: lambda 3)": recipe(ridge=3.0),
-    "recipe (ridge reconstruction: lambda 1; Python-docs calibration)": recipe(ridge=1.0, calibration="text"),
-    "recipe (128 self-generated windows)": recipe(samples=128),
-    "recipe (128 self-generated windows; seed 1)": recipe(samples=128, seed=1),
-    "recipe (128 self-generated windows; seed 2)": recipe(samples=128, seed=2),
+    # the recipe of stop 24 (the affine refit alone, no ridge reconstruction) and its variants
+    "stop-24 recipe (64 self-generated windows; channels chosen block by block; local affine; cosine ratios over "
+    "every layer)": recipe24(),
+    "stop-24 recipe (self-generated with seed 1)": recipe24(seed=1),
+    "stop-24 recipe (self-generated with seed 2)": recipe24(seed=2),
+    "stop-24 recipe (Python-docs calibration)": recipe24(calibration="text"),
+    "stop-24 recipe (128 self-generated windows)": recipe24(samples=128),
+    "stop-24 recipe (128 self-generated windows; seed 1)": recipe24(samples=128, seed=1),
+    "stop-24 recipe (128 self-generated windows; seed 2)": recipe24(samples=128, seed=2),
     # the recipe of stop 20 (the cosine ratios over 26/32 of the layers, as the official code) and its variants
     "stop-20 recipe (cosine ratios over 26/32 of the layers)": recipe20(),
     "stop-20 recipe (self-generated with seed 1)": recipe20(seed=1),

@@ -16,18 +16,25 @@ checked on a second one, licence prose):
 3. **SlimLLM's official order** (``channel_order="sequential"``,
    :func:`pruneviz.criteria.slimllm.sequential_channels`): block by block, each layer's channels are scored on
    the activations of the model pruned so far and the block is refitted before the next one is scored.
-4. **Compensation** (``compensation="affine_local"``): SlimLLM's per-dimension affine refit of each output
-   projection on the pruned model's activations; two numbers per output dimension, closed-form, so it does not
-   overfit the calibration text the way SlimGPT's full OBS update does.
+4. **Compensation** (``ridge=1.0``, ``compensation="affine_local"``): at each refit, block by block on the
+   pruned model's activations, the kept columns of the output projection first take the **ridge least-squares
+   reconstruction** of the removed channels' output from the kept inputs
+   (:func:`pruneviz.criteria.slimllm.ridge_reconstruction`, ``λ = 1`` times the mean kept input variance), then
+   SlimLLM's per-dimension affine refit to the projection's original output. Unregularised, the reconstruction is
+   SlimGPT's OBS update, which overfits the calibration text; the affine refit alone (two numbers per output
+   dimension) loses the removed channels' contribution; ``λ = 1`` sits between them (choice, measured on seed 0:
+   λ 1 / 3 / 10 gave 97.2 / 97.2 / 97.6 on PTB and 28.3 / 28.4 / 28.7 on the licence text, against 98.7 / 29.5
+   without it; ``bench/results/merge_study.md``), and costs one more block pass per refit (~100 s on 2 cores).
 
-Measured at 113.27M (20% of the non-embedding parameters), calibration seeds 0 / 1 / 2: 19.91 / 19.69 / 19.61 in
-domain, **98.7 / 101.6 / 103.2 on PTB (1.49x / 1.53x / 1.56x dense, mean 1.53x)**, 29.5 / 29.7 / 30.9 on the
-licence text; with the official 26/32 of the layers: 19.97 / 19.70 / 19.71, 100.1 / 101.7 / 103.5, 29.7 / 30.1 /
-30.3 (every layer is better or equal in domain and on PTB for each seed; on the licence text the means are equal).
-The seed moves PTB by ~4%, so a single run's difference under that is within the noise. The previous default
+Measured at 113.27M (20% of the non-embedding parameters), calibration seeds 0 / 1 / 2: 19.34 / 19.10 / 18.84 in
+domain, **97.1 / 97.9 / 100.1 on PTB (1.46x / 1.48x / 1.51x dense, mean 98.4, 1.48x)**, 28.4 / 29.3 / 30.0 on the
+licence text. Without the ridge reconstruction (the stop-24 recipe): 19.91 / 19.69 / 19.61, 98.7 / 101.6 / 103.2
+(mean 1.53x), 29.5 / 29.7 / 30.9: the reconstruction is better on every text for every seed. With the official
+26/32 of the layers (and no reconstruction): 19.97 / 19.70 / 19.71, 100.1 / 101.7 / 103.5, 29.7 / 30.1 / 30.3.
+The seed moves PTB by ~3-4%, so a single run's difference under that is within the noise. The previous default
 (32 windows, channels ranked once on the dense model, the one-pass ``affine`` refit) gave 20.43 / 101.8 / 33.3;
-32 windows give 99.6 on PTB but 31.9 on the licence text; 128 give 100.6 / 29.8, so 64 is the default (with this
-recipe, 128 windows over seeds 0-2: mean 100.7 on PTB and 30.3 on the licence text against 101.1 / 30.0). The
+32 windows give 99.6 on PTB but 31.9 on the licence text; 128 give 100.6 / 29.8, so 64 is the default (with the
+stop-24 recipe, 128 windows over seeds 0-2: mean 100.7 on PTB and 30.3 on the licence text against 101.1 / 30.0). The
 cosine ratios' sharpness (``alpha``) 5 or 20 instead of the paper's 10 moved no text beyond the seed spread.
 
 Every choice is a field of :class:`Recipe`; :data:`RECOMMENDED` is the default and :func:`run_recipe` the call.
@@ -76,7 +83,7 @@ class Recipe:
     alloc: tuple[tuple[str, object], ...] = (("attn_share", 0.0),)
     compensation: str | None = "affine_local"
     channel_order: str = "sequential"
-    ridge: float | None = None
+    ridge: float | None = 1.0
 
     def __post_init__(self):
         if self.calibration not in CALIBRATION_SOURCES:

@@ -351,7 +351,7 @@ def test_recipe_prunes_to_the_target_and_records_itself(tmp_path, monkeypatch):
     assert dense_params(result.model, True) <= 0.8 * dense_params(model, True)
     assert dense_params(result.model) == result.plan.param_count(model)
     assert result.plan.compensation == "affine_local" and result.plan.counts()["kv"] == 0  # MLP channels only
-    assert result.plan.provenance["channel_order"] == "sequential"
+    assert result.plan.provenance["channel_order"] == "sequential" and result.plan.provenance["affine_ridge"] == 1.0
     assert result.plan.provenance["recipe"]["calibration"] == "self" and seen[-1] == 1.0
     assert "self-generated" in result.calibration.text_name
 
