@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--params", type=int, default=113274432)
     ap.add_argument("--lambdas", default="none,1,3,10", help="the ridge reconstruction's lambda per variant")
+    ap.add_argument("--name", default="merge_study", help="results file under bench/results/")
     args = ap.parse_args()
     lm = load_bundled()
     model, tok = lm.model, lm.tokenizer
@@ -71,7 +72,7 @@ def main() -> None:
         "Perplexity: bench/quality.py's protocol (40 non-overlapping 512-token windows, no special tokens); ratio "
         f"to dense in brackets (dense {', '.join(f'{d:.2f}' for d in dense)}); KL over the first 10 windows.",
     ]
-    write_table("merge_study", "Reconstructing the removed MLP channels before the affine refit (issue 9 study)",
+    write_table(args.name, "Reconstructing the removed MLP channels before the affine refit (issue 9 study)",
                 protocol_lines, ["seed", "variant", "build s"] + [t.name for t in texts], rows)
 
 

@@ -54,6 +54,16 @@ output instead, which also asks each refit to undo the earlier blocks' error. Me
 target is far worse: regressing the dense output on drifted inputs attenuates the slope (mean ``a`` over the
 MLP refits 0.94, down to 0.78, against 1.005 for the local fit).
 
+**Ridge reconstruction** (choice, pruneviz's; plan provenance ``affine_ridge``, the recipe's ``ridge``): before a
+sequential refit, the kept columns of the projection take the ridge least-squares prediction of the removed
+columns' output from the kept inputs (:func:`ridge_reconstruction`), so the removed units' contribution is not
+simply lost; the affine refit then fits the projection's original output. ``λ = 0`` is SlimGPT's OBS update on
+these activations (it overfits the calibration text), a large ``λ`` the affine refit alone; the recipe's ``λ = 1``
+was better than the affine refit alone on every text and calibration seed measured, and than smaller ``λ``
+(bench/results/quality.md, merge_study.md). Cost per refit: one more
+block pass, the ``C x C`` input covariance and a ``K x K`` solve (``O(C³)``: seconds for SmolLM2's 1536 channels on
+a CPU, minutes per layer for a 14336-channel MLP there; use a GPU for large models).
+
 **Dense statistics** (choice): every statistic (scores, cosines, swap moments, the ``affine`` fit) is taken on
 the dense model's activations, block by block through the capture engine (offloaded models work). The official
 code prunes block by block, each block calibrated on the outputs of the already pruned ones; pruneviz keeps one
