@@ -29,7 +29,6 @@ from common import load_bundled, write_table
 
 def main() -> None:
     from pruneviz.allocate import Target
-    from pruneviz.evaluate import PPLProtocol
     from pruneviz.plan import dense_params
     from pruneviz.recipe import RECOMMENDED, run_recipe
     from pruneviz.surgery import apply_plan
@@ -42,11 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_bundled()
     model, tok = lm.model, lm.tokenizer
-    protocol = PPLProtocol("peers", 512, 512, bos="none", max_windows=40, batch_size=1)
-    _, heldout = Q.peer_halves()
-    texts = [Q.make_text("pydoc held-out (in domain)", tok, heldout, protocol, 10),
-             Q.make_text("PTB valid (out of domain)", tok, Q.ptb_text(), protocol, 10),
-             Q.make_text("GFDL (out of domain)", tok, Q.GFDL.read_text(), protocol, 10)]
+    texts = Q.study_texts(tok, 10)
     dense = [Q.score(model, t, keep_dense=True)["ppl"] for t in texts]
     target = Target((dense_params(model) - args.params) / dense_params(model, True), "non_embedding")
     base = dataclasses.replace(RECOMMENDED, ridge=None)

@@ -107,7 +107,6 @@ def refit_final_norm(pruned, tokens: torch.Tensor, dense_logp: torch.Tensor, n_t
 
 def main() -> None:
     from pruneviz.allocate import Target
-    from pruneviz.evaluate import PPLProtocol
     from pruneviz.plan import dense_params
     from pruneviz.recipe import RECOMMENDED, run_recipe
 
@@ -118,11 +117,7 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_bundled()
     model, tok = lm.model, lm.tokenizer
-    protocol = PPLProtocol("peers", 512, 512, bos="none", max_windows=40, batch_size=1)
-    _, heldout = Q.peer_halves()
-    texts = [Q.make_text("pydoc held-out (in domain)", tok, heldout, protocol, 0),
-             Q.make_text("PTB valid (out of domain)", tok, Q.ptb_text(), protocol, 0),
-             Q.make_text("GFDL (out of domain)", tok, Q.GFDL.read_text(), protocol, 0)]
+    texts = Q.study_texts(tok, 0)
     dense = [perplexities(model, t, [1.0])[0] for t in texts]
     target = Target((dense_params(model) - args.params) / dense_params(model, True), "non_embedding")
     rows = []

@@ -89,6 +89,18 @@ def make_text(name, tokenizer, text, protocol, kl_windows) -> Text:
     return Text(name, windows, first, min(kl_windows, windows.shape[0]))
 
 
+def study_texts(tokenizer, kl_windows: int) -> list[Text]:
+    """The studies' three texts on the peers' protocol (40 windows of 512 tokens, no special tokens): pydoc
+    held-out (in domain), PTB valid and GFDL prose (out of domain)."""
+    from pruneviz.evaluate import PPLProtocol
+
+    protocol = PPLProtocol("peers", 512, 512, bos="none", max_windows=40, batch_size=1)
+    _, heldout = peer_halves()
+    return [make_text("pydoc held-out (in domain)", tokenizer, heldout, protocol, kl_windows),
+            make_text("PTB valid (out of domain)", tokenizer, ptb_text(), protocol, kl_windows),
+            make_text("GFDL (out of domain)", tokenizer, GFDL.read_text(), protocol, kl_windows)]
+
+
 def score(model, text: Text, keep_dense: bool = False) -> dict:
     """Perplexity over all windows; KL and top-1 against the dense logits over the first ``text.kl``."""
     from pruneviz.fidelity import token_fidelity

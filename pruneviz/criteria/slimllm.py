@@ -516,8 +516,12 @@ def affine(model: nn.Module, plan: Plan, calibration: torch.Tensor, progress=Non
 def kept_and_full(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W[:, keep] x[keep], W x)`` [N, D] each for projection ``module`` (no bias) and inputs ``x`` [N, in]: the
     output from the kept inputs only and the full output, the pair every affine refit fits (one weight read)."""
-    w = weight_rows(module)  # [D, in]
-    return nn.functional.linear(x[:, keep], w[:, keep]), nn.functional.linear(x, w)
+    return kept_output(module, x, keep), nn.functional.linear(x, weight_rows(module))
+
+
+def kept_output(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``W[:, keep] x[keep]`` [N, D] for projection ``module`` (no bias) and inputs ``x`` [N, in]."""
+    return nn.functional.linear(x[:, keep], weight_rows(module)[:, keep])
 
 
 @dataclass
@@ -614,8 +618,11 @@ def _fit_site(view_layer: nn.Module, i: int, stream: LayerStream, path: str, kee
 
     def hook(module, args):
         inner = getattr(module, "inner", module)  # the masked view wraps the projection (InputSelect)
-        z, y = kept_and_full(inner, _flat(args[0]).float(), keep)  # [N, D] each
-        acc.add(z, targets[batch[0]] if targets is not None else y)
+        x = _flat(args[0]).float()
+        if targets is not None:  # the full output is not needed: only the kept one is fitted to the targets
+            acc.add(kept_output(inner, x, keep), targets[batch[0]])
+        else:
+            acc.add(*kept_and_full(inner, x, keep))  # [N, D] each
         batch[0] += 1
     run_block(view_layer, i, stream, [(path, hook)])
     return acc.fit(shrink)
