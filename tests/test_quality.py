@@ -234,6 +234,30 @@ def test_ridge_reconstruction_is_the_centred_least_squares_update_and_shrinks_to
         ridge_reconstruction(w, cov, keep, -1.0)
 
 
+def test_affine_fit_from_input_moments_equals_the_fit_over_the_tokens():
+    """The ridge refit's one pass: the affine fit's sums for ``z = v x`` against the original output ``w x`` or
+    given targets, derived from the input moments, equal the sums over the tokens themselves (fp32 products)."""
+    from pruneviz.criteria.slimllm import InputMoments
+
+    gen = torch.Generator().manual_seed(2)
+    x = _correlated_inputs(c=12, seed=3).float()  # [400, 12]
+    w, v = torch.randn(5, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    v[:, [1, 4, 7]] = 0  # removed columns
+    targets = x @ torch.randn(12, 5, generator=gen) + torch.randn(400, 5, generator=gen)
+    own, given, over_tokens, to_targets = InputMoments(), InputMoments(), FitSums(), FitSums()
+    for part, t in zip(x.split(150), targets.split(150)):
+        own.add(part)
+        given.add(part, t)
+        over_tokens.add(part @ v.T, part @ w.T)
+        to_targets.add(part @ v.T, t)
+    for derived, direct in ((own.fit_sums(v, w), over_tokens), (given.fit_sums(v), to_targets)):
+        assert derived.n == direct.n == 400
+        for field in ("sz", "sy", "szz", "szy"):
+            assert torch.allclose(getattr(derived, field), getattr(direct, field), rtol=1e-5, atol=1e-3), field
+        for a, b in zip(derived.fit(), direct.fit()):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def _site_error(model, reference, layer: int) -> float:
     """Squared error of layer ``layer``'s MLP output projection against ``reference``'s on CALIB."""
     return float((_site_io(model, "mlp_out")[layer][1] - _site_io(reference, "mlp_out")[layer][1]).pow(2).sum())

@@ -526,21 +526,43 @@ def kept_output(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch
 
 @dataclass
 class InputMoments:
-    """Sums over tokens of a projection's inputs ``x`` [N, C] (fp64): count, ``Σx`` [C] and ``Σxxᵀ`` [C, C]."""
+    """Sums over tokens of a projection's inputs ``x`` [N, C]: count, ``Σx`` [C] and ``Σxxᵀ`` [C, C], and with
+    per-token targets ``t`` [N, D] also ``Σt`` [D] and ``Σxtᵀ`` [C, D]. Each batch's products are taken in the
+    inputs' own precision, at least fp32 (half the cost of fp64 products for an fp32 model), and summed over batches
+    in fp64."""
 
     n: int = 0
     s: torch.Tensor | float = 0.0
     ss: torch.Tensor | float = 0.0
+    st: torch.Tensor | float = 0.0
+    sxt: torch.Tensor | float = 0.0
 
-    def add(self, x: torch.Tensor) -> None:  # [N, C]
-        x = x.double()
+    def add(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> None:  # [N, C], [N, D]
+        x = x if x.dtype == torch.float64 else x.float()
         self.n += x.shape[0]
-        self.s, self.ss = self.s + x.sum(0), self.ss + x.T @ x
+        self.s = self.s + x.double().sum(0)
+        self.ss = self.ss + (x.T @ x).double()
+        if targets is not None:
+            t = targets.to(x.dtype)
+            self.st, self.sxt = self.st + t.double().sum(0), self.sxt + (x.T @ t).double()
 
     def covariance(self) -> torch.Tensor:
         """The centred covariance [C, C] of the inputs."""
         mu = self.s / max(self.n, 1)  # [C]
         return self.ss / max(self.n, 1) - torch.outer(mu, mu)
+
+    def fit_sums(self, v: torch.Tensor, w: torch.Tensor | None = None) -> "FitSums":
+        """The affine fit's sums for ``z = v x`` (``v`` [D, C]) against ``y = w x`` (``w`` [D, C], e.g. the
+        projection's original weight) or, with ``w`` None, against the targets given to :meth:`add`; exact from
+        the moments, so the fit needs no second pass over the tokens."""
+        v = v.double()
+        vs = v @ self.ss  # [D, C]
+        if w is None:
+            sy, szy = self.st, (v * self.sxt.T).sum(1)
+        else:
+            w = w.double()
+            sy, szy = w @ self.s, (vs * w).sum(1)
+        return FitSums(self.n, v @ self.s, sy, (vs * v).sum(1), szy)
 
 
 def ridge_reconstruction(w: torch.Tensor, cov: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -564,32 +586,37 @@ def ridge_reconstruction(w: torch.Tensor, cov: torch.Tensor, keep: torch.Tensor,
     return w.double()[:, gone] @ b.T  # [D, K]
 
 
-def _reconstruct_site(view_layer: nn.Module, i: int, stream: LayerStream, module: nn.Module, path: str,
-                      keep: torch.Tensor, ridge: float) -> list[torch.Tensor]:
-    """One pass of block ``i`` on ``stream``: site ``path``'s full outputs per batch [N, D] (the refit's targets:
-    what the projection computed before), then :func:`ridge_reconstruction` added to ``module``'s kept columns."""
-    moments, outputs = InputMoments(), []
+def _ridge_refit(view_layer: nn.Module, i: int, stream: LayerStream, module: nn.Module, path: str,
+                 keep: torch.Tensor, targets: list[torch.Tensor] | None, shrink: float, ridge: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of block ``i`` on ``stream`` gathers site ``path``'s input moments (with ``targets`` per batch,
+    their cross moments too); :func:`ridge_reconstruction` is added to ``module``'s kept columns, then the affine
+    fit of the updated kept output to the projection's original output (or the targets) comes from the same
+    moments (:meth:`InputMoments.fit_sums`)."""
+    moments, batch = InputMoments(), [0]
 
     def hook(site, args):
-        x = _flat(args[0]).float()  # [N, C]
-        moments.add(x)
-        outputs.append(nn.functional.linear(x, weight_rows(getattr(site, "inner", site))))
+        moments.add(_flat(args[0]), None if targets is None else targets[batch[0]])  # [N, C]
+        batch[0] += 1
     run_block(view_layer, i, stream, [(path, hook)])
-    delta = ridge_reconstruction(weight_rows(module), moments.covariance(), keep, ridge)  # [D, K]
+    original = weight_rows(module)  # [D, C], before the update
+    delta = ridge_reconstruction(original, moments.covariance(), keep, ridge)  # [D, K]
     axis = weight_axis(module, "in")
     with torch.no_grad():
         module.weight.index_add_(axis, keep.to(module.weight.device),
                                  (delta if axis == 1 else delta.T).to(module.weight.dtype))
-    return outputs
+    kept = torch.zeros_like(original)
+    kept[:, keep] = weight_rows(module)[:, keep]  # [D, C]: the updated kept columns, zero where removed
+    return moments.fit_sums(kept, original if targets is None else None).fit(shrink)
 
 
 def _refit(view_layer: nn.Module, i: int, stream: LayerStream, module: nn.Module, path: str, keep: torch.Tensor,
            targets: list[torch.Tensor] | None, shrink: float, ridge: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The site's sequential refit: with ``ridge`` (not None) the ridge reconstruction first (fitting to the
-    projection's original outputs unless ``targets`` are given), then the affine fit :func:`_fit_site`."""
+    """The site's sequential refit, one block pass: with ``ridge`` (not None) the ridge reconstruction first and
+    the affine fit to the projection's original outputs unless ``targets`` are given (:func:`_ridge_refit`),
+    otherwise the affine fit alone (:func:`_fit_site`)."""
     if ridge is not None:
-        own = _reconstruct_site(view_layer, i, stream, module, path, keep, ridge)
-        targets = own if targets is None else targets
+        return _ridge_refit(view_layer, i, stream, module, path, keep, targets, shrink, ridge)
     return _fit_site(view_layer, i, stream, path, keep, targets, shrink)
 
 
