@@ -25,7 +25,7 @@ checked on a second one, licence prose):
    dimension) loses the removed channels' contribution; ``λ = 1`` sits between them (choice, measured on seed 0:
    λ 0 / 0.1 / 0.3 / 1 / 3 / 10 gave 103.6 / 99.4 / 98.0 / 97.2 / 97.2 / 97.6 on PTB and 30.5 / 29.1 / 28.5 / 28.3
    / 28.4 / 28.7 on the licence text, against 98.7 / 29.5 without it; ``bench/results/merge_study.md``), and
-   costs one more block pass per refit (~100 s on 2 cores).
+   costs a covariance and solve per refit in the refit's single block pass (recipe ~160 s against ~120 s, 2 cores).
 
 Measured at 113.27M (20% of the non-embedding parameters), calibration seeds 0 / 1 / 2: 19.34 / 19.10 / 18.84 in
 domain, **97.1 / 97.9 / 100.1 on PTB (1.46x / 1.48x / 1.51x dense, mean 98.4, 1.48x)**, 28.4 / 29.3 / 30.0 on the

@@ -60,8 +60,9 @@ columns' output from the kept inputs (:func:`ridge_reconstruction`), so the remo
 simply lost; the affine refit then fits the projection's original output. ``λ = 0`` is SlimGPT's OBS update on
 these activations (it overfits the calibration text), a large ``λ`` the affine refit alone; the recipe's ``λ = 1``
 was better than the affine refit alone on every text and calibration seed measured, and than smaller ``λ``
-(bench/results/quality.md, merge_study.md). Cost per refit: one more
-block pass, the ``C x C`` input covariance and a ``K x K`` solve (``O(C³)``: seconds for SmolLM2's 1536 channels on
+(bench/results/quality.md, merge_study.md). Cost per refit: no extra
+block pass (the affine fit's sums follow exactly from the same input moments, :meth:`InputMoments.fit_sums`), but
+the ``C x C`` input covariance and a ``K x K`` solve (``O(C³)``: seconds for SmolLM2's 1536 channels on
 a CPU, minutes per layer for a 14336-channel MLP there; use a GPU for large models).
 
 **Dense statistics** (choice): every statistic (scores, cosines, swap moments, the ``affine`` fit) is taken on
@@ -668,7 +669,7 @@ def affine_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, p
     dimension as :func:`affine`; 2-4 block passes per layer instead of one model pass.
 
     A plan whose provenance names ``affine_ridge`` (λ) first adds :func:`ridge_reconstruction` to each fitted
-    projection's kept columns (one more block pass per site), then fits the affine refit to the projection's
+    projection's kept columns (same single block pass per site), then fits the affine refit to the projection's
     original output (``"local"``) or the dense one.
     """
     if target not in ("dense", "local"):
