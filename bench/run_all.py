@@ -26,8 +26,10 @@ SCRIPTS = {  # name -> (script, results files it writes)
     "zo_agreement": ("zo_agreement.py", ["zo_agreement"]),
     "deploy_speed": ("deploy_speed.py", ["deploy_speed"]),
     "gguf_tolerance": ("gguf_tolerance.py", ["gguf_tolerance"]),
+    "reexpressed_families": ("reexpressed_families.py", ["reexpressed_families"]),
 }
-ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement", "deploy_speed", "gguf_tolerance"]
+ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement", "deploy_speed", "gguf_tolerance",
+         "reexpressed_families"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 

@@ -78,3 +78,97 @@ def tiny_tokenizer():
     fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                           "{% if add_generation_prompt %}assistant: {% endif %}")
     return fast
+
+
+# ---- real weights in other families' layouts ---------------------------------------------------------------------
+
+REEXPRESSIBLE = ("mistral", "qwen2", "phi3", "granite", "smollm3", "helium")
+"""Families whose config can compute exactly what a LLaMA model computes, so a real LLaMA checkpoint (the bundled
+SmolLM2-135M) can be re-expressed in their layout: Mistral without a sliding window, Qwen2 with zero q/k/v biases,
+Phi-3 with q/k/v and gate/up fused into ``qkv_proj`` / ``gate_up_proj``, Granite with neutral multipliers
+(``attention_multiplier = head_dim^-1/2``), SmolLM3 with rotary embeddings in every layer, Helium (no adapter: the
+generic llama-like path) with its interleaved rotary (q/k rows of each head reordered ``[0, d/2, 1, d/2+1, ...]``).
+Gemma 2/3, OLMo 2/3 and Qwen3 cannot: their post-norms or q/k norms are not identities for any parameter values."""
+
+
+def _family_config(cfg, family: str):
+    fields = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id, rope_parameters=dict(cfg.rope_parameters))
+    extra = {
+        "mistral": (tf.MistralConfig, dict(sliding_window=None)),
+        "qwen2": (tf.Qwen2Config, dict(use_sliding_window=False)),
+        "phi3": (tf.Phi3Config, dict(rope_parameters={**cfg.rope_parameters, "partial_rotary_factor": 1.0},
+                                     original_max_position_embeddings=cfg.max_position_embeddings)),
+        "granite": (tf.GraniteConfig, dict(attention_multiplier=cfg.head_dim ** -0.5, embedding_multiplier=1.0,
+                                           residual_multiplier=1.0, logits_scaling=1.0)),
+        "smollm3": (tf.SmolLM3Config, dict(no_rope_layers=[1] * cfg.num_hidden_layers, use_sliding_window=False)),
+        "helium": (tf.HeliumConfig, dict(attention_bias=False, mlp_bias=False)),
+    }
+    if family not in extra:
+        raise ValueError(f"a LLaMA model cannot be re-expressed exactly as {family!r}; one of {REEXPRESSIBLE}")
+    cls, more = extra[family]
+    return cls(**{**fields, **more})
+
+
+def _interleaved_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """q/k rows [n*d, D] of half-split rotary (LLaMA) reordered per head for interleaved rotary (Helium)."""
+    half = head_dim // 2
+    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # [d]: 0, d/2, 1, ...
+    return w.view(-1, head_dim, w.shape[-1])[:, perm].reshape(w.shape)
+
+
+def _family_state(state: dict, family: str, n_layers: int, head_dim: int) -> dict:
+    """The LLaMA state dict renamed / fused / reordered for ``family`` (fused rows: q, k, v and gate, up)."""
+    out = dict(state)
+    if family == "helium":
+        for k in [k for k in out if k.endswith(("q_proj.weight", "k_proj.weight"))]:
+            out[k] = _interleaved_rows(out[k], head_dim)
+    if family != "phi3":
+        return out
+    for i in range(n_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out[a + "qkv_proj.weight"] = torch.cat([out.pop(a + f"{p}_proj.weight") for p in "qkv"])  # [(H+2G)d, D]
+        out[m + "gate_up_proj.weight"] = torch.cat([out.pop(m + "gate_proj.weight"),
+                                                    out.pop(m + "up_proj.weight")])  # [2F, D]
+    return out
+
+
+def reexpress(model, family: str, probe_rtol: float = 1e-3):
+    """``model`` (a dense LLaMA causal LM, never mutated) rebuilt as a ``family`` model computing the same function.
+
+    Real weights in another family's layout: every adapter, criterion, surgery and export path of that family then
+    runs on a real checkpoint's weights (outliers, norms, widths), and everything it computes can be compared with
+    the LLaMA original's. It is not a checkpoint of that family (no family-specific training): the README says so.
+    The new model's logits are checked against ``model``'s on a probe sequence: max |difference| at most
+    ``probe_rtol`` times the largest |logit|, else ValueError. Not zero: fused or reordered products round differently
+    in fp32 (on the probe the bundled SmolLM2's own fp32 logits differ from its fp64 ones by 1e-4 of the largest
+    logit); a wrongly fused or ordered matrix moves them by 1e-3 or more even in a tiny random model. Qwen2's q/k/v
+    biases are zero.
+    """
+    if model.config.model_type != "llama":
+        raise ValueError(f"re-expression starts from a LLaMA model, not {model.config.model_type!r}")
+    cfg = _family_config(model.config, family)
+    dtype = next(model.parameters()).dtype
+    new = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=model.config._attn_implementation)
+    state = _family_state({k: v.detach().clone() for k, v in model.state_dict().items()}, family,
+                          cfg.num_hidden_layers, cfg.head_dim)
+    for k, v in new.state_dict().items():
+        if k not in state and k.endswith("_proj.bias"):  # Qwen2's q/k/v biases: zero
+            state[k] = torch.zeros_like(v)
+    new.load_state_dict(state, strict=True)
+    new.config._name_or_path = f"{model.config._name_or_path or 'llama'} (as {family})"
+    new.eval()
+    ids = torch.arange(1, 33).remainder(cfg.vocab_size).view(1, -1)  # [1, 32]
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits.double()  # [1, 32, V]
+        diff = float((new(input_ids=ids).logits.double() - want).abs().max())
+    bound = probe_rtol * float(want.abs().max())
+    if not diff <= bound:
+        raise ValueError(f"the {family} re-expression does not compute the LLaMA model's function "
+                         f"(max logit difference {diff:.3g} > {bound:.3g}, {probe_rtol:g} of the largest logit)")
+    return new
