@@ -128,7 +128,7 @@ def reference(base, calib, ids, names) -> Reference:
 def gguf_cell(model, tok, plan, folder: Path) -> str:
     g = save_pruned(apply_plan(model, plan), tok, folder, plan=plan, format="gguf")
     v = g.gguf["verification"]
-    return (f"{g.gguf['arch']}: {'verified' if g.ok else 'FAILED'} in {v['runtime']}, max |d logprob| "
+    return (f"{g.gguf['arch']}: {'verified' if g.ok else 'FAILED'} in {v['runtime']}, max Δlog p "
             f"{v['max_abs_dlogprob_topk']:.3f}")
 
 
