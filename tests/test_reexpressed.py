@@ -49,7 +49,8 @@ def test_reexpress_refuses_what_cannot_compute_the_same_function():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", REEXPRESSIBLE)
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "helium"])  # biases, fused rows, reordered rotary: the layouts
+# that change the weights; Mistral, Granite and SmolLM3 are bit-identical in bench/reexpressed_families.py
 def test_bundled_model_reexpressed_scores_prunes_and_exports_like_the_original(bundled, family, tmp_path):
     base, tok = bundled.model, bundled.tokenizer
     ids = tok("The quick brown fox jumps over the lazy dog. def f(x):\n    return x", return_tensors="pt").input_ids
