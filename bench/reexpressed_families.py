@@ -1,10 +1,11 @@
-"""Every family's code path on real weights: SmolLM2-135M re-expressed as Mistral, Qwen2, Phi-3, Granite, SmolLM3.
+"""Every family's code path on real weights: SmolLM2-135M as Mistral, Qwen2, Phi-3, Granite, SmolLM3, Helium.
 
 No checkpoint of those families is reachable here (no Hub access), so their adapters were verified on tiny random
 models only. :func:`pruneviz.testing.reexpress` rebuilds the bundled model's real weights in each family's layout
 so that it computes the same function (Phi-3: fused ``qkv_proj`` / ``gate_up_proj``; Granite: neutral multipliers;
-Qwen2: zero biases; SmolLM3: rotary in every layer). Whatever pruneviz computes on the re-expressed model must then
-equal what it computes on the LLaMA original, up to float rounding (fused matrix products round differently):
+Qwen2: zero biases; SmolLM3: rotary in every layer; Helium: interleaved rotary, the generic llama-like path).
+Whatever pruneviz computes on the re-expressed model must then equal what it computes on the LLaMA original, up to
+float rounding (fused or reordered matrix products round differently):
 
 - dense logits on held-out text;
 - every criterion's maps (max |difference| over max |score|, per map) and the plan each gives at 20% (same units);
@@ -36,18 +37,12 @@ from pruneviz.criteria.slimgpt import slimgpt_prune
 from pruneviz.data import split_default
 from pruneviz.export import save_pruned
 from pruneviz.gguf_export import FAMILY_ARCHES
-from pruneviz.plan import BaseIdentity
 from pruneviz.surgery import apply_plan
-from pruneviz.testing import REEXPRESSIBLE, reexpress
+from pruneviz.testing import REEXPRESSIBLE, rebased, reexpress
 
 BLOCK_CRITERIA = ("ppl", "block_influence", "blockpruner")
 STOCHASTIC = ("minillm",)  # random perturbation directions are drawn per parameter tensor: a fused layout draws others
 FAST = {"minillm": dict(queries=4, queries_per_pass=4)}  # forward-only gradients: fewer perturbations, same seed
-
-
-def rebased(plan, model):
-    """The same removed units as ``plan``, for ``model`` (a re-expression: same geometry, another family)."""
-    return dataclasses.replace(plan, base=BaseIdentity.of(model))
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -114,15 +109,15 @@ def reference(base, calib, ids, names) -> Reference:
     mixed = allocate(base, dataclasses.replace(flap, blocks=blocks), Target(0.2), strategy="global")
     mixed = mixed.with_units("block", None, [7])  # blocks too, whatever the allocator chose
     slim_plan, slim = slimgpt_prune(base, calib, 0.2)
-    dense = logits(base, ids)
+    dense, slim = logits(base, ids), logits(slim, ids)
     base64 = copy.deepcopy(base).double()
-    rounding = float((logits(base64, ids) - dense).abs().max())
+    rounding = max_diff(logits(base64, ids), dense)
     plan64, slim64 = slimgpt_prune(base64, calib, 0.2)
     slim64 = (("same" if units(plan64) == units(slim_plan) else "other") + " units, logits differ by "
-              f"{max_diff(logits(slim64, ids), logits(slim, ids)):.2g}")
+              f"{max_diff(logits(slim64, ids), slim):.2g}")
     del base64
     return Reference(calib, ids, ref, {n: plan_of(base, m) for n, m in ref.items()}, noise, mixed,
-                     dense, logits(apply_plan(base, mixed), ids), slim_plan, logits(slim, ids), rounding, slim64)
+                     dense, logits(apply_plan(base, mixed), ids), slim_plan, slim, rounding, slim64)
 
 
 def gguf_cell(model, tok, plan, folder: Path) -> str:
@@ -180,7 +175,6 @@ def main() -> None:
         except Exception as e:  # a failing family is a result: its row says why
             rows.append([family, f"FAILED: {type(e).__name__}: {e}"] + ["–"] * 8)
         print(rows[-1], flush=True)
-    noise = ref.noise
     protocol = [
         "Model: SmolLM2-135M-Instruct (bundled, fp32, CPU) and its re-expressions (pruneviz.testing.reexpress: the "
         "same real weights in each family's layout, computing the same function).",
@@ -204,7 +198,7 @@ def main() -> None:
     write_table("reexpressed_families", "Every family's code path on real weights (SmolLM2-135M re-expressed)",
                 protocol, ["family", "dense logits", "scores (worst deterministic criterion)",
                            "MINI-LLM scores" + "".join(f" (seed 1 vs 0 on the original: {v:.2f})"
-                                                       for v in noise.values()), "same 20% plan", "pruned logits",
+                                                       for v in ref.noise.values()), "same 20% plan", "pruned logits",
                            "SlimGPT logits", "export", "GGUF", "s"], rows)
 
 

@@ -5,6 +5,8 @@ queries, biases, fused projections and ALiBi are all exercised, and a forward pa
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import transformers as tf
 
@@ -115,19 +117,14 @@ def _family_config(cfg, family: str):
     return cls(**{**fields, **more})
 
 
-def _interleaved_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """q/k rows [n*d, D] of half-split rotary (LLaMA) reordered per head for interleaved rotary (Helium)."""
-    half = head_dim // 2
-    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # [d]: 0, d/2, 1, ...
-    return w.view(-1, head_dim, w.shape[-1])[:, perm].reshape(w.shape)
-
-
 def _family_state(state: dict, family: str, n_layers: int, head_dim: int) -> dict:
     """The LLaMA state dict renamed / fused / reordered for ``family`` (fused rows: q, k, v and gate, up)."""
+    from pruneviz.gguf_export import rope_permutation
+
     out = dict(state)
     if family == "helium":
         for k in [k for k in out if k.endswith(("q_proj.weight", "k_proj.weight"))]:
-            out[k] = _interleaved_rows(out[k], head_dim)
+            out[k] = out[k][rope_permutation(out[k].shape[0] // head_dim, head_dim)]  # llama.cpp's pair order
     if family != "phi3":
         return out
     for i in range(n_layers):
@@ -172,3 +169,11 @@ def reexpress(model, family: str, probe_rtol: float = 1e-3):
         raise ValueError(f"the {family} re-expression does not compute the LLaMA model's function "
                          f"(max logit difference {diff:.3g} > {bound:.3g}, {probe_rtol:g} of the largest logit)")
     return new
+
+
+def rebased(plan, model):
+    """The same removed units as ``plan`` for ``model``, a re-expression of the plan's base (same geometry, another
+    family's layout)."""
+    from pruneviz.plan import BaseIdentity
+
+    return dataclasses.replace(plan, base=BaseIdentity.of(model))

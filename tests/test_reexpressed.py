@@ -1,6 +1,6 @@
 """Real weights through every re-expressible family's code path (pruneviz.testing.reexpress).
 
-The bundled SmolLM2-135M rebuilt as Mistral, Qwen2, Phi-3 (fused projections), Granite and SmolLM3 computes the
+The bundled SmolLM2-135M rebuilt as Mistral, Qwen2, Phi-3 (fused projections), Granite, SmolLM3 and Helium computes the
 same function, so scores, pruned logits and exports must match the LLaMA original's. bench/reexpressed_families.py
 runs every criterion and the SlimGPT solver the same way.
 """
@@ -12,18 +12,14 @@ import torch
 from pruneviz import importance
 from pruneviz.arch import adapter_for, geometry_of
 from pruneviz.export import save_pruned
-from pruneviz.plan import BaseIdentity, Plan
+from pruneviz.plan import Plan
 from pruneviz.surgery import apply_plan, masked_model
-from pruneviz.testing import REEXPRESSIBLE, reexpress, tiny_model
+from pruneviz.testing import REEXPRESSIBLE, rebased, reexpress, tiny_model
 
 
 def logits(model, ids):
     with torch.inference_mode():
         return model(input_ids=ids).logits.double()
-
-
-def rebased(plan, model):
-    return dataclasses.replace(plan, base=BaseIdentity.of(model))
 
 
 @pytest.mark.parametrize("family", REEXPRESSIBLE)
