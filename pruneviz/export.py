@@ -327,11 +327,11 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
             report = _verify(model, tmp, fmt, check_remote_code, tolerance)
         report.card, report.seconds = card, time.perf_counter() - t0
         report.params = dense_params(model)
+        _final_paths(report, tmp, folder)  # the report names where the files will be, not the temporary folder
         _atomic_write_text(tmp / REPORT_FILE, json.dumps(report.to_dict(), indent=1))
         report.files = sorted(p.name for p in tmp.iterdir() if p.name != fsio.TEMP_MARKER)
         fsio.normal_permissions(tmp)
         fsio.install_folder(tmp, folder, replace_existing=overwrite)
-        report.folder = str(folder)
         return report
     except OSError as e:  # disk full, permissions, ...: same cleanup, user-facing message
         shutil.rmtree(tmp, ignore_errors=True)
@@ -339,6 +339,14 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | os.PathLike, plan: Pl
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _final_paths(report: ExportReport, tmp: Path, folder: Path) -> None:
+    """Point ``report`` (its folder and, for GGUF, the file's path) at ``folder``, where :func:`fsio.install_folder`
+    puts what was written in ``tmp``: the report saved in the folder and the one returned name files that exist."""
+    report.folder = str(folder)
+    if report.gguf and report.gguf.get("path"):
+        report.gguf = {**report.gguf, "path": str(folder / Path(report.gguf["path"]).relative_to(tmp))}
 
 
 def _write_gguf(model: nn.Module, tokenizer, path: Path, plan: Plan | None, weight_type: str):

@@ -40,6 +40,8 @@ def test_ragged_export_reloads_identically_both_ways(tiny, tok, tmp_path, ids):
     assert torch.equal(remote(ids).logits, pruned(ids).logits)
     assert read_plan(tmp_path / "out" / "pruneviz_plan.json") == plan
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    saved = json.loads((tmp_path / "out" / "pruneviz_export.json").read_text())
+    assert saved["folder"] == report.folder == str(tmp_path / "out")  # where it is, not where it was written
 
 
 def test_uniform_llama_family_exports_stock(tok, tmp_path, ids):

@@ -1,6 +1,8 @@
 """GGUF export for llama.cpp: rotary row order, architecture choice (llama / qwen2 / deci), refusals before writing,
 pure-Python read-back on tiny models, weight types, save_pruned(format="gguf"), and the bundled model in llama.cpp."""
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +214,10 @@ def test_save_pruned_gguf_writes_a_verified_export_folder(tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["README.md", "out.f16.gguf", "pruneviz_export.json", "pruneviz_plan.json"]
     assert report.gguf["verification"]["ok"] and is_export(tmp_path / "out")
+    # the report (returned and saved) names the installed file, not the temporary folder it was written in
+    saved = json.loads((tmp_path / "out" / "pruneviz_export.json").read_text())
+    assert report.gguf["path"] == saved["gguf"]["path"] == str(tmp_path / "out" / "out.f16.gguf")
+    assert report.folder == saved["folder"] == str(tmp_path / "out") and Path(report.gguf["path"]).is_file()
     assert "library_name: gguf" in report.card and "llama_cpp" in report.card
     meta, _ = G.read_gguf_tensors(tmp_path / "out" / "out.f16.gguf")
     assert meta["pruneviz.plan_sha256"] == plan.sha256()
