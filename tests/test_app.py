@@ -17,6 +17,7 @@ import torch
 from helpers_app import APP, clean
 from streamlit.testing.v1 import AppTest
 
+from pruneviz import speed
 from pruneviz.allocate import plan_from_ratios
 from pruneviz.errors import TextError
 from pruneviz.evaluate import perplexity
@@ -253,6 +254,32 @@ def test_export_offers_downloads_after_export(tmp_path):
     folder = Path(report.folder)
     assert folder.parent == tmp_path / "exports" and (folder / "pruneviz_plan.json").exists()
     assert Plan.from_json((folder / "pruneviz_plan.json").read_text()).sha256() == at.session_state["plan"].sha256()
+
+
+@pytest.mark.skipif(not speed.llama_cpp_available(), reason="no llama.cpp binding is installed")
+def test_gguf_export_then_its_llama_cpp_speed_from_the_export_page(monkeypatch):
+    """The Export page's GGUF path end to end: the file the report names exists (it once named the temporary
+    folder the export was written in), and "Measure llama.cpp speed" times that file against the dense model."""
+    from pruneviz import gguf_export
+
+    # the tiny model's word-level vocabulary has no GGUF form: files of token ids only, verified on token ids
+    write, verify = gguf_export.write_gguf, gguf_export.verify_gguf
+    monkeypatch.setattr(gguf_export, "write_gguf", lambda model, tok, *a, **k: write(model, None, *a, **k))
+    monkeypatch.setattr(gguf_export, "verify_gguf", lambda p, model, tok, *a, **k: verify(p, model, None, *a, **k))
+    monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "300")  # the timing job ends within the click's run
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(50).run())
+    clean(at.button(key="pr_apply").click().run())
+    clean(at.switch_page("pages/export.py").run())
+    clean(at.radio(key="ex_format").set_value("gguf").run())
+    clean(at.button(key="ex_run").click().run())
+    report = at.session_state["export"].report
+    path = Path(report.gguf["path"])
+    assert report.ok and path.is_file() and path.parent == Path(report.folder)
+    clean(at.button(key="ex_speed").click().run())
+    assert at.session_state["gguf_speed"]["path"] == str(path)
+    values = {m.label: m.value for m in at.metric}
+    assert values["Decode speed-up"].endswith("x") and float(values["Decode speed-up"][:-1]) > 0
 
 
 def test_sessions_are_isolated_and_base_is_never_mutated():
