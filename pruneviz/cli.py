@@ -269,8 +269,8 @@ def cmd_evaluate(args) -> None:
         res = perplexity(model, lm.tokenizer, text, protocol, progress=progress)
     finally:
         progress.close()
-    label = plan.summary() if plan else "dense"
-    calib_name = (plan.provenance.get("calibration") or {}).get("text") if plan else None
+    label, shown = _model_label(lm, plan)
+    calib_name = (shown.provenance.get("calibration") or {}).get("text") if shown else None
     note, same = domain_note(calib_name, args.text)
     print(f"{label}\n  params {dense_params(model):,}\n  perplexity {res.ppl:.3f} on {res.n_tokens} tokens "
           f"({res.n_windows} windows, {res.seconds:.1f} s)\n  protocol: {protocol.describe()}\n  text: {note}")
@@ -282,6 +282,19 @@ def cmd_evaluate(args) -> None:
     if args.tasks:
         models = [("dense", lm.model)] + ([("pruned", model)] if plan else [])
         _print_zeroshot(args, lm.tokenizer, models)
+
+
+def _model_label(lm, plan):
+    """(label, plan it states) for a result line: the plan applied here; else the plan an exported model carries
+    ("pruned export: ..."); else "dense"."""
+    from .export import plan_of
+
+    if plan is not None:
+        return plan.summary(), plan
+    carried = plan_of(lm.model)
+    if carried is not None:
+        return f"pruned export: {carried.summary()}", carried
+    return ("pruned export" if _is_pruned(lm) else "dense"), None
 
 
 def _print_fidelity(args, lm, model, text, protocol) -> None:

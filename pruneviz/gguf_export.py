@@ -486,6 +486,18 @@ def gguf_bytes(model: nn.Module, weight_type: str) -> int:
     return int(n * max(per, 2.0 if weight_type != "f32" else 4.0)) + 16 * 1024 * 1024
 
 
+def _provenance(cfg) -> dict:
+    """Metadata for reading the file back as a Hugging Face model (:mod:`pruneviz.gguf_import`): the dense geometry
+    a pruned model came from and the rope parameters (``rope_freqs`` alone cannot say which scaling made them)."""
+    out = {}
+    if getattr(cfg, "pruneviz_base_geometry", None):
+        out["pruneviz.base_geometry"] = dict(cfg.pruneviz_base_geometry)
+    rope = getattr(cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and rope:
+        out["pruneviz.rope_parameters"] = dict(rope)
+    return out
+
+
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, weight_type: str = "f16", plan=None,
                tokenizer_gguf: str | os.PathLike | None = None, tokenizer_pre: str = "default",
                name: str | None = None, overwrite: bool = False) -> GGUFReport:
@@ -515,6 +527,9 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, weight_type
         if plan is not None:
             w.add_string("pruneviz.plan_sha256", plan.sha256())
             w.add_string("pruneviz.plan_summary", plan.summary())
+            w.add_string("pruneviz.plan", plan.to_json(indent=None))
+        for key, value in _provenance(cfg).items():  # what pruneviz.gguf_import reads back (llama.cpp ignores it)
+            w.add_string(key, json.dumps(value))
         w.add_block_count(len(layout.layers))
         w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
         w.add_embedding_length(cfg.hidden_size)

@@ -251,7 +251,8 @@ def _converted(gguf: pathlib.Path, final: pathlib.Path, label: str, progress: Pr
     return final
 
 
-GGUF_CACHE = "gguf"  # cache_dir()/gguf/<sha256[:16]>-<stem>: user GGUF files de-quantised once
+GGUF_CACHE = "gguf"  # cache_dir()/gguf/<sha256[:16]>-<stem>-v<N>: user GGUF files de-quantised once
+GGUF_CONVERSION = 2  # bumped when the conversion changes what it writes (2: deci files, pruneviz plan metadata)
 
 
 def file_sha256(path: pathlib.Path, progress: Progress | None = None, chunk: int = 1 << 24) -> str:
@@ -269,7 +270,7 @@ def gguf_folder(path: pathlib.Path, progress: Progress | None = None) -> pathlib
     """The cached safetensors folder of a user's ``.gguf`` file, keyed by the file's SHA-256 (so a changed file
     converts again and a renamed one does not), de-quantised on first use."""
     digest = file_sha256(path, progress)
-    final = cache_dir() / GGUF_CACHE / f"{digest[:16]}-{path.stem[:80]}"
+    final = cache_dir() / GGUF_CACHE / f"{digest[:16]}-{path.stem[:80]}-v{GGUF_CONVERSION}"
     return _converted(path, final, path.name, progress, {"sha256": digest, "file": str(path)})
 
 
@@ -335,6 +336,11 @@ def _clean_model_from_gguf(gguf: pathlib.Path, progress: Progress | None = None)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .gguf_import import ARCH as DECI
+    from .gguf_import import gguf_architecture
+
+    if gguf_architecture(gguf) == DECI:  # per-layer widths: transformers has no deci mapping
+        return _model_from_deci(gguf, progress)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             gguf.parent, gguf_file=gguf.name, local_files_only=True
@@ -346,19 +352,55 @@ def _clean_model_from_gguf(gguf: pathlib.Path, progress: Progress | None = None)
     except Exception as exc:  # noqa: BLE001 - any failure becomes a user message
         if is_oom(exc):
             raise oom_advice(exc, f"dequantizing {gguf.name}") from exc
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = text if len(text) <= 300 else text[:300] + "…"  # transformers lists every model type it knows
         raise ModelLoadError(
-            f"Could not read the GGUF file {gguf} ({type(exc).__name__}: {exc}). "
-            "Check that 'gguf' and 'accelerate' are installed (pip install -r requirements.txt) "
-            "and that the file is not truncated."
+            f"Could not read the GGUF file {gguf} ({type(exc).__name__}: {text}; architecture "
+            f"{gguf_architecture(gguf)!r}). Check that 'gguf' and 'accelerate' are installed (pip install -r "
+            "requirements.txt), that the file is not truncated and that transformers reads GGUF files of its "
+            "architecture."
         ) from exc
     cfg = quant.config.to_dict()
     cfg.pop("quantization_config", None)
+    sha = _gguf_string(gguf, "pruneviz.plan_sha256")
+    if sha:  # a pruneviz export: known to be pruned, as a reloaded stock-format folder is
+        cfg["pruneviz_plan_sha256"] = sha
     clean = type(quant)(type(quant.config).from_dict(cfg))
     clean.load_state_dict(quant.state_dict(), strict=True)
     clean.generation_config = quant.generation_config
     clean.eval()
     del quant
     return clean, tokenizer
+
+
+def _gguf_string(path: pathlib.Path, key: str) -> str | None:
+    """One string field of a GGUF file's metadata (None when absent)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get(key)
+    return str(field.contents()) if field is not None else None
+
+
+def _model_from_deci(path: pathlib.Path, progress: Progress | None):
+    """A ``deci`` GGUF (per-layer widths) rebuilt by :func:`pruneviz.gguf_import.model_from_deci_gguf`, and the
+    tokenizer ``transformers`` converts from the file's vocabulary."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .gguf_import import model_from_deci_gguf
+
+    _report(progress, 0.2, "Dequantizing weights to fp32 (per-layer widths: deci)")
+    model = model_from_deci_gguf(path)
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes a user message
+        raise ModelLoadError(f"Read the weights of {path} but not its vocabulary ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}); a GGUF written without a tokenizer (token ids only) cannot be "
+                             f"loaded as a model to chat with") from exc
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, key, None) is not None:
+            setattr(model.config, key, getattr(tokenizer, key))
+            setattr(model.generation_config, key, getattr(tokenizer, key))
+    return model, tokenizer
 
 
 # ------------------------------------------------------------------- load_model
@@ -433,6 +475,8 @@ def _load_source(source: str, dev, dt, trust_remote_code: bool, allow_pickle: bo
         model.config._name_or_path = BUNDLED_HUB_ID  # plans and model cards name the real base model
         return model, tokenizer, BUNDLED_NAME, path
     local = pathlib.Path(source).expanduser()
+    if local.is_dir() and (gguf := _folder_gguf(local)) is not None:
+        local = gguf  # a GGUF export folder (or any folder of one .gguf and no config.json): its file
     if local.is_dir():
         path = local.resolve()
         return (*_load_local_folder(path, dev, dt, trust_remote_code, allow_pickle, progress), path.name, path)
@@ -453,6 +497,18 @@ def _looks_like_path(text: str) -> bool:
         or "\\" in text
         or (len(text) > 1 and text[1] == ":")  # Windows drive
     )
+
+
+def _folder_gguf(folder: pathlib.Path) -> pathlib.Path | None:
+    """The one ``.gguf`` file of a folder without ``config.json`` (what ``save_pruned(format="gguf")`` writes), or
+    None when the folder has a ``config.json`` or no GGUF file; several GGUF files: ModelLoadError naming them."""
+    if (folder / "config.json").exists():
+        return None
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(files) > 1:
+        raise ModelLoadError(f"{folder} has no config.json and {len(files)} GGUF files "
+                             f"({', '.join(p.name for p in files[:5])}); point to the one to load")
+    return files[0] if files else None
 
 
 def _read_config(path: pathlib.Path) -> dict:

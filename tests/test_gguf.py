@@ -345,3 +345,31 @@ def test_bundled_pruned_20_percent_runs_in_llama_cpp(bundled, smol20, tmp_path):
     assert report.gguf["arch"] == "llama" and v["runtime"].startswith("llama.cpp")
     assert v["ok"] and v["tokenizer_agrees"] and v["greedy_agreed"] >= 6
     assert v["max_abs_dlogprob_topk"] <= G.TOLERANCE["f16"] and math.isfinite(v["max_abs_dlogprob_topk"])
+
+
+@pytest.mark.slow
+def test_bundled_per_layer_gguf_export_folder_loads_back(bundled, tmp_path, monkeypatch):
+    """The export folder of a per-layer (deci) GGUF of the bundled model loads with ``load_model``: the logits of the
+    model rounded as the file was (f16), the bundled tokenizer and chat template, and the plan it was pruned with."""
+    from pruneviz.allocate import Target, allocate
+    from pruneviz.export import plan_of
+    from pruneviz.importance import compute
+    from pruneviz.loading import load_model
+
+    monkeypatch.setenv("PRUNEVIZ_CACHE", str(tmp_path / "cache"))
+    plan = allocate(bundled.model, compute(bundled.model, "magnitude"), Target(0.1, "non_embedding"),
+                    strategy="global")
+    pruned = apply_plan(bundled.model, plan)
+    (tmp_path / "pl").mkdir()  # as save_pruned(format="gguf") lays it out (its verification is tested above)
+    assert G.write_gguf(pruned, bundled.tokenizer, tmp_path / "pl" / "pl.f16.gguf", "f16", plan=plan).arch == "deci"
+    lm = load_model(str(tmp_path / "pl"), device="cpu", dtype="fp32")
+    text = "def f(x):\n    return x + 1  # the capital of France is Paris"
+    ids = bundled.tokenizer(text, return_tensors="pt").input_ids
+    assert lm.tokenizer(text).input_ids == ids[0].tolist()
+    assert lm.tokenizer.chat_template == bundled.tokenizer.chat_template
+    assert lm.tokenizer.eos_token == bundled.tokenizer.eos_token
+    with torch.no_grad():
+        want = G.rounded_like_gguf(pruned, "f16")(ids).logits
+        got = lm.model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+    assert plan_of(lm.model) == plan
