@@ -499,6 +499,20 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
+def is_local_model(path: str | os.PathLike) -> bool:
+    """True when ``path`` is something :func:`load_model` loads from disk: a folder with ``config.json``, a GGUF
+    export folder (one ``.gguf`` and no ``config.json``) or a ``.gguf`` file."""
+    p = pathlib.Path(path).expanduser()
+    if p.is_file():
+        return p.suffix.lower() == ".gguf"
+    if not p.is_dir():
+        return False
+    try:
+        return (p / "config.json").is_file() or _folder_gguf(p) is not None
+    except ModelLoadError:  # several GGUF files: loading says which to choose
+        return False
+
+
 def _folder_gguf(folder: pathlib.Path) -> pathlib.Path | None:
     """The one ``.gguf`` file of a folder without ``config.json`` (what ``save_pruned(format="gguf")`` writes), or
     None when the folder has a ``config.json`` or no GGUF file; several GGUF files: ModelLoadError naming them."""

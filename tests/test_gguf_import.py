@@ -102,3 +102,24 @@ def test_load_model_takes_a_gguf_export_folder(tmp_path, monkeypatch):
         (tmp_path / "two" / name).write_bytes((tmp_path / "out" / "out.f32.gguf").read_bytes())
     with pytest.raises(ModelLoadError, match="2 GGUF files"):
         loading.load_model(str(tmp_path / "two"))
+
+
+def test_what_counts_as_a_local_model_for_the_picker_and_shared_links(tmp_path):
+    from pruneviz.ui.urlstate import spec_from_url
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "two").mkdir()
+    for n in ("a.gguf", "b.gguf"):
+        (tmp_path / "two" / n).write_bytes(b"GGUF")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "w.bin").write_bytes(b"x")
+    yes = [tmp_path / "hf", tmp_path / "g", tmp_path / "g" / "m.gguf"]
+    no = [tmp_path / "two", tmp_path / "empty", tmp_path / "w.bin", tmp_path / "missing"]
+    assert [loading.is_local_model(p) for p in yes + no] == [True] * 3 + [False] * 4
+    for p in yes:
+        spec, kind, load_now = spec_from_url(str(p))
+        assert spec is not None and spec.source == str(p) and kind == "folder" and load_now
+    assert spec_from_url(str(tmp_path / "empty"))[0] is None

@@ -24,7 +24,7 @@ from .analysis import MISSING  # noqa: F401 - for the pages' tables: st.datafram
 from .compat import ScriptControlException
 from .work import Job, show_error
 
-SOURCES = {"bundled": "Bundled SmolLM2-135M-Instruct", "hub": "Hugging Face id", "folder": "Local folder",
+SOURCES = {"bundled": "Bundled SmolLM2-135M-Instruct", "hub": "Hugging Face id", "folder": "Local folder or GGUF file",
            "tiny": "Tiny random model (testing)"}
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
@@ -203,8 +203,10 @@ def model_picker() -> state.ModelSpec | None:
     if kind == "hub":
         source = st.text_input("Hugging Face id", key="model_hub_id", placeholder="HuggingFaceTB/SmolLM2-360M")
     elif kind == "folder":
-        source = st.text_input("Folder with config.json + *.safetensors", key="model_folder",
-                               placeholder="/path/to/model")
+        source = st.text_input("Folder (config.json + *.safetensors, or a GGUF export) or a .gguf file",
+                               key="model_folder", placeholder="/path/to/model or /path/to/model.gguf",
+                               help="A .gguf file is de-quantised to float32 once and cached (CLI: cache list / "
+                                    "clear); per-layer (deci) files that pruneviz exported load too.")
     c1, c2 = st.columns(2)
     device = c1.selectbox("Device", DEVICES, key="model_device", help="auto: CUDA, then MPS, then CPU")
     dtype = c2.selectbox("dtype", DTYPES, key="model_dtype", help="auto: float32 on CPU, bfloat16 on GPU")

@@ -36,7 +36,7 @@ from ..errors import PlanError, TextError
 from ..evaluate import SweepPoint
 from ..export import plan_of
 from ..importance import Calibration, ImportanceMap
-from ..loading import BUNDLED_HUB_ID, LoadedModel, load_model, load_offloaded
+from ..loading import BUNDLED_HUB_ID, LoadedModel, is_local_model, load_model, load_offloaded
 from ..plan import BaseIdentity, Plan
 from ..progress import Progress
 from ..surgery import masked_model
@@ -585,8 +585,7 @@ def base_spec(plan: Plan, like: ModelSpec) -> ModelSpec | None:
         source = "bundled"
     elif name == TINY_BASE_NAME:
         source = TINY
-    elif name and pathlib.Path(name).expanduser().is_dir() and (pathlib.Path(name).expanduser() / "config.json"
-                                                                ).is_file():
+    elif name and is_local_model(name):
         source = str(pathlib.Path(name).expanduser())
     else:
         return None

@@ -1,9 +1,10 @@
 """Shareable URL state: ``?page=…&model=…&plan=…`` (and the jobs panel's ``owner``) in ``st.query_params``.
 
-- ``model``: the sidebar's source (``bundled``, ``tiny``, a Hugging Face id or a local folder). Opening a URL loads
-  the bundled model, the tiny test model, a model already in memory or a local folder with a ``config.json`` at
-  once; a Hub id is only filled into the picker (loading it may download gigabytes: press **Load model**). A URL
-  never turns on ``trust_remote_code`` and never chooses offloading, device or dtype.
+- ``model``: the sidebar's source (``bundled``, ``tiny``, a Hugging Face id, a local folder or GGUF file). Opening a
+  URL loads the bundled model, the tiny test model, a model already in memory or a local model (a folder with a
+  ``config.json``, a GGUF export folder or a ``.gguf`` file) at once; a Hub id is only filled into the picker
+  (loading it may download gigabytes: press **Load model**). A URL never turns on ``trust_remote_code`` and never
+  chooses offloading, device or dtype.
 - ``plan``: the id of a stored run (:mod:`pruneviz.runs`); its plan becomes the session's plan once the model is
   loaded, after validation against it (a plan for another model is refused with a message).
 - ``page``: the page's title in lower case (``evaluate``); an URL opened at the app's root goes there.
@@ -19,6 +20,7 @@ import re
 import streamlit as st
 
 from ..errors import PrunevizError
+from ..loading import is_local_model
 from ..runs import plan_of_run
 from . import persist, state
 
@@ -37,7 +39,7 @@ def spec_from_url(source: str) -> tuple[state.ModelSpec | None, str, bool]:
         return None, "", False
     path = pathlib.Path(source).expanduser()
     if path.is_absolute() or source.startswith(("~", ".")):
-        ok = path.is_dir() and (path / "config.json").is_file()
+        ok = is_local_model(path)
         return (state.ModelSpec(str(path)), "folder", True) if ok else (None, "", False)
     if _HUB_ID.match(source):
         spec = state.ModelSpec(source)

@@ -369,7 +369,7 @@ def test_user_journey(page):
     shot(page, "6-export")
     no_exceptions(page)
 
-    choose(page, "model_source", "Local folder")
+    choose(page, "model_source", "Local folder or GGUF file")
     keyed(page, "model_folder").locator("input").fill(folder)
     page.keyboard.press("Enter")
     idle(page)
