@@ -451,9 +451,10 @@ def cmd_prune(args) -> None:
     finally:
         progress.close()
     report = save_pruned(result.model, lm.tokenizer, args.out, plan=result.plan, overwrite=args.overwrite,
-                         protect=[lm.path] if lm.path else ())
+                         protect=[lm.path] if lm.path else (), format=args.format, weight_type=args.weight_type)
     print(f"{result.plan.summary()}; {dense_params(result.model) / 1e6:.2f}M parameters "
           f"(dense {dense_params(lm.model) / 1e6:.2f}M) -> {report.folder}")
+    _print_export(report)
 
 
 def cmd_cache(args) -> None:
@@ -515,7 +516,6 @@ def cmd_runs(args) -> None:
 
 def cmd_export(args) -> None:
     from .export import check_export_target, save_pruned
-    from .gguf_export import verification_line
 
     check_export_target(args.out, args.overwrite)  # `--out .`, a non-export folder: refused before loading
     if args.plan:
@@ -524,6 +524,13 @@ def cmd_export(args) -> None:
     model, plan = _pruned(args, lm)
     report = save_pruned(model, lm.tokenizer, args.out, plan=plan, overwrite=args.overwrite,
                          protect=[lm.path] if lm.path else (), format=args.format, weight_type=args.weight_type)
+    _print_export(report)
+
+
+def _print_export(report) -> None:
+    """One line on what an export wrote and how it was verified."""
+    from .gguf_export import verification_line
+
     if report.gguf:
         g, v = report.gguf, report.gguf["verification"]
         print(f"gguf ({g['arch']}, {g['weight_type']}, {g['bytes'] / 2**20:.1f} MiB) -> {g['path']}; verified in "
@@ -873,6 +880,16 @@ def _add_plan(sub) -> None:
     p.set_defaults(fn=cmd_plan)
 
 
+def _format_args(p) -> None:
+    """``--format`` and ``--weight-type`` of the commands that export (``export``, ``prune``)."""
+    p.add_argument("--format", default="hf", choices=["hf", "gguf", "decilm"],
+                   help="hf: safetensors folder (default); gguf: one GGUF file for llama.cpp in --out, "
+                        "verified in llama.cpp when llama-cpp-python is installed; decilm: DeciLM "
+                        "block_configs folder for vLLM (vllm serve --trust-remote-code)")
+    p.add_argument("--weight-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="with --format gguf: type of the 2-D weights (norms and biases stay f32)")
+
+
 def _multiple_of_arg(p) -> None:
     p.add_argument("--multiple-of", type=_channel_multiple, default=None, metavar="N",
                    help="every pruned layer keeps an MLP width that is a multiple of N (32: every row quantises in "
@@ -925,12 +942,7 @@ def _add_evaluate_export_chat(sub) -> None:
         if name == "export":
             p.add_argument("--out", required=True)
             p.add_argument("--overwrite", action="store_true")
-            p.add_argument("--format", default="hf", choices=["hf", "gguf", "decilm"],
-                           help="hf: safetensors folder (default); gguf: one GGUF file for llama.cpp in --out, "
-                                "verified in llama.cpp when llama-cpp-python is installed; decilm: DeciLM "
-                                "block_configs folder for vLLM (vllm serve --trust-remote-code)")
-            p.add_argument("--weight-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
-                           help="with --format gguf: type of the 2-D weights (norms and biases stay f32)")
+            _format_args(p)
         if name == "chat":
             p.add_argument("prompt")
             p.add_argument("--max-new-tokens", type=int, default=96)
@@ -964,6 +976,7 @@ def _add_prune(sub) -> None:
     _multiple_of_arg(p)
     p.add_argument("--out", required=True, help="folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous pruneviz export in --out")
+    _format_args(p)
     p.set_defaults(fn=cmd_prune)
 
 

@@ -611,6 +611,23 @@ def test_cli_prune_takes_the_number_of_calibration_windows(tmp_path, capsys):
     assert "3 x 128" in json.dumps(plan["provenance"]) or "3/" in json.dumps(plan["provenance"])
 
 
+def test_cli_prune_exports_in_the_format_asked(tmp_path, capsys):
+    """``prune --format decilm`` writes the recipe's model as a DeciLM folder (vLLM), verified like ``export``."""
+    import json
+
+    from pruneviz.cli import main
+
+    folder = tmp_path / "base"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    assert main(["prune", "--model", str(folder), "--device", "cpu", "--ratio", "0.2", "--samples", "2",
+                 "--out", str(tmp_path / "out"), "--format", "decilm"]) == 0
+    assert "decilm checkpoint ->" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "pruneviz_export.json").read_text())
+    assert report["format"] == "decilm" and report["ok"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
+
+
 def test_cli_recipe_options_reach_the_recipe():
     """``prune --multiple-of/--compensation/--channel-order`` become Recipe fields; the Recipe checks them."""
     from argparse import Namespace
