@@ -814,7 +814,8 @@ def cmd_sweep(args) -> None:
 
 def _common(p: argparse.ArgumentParser, calibration: bool = False) -> None:
     p.add_argument("--model", default=os.environ.get("PRUNEVIZ_MODEL", "bundled"),
-                   help="'bundled' (SmolLM2-135M-Instruct), a Hugging Face id or a local folder")
+                   help="'bundled' (SmolLM2-135M-Instruct), a Hugging Face id, a local folder (a GGUF export "
+                        "too) or a .gguf file")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, cpu, ...")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off)")
