@@ -248,9 +248,9 @@ def cmd_slimgpt(args) -> None:
     write_plan(plan, args.out)
     print(f"{plan.summary()} -> {args.out}")
     if args.export:
-        report = save_pruned(pruned, lm.tokenizer, args.export, plan=plan, protect=[lm.path] if lm.path else ())
-        print(f"exported {report.format} checkpoint to {report.folder} (reload max |Δlogit| "
-              f"{report.reload_max_abs_diff:g})")
+        report = save_pruned(pruned, lm.tokenizer, args.export, plan=plan, protect=[lm.path] if lm.path else (),
+                             format=args.format, weight_type=args.weight_type)
+        _print_export(report)
 
 
 def cmd_evaluate(args) -> None:
@@ -920,6 +920,7 @@ def _add_slimgpt(sub) -> None:
     _offload_args(p)
     p.add_argument("--out", default="plan.json")
     p.add_argument("--export", help="also export the pruned checkpoint to this folder")
+    _format_args(p)
     p.set_defaults(fn=cmd_slimgpt)
 
 

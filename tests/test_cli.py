@@ -190,3 +190,13 @@ def test_score_and_slimgpt_offloaded_equal_resident(files, tmp_path, capsys):
     code, out, err = run(capsys, ["score", *common, "--criterion", "taylor", "--offload", "disk",
                                   "--offload-folder", str(tmp_path / "off2")])
     assert code == 2 and "needs the whole model in memory" in err
+
+
+def test_slimgpt_exports_in_the_format_asked(files, tmp_path, capsys):
+    common = ["--model", str(files["folder"]), "--device", "cpu", "--text", f"file:{files['train']}",
+              "--samples", "4", "--seq-len", "16", "--ratio", "0.3", "--out", str(tmp_path / "p.json")]
+    code, out, err = run(capsys, ["slimgpt", *common, "--export", str(tmp_path / "x"), "--format", "gguf"])
+    assert code == 2 and "tokenizer" in err and not (tmp_path / "x").exists()  # word-level vocabulary: refused
+    code, out, err = run(capsys, ["slimgpt", *common, "--export", str(tmp_path / "hf"), "--format", "hf"])
+    assert code == 0, err
+    assert "checkpoint -> " + str(tmp_path / "hf") in out and "reload max |Δlogit| 0" in out
