@@ -54,6 +54,7 @@ from torch import nn
 from . import __version__, fsio, llamacpp
 from .arch import adapter_for, geometry_of
 from .errors import ExportError
+from .gguf_import import rope_permutation
 from .loading import bundled_gguf
 from .plan import Plan
 from .threads import llama_threads, subprocess_env
@@ -236,14 +237,6 @@ def gguf_layout(model: nn.Module) -> GGUFLayout:
             return GGUFLayout(arch, head_dim, tuple(widths), why_arch, rope_factors)
         reasons.append(no)
     raise ExportError("no llama.cpp architecture can express this model: " + "; ".join(reasons))
-
-
-def rope_permutation(n_heads: int, head_dim: int) -> torch.Tensor:
-    """Row order that turns Hugging Face's ``rotate_half`` layout into llama.cpp's adjacent-pair layout: within
-    each head, new row ``2i`` is old row ``i`` and new row ``2i+1`` is old row ``i + d/2``."""
-    half = head_dim // 2
-    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
-    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)
 
 
 # ---- tokenizer metadata ------------------------------------------------------------------------------------------

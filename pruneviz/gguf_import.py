@@ -13,7 +13,7 @@ Contract:
   removed sub-block, its pre-norm the identity), as in llama.cpp's graph. A layer without MLP is refused (the
   writer never makes one; llama.cpp's graph would drop that layer's attention output).
 - **Rotary layout.** The ``deci`` rope rotates adjacent pairs; q/k rows are put back in Hugging Face's
-  ``rotate_half`` order (the inverse of :func:`pruneviz.gguf_export.rope_permutation`).
+  ``rotate_half`` order (the inverse of :func:`rope_permutation`, which the writer applies).
 - **Rope scaling.** A file with ``rope_freqs`` (llama3-style scaled frequencies) loads only when it also carries
   the Hugging Face rope parameters (``pruneviz.rope_parameters``, written by pruneviz) and the frequencies they give
   equal the file's; other scalings cannot be recovered from the factors alone, so ModelLoadError says so.
@@ -135,12 +135,17 @@ def deci_config(meta: dict, tensor_names: set[str], where: str) -> dict:
     return cfg
 
 
+def rope_permutation(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Row order that turns Hugging Face's ``rotate_half`` layout into llama.cpp's adjacent-pair layout: within
+    each head, new row ``2i`` is old row ``i`` and new row ``2i+1`` is old row ``i + d/2``."""
+    half = head_dim // 2
+    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)  # [head_dim]
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)  # [n_heads * head_dim]
+
+
 def _unpermute(t: torch.Tensor, n_heads: int, hd: int) -> torch.Tensor:
     """Rows of a q/k projection (or bias) from llama.cpp's adjacent-pair order back to ``rotate_half`` order."""
-    half = hd // 2
-    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)  # [hd]
-    perm = (torch.arange(n_heads)[:, None] * hd + per_head[None, :]).reshape(-1)  # [n_heads * hd]
-    return t[torch.argsort(perm)]
+    return t[torch.argsort(rope_permutation(n_heads, hd))]
 
 
 def _target(model: nn.Module, name: str) -> tuple[torch.Tensor, str | None]:
