@@ -490,7 +490,10 @@ def model_card(model: nn.Module, plan: Plan | None, evaluation: dict | None, fmt
     if fmt == "gguf":
         lines += ["## Loading", "", "A GGUF file for llama.cpp (`deci` architecture for per-layer widths):", "",
                   "```bash", "llama-cli -m *.gguf -p \"Hello\"", "```", "", "```python",
-                  "from llama_cpp import Llama", "llm = Llama(model_path=path_to_gguf)", "```", ""]
+                  "from llama_cpp import Llama", "llm = Llama(model_path=path_to_gguf)", "```", "",
+                  "pruneviz loads the folder back as a PyTorch model (de-quantised to float32, per-layer widths "
+                  "included):", "", "```python", "from pruneviz.loading import load_model",
+                  "lm = load_model(folder)  # lm.model, lm.tokenizer", "```", ""]
         return "\n".join(lines)
     if fmt == "decilm":
         lines += ["## Loading", "", "DeciLM `block_configs` (per-layer KV heads and MLP widths; `no_op` attention "

@@ -218,7 +218,7 @@ def test_save_pruned_gguf_writes_a_verified_export_folder(tmp_path):
     saved = json.loads((tmp_path / "out" / "pruneviz_export.json").read_text())
     assert report.gguf["path"] == saved["gguf"]["path"] == str(tmp_path / "out" / "out.f16.gguf")
     assert report.folder == saved["folder"] == str(tmp_path / "out") and Path(report.gguf["path"]).is_file()
-    assert "library_name: gguf" in report.card and "llama_cpp" in report.card
+    assert "library_name: gguf" in report.card and "llama_cpp" in report.card and "load_model(folder)" in report.card
     meta, _ = G.read_gguf_tensors(tmp_path / "out" / "out.f16.gguf")
     assert meta["pruneviz.plan_sha256"] == plan.sha256()
     with pytest.raises(ExportError, match="no llama.cpp mapping"):  # refused before the folder exists
