@@ -882,7 +882,7 @@ def _add_plan(sub) -> None:
 
 
 def _format_args(p) -> None:
-    """``--format`` and ``--weight-type`` of the commands that export (``export``, ``prune``)."""
+    """``--format`` and ``--weight-type`` of the commands that export (``export``, ``prune``, ``slimgpt --export``)."""
     p.add_argument("--format", default="hf", choices=["hf", "gguf", "decilm"],
                    help="hf: safetensors folder (default); gguf: one GGUF file for llama.cpp in --out, "
                         "verified in llama.cpp when llama-cpp-python is installed; decilm: DeciLM "

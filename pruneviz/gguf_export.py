@@ -54,7 +54,7 @@ from torch import nn
 from . import __version__, fsio, llamacpp
 from .arch import adapter_for, geometry_of
 from .errors import ExportError
-from .gguf_import import rope_permutation
+from .gguf_import import PROJECTIONS, gguf_parameter, metadata, rope_permutation, unpermute_rows
 from .loading import bundled_gguf
 from .plan import Plan
 from .threads import llama_threads, subprocess_env
@@ -373,8 +373,7 @@ def gguf_tensors(model: nn.Module, layout: GGUFLayout) -> dict[str, torch.Tensor
     head = model.get_output_embeddings()
     if head is not None and head.weight.data_ptr() != m.embed_tokens.weight.data_ptr():
         out["output.weight"] = head.weight
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    names = {path.split(".")[1]: kind for kind, path in PROJECTIONS.items()}  # q_proj -> attn_q, ...
     for i, (layer, w) in enumerate(zip(adapter_for(model).layers(model), layout.layers)):
         if w.n_head:  # an attention-free layer has no attention norm either
             out[f"blk.{i}.attn_norm.weight"] = layer.input_layernorm.weight
@@ -569,10 +568,7 @@ def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarr
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    meta = {}
-    for k, f in reader.fields.items():
-        if not k.startswith("tokenizer.ggml.") and not k.startswith("GGUF."):
-            meta[k] = f.contents()
+    meta = metadata(reader)
     tensors = {}
     for t in reader.tensors:
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
@@ -595,36 +591,18 @@ def read_gguf_into(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                           f"{sorted(set(tensors) - set(want))[:5]}")
     copy = clone_model(model)
     permute = layout.arch not in NEOX_ROPE
-    names = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
-             "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
-    layers = adapter_for(copy).layers(copy)
-    m = copy.model
     with torch.no_grad():
         for tname, arr in tensors.items():
             if tuple(arr.shape) != tuple(want[tname].shape):
                 raise ExportError(f"{path}: {tname} has shape {arr.shape}, expected {tuple(want[tname].shape)}")
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-            if tname == "token_embd.weight":
-                m.embed_tokens.weight.copy_(t)
-            elif tname == "output_norm.weight":
-                m.norm.weight.copy_(t)
-            elif tname == "output.weight":
-                copy.get_output_embeddings().weight.copy_(t)
-            elif tname == "rope_freqs.weight":
+            if tname == "rope_freqs.weight":
                 continue
-            else:
-                _, i, kind, part = tname.split(".")
-                layer, w = layers[int(i)], layout.layers[int(i)]
-                if kind == "attn_norm":
-                    layer.input_layernorm.weight.copy_(t)
-                    continue
-                if kind == "ffn_norm":
-                    layer.post_attention_layernorm.weight.copy_(t)
-                    continue
-                if permute and kind in ("attn_q", "attn_k"):
-                    perm = rope_permutation(w.n_head if kind == "attn_q" else w.n_head_kv, layout.head_dim)
-                    t = t[torch.argsort(perm)]
-                getattr(_linears(layer)[names[kind]], part).copy_(t)
+            param, rows = gguf_parameter(copy, tname)
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            if permute and rows:
+                w = layout.layers[int(tname.split(".")[1])]
+                t = unpermute_rows(t, w.n_head if rows == "q" else w.n_head_kv, layout.head_dim)
+            param.copy_(t)
     return copy
 
 

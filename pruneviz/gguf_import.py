@@ -36,25 +36,26 @@ from .errors import ModelLoadError
 
 ARCH = "deci"
 LAYERS = "model.layers"
-_PROJ = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+PROJECTIONS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
          "ffn_down": "mlp.down_proj"}
 
 
-def gguf_architecture(path: str | os.PathLike) -> str | None:
-    """``general.architecture`` of a GGUF file (None when the file has none or cannot be read as GGUF)."""
+def metadata(reader) -> dict:
+    """A ``gguf.GGUFReader``'s metadata as Python values, without the vocabulary (``tokenizer.ggml.*``) and the
+    header counts (``GGUF.*``)."""
+    return {k: f.contents() for k, f in reader.fields.items()
+            if not k.startswith(("tokenizer.ggml.", "GGUF."))}
+
+
+def file_metadata(path: str | os.PathLike) -> dict:
+    """:func:`metadata` of the GGUF file at ``path``; ``{}`` when it cannot be read as GGUF."""
     import gguf
 
     try:
-        field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
+        return metadata(gguf.GGUFReader(str(path)))
     except (OSError, ValueError, IndexError, KeyError):
-        return None
-    return str(field.contents()) if field is not None else None
-
-
-def _metadata(reader) -> dict:
-    return {k: f.contents() for k, f in reader.fields.items()
-            if not k.startswith(("tokenizer.ggml.", "GGUF."))}
+        return {}
 
 
 def _per_layer(meta: dict, key: str, n: int, where: str) -> list[int]:
@@ -112,8 +113,8 @@ def deci_config(meta: dict, tensor_names: set[str], where: str) -> dict:
     heads = _per_layer(meta, "attention.head_count", n, where)
     kv = _per_layer(meta, "attention.head_count_kv", n, where)
     ff = _per_layer(meta, "feed_forward_length", n, where)
-    biases = {f"{name.split('.')[1]}.{_PROJ[name.split('.')[2]]}" for name in tensor_names
-              if name.startswith("blk.") and name.endswith(".bias") and name.split(".")[2] in _PROJ}
+    biases = {f"{name.split('.')[1]}.{PROJECTIONS[name.split('.')[2]]}" for name in tensor_names
+              if name.startswith("blk.") and name.endswith(".bias") and name.split(".")[2] in PROJECTIONS}
     n_heads, theta = max(heads) or 1, float(meta.get(f"{a}.rope.freq_base", 10000.0))
     rope = _json_field(meta, "pruneviz.rope_parameters", where)
     if "rope_freqs.weight" in tensor_names and not rope:
@@ -143,13 +144,15 @@ def rope_permutation(n_heads: int, head_dim: int) -> torch.Tensor:
     return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)  # [n_heads * head_dim]
 
 
-def _unpermute(t: torch.Tensor, n_heads: int, hd: int) -> torch.Tensor:
+def unpermute_rows(t: torch.Tensor, n_heads: int, hd: int) -> torch.Tensor:
     """Rows of a q/k projection (or bias) from llama.cpp's adjacent-pair order back to ``rotate_half`` order."""
     return t[torch.argsort(rope_permutation(n_heads, hd))]
 
 
-def _target(model: nn.Module, name: str) -> tuple[torch.Tensor, str | None]:
-    """The parameter a GGUF tensor name fills, and ``"q"``/``"k"`` for rows to un-permute."""
+def gguf_parameter(model: nn.Module, name: str) -> tuple[torch.Tensor, str | None]:
+    """The parameter of a LLaMA-layout ``model`` that the GGUF tensor ``name`` fills, and ``"q"``/``"k"`` for the
+    q/k projections (rows to un-permute where the architecture's rope needs it). KeyError/AttributeError/IndexError
+    for a name with no place in the model."""
     m = model.model
     fixed = {"token_embd.weight": m.embed_tokens.weight, "output_norm.weight": m.norm.weight}
     if name in fixed:
@@ -165,7 +168,7 @@ def _target(model: nn.Module, name: str) -> tuple[torch.Tensor, str | None]:
     if kind == "ffn_norm":
         return layer.post_attention_layernorm.weight, None
     mod = layer
-    for attr in _PROJ[kind].split("."):
+    for attr in PROJECTIONS[kind].split("."):
         mod = getattr(mod, attr)
     return getattr(mod, part), {"attn_q": "q", "attn_k": "k"}.get(kind)
 
@@ -195,7 +198,7 @@ def model_from_deci_gguf(path: str | os.PathLike) -> nn.Module:
         reader = gguf.GGUFReader(str(path))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not read {path} as GGUF ({e}); is the file complete?") from e
-    meta = _metadata(reader)
+    meta = metadata(reader)
     if meta.get("general.architecture") != ARCH:
         raise ModelLoadError(f"{where} is a {meta.get('general.architecture')!r} file, not {ARCH}")
     tensors = {t.name: t for t in reader.tensors}
@@ -219,7 +222,7 @@ def model_from_deci_gguf(path: str | os.PathLike) -> nn.Module:
                             config.head_dim, where)
                 continue
             try:
-                param, rows = _target(model, name)
+                param, rows = gguf_parameter(model, name)
             except (KeyError, AttributeError, IndexError, ValueError):
                 raise ModelLoadError(f"{where}: tensor {name} has no place in the model its metadata describes; "
                                      f"is this a file pruneviz or llama.cpp's deci converter wrote?") from None
@@ -230,7 +233,7 @@ def model_from_deci_gguf(path: str | os.PathLike) -> nn.Module:
                                      f"{tuple(param.shape)}; the file is inconsistent")
             if rows:
                 shape = layout[name.split(".")[1]]["shapes"][f"self_attn.{rows}_proj"]
-                value = _unpermute(value, shape[0] // config.head_dim, config.head_dim)
+                value = unpermute_rows(value, shape[0] // config.head_dim, config.head_dim)
             param.copy_(value)
             filled.add(id(param))
     missing = [n for n, p in model.named_parameters() if id(p) not in filled]

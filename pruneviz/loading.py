@@ -337,9 +337,10 @@ def _clean_model_from_gguf(gguf: pathlib.Path, progress: Progress | None = None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .gguf_import import ARCH as DECI
-    from .gguf_import import gguf_architecture
+    from .gguf_import import file_metadata
 
-    if gguf_architecture(gguf) == DECI:  # per-layer widths: transformers has no deci mapping
+    meta = file_metadata(gguf)
+    if meta.get("general.architecture") == DECI:  # per-layer widths: transformers has no deci mapping
         return _model_from_deci(gguf, progress)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -356,29 +357,20 @@ def _clean_model_from_gguf(gguf: pathlib.Path, progress: Progress | None = None)
         text = text if len(text) <= 300 else text[:300] + "…"  # transformers lists every model type it knows
         raise ModelLoadError(
             f"Could not read the GGUF file {gguf} ({type(exc).__name__}: {text}; architecture "
-            f"{gguf_architecture(gguf)!r}). Check that 'gguf' and 'accelerate' are installed (pip install -r "
+            f"{meta.get('general.architecture')!r}). Check that 'gguf' and 'accelerate' are installed (pip install -r "
             "requirements.txt), that the file is not truncated and that transformers reads GGUF files of its "
             "architecture."
         ) from exc
     cfg = quant.config.to_dict()
     cfg.pop("quantization_config", None)
-    sha = _gguf_string(gguf, "pruneviz.plan_sha256")
-    if sha:  # a pruneviz export: known to be pruned, as a reloaded stock-format folder is
-        cfg["pruneviz_plan_sha256"] = sha
+    if meta.get("pruneviz.plan_sha256"):  # a pruneviz export: known to be pruned, as a reloaded stock folder is
+        cfg["pruneviz_plan_sha256"] = str(meta["pruneviz.plan_sha256"])
     clean = type(quant)(type(quant.config).from_dict(cfg))
     clean.load_state_dict(quant.state_dict(), strict=True)
     clean.generation_config = quant.generation_config
     clean.eval()
     del quant
     return clean, tokenizer
-
-
-def _gguf_string(path: pathlib.Path, key: str) -> str | None:
-    """One string field of a GGUF file's metadata (None when absent)."""
-    import gguf
-
-    field = gguf.GGUFReader(str(path)).fields.get(key)
-    return str(field.contents()) if field is not None else None
 
 
 def _model_from_deci(path: pathlib.Path, progress: Progress | None):
