@@ -27,8 +27,9 @@ SCRIPTS = {  # name -> (script, results files it writes)
     "deploy_speed": ("deploy_speed.py", ["deploy_speed"]),
     "gguf_tolerance": ("gguf_tolerance.py", ["gguf_tolerance"]),
     "reexpressed_families": ("reexpressed_families.py", ["reexpressed_families"]),
+    "vllm_check": ("vllm_check.py", ["vllm_check"]),  # needs `make vllm`; says so and writes nothing without it
 }
-ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement", "deploy_speed", "gguf_tolerance",
+ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement", "deploy_speed", "gguf_tolerance", "vllm_check",
          "reexpressed_families"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

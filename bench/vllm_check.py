@@ -49,8 +49,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="calibration windows (128 tokens)")
     ap.add_argument("--timed", type=int, default=32, help="tokens per timed generation")
     args = ap.parse_args()
-    if vllm_python() is None:
-        raise SystemExit(f"no vLLM environment: {INSTALL_HINT}")
+    if vllm_python() is None:  # `make bench` goes on without it
+        print(f"vllm_check skipped, nothing written: no vLLM environment ({INSTALL_HINT})")
+        return
     lm = load_bundled(device="cpu", dtype="fp32")
     calib = calibration(lm.tokenizer, samples=args.samples)
     rows, checks = [], {}

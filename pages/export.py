@@ -8,6 +8,7 @@ from pruneviz.plan import Plan
 from pruneviz.ui import components as ui
 from pruneviz.ui import services, state
 from pruneviz.ui.speed_panel import gguf_speed_panel
+from pruneviz.ui.vllm_panel import vllm_panel
 from pruneviz.ui.work import show_error
 
 loaded = ui.page("Export", "Take the plan or the pruned model with you. Checkpoints are written atomically and "
@@ -113,6 +114,7 @@ if rec is not None:
     c2.metric("Parameters", ui.human(report.params), border=True)
     c3.metric("Export time", ui.human_seconds(report.seconds), border=True)
     st.caption("Files: " + ", ".join(f"`{f}`" for f in report.files))
+    vllm_panel(loaded, report)
     d1, d2 = st.columns(2)
     d1.download_button("Download checkpoint (.zip)", data=lambda: zip_folder(report.folder),
                        file_name=f"{name}.zip", mime="application/zip", key="ex_zip", icon=":material/folder_zip:",

@@ -171,3 +171,51 @@ def test_cli_export_decilm_then_vllm(tmp_path, capsys):
     assert main(["export", *cli_base(tmp_path), "--format", "decilm", "--vllm", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "decilm checkpoint" in out and "greedy 16/16 tokens agree" in out and out.rstrip().endswith(": ok")
+
+
+# ---- the app: the Export page's "Run in vLLM" ---------------------------------------------------------------------
+
+def export_decilm_in_app(monkeypatch):
+    from test_app import clean, open_app, with_magnitude
+
+    monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "300")  # the job ends within the click's run
+    at = with_magnitude(open_app())
+    clean(at.slider(key="pr_channel_pct").set_value(50).run())
+    clean(at.button(key="pr_apply").click().run())
+    clean(at.switch_page("pages/export.py").run())
+    clean(at.radio(key="ex_format").set_value("decilm").run())
+    clean(at.button(key="ex_run").click().run())
+    assert at.session_state["export"].report.ok
+    return at
+
+
+def test_export_page_says_how_to_get_vllm(tiny_app, monkeypatch):
+    from pruneviz.ui import vllm_panel
+
+    monkeypatch.setattr(vllm_panel, "vllm_python", lambda: None)
+    at = export_decilm_in_app(monkeypatch)
+    assert not [b for b in at.button if b.key == "ex_vllm"]
+    assert any("make vllm" in c.value for c in at.caption)
+
+
+def test_export_page_runs_the_export_in_vllm_as_a_job(tiny_app, monkeypatch, tmp_path):
+    """The button's job reloads the written folder and hands it to the vLLM check (here a recording stand-in: the
+    app's tiny model has head_dim 8, which vLLM's CPU attention refuses; the real check is tested above)."""
+    from pruneviz.ui import vllm_panel
+
+    seen = {}
+
+    def check(model, tokenizer, folder):
+        seen.update(folder=folder, params=sum(p.numel() for p in model.parameters()))
+        return VllmCheck(ok=False, greedy_agreed=3, greedy_total=16, greedy_near_tie_at=None, max_abs_dlogprob=0.5,
+                         tolerance=1e-3, vllm_version="0.32.0", architecture="DeciLMConfig", load_s=40.0)
+
+    monkeypatch.setattr(vllm_panel, "vllm_python", lambda: tmp_path / "python")
+    monkeypatch.setattr(vllm_panel, "verify_in_vllm", check)
+    at = export_decilm_in_app(monkeypatch)
+    report = at.session_state["export"].report
+    clean_run = at.button(key="ex_vllm").click().run()
+    assert not clean_run.exception
+    assert seen == {"folder": str(report.folder), "params": report.params}
+    assert at.session_state["vllm_check"]["folder"] == str(report.folder)
+    assert any("greedy 3/16 tokens agree" in e.value and "MISMATCH" in e.value for e in at.error)
