@@ -137,6 +137,29 @@ def test_per_layer_decilm_export_runs_in_vllm_with_the_same_tokens(family, tmp_p
 
 @pytest.mark.vllm
 @needs_vllm
+def test_flap_bias_compensation_runs_in_vllm(tmp_path):
+    """FLAP's compensation biases on the output projections of attention and MLP (``attention_bias`` without
+    ``qkv_bias``: vLLM's o_proj-only bias path, no q/k/v biases) on a plan cutting KV groups and MLP channels,
+    in vLLM."""
+    from pruneviz.allocate import Target, allocate
+    from pruneviz.importance import Calibration, compute
+
+    model = tiny_model("llama", **HEADS)
+    cal = Calibration(torch.randint(4, 90, (4, 16), generator=torch.Generator().manual_seed(0)))
+    plan = allocate(model, compute(model, "flap", cal), Target(0.3), strategy="global", deployable="vllm",
+                    compensation="flap_bias", attn_share=0.5)
+    pruned = apply_plan(model, plan, calibration=cal.tokens)
+    folder = tmp_path / "out"
+    save_pruned(pruned, tiny_tokenizer(), folder, plan=plan, format="decilm")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["attention_bias"] and cfg["mlp_bias"] and not cfg["qkv_bias"]
+    assert any(plan.removed("kv").values()) and any(plan.removed("channel").values())  # both kinds cut
+    got = verify_in_vllm(pruned, tiny_tokenizer(), folder)
+    assert got.ok and got.greedy_agreed == 16, got.line()
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_vllm_check_catches_a_wrong_export(tmp_path):
     """The check can fail: the export of one model compared with another (the dense one) is a mismatch."""
     model = tiny_model("llama", **HEADS)
