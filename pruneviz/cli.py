@@ -533,8 +533,8 @@ def cmd_export(args) -> None:
 
 
 def _check_in_vllm(model, tokenizer, folder) -> None:
-    """``export --vllm``: run the written folder in vLLM (pruneviz.vllm_runtime); a mismatch exits 1, the export
-    stays (it passed its reload check)."""
+    """``export --vllm``: run the written folder in vLLM (pruneviz.vllm_runtime); a mismatch is an ExportError
+    (exit 2), the export stays (it passed its reload check)."""
     from .errors import ExportError
     from .vllm_runtime import verify_in_vllm
 

@@ -695,7 +695,9 @@ def _torch_greedy(model: nn.Module, prompt_ids: list[int], n_new: int) -> tuple[
     return ids, torch.log_softmax(logits, -1).numpy()
 
 
-def _prompt_ids(model: nn.Module, tokenizer) -> tuple[list[int], str | None]:
+def verification_prompt(model: nn.Module, tokenizer) -> tuple[list[int], str | None]:
+    """The ids the export checks run (this module's llama.cpp check, :mod:`pruneviz.vllm_runtime`): :data:`PROMPT`
+    tokenised without special tokens, or 12 fixed random ids when there is no tokenizer; and the text (or None)."""
     if tokenizer is None:
         gen = torch.Generator().manual_seed(1234)
         return torch.randint(3, model.config.vocab_size, (12,), generator=gen).tolist(), None
@@ -749,7 +751,7 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module, tokenizer, weight_typ
     if runtime == "auto":
         runtime = "llama.cpp" if llama_cpp_version() else "python"
     ref_model = rounded_like_gguf(model, weight_type).float().cpu().eval()  # compared on the CPU, in fp32
-    prompt_ids, prompt = _prompt_ids(model, tokenizer)
+    prompt_ids, prompt = verification_prompt(model, tokenizer)
     ids, ref = _torch_greedy(ref_model, prompt_ids, GREEDY_TOKENS)
     if runtime == "python":
         return _read_back_check(path, model, ref, prompt_ids, ids, weight_type)

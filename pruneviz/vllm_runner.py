@@ -19,7 +19,7 @@ import json
 import sys
 import time
 
-MARK = "PRUNEVIZ_VLLM_RESULT "
+MARK = "PRUNEVIZ_VLLM_RESULT "  # also read by pruneviz.vllm_runtime, which imports this module
 
 
 def main(path: str) -> None:

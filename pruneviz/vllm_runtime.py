@@ -38,12 +38,12 @@ from torch import nn
 
 from .decilm import CONFIG_FILE
 from .errors import ExportError
-from .gguf_export import PROMPT
+from .gguf_export import verification_prompt
+from .vllm_runner import MARK
 
 ENV_VAR = "PRUNEVIZ_VLLM_PYTHON"
 VENV = Path(__file__).resolve().parent.parent / ".venv-vllm"
 RUNNER = Path(__file__).with_name("vllm_runner.py")
-MARK = "PRUNEVIZ_VLLM_RESULT "
 INSTALL_HINT = "run `make vllm` (builds .venv-vllm with vLLM's CPU build) or set PRUNEVIZ_VLLM_PYTHON"
 TOLERANCE = 1e-3
 NEW_TOKENS = 16
@@ -194,14 +194,10 @@ def verify_in_vllm(model: nn.Module, tokenizer, folder: str | os.PathLike, new_t
                    top_k: int = TOP_K, tolerance: float = TOLERANCE, timed_tokens: int = 0,
                    trust_remote_code: bool = False, python: str | os.PathLike | None = None) -> VllmCheck:
     """Run the exported ``folder`` in vLLM and compare it with ``model`` (the pruned model it was written from) on
-    :data:`pruneviz.gguf_export.PROMPT` (12 fixed random ids without a tokenizer). ``timed_tokens`` > 0 also
+    the GGUF check's prompt (:func:`pruneviz.gguf_export.verification_prompt`). ``timed_tokens`` > 0 also
     times three greedy generations of that many tokens in vLLM (after a warm-up; the median). Raises ExportError
     when vLLM is missing or fails; a mismatch is reported (``ok`` False), not raised."""
-    if tokenizer is None:
-        gen = torch.Generator().manual_seed(1234)
-        prompt_ids, prompt = torch.randint(3, model.config.vocab_size, (12,), generator=gen).tolist(), None
-    else:
-        prompt_ids, prompt = tokenizer(PROMPT, add_special_tokens=False).input_ids, PROMPT
+    prompt_ids, prompt = verification_prompt(model, tokenizer)
     ref_tokens, ref_lp = reference(model, prompt_ids, new_tokens)
     got = run_vllm(folder, prompt_ids, new_tokens, top_k, trust_remote_code, timed_tokens, python)
     res = compare(ref_tokens, ref_lp, got, tolerance)

@@ -239,11 +239,16 @@ def test_evaluate_sweep_records_points():
     assert crit[0].params > crit[1].params and all(math.isfinite(p.ppl) for p in points)
 
 
-def test_export_offers_downloads_after_export(tmp_path):
+def pruned_on_export_page() -> AppTest:
+    """A fresh session with a magnitude plan (50% of the MLP channels) built, on the Export page."""
     at = with_magnitude(open_app())
     clean(at.slider(key="pr_channel_pct").set_value(50).run())
     clean(at.button(key="pr_apply").click().run())
-    clean(at.switch_page("pages/export.py").run())
+    return clean(at.switch_page("pages/export.py").run())
+
+
+def test_export_offers_downloads_after_export(tmp_path):
+    at = pruned_on_export_page()
     labels = [b.label for b in at.get("download_button")]
     assert labels == ["Download plan JSON"]
     clean(at.button(key="ex_run").click().run())
@@ -267,10 +272,7 @@ def test_gguf_export_then_its_llama_cpp_speed_from_the_export_page(monkeypatch):
     monkeypatch.setattr(gguf_export, "write_gguf", lambda model, tok, *a, **k: write(model, None, *a, **k))
     monkeypatch.setattr(gguf_export, "verify_gguf", lambda p, model, tok, *a, **k: verify(p, model, None, *a, **k))
     monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "300")  # the timing job ends within the click's run
-    at = with_magnitude(open_app())
-    clean(at.slider(key="pr_channel_pct").set_value(50).run())
-    clean(at.button(key="pr_apply").click().run())
-    clean(at.switch_page("pages/export.py").run())
+    at = pruned_on_export_page()
     clean(at.radio(key="ex_format").set_value("gguf").run())
     clean(at.button(key="ex_run").click().run())
     report = at.session_state["export"].report

@@ -199,13 +199,10 @@ def test_cli_export_decilm_then_vllm(tmp_path, capsys):
 # ---- the app: the Export page's "Run in vLLM" ---------------------------------------------------------------------
 
 def export_decilm_in_app(monkeypatch):
-    from test_app import clean, open_app, with_magnitude
+    from test_app import clean, pruned_on_export_page
 
     monkeypatch.setenv("PRUNEVIZ_JOB_WAIT", "300")  # the job ends within the click's run
-    at = with_magnitude(open_app())
-    clean(at.slider(key="pr_channel_pct").set_value(50).run())
-    clean(at.button(key="pr_apply").click().run())
-    clean(at.switch_page("pages/export.py").run())
+    at = pruned_on_export_page()
     clean(at.radio(key="ex_format").set_value("decilm").run())
     clean(at.button(key="ex_run").click().run())
     assert at.session_state["export"].report.ok
