@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8501
 
-.PHONY: app test test-fast e2e bench install browser clean lint gpu-check vllm vllm-check
+.PHONY: app test test-fast e2e bench install browser clean lint gpu-check gpu-pack vllm vllm-check
 
 $(STAMP): requirements.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -63,6 +63,10 @@ vllm-check: $(STAMP) $(VLLM_STAMP)
 
 gpu-check: $(STAMP)
 	bash bench/gpu_check.sh
+
+# The GPU check's pack for a lent device machine (no package index there): see README "GPU check".
+gpu-pack: $(STAMP)
+	$(VPY) bench/gpu_pack.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -49,11 +49,13 @@ def machine() -> dict:
 
 
 def _git_commit() -> str:
+    """HEAD's short hash; without git (a device machine's copy of the tree) ``$PRUNEVIZ_COMMIT``, which
+    bench/gpu_remote.sh sets from the pack's manifest, else "unknown"."""
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
+                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("PRUNEVIZ_COMMIT", "unknown")
 
 
 def load_bundled(device: str = "auto", dtype: str = "auto"):
