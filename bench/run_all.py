@@ -25,12 +25,13 @@ SCRIPTS = {  # name -> (script, results files it writes)
     "layerwise_memory": ("layerwise_memory.py", ["layerwise_memory"]),
     "zo_agreement": ("zo_agreement.py", ["zo_agreement"]),
     "deploy_speed": ("deploy_speed.py", ["deploy_speed"]),
+    "gguf_alignment": ("gguf_alignment.py", ["gguf_alignment"]),
     "gguf_tolerance": ("gguf_tolerance.py", ["gguf_tolerance"]),
     "reexpressed_families": ("reexpressed_families.py", ["reexpressed_families"]),
     "vllm_check": ("vllm_check.py", ["vllm_check"]),  # needs `make vllm`; says so and writes nothing without it
 }
-ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement", "deploy_speed", "gguf_tolerance", "vllm_check",
-         "reexpressed_families"]
+ORDER = ["quality", "cost", "layerwise_memory", "zo_agreement", "deploy_speed", "gguf_alignment", "gguf_tolerance",
+         "vllm_check", "reexpressed_families"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 

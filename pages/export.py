@@ -3,7 +3,7 @@ import streamlit as st
 
 from pruneviz.deploy import runtimes
 from pruneviz.export import EXPORT_FORMATS, default_folder_name, safe_folder_name, zip_folder
-from pruneviz.gguf_export import WEIGHT_TYPES, unquantised_layers, verification_line
+from pruneviz.gguf_export import WEIGHT_TYPES, kernel_note, slow_kernel_layers, unquantised_layers, verification_line
 from pruneviz.plan import Plan
 from pruneviz.ui import components as ui
 from pruneviz.ui import services, state
@@ -75,6 +75,9 @@ options = {"format": fmt}
 if fmt == "gguf":
     options["weight_type"] = st.selectbox("GGUF weights", WEIGHT_TYPES, index=WEIGHT_TYPES.index("f16"),
                                           key="ex_wtype", help="norms and biases stay f32")
+    slow = kernel_note(slow_kernel_layers(loaded.model, plan))
+    if slow:
+        st.info(slow, icon=":material/speed:")
     off_blocks = unquantised_layers(loaded.model, plan, options["weight_type"])
     if off_blocks:
         st.info(f"{len(off_blocks)} layer(s) keep an MLP width that is not a whole number of "

@@ -547,12 +547,14 @@ def _check_in_vllm(model, tokenizer, folder) -> None:
 
 def _print_export(report) -> None:
     """One line on what an export wrote and how it was verified."""
-    from .gguf_export import verification_line
+    from .gguf_export import kernel_note, verification_line
 
     if report.gguf:
         g, v = report.gguf, report.gguf["verification"]
         print(f"gguf ({g['arch']}, {g['weight_type']}, {g['bytes'] / 2**20:.1f} MiB) -> {g['path']}; verified in "
               f"{v['runtime']}: {verification_line(v)}")
+        if g.get("slow_kernel_layers"):
+            print(f"note: {kernel_note(g['slow_kernel_layers'])}")
         return
     print(f"{report.format} checkpoint -> {report.folder} ({len(report.files)} files, {report.params:,} params); "
           f"reload max |Δlogit| {report.reload_max_abs_diff:g}"
@@ -911,8 +913,9 @@ def _format_args(p) -> None:
 
 def _multiple_of_arg(p) -> None:
     p.add_argument("--multiple-of", type=_channel_multiple, default=None, metavar="N",
-                   help="every pruned layer keeps an MLP width that is a multiple of N (32: every row quantises in "
-                        "a q8_0 / q4_0 GGUF export; 64 or 128 for GPU kernels); default: any width")
+                   help="every pruned layer keeps an MLP width that is a multiple of N (16 or more: llama.cpp's "
+                        "fast CPU prompt-processing kernel takes every MLP; 32: every row also quantises in a q8_0 / "
+                        "q4_0 GGUF export; 64 or 128 for GPU kernels); default: any width")
 
 
 def _attn_rounding_arg(p) -> None:

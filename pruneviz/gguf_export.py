@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -413,6 +414,14 @@ def _quant_block(weight_type: str) -> int:
     return gguf.GGML_QUANT_SIZES[_qtype(weight_type)][0]
 
 
+def _widths_off(model: nn.Module, plan: Plan, multiple: int) -> list[int]:
+    """Kept layers of ``plan`` (on the unpruned ``model``) with an MLP whose kept width is not a multiple of
+    ``multiple``."""
+    g = geometry_of(model)
+    return [l for l in plan.kept_blocks() if not plan.mlp_removed(l)
+            and (g.n_channels - len(plan.removed("channel", l))) % multiple]
+
+
 def unquantised_layers(model: nn.Module, plan: Plan, weight_type: str) -> list[int]:
     """Layers of ``plan`` (on the unpruned ``model``) whose ``ffn_down`` would stay f16 in a ``weight_type``
     export: a quantised type stores rows in blocks (32 values for q8_0 / q4_0) and that tensor's rows are the
@@ -420,10 +429,41 @@ def unquantised_layers(model: nn.Module, plan: Plan, weight_type: str) -> list[i
     avoids them."""
     if weight_type in ("f16", "f32"):
         return []
-    block = _quant_block(weight_type)
-    g = geometry_of(model)
-    return [l for l in plan.kept_blocks() if not plan.mlp_removed(l)
-            and (g.n_channels - len(plan.removed("channel", l))) % block]
+    return _widths_off(model, plan, _quant_block(weight_type))
+
+
+# llama.cpp's CPU prompt-processing kernel (tinyBLAS, ggml-cpu/llamafile/sgemm.cpp) serves a matrix product only
+# when the weight has a multiple of 4 rows and a row length that is a multiple of its vector width: 8 floats with
+# AVX2, 16 with AVX-512 (f16 / f32 weights; q8_0 / q4_0 rows are whole 32-value blocks anyway). A kept MLP width is
+# the row count of ffn_gate / ffn_up and the row length of ffn_down, so a width that is a multiple of 16 keeps every
+# MLP product on that kernel on any x86 CPU; other widths fall back to ggml's generic path. Measured on the bundled
+# model (bench/results/gguf_alignment.md, f16, AVX2): widths 1125 and 1126 in every layer prefilled at 0.73x dense,
+# 1124, 1128 and 1120 (multiples of 4, 8 and 32) at 1.21x, 1.21x and 1.24x, while they differ by under 0.5% in
+# bytes; decode (one token: the vector dot product) 1.15x to 1.19x.
+KERNEL_MULTIPLE = 16
+
+
+def slow_kernel_layers(model: nn.Module, plan: Plan, multiple: int = KERNEL_MULTIPLE) -> dict[int, int]:
+    """``{layer: kept MLP width}`` for the layers of ``plan`` (on the unpruned ``model``) whose kept MLP width is
+    not a multiple of ``multiple`` (:data:`KERNEL_MULTIPLE`): in a GGUF export llama.cpp's CPU prompt processing
+    may run their MLP on its generic, slower path. Allocating with ``multiple_of=32`` (16 suffices for this; 32
+    also quantises every row) avoids them. Attention widths are whole heads (multiples of ``head_dim``, 64 or more
+    in real models) already."""
+    n = geometry_of(model).n_channels
+    return {l: n - len(plan.removed("channel", l)) for l in _widths_off(model, plan, multiple)}
+
+
+def kernel_note(widths: Mapping[int, int]) -> str:
+    """One sentence for the CLI and the Export page on ``{layer: MLP width}`` of the layers off
+    :data:`KERNEL_MULTIPLE` (:func:`slow_kernel_layers`, :attr:`GGUFReport.slow_kernel_layers`); empty when none."""
+    if not widths:
+        return ""
+    distinct = sorted(set(widths.values()))
+    shown = ", ".join(map(str, distinct[:4])) + (", ..." if len(distinct) > 4 else "")
+    return (f"{len(widths)} layer(s) keep an MLP width that is not a multiple of {KERNEL_MULTIPLE} ({shown}): "
+            f"llama.cpp's fast CPU kernel for prompt processing needs one, so their MLP prefills on a slower path "
+            f"(widths 1126 vs 1120 in every layer of the bundled model: 0.73x vs 1.24x dense). Plan with MLP "
+            f"widths in multiples of 32 (multiple_of=32) to keep every layer on it.")
 
 
 def rounded_like_gguf(model: nn.Module, weight_type: str) -> nn.Module:
@@ -464,6 +504,7 @@ class GGUFReport:
     tokenizer: str
     widths: list[list[int]]  # per layer [n_head, n_head_kv, n_ff]
     f16_fallback: list[str] = field(default_factory=list)
+    slow_kernel_layers: dict[int, int] = field(default_factory=dict)  # blk -> MLP width off KERNEL_MULTIPLE
     verification: dict | None = None
     seconds: float = 0.0
 
@@ -557,6 +598,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, weight_type
         shutil.rmtree(tmp, ignore_errors=True)
     return GGUFReport(str(path), layout.arch, layout.reason, weight_type, path.stat().st_size, source,
                       [[x.n_head, x.n_head_kv, x.n_ff] for x in layout.layers], fallback,
+                      {i: x.n_ff for i, x in enumerate(layout.layers) if x.n_ff % KERNEL_MULTIPLE},
                       seconds=time.perf_counter() - t0)
 
 

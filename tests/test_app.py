@@ -261,6 +261,17 @@ def test_export_offers_downloads_after_export(tmp_path):
     assert Plan.from_json((folder / "pruneviz_plan.json").read_text()).sha256() == at.session_state["plan"].sha256()
 
 
+def test_export_page_says_when_gguf_widths_miss_llama_cpps_fast_kernel():
+    """The tiny model keeps 20 of 40 MLP channels per layer: not a multiple of 16, so before a GGUF export the
+    page says prompt processing will take llama.cpp's slower path (bench/results/gguf_alignment.md), and how to
+    plan around it; the Hugging Face format says nothing of it."""
+    at = pruned_on_export_page()
+    assert not [i for i in at.info if "not a multiple of 16" in i.value]
+    clean(at.radio(key="ex_format").set_value("gguf").run())
+    note = [i.value for i in at.info if "not a multiple of 16" in i.value]
+    assert len(note) == 1 and note[0].startswith("4 layer(s)") and "(20)" in note[0] and "multiples of 32" in note[0]
+
+
 @pytest.mark.skipif(not speed.llama_cpp_available(), reason="no llama.cpp binding is installed")
 def test_gguf_export_then_its_llama_cpp_speed_from_the_export_page(monkeypatch):
     """The Export page's GGUF path end to end: the file the report names exists (it once named the temporary

@@ -166,6 +166,27 @@ def test_quantised_types_fall_back_to_f16_where_rows_do_not_fit_blocks(tmp_path,
     assert f16.bytes < G.write_gguf(model, None, tmp_path / "f32.gguf", "f32").bytes
 
 
+def test_widths_off_the_kernel_multiple_are_flagged_before_and_after_writing(tmp_path):
+    """An MLP width that is not a multiple of 16 keeps llama.cpp's prompt-processing kernel off that layer's MLP
+    (bench/results/gguf_alignment.md): the Export page predicts the layers from the plan, the written report
+    names them by their index in the file (removed blocks renumber), and the note says what to do."""
+    model = tiny_model("llama", hidden_size=64, num_attention_heads=8, intermediate_size=128)
+    plan = Plan.empty(model).with_units("channel", 0, range(3)).with_units("channel", 2, range(16))
+    plan = plan.with_units("channel", 3, range(5)).with_units("block", None, [1])
+    assert G.slow_kernel_layers(model, plan) == {0: 125, 3: 123}  # layer 2 keeps 112 = 16 x 7; block 1 is gone
+    assert G.slow_kernel_layers(model, plan, multiple=1) == {}
+    report = G.write_gguf(apply_plan(model, plan), None, tmp_path / "p.gguf", "f16", plan=plan)
+    assert report.slow_kernel_layers == {0: 125, 2: 123}  # blk.2 of the file is layer 3 of the model
+    note = G.kernel_note(G.slow_kernel_layers(model, plan))
+    assert note.startswith("2 layer(s)") and "123, 125" in note and "multiple_of=32" in note
+    assert G.kernel_note({}) == ""
+    assert G.slow_kernel_layers(model, plan.without_mlp(0)) == {3: 123}  # a removed MLP has no width to align
+    aligned = Plan.empty(model).with_units("channel", 0, range(32)).with_units("channel", 1, range(48))
+    assert G.slow_kernel_layers(model, aligned) == {}
+    assert G.write_gguf(apply_plan(model, aligned), None, tmp_path / "a.gguf", "f16",
+                        plan=aligned).slow_kernel_layers == {}
+
+
 def test_widths_aligned_to_32_quantise_every_row(tmp_path):
     """A width-pruned plan falls back to f16 for ``ffn_down`` (rows = kept channels); ``multiple_of=32`` keeps
     every pruned layer's width a whole number of q8_0 blocks, so the whole file quantises and still verifies."""
@@ -345,6 +366,7 @@ def test_bundled_pruned_20_percent_runs_in_llama_cpp(bundled, smol20, tmp_path):
     assert report.gguf["arch"] == "llama" and v["runtime"].startswith("llama.cpp")
     assert v["ok"] and v["tokenizer_agrees"] and v["greedy_agreed"] >= 6
     assert v["max_abs_dlogprob_topk"] <= G.TOLERANCE["f16"] and math.isfinite(v["max_abs_dlogprob_topk"])
+    assert report.gguf["slow_kernel_layers"] == G.slow_kernel_layers(bundled.model, plan)  # no block removed
 
 
 @pytest.mark.slow
