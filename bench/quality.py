@@ -270,6 +270,11 @@ METHODS = {
     "recipe (self-generated with seed 2)": recipe(seed=2),
     "recipe (Python-docs calibration)": recipe(calibration="text"),
     "recipe (ridge reconstruction: lambda 3)": recipe(ridge=3.0),
+    # aligned MLP widths: what llama.cpp's fast prompt-processing kernel and q8_0 / q4_0 blocks need
+    # (bench/results/gguf_alignment.md); the quality they cost
+    "recipe (MLP widths in multiples of 32)": recipe(alloc=(("attn_share", 0.0), ("multiple_of", 32))),
+    "slimllm (paper's ratios, MLP only; affine; self-generated calibration; MLP widths in multiples of 32)":
+        slimllm(calib="self", attn_share=0.0, multiple_of=32),
     # the recipe of stop 24 (the affine refit alone, no ridge reconstruction) and its variants
     "stop-24 recipe (64 self-generated windows; channels chosen block by block; local affine; cosine ratios over "
     "every layer)": recipe24(),
