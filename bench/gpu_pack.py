@@ -131,6 +131,9 @@ def make_pack(out: Path, package: Path, wheels: list[Path], tree: int, part_byte
     size = gguf.stat().st_size
     if not 0 < part_bytes < size:
         raise PackError(f"part size {part_bytes} must split the {size}-byte GGUF in two")
+    if out.exists() and any(out.iterdir()) and not (out / "b" / "manifest.json").is_file():
+        raise PackError(f"{out} holds files that are not a pack this script made: it is left alone; choose another "
+                        f"folder (--pack) or empty it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -151,7 +154,7 @@ def make_pack(out: Path, package: Path, wheels: list[Path], tree: int, part_byte
                 raise PackError(f".gpu/{half} with the working tree is {total / 2**20:.1f} MiB, over the "
                                 f"{limit / 2**20:.0f} MiB a device call carries: make the tree smaller")
         if out.exists():
-            shutil.rmtree(out)  # pruneviz's own pack folder, rebuilt whole
+            shutil.rmtree(out)  # empty, or a pack this script made (its manifest): rebuilt whole
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

