@@ -273,6 +273,10 @@ METHODS = {
     # aligned MLP widths: what llama.cpp's fast prompt-processing kernel and q8_0 / q4_0 blocks need
     # (bench/results/gguf_alignment.md); the quality they cost
     "recipe (MLP widths in multiples of 32)": recipe(alloc=(("attn_share", 0.0), ("multiple_of", 32))),
+    "recipe (MLP widths in multiples of 32; seed 1)": recipe(alloc=(("attn_share", 0.0), ("multiple_of", 32)),
+                                                             seed=1),
+    "recipe (MLP widths in multiples of 32; seed 2)": recipe(alloc=(("attn_share", 0.0), ("multiple_of", 32)),
+                                                             seed=2),
     "slimllm (paper's ratios, MLP only; affine; self-generated calibration; MLP widths in multiples of 32)":
         slimllm(calib="self", attn_share=0.0, multiple_of=32),
     # the recipe of stop 24 (the affine refit alone, no ridge reconstruction) and its variants
